@@ -1,0 +1,103 @@
+//! Errors.
+//!
+//! Two layers: [`StoreError`] is what a tier reports, and it knows whether a
+//! failure means "this tier is unavailable" (the signal that drives degradation)
+//! or something about the data. [`Error`] is what the engine reports to the API;
+//! every variant maps to one stable problem `code`.
+
+use std::time::Duration;
+
+use crate::{NameError, Version};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The role of a tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Tier {
+    Cache,
+    Durable,
+}
+
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tier::Cache => "cache",
+            Tier::Durable => "durable",
+        })
+    }
+}
+
+/// A failure reported by a storage tier.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The tier could not be reached or did not answer in time. The operation may
+    /// or may not have been applied; the tier should be treated as down.
+    #[error("{tier} tier unavailable: {source}")]
+    Unavailable {
+        tier: Tier,
+        #[source]
+        source: BoxError,
+    },
+    /// The record's state did not satisfy the write's precondition.
+    #[error("precondition failed")]
+    PreconditionFailed,
+    #[error("record not found")]
+    NotFound,
+    #[error("unique index {index} already holds {value:?}")]
+    UniqueViolation { index: String, value: String },
+    /// The tier answered, but with something it should not have (a bug, corrupt
+    /// data, a schema mismatch). Not a reason to degrade.
+    #[error("{tier} tier error: {source}")]
+    Internal {
+        tier: Tier,
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl StoreError {
+    pub fn unavailable(tier: Tier, source: impl Into<BoxError>) -> Self {
+        StoreError::Unavailable {
+            tier,
+            source: source.into(),
+        }
+    }
+
+    pub fn internal(tier: Tier, source: impl Into<BoxError>) -> Self {
+        StoreError::Internal {
+            tier,
+            source: source.into(),
+        }
+    }
+
+    /// True when the failure says the tier is down rather than the request wrong.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
+    }
+}
+
+/// A failure reported by the engine; each variant is one stable API error code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("unknown collection {0:?}")]
+    UnknownCollection(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("data does not match the collection's schema")]
+    SchemaViolation(Vec<String>),
+    #[error("data is {size} bytes, the limit is {limit}")]
+    PayloadTooLarge { size: usize, limit: usize },
+    #[error("version precondition failed")]
+    VersionConflict { current: Option<Version> },
+    #[error("unique index {index} already holds {value:?}")]
+    UniqueViolation { index: String, value: String },
+    #[error("no storage tier can serve this request")]
+    BackendsUnavailable { retry_after: Duration },
+    /// Logged with its context where it happens; the API shows no detail.
+    #[error("internal error: {0}")]
+    Internal(String),
+}

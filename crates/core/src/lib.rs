@@ -1,0 +1,26 @@
+//! Domain types shared by every part of hybridstore.
+//!
+//! This crate is deliberately small and free of I/O: it names what a record, a
+//! version and a collection are, which errors a storage tier can report, and the
+//! two traits every tier implements ([`DurableStore`] for the source of truth,
+//! [`CacheStore`] for the hot copy). The engine is written against these traits
+//! only, so a tier (PostgreSQL, Redis, later SQLite or an in-process cache) can be
+//! swapped without the strategy logic noticing.
+
+mod collection;
+mod error;
+mod merge_patch;
+mod names;
+mod record;
+mod store;
+mod version;
+
+pub use collection::{CollectionSpec, Strategy};
+pub use error::{Error, StoreError, Tier};
+pub use merge_patch::merge_patch;
+pub use names::{CollectionName, IndexName, NameError, RecordId, validate_id_prefix};
+pub use record::{
+    IndexEntry, JsonObject, ListQuery, Precondition, Record, RecordKey, RecordWrite, WriteOutcome,
+};
+pub use store::{CacheEntry, CacheStore, DurableStore, StoreResult};
+pub use version::Version;

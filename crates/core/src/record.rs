@@ -1,0 +1,124 @@
+//! Records and the requests the engine sends to the tiers.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{CollectionName, IndexName, RecordId, Version};
+
+/// The data of a record: always a JSON object.
+pub type JsonObject = serde_json::Map<String, serde_json::Value>;
+
+/// Where a record lives: its collection and id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RecordKey {
+    pub collection: CollectionName,
+    pub id: RecordId,
+}
+
+impl RecordKey {
+    pub fn new(collection: CollectionName, id: RecordId) -> Self {
+        Self { collection, id }
+    }
+}
+
+/// A stored record, as both tiers hold it and as the API returns it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub collection: CollectionName,
+    pub id: RecordId,
+    pub version: Version,
+    pub data: JsonObject,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+impl Record {
+    pub fn key(&self) -> RecordKey {
+        RecordKey::new(self.collection.clone(), self.id.clone())
+    }
+
+    pub fn is_expired(&self, now: OffsetDateTime) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// How long a cache may keep this record: `cache_ttl`, cut short by the
+    /// record's own expiry. `None` when the record has already expired.
+    pub fn cache_lifetime(&self, cache_ttl: Duration, now: OffsetDateTime) -> Option<Duration> {
+        match self.expires_at {
+            None => Some(cache_ttl),
+            Some(at) if at > now => {
+                let left = Duration::try_from(at - now).ok()?;
+                Some(left.min(cache_ttl))
+            }
+            Some(_) => None,
+        }
+    }
+}
+
+/// A condition on the current state of a record, checked atomically with the
+/// write it guards (HTTP `If-Match` / `If-None-Match: *`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precondition {
+    #[default]
+    None,
+    /// The record exists with exactly this version.
+    IfMatch(Version),
+    /// The record exists, whatever its version (`If-Match: *`).
+    Exists,
+    /// The record does not exist (`If-None-Match: *`).
+    Absent,
+}
+
+/// One entry of a unique index: the indexed field's value as text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub index: IndexName,
+    pub value: String,
+}
+
+/// A complete, validated write of one record, ready for a tier.
+///
+/// The engine has already checked the schema and extracted the index entries; a
+/// tier's only job is to apply it atomically: check the precondition, assign the
+/// next version, store data and index entries, or change nothing.
+#[derive(Clone, Debug)]
+pub struct RecordWrite {
+    pub key: RecordKey,
+    pub data: JsonObject,
+    /// `None` when the collection declares no unique index (nothing to maintain).
+    pub index_entries: Option<Vec<IndexEntry>>,
+    pub precondition: Precondition,
+    pub expires_at: Option<OffsetDateTime>,
+    /// Wall-clock time of the write: sets `updated_at` and feeds the version clock.
+    pub now: OffsetDateTime,
+}
+
+/// What a write produced.
+#[derive(Clone, Debug)]
+pub struct WriteOutcome {
+    pub record: Record,
+    /// True when no live record existed before (HTTP 201 rather than 200).
+    pub created: bool,
+}
+
+/// A keyset-paginated scan of one collection, ordered by id.
+#[derive(Clone, Debug)]
+pub struct ListQuery {
+    pub collection: CollectionName,
+    /// Only ids strictly greater than this.
+    pub after: Option<RecordId>,
+    /// Only ids starting with this (already validated as an id prefix).
+    pub prefix: Option<String>,
+    pub limit: u32,
+    pub now: OffsetDateTime,
+}

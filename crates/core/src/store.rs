@@ -1,0 +1,119 @@
+//! The tier traits.
+//!
+//! A durable tier is the source of truth: it assigns versions, checks
+//! preconditions and enforces unique indexes atomically. A cache tier holds copies
+//! and only ever accepts a copy that is newer than what it holds, which is what
+//! makes cache fills safe against concurrent writers (guarantee 1 of the spec).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use crate::{
+    CollectionName, IndexName, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite,
+    StoreError, Version, WriteOutcome,
+};
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The source of truth (PostgreSQL, or SQLite in embedded mode).
+#[async_trait]
+pub trait DurableStore: Send + Sync + 'static {
+    /// Short backend name for logs and status (`"postgres"`).
+    fn backend(&self) -> &'static str;
+
+    /// The live record (not deleted, not expired at `now`).
+    async fn get(&self, key: &RecordKey, now: OffsetDateTime) -> StoreResult<Option<Record>>;
+
+    /// The live records among `ids`, in no particular order.
+    async fn get_many(
+        &self,
+        collection: &CollectionName,
+        ids: &[RecordId],
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<Record>>;
+
+    /// Applies a write atomically (record and its index entries) or nothing.
+    /// Fails with `PreconditionFailed` or `UniqueViolation` without side effects.
+    async fn put(&self, write: &RecordWrite) -> StoreResult<WriteOutcome>;
+
+    /// Deletes a live record; returns the version of the deletion (greater than
+    /// any version the record had), which caches keep as a tombstone.
+    async fn delete(
+        &self,
+        key: &RecordKey,
+        precondition: Precondition,
+        now: OffsetDateTime,
+    ) -> StoreResult<Version>;
+
+    /// One page of live records, ordered by id.
+    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>>;
+
+    /// The live record whose unique index `index` holds `value`.
+    async fn lookup(
+        &self,
+        collection: &CollectionName,
+        index: &IndexName,
+        value: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<Option<Record>>;
+
+    /// Physically removes expired records and deletion markers older than
+    /// `tombstone_retention`; returns how many rows went.
+    async fn purge_expired(
+        &self,
+        now: OffsetDateTime,
+        tombstone_retention: Duration,
+    ) -> StoreResult<u64>;
+}
+
+/// What a cache holds for a key.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CacheEntry {
+    Miss,
+    Present(Record),
+    /// The record was deleted at this version.
+    Deleted(Version),
+}
+
+/// The hot copy (Redis, or an in-process cache in embedded mode).
+#[async_trait]
+pub trait CacheStore: Send + Sync + 'static {
+    fn backend(&self) -> &'static str;
+
+    async fn get(&self, key: &RecordKey) -> StoreResult<CacheEntry>;
+
+    /// Entries for several keys, in the order of `keys`.
+    async fn get_many(&self, keys: &[RecordKey]) -> StoreResult<Vec<CacheEntry>>;
+
+    /// Stores `record` for `ttl` unless the cache already holds the same or a newer
+    /// version (or a newer deletion). Returns whether it was stored.
+    async fn store(&self, record: &Record, ttl: Duration) -> StoreResult<bool>;
+
+    /// Records that `key` was deleted at `version`, under the same rule as `store`.
+    async fn store_deleted(
+        &self,
+        key: &RecordKey,
+        version: Version,
+        ttl: Duration,
+    ) -> StoreResult<bool>;
+
+    /// The id that a unique index value pointed to when last seen. Only a hint:
+    /// the engine checks it against the record it names.
+    async fn lookup_hint(
+        &self,
+        collection: &CollectionName,
+        index: &IndexName,
+        value: &str,
+    ) -> StoreResult<Option<RecordId>>;
+
+    async fn store_lookup_hint(
+        &self,
+        collection: &CollectionName,
+        index: &IndexName,
+        value: &str,
+        id: &RecordId,
+        ttl: Duration,
+    ) -> StoreResult<()>;
+}

@@ -1,0 +1,513 @@
+//! The PostgreSQL durable tier: the source of truth.
+//!
+//! Every write is one statement, or one transaction when the collection has unique
+//! indexes, so a record and its index entries change together or not at all.
+//! Versions are assigned inside the statement (`GREATEST(version + 1, clock)`) so
+//! concurrent writers of one record are serialised by its row lock and each gets a
+//! distinct, larger version. Preconditions are part of the statement's `WHERE`
+//! clause, never a separate read, so there is no window between check and write.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hybridstore_core::{
+    CollectionName, DurableStore, IndexEntry, IndexName, JsonObject, ListQuery, Precondition,
+    Record, RecordId, RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version,
+    WriteOutcome,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use sqlx::{PgExecutor, PgPool, Row};
+use time::OffsetDateTime;
+
+pub use sqlx::migrate::Migrator;
+
+/// The schema, embedded in the binary and applied at start.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
+
+/// How to reach PostgreSQL.
+#[derive(Clone, Debug)]
+pub struct PostgresOptions {
+    pub connect: PgConnectOptions,
+    pub pool_size: u32,
+    /// How long a request may wait for a connection (or a new one to open).
+    pub acquire_timeout: Duration,
+    /// Server-side limit for one statement.
+    pub statement_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Creates the pool without connecting: the service may start while
+    /// PostgreSQL is down and connect when it comes up.
+    pub fn new_lazy(options: PostgresOptions) -> Self {
+        let timeout_ms = options.statement_timeout.as_millis().to_string();
+        let connect = options
+            .connect
+            .options([("statement_timeout", timeout_ms.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(options.pool_size)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(connect);
+        Self { pool }
+    }
+
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies pending migrations (concurrent starts are serialised by the
+    /// migrator's advisory lock).
+    pub async fn migrate(&self) -> StoreResult<()> {
+        MIGRATOR.run(&self.pool).await.map_err(|err| match err {
+            sqlx::migrate::MigrateError::Execute(err) => classify(err),
+            other => StoreError::internal(Tier::Durable, other),
+        })
+    }
+}
+
+/// Sorts a driver error into "PostgreSQL is unavailable" (drives degradation) or
+/// an internal error.
+fn classify(err: sqlx::Error) -> StoreError {
+    let unavailable = match &err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::BeginFailed => true,
+        // 08: connection exception, 57P: operator intervention (shutdown, crash
+        // recovery), 53300: too many connections, 57014: statement timeout.
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P") || code == "53300" || code == "57014"
+        }),
+        _ => false,
+    };
+    if unavailable {
+        StoreError::unavailable(Tier::Durable, err)
+    } else {
+        StoreError::internal(Tier::Durable, err)
+    }
+}
+
+fn version_param(version: Version) -> StoreResult<i64> {
+    i64::try_from(version.get())
+        .map_err(|_| StoreError::internal(Tier::Durable, "version out of range"))
+}
+
+fn version_from(value: i64) -> Version {
+    Version::new(value.max(0) as u64)
+}
+
+/// The columns `record_from_row` reads, from a `records` row aliased `r`.
+macro_rules! record_columns {
+    () => {
+        "r.id, r.version, r.data, r.created_at, r.updated_at, r.expires_at"
+    };
+}
+
+fn record_from_row(collection: &CollectionName, row: &PgRow) -> StoreResult<Record> {
+    let id: String = row.try_get("id").map_err(classify)?;
+    let id = RecordId::parse(&id).map_err(|err| StoreError::internal(Tier::Durable, err))?;
+    let Json(data): Json<JsonObject> = row.try_get("data").map_err(classify)?;
+    Ok(Record {
+        collection: collection.clone(),
+        id,
+        version: version_from(row.try_get("version").map_err(classify)?),
+        data,
+        created_at: row.try_get("created_at").map_err(classify)?,
+        updated_at: row.try_get("updated_at").map_err(classify)?,
+        expires_at: row.try_get("expires_at").map_err(classify)?,
+    })
+}
+
+/// A record is live when it is neither deleted nor expired at `$now`.
+macro_rules! live {
+    ($alias:literal, $now:literal) => {
+        concat!(
+            "NOT ",
+            $alias,
+            ".deleted AND (",
+            $alias,
+            ".expires_at IS NULL OR ",
+            $alias,
+            ".expires_at > ",
+            $now,
+            ")"
+        )
+    };
+}
+
+/// Create-or-replace (no precondition, or `Absent` when `$7` is true).
+const UPSERT: &str = concat!(
+    "INSERT INTO records AS r ",
+    "(collection, id, version, created_version, data, created_at, updated_at, expires_at, deleted) ",
+    "VALUES ($1, $2, $3, $3, $4, $5, $5, $6, false) ",
+    "ON CONFLICT (collection, id) DO UPDATE SET ",
+    "version = GREATEST(r.version + 1, EXCLUDED.version), ",
+    "created_version = CASE WHEN ",
+    live!("r", "EXCLUDED.updated_at"),
+    " THEN r.created_version ELSE GREATEST(r.version + 1, EXCLUDED.version) END, ",
+    "created_at = CASE WHEN ",
+    live!("r", "EXCLUDED.updated_at"),
+    " THEN r.created_at ELSE EXCLUDED.created_at END, ",
+    "data = EXCLUDED.data, updated_at = EXCLUDED.updated_at, ",
+    "expires_at = EXCLUDED.expires_at, deleted = false ",
+    "WHERE NOT $7 OR NOT (",
+    live!("r", "EXCLUDED.updated_at"),
+    ") ",
+    "RETURNING version, created_version, created_at, updated_at"
+);
+
+/// Replace an existing live record (`IfMatch` when `$7` is set, or `Exists`).
+const UPDATE_LIVE: &str = concat!(
+    "UPDATE records AS r SET version = GREATEST(r.version + 1, $3), data = $4, ",
+    "updated_at = $5, expires_at = $6 ",
+    "WHERE r.collection = $1 AND r.id = $2 AND ",
+    live!("r", "$5"),
+    " AND ($7::bigint IS NULL OR r.version = $7) ",
+    "RETURNING version, created_version, created_at, updated_at"
+);
+
+/// Claims an index value for a record: inserts the entry, or takes it over from a
+/// record that is no longer live. Returns no row when a live record holds it.
+const CLAIM_INDEX_ENTRY: &str = concat!(
+    "INSERT INTO record_index AS ri (collection, index_name, value, record_id) ",
+    "VALUES ($1, $2, $3, $4) ",
+    "ON CONFLICT (collection, index_name, value) DO UPDATE SET record_id = EXCLUDED.record_id ",
+    "WHERE ri.record_id = EXCLUDED.record_id OR NOT EXISTS (",
+    "SELECT 1 FROM records h WHERE h.collection = ri.collection AND h.id = ri.record_id AND ",
+    live!("h", "$5"),
+    ") RETURNING 1"
+);
+
+const DELETE_LIVE: &str = concat!(
+    "UPDATE records AS r SET deleted = true, data = '{}', ",
+    "version = GREATEST(r.version + 1, $3), updated_at = $4, expires_at = NULL ",
+    "WHERE r.collection = $1 AND r.id = $2 AND ",
+    live!("r", "$4"),
+    " AND ($5::bigint IS NULL OR r.version = $5) ",
+    "RETURNING version"
+);
+
+const GET_LIVE: &str = concat!(
+    "SELECT ",
+    record_columns!(),
+    " FROM records r ",
+    "WHERE r.collection = $1 AND r.id = $2 AND ",
+    live!("r", "$3")
+);
+
+const GET_MANY_LIVE: &str = concat!(
+    "SELECT ",
+    record_columns!(),
+    " FROM records r ",
+    "WHERE r.collection = $1 AND r.id = ANY($2) AND ",
+    live!("r", "$3")
+);
+
+/// Keyset page: ids in `($2, $4)` exclusive-inclusive bounds built by `list`.
+const LIST_LIVE: &str = concat!(
+    "SELECT ",
+    record_columns!(),
+    " FROM records r ",
+    "WHERE r.collection = $1 AND r.id > $2 AND r.id >= $3 AND r.id < $4 AND ",
+    live!("r", "$5"),
+    " ORDER BY r.id LIMIT $6"
+);
+
+const LOOKUP_LIVE: &str = concat!(
+    "SELECT ",
+    record_columns!(),
+    " FROM record_index ri JOIN records r ON r.collection = ri.collection AND r.id = ri.record_id ",
+    "WHERE ri.collection = $1 AND ri.index_name = $2 AND ri.value = $3 AND ",
+    live!("r", "$4")
+);
+
+const PURGE_BATCH: &str = "DELETE FROM records WHERE ctid IN (\
+    SELECT ctid FROM records WHERE expires_at <= $1 \
+    UNION ALL SELECT ctid FROM records WHERE deleted AND updated_at <= $2 \
+    LIMIT $3)";
+
+const PURGE_BATCH_SIZE: i64 = 1000;
+
+/// Every id sorts below this (ids are printable ASCII, all below 0x7f).
+const ID_UPPER_BOUND: &str = "\u{7f}";
+
+/// The smallest string greater than every string starting with `prefix`
+/// (`prefix` is a validated id prefix: ASCII below 0x7f).
+fn prefix_upper_bound(prefix: &str) -> String {
+    let mut bytes = prefix.as_bytes().to_vec();
+    match bytes.last_mut() {
+        Some(last) => {
+            *last += 1;
+            String::from_utf8(bytes).expect("ASCII stays ASCII")
+        }
+        None => ID_UPPER_BOUND.to_owned(),
+    }
+}
+
+impl PostgresStore {
+    async fn write_record<'e>(
+        executor: impl PgExecutor<'e>,
+        write: &RecordWrite,
+    ) -> StoreResult<Option<PgRow>> {
+        let version = version_param(Version::next(None, write.now))?;
+        // $7 is the precondition: "must be absent" for the upsert, the expected
+        // version (or NULL for "any") for the update of a live record.
+        enum Guard {
+            Upsert { require_absent: bool },
+            UpdateLive { expected: Option<i64> },
+        }
+        let guard = match write.precondition {
+            Precondition::None => Guard::Upsert { require_absent: false },
+            Precondition::Absent => Guard::Upsert { require_absent: true },
+            Precondition::Exists => Guard::UpdateLive { expected: None },
+            Precondition::IfMatch(v) => Guard::UpdateLive { expected: Some(version_param(v)?) },
+        };
+        let sql = match guard {
+            Guard::Upsert { .. } => UPSERT,
+            Guard::UpdateLive { .. } => UPDATE_LIVE,
+        };
+        let query = sqlx::query(sql)
+            .bind(write.key.collection.as_str())
+            .bind(write.key.id.as_str())
+            .bind(version)
+            .bind(Json(&write.data))
+            .bind(write.now)
+            .bind(write.expires_at);
+        let query = match guard {
+            Guard::Upsert { require_absent } => query.bind(require_absent),
+            Guard::UpdateLive { expected } => query.bind(expected),
+        };
+        query.fetch_optional(executor).await.map_err(classify)
+    }
+
+    /// Replaces the record's index entries with `entries`, inside `tx`.
+    async fn claim_index_entries(
+        tx: &mut sqlx::PgConnection,
+        write: &RecordWrite,
+        entries: &[IndexEntry],
+    ) -> StoreResult<()> {
+        sqlx::query("DELETE FROM record_index WHERE collection = $1 AND record_id = $2")
+            .bind(write.key.collection.as_str())
+            .bind(write.key.id.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        for entry in entries {
+            let claimed = sqlx::query(CLAIM_INDEX_ENTRY)
+                .bind(write.key.collection.as_str())
+                .bind(entry.index.as_str())
+                .bind(&entry.value)
+                .bind(write.key.id.as_str())
+                .bind(write.now)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(classify)?;
+            if claimed.is_none() {
+                return Err(StoreError::UniqueViolation {
+                    index: entry.index.to_string(),
+                    value: entry.value.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn outcome(write: &RecordWrite, row: &PgRow) -> StoreResult<WriteOutcome> {
+        let version: i64 = row.try_get("version").map_err(classify)?;
+        let created_version: i64 = row.try_get("created_version").map_err(classify)?;
+        Ok(WriteOutcome {
+            created: version == created_version,
+            record: Record {
+                collection: write.key.collection.clone(),
+                id: write.key.id.clone(),
+                version: version_from(version),
+                data: write.data.clone(),
+                created_at: row.try_get("created_at").map_err(classify)?,
+                updated_at: row.try_get("updated_at").map_err(classify)?,
+                expires_at: write.expires_at,
+            },
+        })
+    }
+}
+
+#[async_trait]
+impl DurableStore for PostgresStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(collection = %key.collection, id = %key.id))]
+    async fn get(&self, key: &RecordKey, now: OffsetDateTime) -> StoreResult<Option<Record>> {
+        let row = sqlx::query(GET_LIVE)
+            .bind(key.collection.as_str())
+            .bind(key.id.as_str())
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        row.map(|row| record_from_row(&key.collection, &row))
+            .transpose()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%collection, count = ids.len()))]
+    async fn get_many(
+        &self,
+        collection: &CollectionName,
+        ids: &[RecordId],
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<Record>> {
+        let ids: Vec<&str> = ids.iter().map(RecordId::as_str).collect();
+        let rows = sqlx::query(GET_MANY_LIVE)
+            .bind(collection.as_str())
+            .bind(&ids)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows.iter()
+            .map(|row| record_from_row(collection, row))
+            .collect()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(collection = %write.key.collection, id = %write.key.id))]
+    async fn put(&self, write: &RecordWrite) -> StoreResult<WriteOutcome> {
+        let row = match &write.index_entries {
+            None => Self::write_record(&self.pool, write).await?,
+            Some(entries) => {
+                let mut tx = self.pool.begin().await.map_err(classify)?;
+                let row = Self::write_record(&mut *tx, write).await?;
+                if row.is_some() {
+                    Self::claim_index_entries(&mut tx, write, entries).await?;
+                    tx.commit().await.map_err(classify)?;
+                }
+                row
+            }
+        };
+        let row = row.ok_or(StoreError::PreconditionFailed)?;
+        Self::outcome(write, &row)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(collection = %key.collection, id = %key.id))]
+    async fn delete(
+        &self,
+        key: &RecordKey,
+        precondition: Precondition,
+        now: OffsetDateTime,
+    ) -> StoreResult<Version> {
+        let expected = match precondition {
+            Precondition::IfMatch(v) => Some(version_param(v)?),
+            _ => None,
+        };
+        let row = sqlx::query(DELETE_LIVE)
+            .bind(key.collection.as_str())
+            .bind(key.id.as_str())
+            .bind(version_param(Version::next(None, now))?)
+            .bind(now)
+            .bind(expected)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        if let Some(row) = row {
+            return Ok(version_from(row.try_get("version").map_err(classify)?));
+        }
+        // Nothing deleted: tell "no such record" from "wrong version".
+        match (precondition, self.get(key, now).await?) {
+            (Precondition::IfMatch(_), Some(_)) => Err(StoreError::PreconditionFailed),
+            _ => Err(StoreError::NotFound),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(collection = %query.collection))]
+    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>> {
+        let prefix = query.prefix.as_deref().unwrap_or("");
+        let rows = sqlx::query(LIST_LIVE)
+            .bind(query.collection.as_str())
+            .bind(query.after.as_ref().map_or("", RecordId::as_str))
+            .bind(prefix)
+            .bind(prefix_upper_bound(prefix))
+            .bind(query.now)
+            .bind(i64::from(query.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows.iter()
+            .map(|row| record_from_row(&query.collection, row))
+            .collect()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%collection, %index))]
+    async fn lookup(
+        &self,
+        collection: &CollectionName,
+        index: &IndexName,
+        value: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<Option<Record>> {
+        let row = sqlx::query(LOOKUP_LIVE)
+            .bind(collection.as_str())
+            .bind(index.as_str())
+            .bind(value)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        row.map(|row| record_from_row(collection, &row)).transpose()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn purge_expired(
+        &self,
+        now: OffsetDateTime,
+        tombstone_retention: Duration,
+    ) -> StoreResult<u64> {
+        let tombstones_before = now - tombstone_retention;
+        let mut purged = 0;
+        loop {
+            let done = sqlx::query(PURGE_BATCH)
+                .bind(now)
+                .bind(tombstones_before)
+                .bind(PURGE_BATCH_SIZE)
+                .execute(&self.pool)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+            purged += done;
+            if done < PURGE_BATCH_SIZE as u64 {
+                return Ok(purged);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_bounds() {
+        assert_eq!(prefix_upper_bound("user:"), "user;");
+        assert_eq!(prefix_upper_bound("abz"), "ab{");
+        assert_eq!(prefix_upper_bound(""), ID_UPPER_BOUND);
+    }
+
+    #[test]
+    fn statements_mention_every_parameter() {
+        for (sql, params) in [(UPSERT, 7), (UPDATE_LIVE, 7), (DELETE_LIVE, 5), (LIST_LIVE, 6)] {
+            for n in 1..=params {
+                assert!(sql.contains(&format!("${n}")), "${n} missing in {sql}");
+            }
+        }
+    }
+}

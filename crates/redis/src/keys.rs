@@ -1,0 +1,90 @@
+//! Redis key layout.
+//!
+//! Every key carries a hash tag `{N}` naming one of [`SHARDS`] shards, derived
+//! from what the key is about. Keys that a single script must touch together
+//! (a record and its journal entry, for write-behind) are put in the same shard,
+//! so every multi-key script stays within one hash slot and works unchanged on
+//! Redis Cluster. The per-deployment prefix keeps several services (or tests)
+//! apart on one Redis.
+//!
+//! ```text
+//! {prefix}:{N}:r:{collection}:{id}               record copy (hash: v, d)
+//! {prefix}:{N}:i:{collection}:{index}:{value}    unique-index hint -> id
+//! ```
+
+use hybridstore_core::{CollectionName, IndexName, RecordKey};
+
+/// Number of hash-tag shards. Changing it moves every key (a cold cache).
+pub const SHARDS: u64 = 16;
+
+#[derive(Clone, Debug)]
+pub struct KeySpace {
+    prefix: String,
+}
+
+/// FNV-1a: stable across processes and versions (unlike std's SipHash keys).
+fn shard_of(parts: &[&str]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.bytes().chain(std::iter::once(0)) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash % SHARDS
+}
+
+impl KeySpace {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The key holding the cached copy of a record.
+    pub fn record(&self, key: &RecordKey) -> String {
+        let (collection, id) = (key.collection.as_str(), key.id.as_str());
+        let shard = shard_of(&[collection, id]);
+        format!("{}:{{{shard}}}:r:{collection}:{id}", self.prefix)
+    }
+
+    /// The key holding the id a unique index value was last seen pointing to.
+    pub fn lookup_hint(&self, collection: &CollectionName, index: &IndexName, value: &str) -> String {
+        let (collection, index) = (collection.as_str(), index.as_str());
+        let shard = shard_of(&[collection, index, value]);
+        format!("{}:{{{shard}}}:i:{collection}:{index}:{value}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hybridstore_core::RecordId;
+
+    #[test]
+    fn record_keys_carry_one_stable_hash_tag() {
+        let keys = KeySpace::new("hs");
+        let key = RecordKey::new(
+            CollectionName::parse("api_keys").unwrap(),
+            RecordId::parse("k1").unwrap(),
+        );
+        let redis_key = keys.record(&key);
+        assert_eq!(redis_key, keys.record(&key));
+        let tag = &redis_key[redis_key.find('{').unwrap()..=redis_key.find('}').unwrap()];
+        let shard: u64 = tag.trim_matches(|c| c == '{' || c == '}').parse().unwrap();
+        assert!(shard < SHARDS);
+        assert!(redis_key.starts_with("hs:{") && redis_key.ends_with(":r:api_keys:k1"));
+    }
+
+    #[test]
+    fn shards_spread() {
+        let shards: std::collections::HashSet<u64> = (0..200)
+            .map(|i| shard_of(&["users", &format!("u{i}")]))
+            .collect();
+        assert_eq!(shards.len() as u64, SHARDS);
+    }
+}
