@@ -44,7 +44,10 @@ fn is_id(s: &str) -> bool {
 pub fn validate_id_prefix(prefix: &str) -> Result<(), NameError> {
     let ok = prefix.len() <= 255
         && prefix.bytes().all(is_id_char)
-        && prefix.bytes().next().is_none_or(|b| b.is_ascii_alphanumeric());
+        && prefix
+            .bytes()
+            .next()
+            .is_none_or(|b| b.is_ascii_alphanumeric());
     if ok {
         Ok(())
     } else {

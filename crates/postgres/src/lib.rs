@@ -12,15 +12,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hybridstore_core::{
     CollectionName, DurableStore, IndexEntry, IndexName, JsonObject, ListQuery, Precondition,
-    Record, RecordId, RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version,
-    WriteOutcome,
+    Record, RecordId, RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome,
 };
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::types::Json;
 use sqlx::{PgExecutor, PgPool, Row};
 use time::OffsetDateTime;
 
 pub use sqlx::migrate::Migrator;
+pub use sqlx::postgres::PgConnectOptions;
 
 /// The schema, embedded in the binary and applied at start.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations");
@@ -269,10 +269,16 @@ impl PostgresStore {
             UpdateLive { expected: Option<i64> },
         }
         let guard = match write.precondition {
-            Precondition::None => Guard::Upsert { require_absent: false },
-            Precondition::Absent => Guard::Upsert { require_absent: true },
+            Precondition::None => Guard::Upsert {
+                require_absent: false,
+            },
+            Precondition::Absent => Guard::Upsert {
+                require_absent: true,
+            },
             Precondition::Exists => Guard::UpdateLive { expected: None },
-            Precondition::IfMatch(v) => Guard::UpdateLive { expected: Some(version_param(v)?) },
+            Precondition::IfMatch(v) => Guard::UpdateLive {
+                expected: Some(version_param(v)?),
+            },
         };
         let sql = match guard {
             Guard::Upsert { .. } => UPSERT,
@@ -504,7 +510,12 @@ mod tests {
 
     #[test]
     fn statements_mention_every_parameter() {
-        for (sql, params) in [(UPSERT, 7), (UPDATE_LIVE, 7), (DELETE_LIVE, 5), (LIST_LIVE, 6)] {
+        for (sql, params) in [
+            (UPSERT, 7),
+            (UPDATE_LIVE, 7),
+            (DELETE_LIVE, 5),
+            (LIST_LIVE, 6),
+        ] {
             for n in 1..=params {
                 assert!(sql.contains(&format!("${n}")), "${n} missing in {sql}");
             }

@@ -53,7 +53,12 @@ impl KeySpace {
     }
 
     /// The key holding the id a unique index value was last seen pointing to.
-    pub fn lookup_hint(&self, collection: &CollectionName, index: &IndexName, value: &str) -> String {
+    pub fn lookup_hint(
+        &self,
+        collection: &CollectionName,
+        index: &IndexName,
+        value: &str,
+    ) -> String {
         let (collection, index) = (collection.as_str(), index.as_str());
         let shard = shard_of(&[collection, index, value]);
         format!("{}:{{{shard}}}:i:{collection}:{index}:{value}", self.prefix)

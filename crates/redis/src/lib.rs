@@ -152,7 +152,10 @@ impl CacheStore for RedisStore {
         }
         let mut pipe = redis::pipe();
         for key in keys {
-            pipe.cmd("HMGET").arg(self.keys.record(key)).arg("v").arg("d");
+            pipe.cmd("HMGET")
+                .arg(self.keys.record(key))
+                .arg("v")
+                .arg("d");
         }
         let raw: Vec<RawEntry> = pipe
             .query_async(&mut self.conn.clone())

@@ -1,1 +1,76 @@
+//! The hybridstore service: configuration, HTTP API and the wiring between them.
+//!
+//! `main.rs` only calls [`run_from_env`]; tests build a server with
+//! [`ServerBuilder`] on port 0 and talk to it over HTTP.
 
+mod app;
+pub mod auth;
+pub mod config;
+pub mod http;
+pub mod telemetry;
+
+use std::process::ExitCode;
+
+pub use app::{Server, ServerBuilder, StartError};
+pub use config::Config;
+
+/// Loads the configuration from files and environment, and serves until
+/// SIGINT / SIGTERM. Exit code 2 for a configuration error, 1 for a failed start.
+pub fn run_from_env() -> ExitCode {
+    let config = match Config::load() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("hybridstore: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("hybridstore: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let server = match ServerBuilder::new(config).bind().await {
+            Ok(server) => server,
+            Err(err) => {
+                tracing::error!(error = %err, "hybridstore failed to start");
+                return ExitCode::FAILURE;
+            }
+        };
+        match server.run(shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!(error = %err, "server failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down");
+}

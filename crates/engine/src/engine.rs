@@ -1,0 +1,512 @@
+//! Requests in, tier calls out.
+//!
+//! Each public method resolves the collection, prepares what the tiers need
+//! (schema check, index entries, expiry) and then follows the collection's
+//! [`Plan`]. Durable-tier failures become API errors; cache-tier failures on the
+//! way are logged and bypassed, because the durable tier holds the truth.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hybridstore_core::{
+    CacheEntry, CacheStore, CollectionName, DurableStore, Error, JsonObject, ListQuery,
+    Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError, Version, WriteOutcome,
+    merge_patch,
+};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::catalog::{Catalog, Collection, index_value};
+use crate::strategy::{Plan, ReadPath, WritePath};
+
+/// Limits and timings of the engine.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// Largest `data` object, in bytes of JSON.
+    pub max_data_bytes: usize,
+    /// How long a cache keeps the marker of a deleted record. It must outlive any
+    /// read that started before the delete, so that read cannot fill the old copy.
+    pub deleted_marker_ttl: Duration,
+    /// How long PostgreSQL keeps deleted rows (the version sequence of a record
+    /// continues across a re-create within this window).
+    pub tombstone_retention: Duration,
+    /// Suggested client back-off when no tier can serve.
+    pub retry_after: Duration,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            max_data_bytes: 1024 * 1024,
+            deleted_marker_ttl: Duration::from_secs(60),
+            tombstone_retention: Duration::from_secs(3600),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One page of a listing.
+#[derive(Debug)]
+pub struct Page {
+    pub records: Vec<Record>,
+    /// The cursor for the next page (`after=`), when there may be one.
+    pub next: Option<RecordId>,
+}
+
+/// The answer to a batch get.
+#[derive(Debug)]
+pub struct BatchGet {
+    /// Found records, in the order their ids were asked for.
+    pub records: Vec<Record>,
+    pub missing: Vec<RecordId>,
+}
+
+/// How often a PATCH without `If-Match` re-reads and retries when a concurrent
+/// writer got in between its read and its write.
+const PATCH_ATTEMPTS: usize = 8;
+
+pub struct Engine {
+    durable: Arc<dyn DurableStore>,
+    cache: Arc<dyn CacheStore>,
+    catalog: Catalog,
+    settings: EngineSettings,
+}
+
+/// Wall-clock time at the precision both tiers store (microseconds).
+fn now() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(now)
+}
+
+impl Engine {
+    pub fn new(
+        durable: Arc<dyn DurableStore>,
+        cache: Arc<dyn CacheStore>,
+        catalog: Catalog,
+        settings: EngineSettings,
+    ) -> Self {
+        Self {
+            durable,
+            cache,
+            catalog,
+            settings,
+        }
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.settings
+    }
+
+    /// Turns a durable-tier failure into the API error it means.
+    fn durable_failed(&self, err: StoreError) -> Error {
+        match err {
+            StoreError::Unavailable { .. } => {
+                tracing::warn!(error = %err, backend = self.durable.backend(), "durable tier unavailable");
+                Error::BackendsUnavailable {
+                    retry_after: self.settings.retry_after,
+                }
+            }
+            StoreError::PreconditionFailed => Error::VersionConflict { current: None },
+            StoreError::NotFound => Error::NotFound("record not found".into()),
+            StoreError::UniqueViolation { index, value } => Error::UniqueViolation { index, value },
+            StoreError::Internal { .. } => {
+                Error::Internal(format!("{} ({})", err, self.durable.backend()))
+            }
+        }
+    }
+
+    /// A cache failure is not the request's failure: log it and go on.
+    fn cache_failed(&self, operation: &'static str, err: &StoreError) {
+        tracing::warn!(error = %err, backend = self.cache.backend(), operation, "cache tier call failed; bypassing cache");
+    }
+
+    /// Stores a copy in the cache (version-checked, so never over a newer one).
+    async fn cache_record(&self, collection: &Collection, record: &Record, now: OffsetDateTime) {
+        let Some(ttl) = record.cache_lifetime(collection.spec.cache_ttl, now) else {
+            return;
+        };
+        if let Err(err) = self.cache.store(record, ttl).await {
+            self.cache_failed("store", &err);
+        }
+    }
+
+    fn expires_at(
+        collection: &Collection,
+        ttl: Option<Duration>,
+        now: OffsetDateTime,
+    ) -> Option<OffsetDateTime> {
+        ttl.or(collection.spec.record_ttl).map(|ttl| now + ttl)
+    }
+
+    fn prepare_write(
+        collection: &Collection,
+        key: RecordKey,
+        data: JsonObject,
+        precondition: Precondition,
+        expires_at: Option<OffsetDateTime>,
+        now: OffsetDateTime,
+    ) -> Result<RecordWrite, Error> {
+        collection.validate(&data)?;
+        let index_entries = collection.index_entries(&data)?;
+        Ok(RecordWrite {
+            key,
+            data,
+            index_entries,
+            precondition,
+            expires_at,
+            now,
+        })
+    }
+
+    async fn apply_write(
+        &self,
+        collection: &Collection,
+        write: RecordWrite,
+    ) -> Result<WriteOutcome, Error> {
+        let outcome = self
+            .durable
+            .put(&write)
+            .await
+            .map_err(|err| self.durable_failed(err))?;
+        match collection.plan.write {
+            WritePath::DurableThenCache => {
+                self.cache_record(collection, &outcome.record, write.now)
+                    .await
+            }
+            WritePath::DurableOnly => {}
+        }
+        Ok(outcome)
+    }
+
+    /// Creates or replaces a record.
+    #[tracing::instrument(level = "debug", skip(self, data), fields(collection = %key.collection, id = %key.id))]
+    pub async fn put(
+        &self,
+        key: RecordKey,
+        data: JsonObject,
+        precondition: Precondition,
+        ttl: Option<Duration>,
+    ) -> Result<WriteOutcome, Error> {
+        let collection = self.catalog.get(&key.collection)?;
+        let now = now();
+        let expires_at = Self::expires_at(collection, ttl, now);
+        let write = Self::prepare_write(collection, key, data, precondition, expires_at, now)?;
+        self.apply_write(collection, write).await
+    }
+
+    /// Applies a JSON Merge Patch to an existing record. The merge is computed on
+    /// the current version read from the durable tier and written back guarded by
+    /// that version, so a concurrent write is never silently overwritten: with
+    /// `If-Match` it is a conflict, without it the patch is re-applied on top.
+    #[tracing::instrument(level = "debug", skip(self, patch), fields(collection = %key.collection, id = %key.id))]
+    pub async fn patch(
+        &self,
+        key: RecordKey,
+        patch: JsonObject,
+        precondition: Precondition,
+    ) -> Result<WriteOutcome, Error> {
+        let collection = self.catalog.get(&key.collection)?;
+        let patch = Value::Object(patch);
+        for _ in 0..PATCH_ATTEMPTS {
+            let now = now();
+            let current = self
+                .durable
+                .get(&key, now)
+                .await
+                .map_err(|err| self.durable_failed(err))?;
+            let current = match (current, precondition) {
+                (None, _) => return Err(Error::NotFound("record not found".into())),
+                (Some(_), Precondition::Absent) => {
+                    return Err(Error::VersionConflict { current: None });
+                }
+                (Some(current), Precondition::IfMatch(expected)) if current.version != expected => {
+                    return Err(Error::VersionConflict {
+                        current: Some(current.version),
+                    });
+                }
+                (Some(current), _) => current,
+            };
+            let mut data = Value::Object(current.data);
+            merge_patch(&mut data, &patch);
+            let Value::Object(data) = data else {
+                unreachable!("merging an object patch yields an object")
+            };
+            let size = serde_json::to_vec(&data).map_or(0, |bytes| bytes.len());
+            if size > self.settings.max_data_bytes {
+                return Err(Error::PayloadTooLarge {
+                    size,
+                    limit: self.settings.max_data_bytes,
+                });
+            }
+            let guard = Precondition::IfMatch(current.version);
+            let write = Self::prepare_write(
+                collection,
+                key.clone(),
+                data,
+                guard,
+                current.expires_at,
+                now,
+            )?;
+            match self.apply_write(collection, write).await {
+                Err(Error::VersionConflict { .. })
+                    if !matches!(precondition, Precondition::IfMatch(_)) =>
+                {
+                    continue;
+                }
+                result => return result,
+            }
+        }
+        Err(Error::VersionConflict { current: None })
+    }
+
+    /// Reads one record.
+    #[tracing::instrument(level = "debug", skip(self), fields(collection = %key.collection, id = %key.id))]
+    pub async fn get(&self, key: &RecordKey) -> Result<Option<Record>, Error> {
+        let collection = self.catalog.get(&key.collection)?;
+        let now = now();
+        if collection.plan.read == ReadPath::CacheThenDurable {
+            match self.cache.get(key).await {
+                Ok(CacheEntry::Present(record)) if !record.is_expired(now) => {
+                    return Ok(Some(record));
+                }
+                Ok(CacheEntry::Deleted(_)) => return Ok(None),
+                Ok(_) => {}
+                Err(err) => self.cache_failed("get", &err),
+            }
+        }
+        let record = self
+            .durable
+            .get(key, now)
+            .await
+            .map_err(|err| self.durable_failed(err))?;
+        if let Some(record) = &record {
+            if collection.plan.read == ReadPath::CacheThenDurable {
+                self.cache_record(collection, record, now).await;
+            }
+        }
+        Ok(record)
+    }
+
+    /// Deletes a record; returns the version of the deletion.
+    #[tracing::instrument(level = "debug", skip(self), fields(collection = %key.collection, id = %key.id))]
+    pub async fn delete(
+        &self,
+        key: &RecordKey,
+        precondition: Precondition,
+    ) -> Result<Version, Error> {
+        let collection = self.catalog.get(&key.collection)?;
+        let now = now();
+        let version = self
+            .durable
+            .delete(key, precondition, now)
+            .await
+            .map_err(|err| self.durable_failed(err))?;
+        if collection.plan.uses_cache() {
+            let ttl = self.settings.deleted_marker_ttl;
+            if let Err(err) = self.cache.store_deleted(key, version, ttl).await {
+                self.cache_failed("store_deleted", &err);
+            }
+        }
+        Ok(version)
+    }
+
+    /// One page of a collection, ordered by id, from the durable tier (the only
+    /// tier that holds every record).
+    #[tracing::instrument(level = "debug", skip(self))]
+    pub async fn list(
+        &self,
+        collection: &CollectionName,
+        after: Option<RecordId>,
+        prefix: Option<String>,
+        limit: u32,
+    ) -> Result<Page, Error> {
+        self.catalog.get(collection)?;
+        let query = ListQuery {
+            collection: collection.clone(),
+            after,
+            prefix,
+            limit: limit + 1,
+            now: now(),
+        };
+        let mut records = self
+            .durable
+            .list(&query)
+            .await
+            .map_err(|err| self.durable_failed(err))?;
+        let more = records.len() > limit as usize;
+        records.truncate(limit as usize);
+        let next = if more {
+            records.last().map(|record| record.id.clone())
+        } else {
+            None
+        };
+        Ok(Page { records, next })
+    }
+
+    /// Several records of one collection at once.
+    #[tracing::instrument(level = "debug", skip(self, ids), fields(count = ids.len()))]
+    pub async fn batch_get(
+        &self,
+        collection_name: &CollectionName,
+        ids: Vec<RecordId>,
+    ) -> Result<BatchGet, Error> {
+        let collection = self.catalog.get(collection_name)?;
+        let now = now();
+        let mut seen = HashSet::new();
+        let ids: Vec<RecordId> = ids
+            .into_iter()
+            .filter(|id| seen.insert(id.clone()))
+            .collect();
+
+        // Per id: Some(found) / None (known missing), or still unknown.
+        let mut answers: Vec<Option<Option<Record>>> = vec![None; ids.len()];
+        if collection.plan.read == ReadPath::CacheThenDurable {
+            let keys: Vec<RecordKey> = ids
+                .iter()
+                .map(|id| RecordKey::new(collection_name.clone(), id.clone()))
+                .collect();
+            match self.cache.get_many(&keys).await {
+                Ok(entries) => {
+                    for (answer, entry) in answers.iter_mut().zip(entries) {
+                        *answer = match entry {
+                            CacheEntry::Present(record) if !record.is_expired(now) => {
+                                Some(Some(record))
+                            }
+                            CacheEntry::Deleted(_) => Some(None),
+                            _ => None,
+                        };
+                    }
+                }
+                Err(err) => self.cache_failed("get_many", &err),
+            }
+        }
+
+        let unknown: Vec<RecordId> = ids
+            .iter()
+            .zip(&answers)
+            .filter(|(_, answer)| answer.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        if !unknown.is_empty() {
+            let mut fetched = self
+                .durable
+                .get_many(collection_name, &unknown, now)
+                .await
+                .map_err(|err| self.durable_failed(err))?;
+            if collection.plan.read == ReadPath::CacheThenDurable {
+                for record in &fetched {
+                    self.cache_record(collection, record, now).await;
+                }
+            }
+            for (id, answer) in ids.iter().zip(answers.iter_mut()) {
+                if answer.is_none() {
+                    let position = fetched.iter().position(|record| &record.id == id);
+                    *answer = Some(position.map(|at| fetched.swap_remove(at)));
+                }
+            }
+        }
+
+        let mut result = BatchGet {
+            records: Vec::new(),
+            missing: Vec::new(),
+        };
+        for (id, answer) in ids.into_iter().zip(answers) {
+            match answer.flatten() {
+                Some(record) => result.records.push(record),
+                None => result.missing.push(id),
+            }
+        }
+        Ok(result)
+    }
+
+    /// The record whose unique index `index` holds `value`.
+    ///
+    /// The cache keeps a hint (value -> id) next to the record copies. A hint is
+    /// trusted only if the cached record it names still carries `value`; any
+    /// doubt goes to the durable tier, which enforces uniqueness.
+    #[tracing::instrument(level = "debug", skip(self, value))]
+    pub async fn lookup(
+        &self,
+        collection_name: &CollectionName,
+        index: &str,
+        value: &str,
+    ) -> Result<Option<Record>, Error> {
+        let collection = self.catalog.get(collection_name)?;
+        let index = collection.index(index)?;
+        let now = now();
+        let cached = collection.plan.read == ReadPath::CacheThenDurable;
+        if cached {
+            if let Some(record) = self.lookup_cached(collection_name, index, value, now).await {
+                return Ok(Some(record));
+            }
+        }
+        let record = self
+            .durable
+            .lookup(collection_name, index, value, now)
+            .await
+            .map_err(|err| self.durable_failed(err))?;
+        if let (true, Some(record)) = (cached, &record) {
+            self.cache_record(collection, record, now).await;
+            if let Some(ttl) = record.cache_lifetime(collection.spec.cache_ttl, now) {
+                let hint = self
+                    .cache
+                    .store_lookup_hint(collection_name, index, value, &record.id, ttl)
+                    .await;
+                if let Err(err) = hint {
+                    self.cache_failed("store_lookup_hint", &err);
+                }
+            }
+        }
+        Ok(record)
+    }
+
+    async fn lookup_cached(
+        &self,
+        collection: &CollectionName,
+        index: &hybridstore_core::IndexName,
+        value: &str,
+        now: OffsetDateTime,
+    ) -> Option<Record> {
+        let id = match self.cache.lookup_hint(collection, index, value).await {
+            Ok(id) => id?,
+            Err(err) => {
+                self.cache_failed("lookup_hint", &err);
+                return None;
+            }
+        };
+        let key = RecordKey::new(collection.clone(), id);
+        match self.cache.get(&key).await {
+            Ok(CacheEntry::Present(record))
+                if !record.is_expired(now)
+                    && index_value(&record.data, index).ok().flatten().as_deref()
+                        == Some(value) =>
+            {
+                Some(record)
+            }
+            Ok(_) => None,
+            Err(err) => {
+                self.cache_failed("get", &err);
+                None
+            }
+        }
+    }
+
+    /// Removes expired records and old deletion markers from the durable tier.
+    pub async fn purge_expired(&self) -> Result<u64, Error> {
+        self.durable
+            .purge_expired(now(), self.settings.tombstone_retention)
+            .await
+            .map_err(|err| self.durable_failed(err))
+    }
+
+    /// The plan a collection follows.
+    pub fn plan(&self, collection: &CollectionName) -> Result<Plan, Error> {
+        Ok(self.catalog.get(collection)?.plan)
+    }
+}

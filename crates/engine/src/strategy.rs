@@ -1,0 +1,59 @@
+//! The strategy table of SPEC section 4, as code.
+//!
+//! | strategy         | write acknowledged after               | read                         |
+//! |------------------|----------------------------------------|------------------------------|
+//! | `dual_write`     | durable commit, then cache updated     | cache, durable on miss (fill)|
+//! | `database_first` | durable commit, cache kept warm        | durable                      |
+//! | `postgres_only`  | durable commit                         | durable                      |
+//! | `cache_first`    | cache + journal (write-behind)         | cache, durable on miss       |
+//! | `redis_only`     | cache                                  | cache                        |
+//!
+//! `cache_first` and `redis_only` need the journal and the cache-authoritative
+//! write path, which arrive with degradation; until then [`Plan::of`] refuses
+//! them and configuration validation reports it.
+
+use hybridstore_core::Strategy;
+
+/// Where a write goes, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WritePath {
+    /// Commit in the durable tier, then store the new version in the cache.
+    DurableThenCache,
+    /// Commit in the durable tier only.
+    DurableOnly,
+}
+
+/// Where a read is served from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadPath {
+    /// The cache; on a miss the durable tier, and the copy read there is filled
+    /// into the cache (version-checked).
+    CacheThenDurable,
+    /// The durable tier only.
+    DurableOnly,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub write: WritePath,
+    pub read: ReadPath,
+}
+
+impl Plan {
+    pub fn of(strategy: Strategy) -> Option<Plan> {
+        use ReadPath as R;
+        use WritePath as W;
+        let (write, read) = match strategy {
+            Strategy::DualWrite => (W::DurableThenCache, R::CacheThenDurable),
+            Strategy::DatabaseFirst => (W::DurableThenCache, R::DurableOnly),
+            Strategy::PostgresOnly => (W::DurableOnly, R::DurableOnly),
+            Strategy::CacheFirst | Strategy::RedisOnly => return None,
+        };
+        Some(Plan { write, read })
+    }
+
+    /// Whether this plan keeps copies in the cache at all.
+    pub fn uses_cache(self) -> bool {
+        self.write == WritePath::DurableThenCache || self.read == ReadPath::CacheThenDurable
+    }
+}

@@ -1,0 +1,184 @@
+//! Wiring: configuration in, a bound server out.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hybridstore_core::{DurableStore, StoreError};
+use hybridstore_engine::{Catalog, Engine, EngineSettings};
+use hybridstore_postgres::{PgConnectOptions, PostgresOptions, PostgresStore};
+use hybridstore_redis::{RedisOptions, RedisStore};
+use tokio::net::TcpListener;
+
+use crate::auth::Authenticator;
+use crate::config::{Config, ConfigError};
+use crate::http::{self, AppState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot prepare the PostgreSQL schema: {0}")]
+    Migrate(#[source] StoreError),
+    #[error("cannot set up the Redis connection: {0}")]
+    Redis(#[source] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type DurableLayer = Box<dyn FnOnce(Arc<dyn DurableStore>) -> Arc<dyn DurableStore> + Send>;
+
+/// Builds a [`Server`] from a validated [`Config`].
+pub struct ServerBuilder {
+    config: Config,
+    durable_layer: Option<DurableLayer>,
+}
+
+fn postgres_options(config: &Config) -> Result<PostgresOptions, ConfigError> {
+    let pg = &config.postgres;
+    let connect = match (&pg.url, &pg.host) {
+        (Some(url), _) => {
+            PgConnectOptions::from_str(url.expose()).map_err(|err| ConfigError::Invalid {
+                key: "postgres.url (DATABASE_URL)".into(),
+                problem: err.to_string(),
+            })?
+        }
+        (None, host) => {
+            let mut options = PgConnectOptions::new()
+                .host(host.as_deref().unwrap_or("localhost"))
+                .port(pg.port)
+                .database(&pg.database)
+                .username(&pg.user);
+            if let Some(password) = &pg.password {
+                options = options.password(password.expose());
+            }
+            options
+        }
+    };
+    Ok(PostgresOptions {
+        connect: connect.application_name("hybridstore"),
+        pool_size: pg.pool_size,
+        acquire_timeout: Duration::from_millis(pg.acquire_timeout_ms),
+        statement_timeout: Duration::from_millis(pg.statement_timeout_ms),
+    })
+}
+
+fn redis_options(config: &Config) -> RedisOptions {
+    RedisOptions {
+        url: config.redis.connection_url().unwrap_or_default(),
+        key_prefix: config.redis.key_prefix.clone(),
+        connect_timeout: Duration::from_millis(config.redis.connect_timeout_ms),
+        response_timeout: Duration::from_millis(config.redis.response_timeout_ms),
+    }
+}
+
+impl ServerBuilder {
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            durable_layer: None,
+        }
+    }
+
+    /// Wraps the durable tier (tests use this to observe or delay tier calls).
+    pub fn wrap_durable(
+        mut self,
+        layer: impl FnOnce(Arc<dyn DurableStore>) -> Arc<dyn DurableStore> + Send + 'static,
+    ) -> Self {
+        self.durable_layer = Some(Box::new(layer));
+        self
+    }
+
+    /// Connects the tiers, applies migrations and binds the listener.
+    pub async fn bind(self) -> Result<Server, StartError> {
+        let config = self.config;
+        config.validate()?;
+        let postgres = PostgresStore::new_lazy(postgres_options(&config)?);
+        postgres.migrate().await.map_err(StartError::Migrate)?;
+        let redis = RedisStore::new_lazy(&redis_options(&config)).map_err(StartError::Redis)?;
+
+        let mut durable: Arc<dyn DurableStore> = Arc::new(postgres);
+        if let Some(layer) = self.durable_layer {
+            durable = layer(durable);
+        }
+        let catalog = Catalog::new(config.collection_specs()?, config.strategy).map_err(|err| {
+            ConfigError::Invalid {
+                key: format!("collections.{}.{}", err.collection, err.key),
+                problem: err.problem,
+            }
+        })?;
+        let settings = EngineSettings {
+            max_data_bytes: config.body_limit_bytes,
+            deleted_marker_ttl: Duration::from_secs(config.records.deleted_marker_ttl_secs),
+            tombstone_retention: Duration::from_secs(config.records.tombstone_retention_secs),
+            ..EngineSettings::default()
+        };
+        let engine = Arc::new(Engine::new(durable, Arc::new(redis), catalog, settings));
+        let state = AppState {
+            engine: engine.clone(),
+            auth: Arc::new(Authenticator::from_config(&config)),
+        };
+
+        let addr = format!("{}:{}", config.host, config.port);
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        Ok(Server {
+            listener,
+            router: http::router(state, config.body_limit_bytes),
+            engine,
+            purge_interval: Duration::from_millis(config.records.purge_interval_ms),
+        })
+    }
+}
+
+/// A bound, ready server.
+pub struct Server {
+    listener: TcpListener,
+    router: Router,
+    engine: Arc<Engine>,
+    purge_interval: Duration,
+}
+
+impl Server {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` completes, then finishes in-flight requests.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        tracing::info!(addr = %self.local_addr(), "hybridstore listening");
+        let purge = tokio::spawn(purge_expired_records(self.engine, self.purge_interval));
+        let served = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        purge.abort();
+        served
+    }
+}
+
+/// Removes expired records and old tombstones from the durable tier, forever.
+async fn purge_expired_records(engine: Arc<Engine>, every: Duration) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match engine.purge_expired().await {
+            Ok(0) => {}
+            Ok(purged) => tracing::debug!(purged, "purged expired records"),
+            Err(err) => tracing::warn!(error = %err, "purging expired records failed"),
+        }
+    }
+}

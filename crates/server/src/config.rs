@@ -1,0 +1,620 @@
+//! Configuration: layered with figment, validated before anything starts.
+//!
+//! Layers, later ones win: the built-in defaults (`config/default.toml`, compiled
+//! in), `config/default.toml` on disk, `config/<HYBRIDSTORE_ENV>.toml`, then the
+//! environment: the variable names of the relay service this product replaces
+//! (`POSTGRES_HOST`, `DATABASE_STRATEGY`, ...) and `HYBRIDSTORE_<SECTION>__<KEY>`
+//! for everything else. Unknown keys are errors, so a typo cannot silently fall
+//! back to a default. [`Config::validate`] checks what types cannot, and every
+//! error names the key at fault.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use hybridstore_core::{CollectionName, CollectionSpec, IndexName, Strategy};
+use serde::{Deserialize, Deserializer};
+
+use crate::auth::Scope;
+
+const BUILTIN_DEFAULTS: &str = include_str!("../../../config/default.toml");
+
+/// Environment variables of the original relay service, and the key each sets.
+pub const LEGACY_ENV: &[(&str, &str)] = &[
+    ("HOST", "host"),
+    ("PORT", "port"),
+    ("ADMIN_TOKEN", "admin_token"),
+    ("DATABASE_STRATEGY", "strategy"),
+    ("DATABASE_URL", "postgres.url"),
+    ("POSTGRES_ENABLED", "postgres.enabled"),
+    ("POSTGRES_HOST", "postgres.host"),
+    ("POSTGRES_PORT", "postgres.port"),
+    ("POSTGRES_DATABASE", "postgres.database"),
+    ("POSTGRES_USER", "postgres.user"),
+    ("POSTGRES_PASSWORD", "postgres.password"),
+    ("REDIS_URL", "redis.url"),
+    ("REDIS_ENABLED", "redis.enabled"),
+    ("REDIS_HOST", "redis.host"),
+    ("REDIS_PORT", "redis.port"),
+    ("REDIS_PASSWORD", "redis.password"),
+    ("REDIS_DB", "redis.db"),
+    ("CACHE_API_KEY_TTL", "collections.api_keys.cache_ttl_secs"),
+    ("CACHE_SESSION_TTL", "collections.sessions.cache_ttl_secs"),
+    ("CACHE_USAGE_STATS_TTL", "cache.usage_stats_ttl_secs"),
+    ("DATABASE_SYNC_ENABLED", "sync.enabled"),
+    ("DATABASE_SYNC_INTERVAL", "sync.interval_ms"),
+    ("DATABASE_SYNC_ON_STARTUP", "sync.on_startup"),
+];
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {key}: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+/// The key a figment error is about, as an operator would write it: the config
+/// path, plus the legacy environment variable that sets it, if any.
+fn describe_key(path: &[String]) -> String {
+    let key = path.join(".");
+    match LEGACY_ENV.iter().find(|(_, target)| *target == key) {
+        Some((env, _)) => format!("{key} ({env})"),
+        None if key.is_empty() => "configuration".into(),
+        None => key,
+    }
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(err: figment::Error) -> Self {
+        let mut keys = Vec::new();
+        let mut problems = Vec::new();
+        for err in err {
+            keys.push(describe_key(&err.path));
+            let source = err
+                .metadata
+                .as_ref()
+                .map(|metadata| format!(" (from {})", metadata.name))
+                .unwrap_or_default();
+            problems.push(format!("{}{source}", err.kind));
+        }
+        invalid(keys.join(", "), problems.join("; "))
+    }
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// A secret string: never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        scalar_string(deserializer).map(Secret)
+    }
+}
+
+/// Accepts any scalar as a string: an environment variable such as
+/// `POSTGRES_PASSWORD=12345` arrives as a number.
+fn scalar_string<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match Scalar::deserialize(deserializer)? {
+        Scalar::S(s) => s,
+        Scalar::I(i) => i.to_string(),
+        Scalar::U(u) => u.to_string(),
+        Scalar::F(f) => f.to_string(),
+        Scalar::B(b) => b.to_string(),
+    })
+}
+
+fn opt_scalar_string<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    scalar_string(deserializer).map(Some)
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(deserialize_with = "scalar_string")]
+    pub host: String,
+    pub port: u16,
+    #[serde(default)]
+    pub admin_token: Option<Secret>,
+    pub strategy: Strategy,
+    pub body_limit_bytes: usize,
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+    pub cache: CacheConfig,
+    pub records: RecordsConfig,
+    pub sync: SyncConfig,
+    pub log: LogConfig,
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+    #[serde(default)]
+    pub collections: BTreeMap<String, CollectionConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    pub enabled: bool,
+    #[serde(default)]
+    pub url: Option<Secret>,
+    #[serde(default, deserialize_with = "opt_scalar_string")]
+    pub host: Option<String>,
+    pub port: u16,
+    #[serde(deserialize_with = "scalar_string")]
+    pub database: String,
+    #[serde(deserialize_with = "scalar_string")]
+    pub user: String,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    pub pool_size: u32,
+    pub acquire_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+}
+
+impl PostgresConfig {
+    /// Whether a server was named at all (`url` or `host`).
+    pub fn is_configured(&self) -> bool {
+        self.url.is_some() || self.host.is_some()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub enabled: bool,
+    #[serde(default)]
+    pub url: Option<Secret>,
+    #[serde(default, deserialize_with = "opt_scalar_string")]
+    pub host: Option<String>,
+    pub port: u16,
+    pub db: u32,
+    #[serde(default)]
+    pub password: Option<Secret>,
+    #[serde(deserialize_with = "scalar_string")]
+    pub key_prefix: String,
+    pub connect_timeout_ms: u64,
+    pub response_timeout_ms: u64,
+}
+
+impl RedisConfig {
+    pub fn is_configured(&self) -> bool {
+        self.url.is_some() || self.host.is_some()
+    }
+
+    /// The connection URL: `url` as given, or built from host, port, db and
+    /// password (percent-encoded).
+    pub fn connection_url(&self) -> Option<String> {
+        if let Some(url) = &self.url {
+            return Some(url.expose().to_owned());
+        }
+        let host = self.host.as_ref()?;
+        let auth = match &self.password {
+            Some(password) => format!(":{}@", percent_encode(password.expose())),
+            None => String::new(),
+        };
+        Some(format!("redis://{auth}{host}:{}/{}", self.port, self.db))
+    }
+}
+
+fn percent_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    pub default_ttl_secs: u64,
+    pub usage_stats_ttl_secs: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordsConfig {
+    pub deleted_marker_ttl_secs: u64,
+    pub tombstone_retention_secs: u64,
+    pub purge_interval_ms: u64,
+}
+
+/// Background synchronisation between the tiers (used by the operator surface).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    pub enabled: bool,
+    pub interval_ms: u64,
+    pub on_startup: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    pub token: Secret,
+    pub scopes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectionConfig {
+    #[serde(default)]
+    pub cache_ttl_secs: Option<u64>,
+    #[serde(default)]
+    pub record_ttl_secs: Option<u64>,
+    #[serde(default)]
+    pub unique_indexes: Vec<String>,
+    #[serde(default)]
+    pub schema: Option<serde_json::Value>,
+    #[serde(default)]
+    pub strategy: Option<Strategy>,
+}
+
+impl Config {
+    /// The built-in defaults only: what tests and tools start from.
+    pub fn builtin_figment() -> Figment {
+        Figment::from(Toml::string(BUILTIN_DEFAULTS))
+    }
+
+    /// Every layer: defaults, config files, environment.
+    pub fn figment() -> Figment {
+        let mut figment = Self::builtin_figment().merge(Toml::file("config/default.toml"));
+        if let Ok(env) = std::env::var("HYBRIDSTORE_ENV") {
+            figment = figment.merge(Toml::file(format!("config/{env}.toml")));
+        }
+        figment
+            .merge(Env::raw().filter_map(|key| {
+                LEGACY_ENV
+                    .iter()
+                    .find(|(name, _)| key == *name)
+                    .map(|(_, path)| (*path).into())
+            }))
+            .merge(
+                Env::prefixed("HYBRIDSTORE_")
+                    .ignore(&["ENV", "URL"])
+                    .split("__"),
+            )
+    }
+
+    /// Loads every layer and validates the result.
+    pub fn load() -> Result<Config, ConfigError> {
+        Self::from_figment(Self::figment())
+    }
+
+    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the types cannot. Every error names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        match &self.admin_token {
+            None => {
+                return Err(invalid(
+                    "admin_token (ADMIN_TOKEN)",
+                    "required: set a random secret of at least 16 characters",
+                ));
+            }
+            Some(token) if token.expose().len() < 16 => {
+                return Err(invalid(
+                    "admin_token (ADMIN_TOKEN)",
+                    "must be at least 16 characters",
+                ));
+            }
+            Some(_) => {}
+        }
+        if self.body_limit_bytes < 1024 {
+            return Err(invalid("body_limit_bytes", "must be at least 1024"));
+        }
+        if !self.postgres.enabled || !self.redis.enabled {
+            return Err(invalid(
+                if self.postgres.enabled {
+                    "redis.enabled (REDIS_ENABLED)"
+                } else {
+                    "postgres.enabled (POSTGRES_ENABLED)"
+                },
+                "single-tier deployments are not available yet: both PostgreSQL and Redis are required",
+            ));
+        }
+        if !self.postgres.is_configured() && !self.redis.is_configured() {
+            return Err(invalid(
+                "postgres.url (DATABASE_URL), redis.url (REDIS_URL)",
+                "embedded mode is not available yet: set DATABASE_URL and REDIS_URL \
+                 (or POSTGRES_HOST and REDIS_HOST)",
+            ));
+        }
+        if !self.postgres.is_configured() {
+            return Err(invalid(
+                "postgres.url (DATABASE_URL)",
+                "required: set DATABASE_URL or POSTGRES_HOST",
+            ));
+        }
+        if !self.redis.is_configured() {
+            return Err(invalid(
+                "redis.url (REDIS_URL)",
+                "required: set REDIS_URL or REDIS_HOST",
+            ));
+        }
+        if let Some(url) = &self.postgres.url {
+            let url = url.expose();
+            let scheme_ok = url.starts_with("postgres://") || url.starts_with("postgresql://");
+            if !scheme_ok
+                || url
+                    .parse::<hybridstore_postgres::PgConnectOptions>()
+                    .is_err()
+            {
+                return Err(invalid(
+                    "postgres.url (DATABASE_URL)",
+                    "not a valid postgres:// URL",
+                ));
+            }
+        }
+        if let Some(url) = self.redis.connection_url() {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(invalid(
+                    "redis.url (REDIS_URL)",
+                    "must start with redis:// or rediss://",
+                ));
+            }
+        }
+        if self.postgres.pool_size == 0 {
+            return Err(invalid("postgres.pool_size", "must be at least 1"));
+        }
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}']) {
+            return Err(invalid(
+                "redis.key_prefix",
+                "must be non-empty and contain no braces",
+            ));
+        }
+        if self.records.purge_interval_ms == 0 {
+            return Err(invalid("records.purge_interval_ms", "must be at least 1"));
+        }
+        if self.collections.is_empty() {
+            return Err(invalid("collections", "declare at least one collection"));
+        }
+        self.validate_tokens()?;
+        // Collection names, indexes, strategies and schemas.
+        let specs = self.collection_specs()?;
+        hybridstore_engine::Catalog::new(specs, self.strategy).map_err(|err| {
+            invalid(
+                format!("collections.{}.{}", err.collection, err.key),
+                err.problem,
+            )
+        })?;
+        Ok(())
+    }
+
+    fn validate_tokens(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, token) in self.tokens.iter().enumerate() {
+            let key = |field: &str| format!("tokens[{i}].{field}");
+            if token.name.trim().is_empty() {
+                return Err(invalid(key("name"), "must not be empty"));
+            }
+            if token.token.expose().len() < 16 {
+                return Err(invalid(key("token"), "must be at least 16 characters"));
+            }
+            if Some(&token.token) == self.admin_token.as_ref() || !seen.insert(token.token.expose())
+            {
+                return Err(invalid(key("token"), "must differ from every other token"));
+            }
+            for scope in &token.scopes {
+                Scope::parse(scope).map_err(|problem| invalid(key("scopes"), problem))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The declared collections, with defaults applied.
+    pub fn collection_specs(&self) -> Result<Vec<CollectionSpec>, ConfigError> {
+        self.collections
+            .iter()
+            .map(|(name, c)| {
+                let key = |field: &str| format!("collections.{name}{field}");
+                let name =
+                    CollectionName::parse(name).map_err(|err| invalid(key(""), err.to_string()))?;
+                let unique_indexes = c
+                    .unique_indexes
+                    .iter()
+                    .map(|index| IndexName::parse(index))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|err| invalid(key(".unique_indexes"), err.to_string()))?;
+                if c.record_ttl_secs == Some(0) {
+                    return Err(invalid(key(".record_ttl_secs"), "must be at least 1"));
+                }
+                Ok(CollectionSpec {
+                    name,
+                    cache_ttl: Duration::from_secs(
+                        c.cache_ttl_secs.unwrap_or(self.cache.default_ttl_secs),
+                    ),
+                    record_ttl: c.record_ttl_secs.map(Duration::from_secs),
+                    unique_indexes,
+                    schema: c.schema.clone(),
+                    strategy: c.strategy,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in(jail: &mut Jail) -> Result<Config, ConfigError> {
+        let _ = jail;
+        Config::load()
+    }
+
+    #[test]
+    fn legacy_variables_set_their_keys() {
+        Jail::expect_with(|jail| {
+            jail.set_env("ADMIN_TOKEN", "0123456789abcdef0123");
+            jail.set_env("POSTGRES_HOST", "db.internal");
+            jail.set_env("POSTGRES_PASSWORD", "12345");
+            jail.set_env("REDIS_HOST", "cache.internal");
+            jail.set_env("REDIS_PASSWORD", "p@ss:word");
+            jail.set_env("REDIS_DB", "3");
+            jail.set_env("DATABASE_STRATEGY", "database_first");
+            jail.set_env("CACHE_API_KEY_TTL", "120");
+            jail.set_env("DATABASE_SYNC_INTERVAL", "5000");
+            jail.set_env("PORT", "9000");
+            let config = load_in(jail).expect("valid");
+            assert_eq!(config.port, 9000);
+            assert_eq!(config.strategy, Strategy::DatabaseFirst);
+            assert_eq!(config.postgres.host.as_deref(), Some("db.internal"));
+            assert_eq!(
+                config.postgres.password.as_ref().map(Secret::expose),
+                Some("12345")
+            );
+            assert_eq!(
+                config.redis.connection_url().as_deref(),
+                Some("redis://:p%40ss%3Aword@cache.internal:6379/3")
+            );
+            assert_eq!(config.sync.interval_ms, 5000);
+            let api_keys = config.collections.get("api_keys").expect("declared");
+            assert_eq!(api_keys.cache_ttl_secs, Some(120));
+            assert_eq!(api_keys.unique_indexes, vec!["key_hash".to_owned()]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn files_and_prefixed_variables_layer_in_order() {
+        Jail::expect_with(|jail| {
+            jail.create_dir("config")?;
+            jail.create_file(
+                "config/default.toml",
+                "port = 7000\n[redis]\nkey_prefix = \"file\"\n[collections.extra]\nunique_indexes = [\"code\"]\n",
+            )?;
+            jail.create_file("config/staging.toml", "port = 7001\n")?;
+            jail.set_env("HYBRIDSTORE_ENV", "staging");
+            jail.set_env("HYBRIDSTORE_REDIS__KEY_PREFIX", "env");
+            jail.set_env("ADMIN_TOKEN", "0123456789abcdef0123");
+            jail.set_env("DATABASE_URL", "postgres://u:p@localhost/db");
+            jail.set_env("REDIS_URL", "redis://localhost:6379");
+            let config = load_in(jail).expect("valid");
+            assert_eq!(config.port, 7001, "env profile file wins over default file");
+            assert_eq!(
+                config.redis.key_prefix, "env",
+                "environment wins over files"
+            );
+            assert!(config.collections.contains_key("extra"));
+            assert!(
+                config.collections.contains_key("api_keys"),
+                "built-in collections stay"
+            );
+            Ok(())
+        });
+    }
+
+    fn error_of(vars: &[(&str, &str)]) -> String {
+        let mut message = String::new();
+        Jail::expect_with(|jail| {
+            jail.set_env("ADMIN_TOKEN", "0123456789abcdef0123");
+            jail.set_env("DATABASE_URL", "postgres://u:p@localhost/db");
+            jail.set_env("REDIS_URL", "redis://localhost:6379");
+            for (key, value) in vars {
+                jail.set_env(key, value);
+            }
+            message = match load_in(jail) {
+                Ok(_) => panic!("accepted: {vars:?}"),
+                Err(err) => err.to_string(),
+            };
+            Ok(())
+        });
+        message
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(error_of(&[("PORT", "eighty")]).contains("PORT"));
+        assert!(error_of(&[("DATABASE_STRATEGY", "fastest")]).contains("DATABASE_STRATEGY"));
+        assert!(error_of(&[("ADMIN_TOKEN", "short")]).contains("ADMIN_TOKEN"));
+        assert!(error_of(&[("HYBRIDSTORE_REDIS__KEY_PREFX", "x")]).contains("key_prefx"));
+        assert!(error_of(&[("DATABASE_URL", "mysql://x")]).contains("DATABASE_URL"));
+        let schema = error_of(&[(
+            "HYBRIDSTORE_COLLECTIONS__USERS__SCHEMA",
+            "{type=\"nonsense\"}",
+        )]);
+        assert!(schema.contains("collections.users.schema"), "{schema}");
+        let name = error_of(&[("HYBRIDSTORE_COLLECTIONS__BAD-NAME__CACHE_TTL_SECS", "5")]);
+        assert!(name.contains("collections.bad-name"), "{name}");
+        let scope = error_of(&[(
+            "HYBRIDSTORE_TOKENS",
+            "[{name=\"a\", token=\"abcdefghijklmnopq\", scopes=[\"root\"]}]",
+        )]);
+        assert!(scope.contains("tokens[0].scopes"), "{scope}");
+    }
+
+    #[test]
+    fn no_servers_named_is_explained() {
+        Jail::expect_with(|jail| {
+            jail.set_env("ADMIN_TOKEN", "0123456789abcdef0123");
+            let message = load_in(jail).expect_err("invalid").to_string();
+            assert!(message.contains("DATABASE_URL"), "{message}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug() {
+        let secret = Secret::new("hunter2hunter2hunter2");
+        assert!(!format!("{secret:?}").contains("hunter2"));
+    }
+}

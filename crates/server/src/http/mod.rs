@@ -1,0 +1,68 @@
+//! The HTTP API (axum). Handlers are thin: extract and validate, authorise, call
+//! the engine, map the result. Errors are problem+json ([`problem`]).
+
+mod conditional;
+mod extract;
+pub mod problem;
+mod records;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json, Router};
+use hybridstore_engine::Engine;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+use crate::auth::Authenticator;
+use extract::BodyLimit;
+use problem::ApiError;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub auth: Arc<Authenticator>,
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+pub fn router(state: AppState, body_limit: usize) -> Router {
+    let trace = TraceLayer::new_for_http()
+        .make_span_with(|request: &Request| {
+            let route = request
+                .extensions()
+                .get::<MatchedPath>()
+                .map_or("<unmatched>", MatchedPath::as_str);
+            tracing::info_span!("request", method = %request.method(), route)
+        })
+        .on_response(DefaultOnResponse::new().level(Level::INFO));
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/collections", get(records::list_collections))
+        .route("/v1/collections/{collection}/records", get(records::list))
+        .route(
+            "/v1/collections/{collection}/records/{id}",
+            put(records::put)
+                .patch(records::patch)
+                .get(records::get)
+                .delete(records::delete),
+        )
+        .route(
+            "/v1/collections/{collection}/batch-get",
+            post(records::batch_get),
+        )
+        .route(
+            "/v1/collections/{collection}/lookup/{index}/{value}",
+            get(records::lookup),
+        )
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(Extension(BodyLimit(body_limit)))
+        .layer(trace)
+        .with_state(state)
+}

@@ -1,0 +1,209 @@
+//! Errors as RFC 9457 problem details.
+//!
+//! Every failure the API can report is an [`ApiError`]; each has one HTTP status
+//! and one stable `code` that clients can branch on. Internal errors are logged
+//! here, inside the request's span (method, route), and answered with a body that
+//! says nothing about them.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hybridstore_core::Error;
+use serde_json::{Value, json};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Domain(#[from] Error),
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("expected Content-Type {expected}")]
+    UnsupportedMediaType { expected: &'static str },
+    #[error("the request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("no such route")]
+    RouteNotFound,
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+}
+
+/// One problem document, before it becomes a response.
+struct Problem {
+    status: StatusCode,
+    code: &'static str,
+    title: &'static str,
+    detail: String,
+    extra: Option<(&'static str, Value)>,
+    retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    fn problem(&self) -> Problem {
+        let plain = |status, code, title, detail: String| Problem {
+            status,
+            code,
+            title,
+            detail,
+            extra: None,
+            retry_after_secs: None,
+        };
+        match self {
+            ApiError::Domain(err) => match err {
+                Error::InvalidName(e) => plain(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_name",
+                    "Invalid name",
+                    e.to_string(),
+                ),
+                Error::InvalidRequest(m) => plain(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "Invalid request",
+                    m.clone(),
+                ),
+                Error::UnknownCollection(_) => plain(
+                    StatusCode::NOT_FOUND,
+                    "unknown_collection",
+                    "Unknown collection",
+                    err.to_string(),
+                ),
+                Error::NotFound(m) => {
+                    plain(StatusCode::NOT_FOUND, "not_found", "Not found", m.clone())
+                }
+                Error::SchemaViolation(errors) => Problem {
+                    extra: Some(("errors", json!(errors))),
+                    ..plain(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "schema_violation",
+                        "Schema violation",
+                        err.to_string(),
+                    )
+                },
+                Error::PayloadTooLarge { .. } => plain(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "Payload too large",
+                    err.to_string(),
+                ),
+                Error::VersionConflict { current } => Problem {
+                    extra: current.map(|v| ("current_version", json!(v))),
+                    ..plain(
+                        StatusCode::PRECONDITION_FAILED,
+                        "version_conflict",
+                        "Version conflict",
+                        "the record's current state does not match the request's precondition"
+                            .into(),
+                    )
+                },
+                Error::UniqueViolation { .. } => plain(
+                    StatusCode::CONFLICT,
+                    "unique_violation",
+                    "Unique index violation",
+                    err.to_string(),
+                ),
+                Error::BackendsUnavailable { retry_after } => Problem {
+                    retry_after_secs: Some(retry_after.as_secs().max(1)),
+                    ..plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "backends_unavailable",
+                        "Backends unavailable",
+                        "no storage tier can serve this request now; retry later".into(),
+                    )
+                },
+                Error::Internal(_) => plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "Internal error",
+                    "the request failed inside the service; it has been logged".into(),
+                ),
+            },
+            ApiError::InvalidJson(m) => plain(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "Invalid JSON",
+                m.clone(),
+            ),
+            ApiError::UnsupportedMediaType { .. } => plain(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "Unsupported media type",
+                self.to_string(),
+            ),
+            ApiError::BodyTooLarge { .. } => plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "Payload too large",
+                self.to_string(),
+            ),
+            ApiError::Unauthorized => plain(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Unauthorized",
+                self.to_string(),
+            ),
+            ApiError::Forbidden(m) => {
+                plain(StatusCode::FORBIDDEN, "forbidden", "Forbidden", m.clone())
+            }
+            ApiError::RouteNotFound => plain(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "Not found",
+                self.to_string(),
+            ),
+            ApiError::MethodNotAllowed => plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "Method not allowed",
+                self.to_string(),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Domain(Error::Internal(message)) = &self {
+            tracing::error!(error = %message, "request failed with an internal error");
+        }
+        let problem = self.problem();
+        let mut body = json!({
+            "type": format!("urn:hybridstore:problem:{}", problem.code),
+            "title": problem.title,
+            "status": problem.status.as_u16(),
+            "detail": problem.detail,
+            "code": problem.code,
+        });
+        if let Some((key, value)) = problem.extra {
+            body[key] = value;
+        }
+        let mut response = (problem.status, body.to_string()).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if problem.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(secs) = problem.retry_after_secs {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_errors_do_not_leak() {
+        let secret = "password=hunter2 at 10.0.0.1";
+        let problem = ApiError::from(Error::Internal(secret.into())).problem();
+        assert_eq!(problem.code, "internal");
+        assert!(!problem.detail.contains("hunter2"));
+    }
+}
