@@ -1,1 +1,8 @@
+//! Integration tests: HTTP against the real service, backed by real PostgreSQL
+//! and Redis servers started by the testkit (one pair per test binary, one
+//! database and key prefix per test).
 
+mod bad_input;
+mod concurrency;
+mod indexes_and_ttl;
+mod records;

@@ -1,1 +1,17 @@
+//! Test harness: real PostgreSQL and Redis servers, and the service on port 0.
+//!
+//! Servers are real processes on free loopback ports, started once per test
+//! binary ([`shared`]) or per test when a test needs to kill them
+//! ([`Postgres::start`], [`Redis::start`]). Each test gets its own database and
+//! its own Redis key prefix, so tests run in parallel without seeing each other.
+//! No Docker and no mocks: what the tests talk to is what production talks to.
 
+mod app;
+mod process;
+mod servers;
+
+pub use app::{
+    ADMIN_TOKEN, API_KEYS_WRITER_TOKEN, READER_TOKEN, StoredCopy, TestApp, TestAppBuilder,
+    spawn_app,
+};
+pub use servers::{Postgres, Redis, RedisPersistence, SharedServers, shared};

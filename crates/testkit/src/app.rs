@@ -1,0 +1,301 @@
+//! `spawn_app()`: the real service on port 0, over its own database and key
+//! prefix, with handles to inspect both tiers directly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use hybridstore_core::{CollectionName, DurableStore, RecordId, RecordKey};
+use hybridstore_redis::KeySpace;
+use hybridstore_server::{Config, ServerBuilder};
+use reqwest::Method;
+use serde_json::Value;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgPool, Row};
+use tokio::sync::oneshot;
+
+use crate::servers::{Postgres, Redis, shared};
+
+/// The admin token of every test app.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// A client token with `read:*` only.
+pub const READER_TOKEN: &str = "test-reader-token-0123456789";
+/// A client token with `read:api_keys` and `write:api_keys`.
+pub const API_KEYS_WRITER_TOKEN: &str = "test-api-keys-writer-0123456789";
+
+/// Starts the service with default test settings on the shared servers.
+pub async fn spawn_app() -> TestApp {
+    TestApp::builder().spawn().await
+}
+
+type DurableLayer = Box<dyn FnOnce(Arc<dyn DurableStore>) -> Arc<dyn DurableStore> + Send>;
+
+pub struct TestAppBuilder {
+    overrides: Vec<(String, Value)>,
+    durable_layer: Option<DurableLayer>,
+    servers: Option<(&'static Postgres, &'static Redis)>,
+}
+
+impl TestAppBuilder {
+    /// Sets a configuration key (dotted path, e.g. `collections.widgets.schema`).
+    pub fn config(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.overrides.push((key.to_owned(), value.into()));
+        self
+    }
+
+    /// Wraps the durable tier, e.g. to hold a call at a chosen moment.
+    pub fn wrap_durable(
+        mut self,
+        layer: impl FnOnce(Arc<dyn DurableStore>) -> Arc<dyn DurableStore> + Send + 'static,
+    ) -> Self {
+        self.durable_layer = Some(Box::new(layer));
+        self
+    }
+
+    /// Runs against these servers instead of the shared ones.
+    pub fn servers(mut self, postgres: &'static Postgres, redis: &'static Redis) -> Self {
+        self.servers = Some((postgres, redis));
+        self
+    }
+
+    pub async fn spawn(self) -> TestApp {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let (postgres, redis) = match self.servers {
+            Some(servers) => servers,
+            None => {
+                let shared = tokio::task::spawn_blocking(shared)
+                    .await
+                    .expect("start servers");
+                (&shared.postgres, &shared.redis)
+            }
+        };
+        let database = format!("test_{}_{n}", std::process::id());
+        let mut admin = sqlx::PgConnection::connect(&postgres.url("postgres"))
+            .await
+            .expect("connect to postgres");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE \"{database}\""
+        )))
+        .execute(&mut admin)
+        .await
+        .expect("create the test database");
+        let _ = admin.close().await;
+        let key_prefix = format!("t{}n{n}", std::process::id());
+
+        let mut figment = Config::builtin_figment()
+            .merge(("admin_token", ADMIN_TOKEN))
+            .merge(("port", 0))
+            .merge(("postgres.url", postgres.url(&database)))
+            .merge(("postgres.pool_size", 8))
+            .merge(("redis.url", redis.url()))
+            .merge(("redis.key_prefix", &key_prefix))
+            .merge(("records.purge_interval_ms", 200))
+            .merge((
+                "tokens",
+                serde_json::json!([
+                    { "name": "reader", "token": READER_TOKEN, "scopes": ["read:*"] },
+                    { "name": "api-keys-writer", "token": API_KEYS_WRITER_TOKEN,
+                      "scopes": ["read:api_keys", "write:api_keys"] },
+                ]),
+            ));
+        for (key, value) in self.overrides {
+            figment = figment.merge((key, value));
+        }
+        let config = Config::from_figment(figment).expect("valid test configuration");
+
+        let mut builder = ServerBuilder::new(config);
+        if let Some(layer) = self.durable_layer {
+            builder = builder.wrap_durable(layer);
+        }
+        let server = builder.bind().await.expect("start the service");
+        let addr = server.local_addr();
+        let (shutdown, stop) = oneshot::channel::<()>();
+        tokio::spawn(server.run(async {
+            let _ = stop.await;
+        }));
+
+        let db = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&postgres.url(&database))
+            .await
+            .expect("connect to the test database");
+        let redis_conn = redis::Client::open(redis.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis");
+        TestApp {
+            addr,
+            http: reqwest::Client::new(),
+            db,
+            redis: redis_conn,
+            keys: KeySpace::new(key_prefix),
+            _shutdown: shutdown,
+        }
+    }
+}
+
+/// A running service and direct handles on its two tiers.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    /// The test's own PostgreSQL database.
+    pub db: PgPool,
+    /// The Redis server (keys of this app start with `keys.prefix()`).
+    pub redis: redis::aio::MultiplexedConnection,
+    pub keys: KeySpace,
+    _shutdown: oneshot::Sender<()>,
+}
+
+/// What one tier holds for a record: its version and data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredCopy {
+    pub version: u64,
+    pub data: Value,
+}
+
+fn record_key(collection: &str, id: &str) -> RecordKey {
+    RecordKey::new(
+        CollectionName::parse(collection).expect("collection name"),
+        RecordId::parse(id).expect("record id"),
+    )
+}
+
+impl TestApp {
+    pub fn builder() -> TestAppBuilder {
+        TestAppBuilder {
+            overrides: Vec::new(),
+            durable_layer: None,
+            servers: None,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// A request with `token` as bearer (`None`: no Authorization header).
+    pub fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let request = self.http.request(method, self.url(path));
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// A request with the admin token.
+    pub fn admin(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.request(method, path, Some(ADMIN_TOKEN))
+    }
+
+    /// PUT `data` as the admin.
+    pub async fn put(&self, collection: &str, id: &str, data: Value) -> reqwest::Response {
+        self.admin(
+            Method::PUT,
+            &format!("/v1/collections/{collection}/records/{id}"),
+        )
+        .json(&data)
+        .send()
+        .await
+        .expect("PUT")
+    }
+
+    /// GET as the admin.
+    pub async fn get(&self, collection: &str, id: &str) -> reqwest::Response {
+        self.admin(
+            Method::GET,
+            &format!("/v1/collections/{collection}/records/{id}"),
+        )
+        .send()
+        .await
+        .expect("GET")
+    }
+
+    /// The row PostgreSQL holds (live or not): `None` when there is no row.
+    pub async fn postgres_row(&self, collection: &str, id: &str) -> Option<(StoredCopy, bool)> {
+        let row = sqlx::query(
+            "SELECT version, data, deleted FROM records WHERE collection = $1 AND id = $2",
+        )
+        .bind(collection)
+        .bind(id)
+        .fetch_optional(&self.db)
+        .await
+        .expect("query records")?;
+        let version: i64 = row.get("version");
+        let sqlx::types::Json(data): sqlx::types::Json<Value> = row.get("data");
+        Some((
+            StoredCopy {
+                version: version as u64,
+                data,
+            },
+            row.get("deleted"),
+        ))
+    }
+
+    /// The live record PostgreSQL holds (not deleted).
+    pub async fn postgres_copy(&self, collection: &str, id: &str) -> Option<StoredCopy> {
+        self.postgres_row(collection, id)
+            .await
+            .and_then(|(copy, deleted)| (!deleted).then_some(copy))
+    }
+
+    /// The Redis hash of a record: its version, and its data if not a deletion
+    /// marker. `None` when the key does not exist.
+    pub async fn redis_entry(&self, collection: &str, id: &str) -> Option<(u64, Option<Value>)> {
+        let key = self.keys.record(&record_key(collection, id));
+        let (version, data): (Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg("v")
+            .arg("d")
+            .query_async(&mut self.redis.clone())
+            .await
+            .expect("HMGET");
+        let version = version?.parse().expect("numeric version");
+        let data = data.map(|bytes| {
+            let record: Value = serde_json::from_slice(&bytes).expect("cached record JSON");
+            record["data"].clone()
+        });
+        Some((version, data))
+    }
+
+    /// The record copy Redis holds (not a deletion marker).
+    pub async fn redis_copy(&self, collection: &str, id: &str) -> Option<StoredCopy> {
+        match self.redis_entry(collection, id).await? {
+            (version, Some(data)) => Some(StoredCopy { version, data }),
+            (_, None) => None,
+        }
+    }
+
+    /// Milliseconds the Redis key of a record has left (-2: no key, -1: no TTL).
+    pub async fn redis_pttl(&self, collection: &str, id: &str) -> i64 {
+        redis::cmd("PTTL")
+            .arg(self.keys.record(&record_key(collection, id)))
+            .query_async(&mut self.redis.clone())
+            .await
+            .expect("PTTL")
+    }
+
+    /// Every Redis key of this app.
+    pub async fn redis_keys(&self) -> Vec<String> {
+        redis::cmd("KEYS")
+            .arg(format!("{}:*", self.keys.prefix()))
+            .query_async(&mut self.redis.clone())
+            .await
+            .expect("KEYS")
+    }
+
+    /// Number of rows in `records` for this app (live or not).
+    pub async fn postgres_row_count(&self) -> i64 {
+        sqlx::query("SELECT count(*) AS n FROM records")
+            .fetch_one(&self.db)
+            .await
+            .expect("count")
+            .get("n")
+    }
+}

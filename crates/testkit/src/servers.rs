@@ -1,0 +1,363 @@
+//! PostgreSQL and Redis server processes that tests can stop, kill and restart.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::process::{free_port, signal_and_wait, spawn_owned};
+
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where this process keeps its server directories. Directories of test runs
+/// whose process is gone are removed the first time this is called.
+fn work_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = std::env::temp_dir().join("hybridstore-testkit");
+        fs::create_dir_all(&base).expect("create the testkit directory");
+        if let Ok(entries) = fs::read_dir(&base) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let pid = name
+                    .rsplit('-')
+                    .nth(1)
+                    .and_then(|pid| pid.parse::<u32>().ok());
+                if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                    let _ = fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        base
+    })
+}
+
+fn new_server_dir(kind: &str) -> PathBuf {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = work_dir().join(format!("{kind}-{}-{n}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).expect("create a server directory");
+    dir
+}
+
+fn log_file(path: &Path) -> Stdio {
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map(Stdio::from)
+        .unwrap_or_else(|_| Stdio::null())
+}
+
+fn wait_until(what: &str, log: &Path, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while !ready() {
+        if Instant::now() > deadline {
+            let log = fs::read_to_string(log).unwrap_or_default();
+            panic!("{what} did not become ready in {START_TIMEOUT:?}; its log:\n{log}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The directory of the PostgreSQL server binaries (`initdb`, `postgres`).
+fn postgres_bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("HYBRIDSTORE_TEST_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let from_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("initdb"))
+            .find(|candidate| candidate.exists())
+            .and_then(|initdb| fs::canonicalize(initdb).ok())
+            .and_then(|initdb| initdb.parent().map(Path::to_path_buf))
+    });
+    if let Some(dir) = from_path {
+        return dir;
+    }
+    let mut versions: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    versions.pop().expect(
+        "PostgreSQL server binaries not found (install postgresql or set HYBRIDSTORE_TEST_PG_BIN)",
+    )
+}
+
+/// The uid/gid to run PostgreSQL as: it refuses to run as root.
+fn postgres_user() -> Option<(u32, u32)> {
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        return None;
+    }
+    let name = std::ffi::CString::new("postgres").expect("no NUL");
+    // SAFETY: getpwnam returns a pointer into static storage or null; we copy
+    // the two fields out immediately.
+    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
+    assert!(
+        !entry.is_null(),
+        "running as root needs a 'postgres' user to run PostgreSQL as"
+    );
+    // SAFETY: non-null pointer from getpwnam.
+    unsafe { Some(((*entry).pw_uid, (*entry).pw_gid)) }
+}
+
+/// A PostgreSQL server of our own.
+pub struct Postgres {
+    dir: PathBuf,
+    port: u16,
+    bin: PathBuf,
+    run_as: Option<(u32, u32)>,
+    child: Mutex<Option<Child>>,
+}
+
+impl Postgres {
+    /// `initdb` into a fresh directory and start on a free port. Tuned for tests:
+    /// no fsync (a killed *process* loses nothing the OS has), but synchronous
+    /// commit stays on, so an acknowledged commit survives `kill -9`.
+    pub fn start() -> Postgres {
+        let dir = new_server_dir("pg");
+        let bin = postgres_bin_dir();
+        let run_as = postgres_user();
+        let data = dir.join("data");
+        fs::create_dir_all(&data).expect("create the data directory");
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).expect("chown");
+            std::os::unix::fs::chown(&data, Some(uid), Some(gid)).expect("chown");
+        }
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .args(["-D"])
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .stdout(log_file(&dir.join("initdb.log")))
+            .stderr(log_file(&dir.join("initdb.log")));
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::process::CommandExt::uid(&mut initdb, uid);
+            std::os::unix::process::CommandExt::gid(&mut initdb, gid);
+        }
+        let status = initdb.status().expect("run initdb");
+        assert!(
+            status.success(),
+            "initdb failed: {}",
+            fs::read_to_string(dir.join("initdb.log")).unwrap_or_default()
+        );
+        let server = Postgres {
+            dir,
+            port: free_port(),
+            bin,
+            run_as,
+            child: Mutex::new(None),
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&self) {
+        let log = self.dir.join("postgres.log");
+        let mut command = Command::new(self.bin.join("postgres"));
+        command
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-p", &self.port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "unix_socket_directories="])
+            .args(["-c", "fsync=off"])
+            .args(["-c", "full_page_writes=off"])
+            .args(["-c", "max_connections=300"])
+            .stdout(Stdio::null())
+            .stderr(log_file(&log));
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::process::CommandExt::uid(&mut command, uid);
+            std::os::unix::process::CommandExt::gid(&mut command, gid);
+        }
+        let child = spawn_owned(command).expect("start postgres");
+        *self.child.lock().expect("child lock") = Some(child);
+        let ready = self.bin.join("pg_isready");
+        let port = self.port.to_string();
+        wait_until("postgres", &log, || {
+            Command::new(&ready)
+                .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-q"])
+                .status()
+                .is_ok_and(|status| status.success())
+        });
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A URL for `database` on this server.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(mut child) = self.child.lock().expect("child lock").take() {
+            signal_and_wait(&mut child, signal);
+        }
+    }
+
+    /// `kill -9`: no shutdown, no checkpoint (recovery runs at the next start).
+    pub fn kill(&self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    /// Fast shutdown (SIGINT): open transactions are rolled back.
+    pub fn stop(&self) {
+        self.signal(libc::SIGINT);
+    }
+
+    /// Starts again on the same port with the same data.
+    pub fn restart(&self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether a Redis server keeps its data across restarts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedisPersistence {
+    /// Nothing on disk: a restart comes back empty.
+    None,
+    /// Append-only file, fsync every second (what the compose file deploys).
+    AppendOnly,
+}
+
+/// A Redis server of our own.
+pub struct Redis {
+    dir: PathBuf,
+    port: u16,
+    persistence: RedisPersistence,
+    child: Mutex<Option<Child>>,
+}
+
+impl Redis {
+    pub fn start(persistence: RedisPersistence) -> Redis {
+        let server = Redis {
+            dir: new_server_dir("redis"),
+            port: free_port(),
+            persistence,
+            child: Mutex::new(None),
+        };
+        server.launch();
+        server
+    }
+
+    fn launch(&self) {
+        let log = self.dir.join("redis.log");
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--save", ""])
+            .stdout(log_file(&log))
+            .stderr(log_file(&log));
+        match self.persistence {
+            RedisPersistence::None => command.args(["--appendonly", "no"]),
+            RedisPersistence::AppendOnly => {
+                command.args(["--appendonly", "yes", "--appendfsync", "everysec"])
+            }
+        };
+        let child = spawn_owned(command).expect("start redis-server (is it installed?)");
+        *self.child.lock().expect("child lock") = Some(child);
+        let port = self.port;
+        wait_until("redis", &log, || redis_answers_ping(port));
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(mut child) = self.child.lock().expect("child lock").take() {
+            signal_and_wait(&mut child, signal);
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    /// Orderly shutdown (SIGTERM; with persistence, data is flushed).
+    pub fn stop(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Starts again on the same port, with whatever data persistence kept.
+    pub fn restart(&self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// PING over a raw socket: ready once the answer is `+PONG` (not `-LOADING`).
+fn redis_answers_ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut answer = [0u8; 7];
+    stream.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
+}
+
+/// The servers every test of one binary shares (tests isolate themselves by
+/// database and key prefix). Tests that kill servers start their own instead.
+pub struct SharedServers {
+    pub postgres: Postgres,
+    pub redis: Redis,
+}
+
+pub fn shared() -> &'static SharedServers {
+    static SHARED: OnceLock<SharedServers> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let (postgres, redis) = std::thread::scope(|scope| {
+            let redis = scope.spawn(|| Redis::start(RedisPersistence::None));
+            (Postgres::start(), redis.join().expect("start redis"))
+        });
+        SharedServers { postgres, redis }
+    })
+}
