@@ -285,10 +285,8 @@ impl Engine {
             .get(key, now)
             .await
             .map_err(|err| self.durable_failed(err))?;
-        if let Some(record) = &record {
-            if collection.plan.read == ReadPath::CacheThenDurable {
-                self.cache_record(collection, record, now).await;
-            }
+        if let (Some(record), ReadPath::CacheThenDurable) = (&record, collection.plan.read) {
+            self.cache_record(collection, record, now).await;
         }
         Ok(record)
     }
@@ -441,10 +439,9 @@ impl Engine {
         let index = collection.index(index)?;
         let now = now();
         let cached = collection.plan.read == ReadPath::CacheThenDurable;
-        if cached {
-            if let Some(record) = self.lookup_cached(collection_name, index, value, now).await {
-                return Ok(Some(record));
-            }
+        if cached && let Some(record) = self.lookup_cached(collection_name, index, value, now).await
+        {
+            return Ok(Some(record));
         }
         let record = self
             .durable

@@ -403,13 +403,13 @@ impl Config {
                 ));
             }
         }
-        if let Some(url) = self.redis.connection_url() {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(invalid(
-                    "redis.url (REDIS_URL)",
-                    "must start with redis:// or rediss://",
-                ));
-            }
+        if let Some(url) = self.redis.connection_url()
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(invalid(
+                "redis.url (REDIS_URL)",
+                "must start with redis:// or rediss://",
+            ));
         }
         if self.postgres.pool_size == 0 {
             return Err(invalid("postgres.pool_size", "must be at least 1"));
