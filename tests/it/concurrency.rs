@@ -9,20 +9,11 @@ use hybridstore_core::{
     CollectionName, DurableStore, IndexName, ListQuery, Precondition, Record, RecordId, RecordKey,
     RecordWrite, StoreResult, Version, WriteOutcome,
 };
-use hybridstore_testkit::{TestApp, spawn_app};
-use reqwest::{Method, StatusCode};
+use hybridstore_testkit::{TestApp, etag_version, spawn_app};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio::sync::Notify;
-
-fn etag_version(response: &reqwest::Response) -> u64 {
-    response.headers()["etag"]
-        .to_str()
-        .unwrap()
-        .trim_matches('"')
-        .parse()
-        .unwrap()
-}
 
 #[tokio::test]
 async fn fifty_concurrent_writers_get_distinct_versions_and_the_tiers_agree() {
@@ -167,18 +158,6 @@ async fn app_with_gate() -> (Arc<TestApp>, Arc<GatedReads>) {
     (Arc::new(app), gated)
 }
 
-async fn drop_cached_copy(app: &TestApp, collection: &str, id: &str) {
-    let key = app.keys.record(&RecordKey::new(
-        CollectionName::parse(collection).unwrap(),
-        RecordId::parse(id).unwrap(),
-    ));
-    redis::cmd("DEL")
-        .arg(key)
-        .query_async::<()>(&mut app.redis.clone())
-        .await
-        .unwrap();
-}
-
 /// Starts a GET that misses the cache, reads PostgreSQL and is then held before
 /// its cache fill. Returns the pending read.
 async fn start_held_read(
@@ -186,7 +165,7 @@ async fn start_held_read(
     gate: &GatedReads,
     id: &str,
 ) -> tokio::task::JoinHandle<reqwest::Response> {
-    drop_cached_copy(app, "accounts", id).await;
+    app.drop_cached_copy("accounts", id).await;
     gate.armed.store(true, Ordering::SeqCst);
     let reader = {
         let (app, id) = (app.clone(), id.to_owned());
@@ -230,11 +209,7 @@ async fn a_slow_reader_cannot_resurrect_a_deleted_record_in_the_cache() {
     let v1 = etag_version(&app.put("accounts", "gone", json!({"n": 1})).await);
 
     let reader = start_held_read(&app, &gate, "gone").await;
-    let deleted = app
-        .admin(Method::DELETE, "/v1/collections/accounts/records/gone")
-        .send()
-        .await
-        .unwrap();
+    let deleted = app.delete("accounts", "gone").await;
     assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
     gate.release.notify_one();
     assert_eq!(etag_version(&reader.await.unwrap()), v1);

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use hybridstore_testkit::spawn_app;
+use hybridstore_testkit::{TestApp, spawn_app};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -37,14 +37,7 @@ async fn a_duplicate_unique_value_is_refused_and_lookup_finds_the_first() {
 
     for _ in 0..2 {
         // Twice: once from PostgreSQL (filling the cache), once from the cache.
-        let found = app
-            .admin(
-                Method::GET,
-                "/v1/collections/api_keys/lookup/key_hash/h-abc",
-            )
-            .send()
-            .await
-            .unwrap();
+        let found = app.lookup("api_keys", "key_hash", "h-abc").await;
         assert_eq!(found.status(), StatusCode::OK);
         let found: Value = found.json().await.unwrap();
         assert_eq!(found["id"], "key-1");
@@ -58,29 +51,15 @@ async fn a_duplicate_unique_value_is_refused_and_lookup_finds_the_first() {
         json!({"key_hash": "h-new", "owner": "ada"}),
     )
     .await;
-    let old = app
-        .admin(
-            Method::GET,
-            "/v1/collections/api_keys/lookup/key_hash/h-abc",
-        )
-        .send()
-        .await
-        .unwrap();
+    let old = app.lookup("api_keys", "key_hash", "h-abc").await;
     assert_eq!(old.status(), StatusCode::NOT_FOUND);
-    assert_eq!(
-        app.put("api_keys", "key-2", json!({"key_hash": "h-abc"}))
-            .await
-            .status(),
-        StatusCode::CREATED
-    );
+    let reuse = app
+        .put("api_keys", "key-2", json!({"key_hash": "h-abc"}))
+        .await;
+    assert_eq!(reuse.status(), StatusCode::CREATED);
     let now_second: Value = app
-        .admin(
-            Method::GET,
-            "/v1/collections/api_keys/lookup/key_hash/h-abc",
-        )
-        .send()
+        .lookup("api_keys", "key_hash", "h-abc")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -95,43 +74,44 @@ async fn a_duplicate_unique_value_is_refused_and_lookup_finds_the_first() {
     assert_eq!(kept.data["key_hash"], "h-new");
 
     // An unknown index is a 404.
-    let unknown = app
-        .admin(Method::GET, "/v1/collections/api_keys/lookup/owner/ada")
-        .send()
-        .await
-        .unwrap();
+    let unknown = app.lookup("api_keys", "owner", "ada").await;
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
 async fn concurrent_claims_of_one_value_leave_exactly_one_winner() {
     let app = std::sync::Arc::new(spawn_app().await);
-    let attempts: Vec<_> = (0..20)
-        .map(|i| {
-            let app = app.clone();
-            tokio::spawn(async move {
-                app.put("users", &format!("u{i}"), json!({"username": "root"}))
-                    .await
-                    .status()
+    for round in 0..5 {
+        let username = format!("root{round}");
+        let attempts: Vec<_> = (0..30)
+            .map(|i| {
+                let (app, username) = (app.clone(), username.clone());
+                tokio::spawn(async move {
+                    let id = format!("r{round}u{i}");
+                    app.put("users", &id, json!({"username": username}))
+                        .await
+                        .status()
+                })
             })
-        })
-        .collect();
-    let mut created = 0;
-    for attempt in attempts {
-        match attempt.await.unwrap() {
-            StatusCode::CREATED => created += 1,
-            StatusCode::CONFLICT => {}
-            other => panic!("unexpected {other}"),
+            .collect();
+        let mut created = 0;
+        for attempt in attempts {
+            match attempt.await.unwrap() {
+                StatusCode::CREATED => created += 1,
+                StatusCode::CONFLICT => {}
+                other => panic!("unexpected {other}"),
+            }
         }
+        assert_eq!(created, 1, "exactly one claim of {username} wins");
+        let live: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM records WHERE collection = 'users' AND NOT deleted AND data->>'username' = $1",
+        )
+        .bind(&username)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        assert_eq!(live, 1, "exactly one live record holds {username}");
     }
-    assert_eq!(created, 1);
-    let live: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM records WHERE collection = 'users' AND NOT deleted",
-    )
-    .fetch_one(&app.db)
-    .await
-    .unwrap();
-    assert_eq!(live, 1);
 }
 
 #[tokio::test]
@@ -151,13 +131,8 @@ async fn an_expired_record_is_gone_from_get_and_lookup_in_both_tiers() {
         (1..=1000).contains(&ttl),
         "the cache copy expires with the record, PTTL {ttl}"
     );
-    let lookup = "/v1/collections/api_keys/lookup/key_hash/h-temp";
     assert_eq!(
-        app.admin(Method::GET, lookup)
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        app.lookup("api_keys", "key_hash", "h-temp").await.status(),
         StatusCode::OK
     );
 
@@ -167,11 +142,7 @@ async fn an_expired_record_is_gone_from_get_and_lookup_in_both_tiers() {
         StatusCode::NOT_FOUND
     );
     assert_eq!(
-        app.admin(Method::GET, lookup)
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        app.lookup("api_keys", "key_hash", "h-temp").await.status(),
         StatusCode::NOT_FOUND
     );
     assert_eq!(
@@ -200,7 +171,11 @@ async fn an_expired_record_is_gone_from_get_and_lookup_in_both_tiers() {
 
 #[tokio::test]
 async fn an_expired_holder_does_not_block_its_unique_value() {
-    let app = TestAppWithSlowPurge::spawn().await;
+    // The purge task runs once at start, then not again during this test.
+    let app = TestApp::builder()
+        .config("records.purge_interval_ms", 3_600_000)
+        .spawn()
+        .await;
     let response = app
         .admin(Method::PUT, "/v1/collections/users/records/old?ttl=1")
         .json(&json!({"username": "taken"}))
@@ -215,18 +190,6 @@ async fn an_expired_holder_does_not_block_its_unique_value() {
     );
     let claim = app.put("users", "new", json!({"username": "taken"})).await;
     assert_eq!(claim.status(), StatusCode::CREATED);
-}
-
-/// An app whose purge task stays out of the way, to test expiry without it.
-struct TestAppWithSlowPurge;
-
-impl TestAppWithSlowPurge {
-    async fn spawn() -> hybridstore_testkit::TestApp {
-        hybridstore_testkit::TestApp::builder()
-            .config("records.purge_interval_ms", 3_600_000)
-            .spawn()
-            .await
-    }
 }
 
 #[tokio::test]

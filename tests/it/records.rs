@@ -1,13 +1,8 @@
 //! The records API round trip, and what each tier holds after each call.
 
-use hybridstore_testkit::{StoredCopy, spawn_app};
+use hybridstore_testkit::{StoredCopy, etag_version, spawn_app};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-fn etag_version(response: &reqwest::Response) -> u64 {
-    let etag = response.headers()["etag"].to_str().unwrap();
-    etag.trim_matches('"').parse().expect("numeric ETag")
-}
 
 #[tokio::test]
 async fn crud_round_trip_keeps_both_tiers_on_the_same_version() {
@@ -85,11 +80,7 @@ async fn crud_round_trip_keeps_both_tiers_on_the_same_version() {
 
     // Delete: gone from reads, a tombstone in PostgreSQL, a deletion marker in
     // Redis with a newer version than any the record had.
-    let deleted = app
-        .admin(Method::DELETE, "/v1/collections/accounts/records/acct-1")
-        .send()
-        .await
-        .unwrap();
+    let deleted = app.delete("accounts", "acct-1").await;
     assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
     assert_eq!(
         app.get("accounts", "acct-1").await.status(),
@@ -101,11 +92,7 @@ async fn crud_round_trip_keeps_both_tiers_on_the_same_version() {
         app.redis_entry("accounts", "acct-1").await,
         Some((tombstone.version, None))
     );
-    let again = app
-        .admin(Method::DELETE, "/v1/collections/accounts/records/acct-1")
-        .send()
-        .await
-        .unwrap();
+    let again = app.delete("accounts", "acct-1").await;
     assert_eq!(again.status(), StatusCode::NOT_FOUND);
 
     // Re-create: a creation again, continuing the version sequence.
@@ -128,15 +115,7 @@ async fn a_cache_miss_is_served_from_postgres_and_fills_the_cache() {
     let v = etag_version(&app.put("groups", "g1", json!({"name": "ops"})).await);
     // Drop the cached copy behind the service's back: the next read must come
     // from PostgreSQL and put the copy back.
-    let key = app.keys.record(&hybridstore_core::RecordKey::new(
-        hybridstore_core::CollectionName::parse("groups").unwrap(),
-        hybridstore_core::RecordId::parse("g1").unwrap(),
-    ));
-    redis::cmd("DEL")
-        .arg(&key)
-        .query_async::<()>(&mut app.redis.clone())
-        .await
-        .unwrap();
+    app.drop_cached_copy("groups", "g1").await;
     assert_eq!(app.redis_copy("groups", "g1").await, None);
 
     let read = app.get("groups", "g1").await;
@@ -268,10 +247,7 @@ async fn keyset_listing_with_prefix_and_cursor() {
             StatusCode::CREATED
         );
     }
-    app.admin(Method::DELETE, "/v1/collections/accounts/records/user:2")
-        .send()
-        .await
-        .unwrap();
+    app.delete("accounts", "user:2").await;
 
     let mut seen = Vec::new();
     let mut path = "/v1/collections/accounts/records?prefix=user:&limit=2".to_owned();
@@ -324,19 +300,8 @@ async fn batch_get_returns_found_records_in_order_and_the_missing_ids() {
         app.put("groups", id, json!({"name": id})).await;
     }
     // "b" only in PostgreSQL (cache copy dropped), "a" and "c" in both.
-    let key = app.keys.record(&hybridstore_core::RecordKey::new(
-        hybridstore_core::CollectionName::parse("groups").unwrap(),
-        hybridstore_core::RecordId::parse("b").unwrap(),
-    ));
-    redis::cmd("DEL")
-        .arg(&key)
-        .query_async::<()>(&mut app.redis.clone())
-        .await
-        .unwrap();
-    app.admin(Method::DELETE, "/v1/collections/groups/records/c")
-        .send()
-        .await
-        .unwrap();
+    app.drop_cached_copy("groups", "b").await;
+    app.delete("groups", "c").await;
 
     let response = app
         .admin(Method::POST, "/v1/collections/groups/batch-get")

@@ -178,17 +178,22 @@ const UPDATE_LIVE: &str = concat!(
     "RETURNING version, created_version, created_at, updated_at"
 );
 
-/// Claims an index value for a record: inserts the entry, or takes it over from a
-/// record that is no longer live. Returns no row when a live record holds it.
-const CLAIM_INDEX_ENTRY: &str = concat!(
-    "INSERT INTO record_index AS ri (collection, index_name, value, record_id) ",
-    "VALUES ($1, $2, $3, $4) ",
-    "ON CONFLICT (collection, index_name, value) DO UPDATE SET record_id = EXCLUDED.record_id ",
-    "WHERE ri.record_id = EXCLUDED.record_id OR NOT EXISTS (",
-    "SELECT 1 FROM records h WHERE h.collection = ri.collection AND h.id = ri.record_id AND ",
-    live!("h", "$5"),
-    ") RETURNING 1"
+/// Inserts an index entry unless the value already has one.
+const INSERT_INDEX_ENTRY: &str = "INSERT INTO record_index (collection, index_name, value, record_id) \
+    VALUES ($1, $2, $3, $4) ON CONFLICT (collection, index_name, value) DO NOTHING RETURNING 1";
+
+/// Locks an existing index entry and says which record holds it.
+const LOCK_INDEX_ENTRY: &str = "SELECT record_id FROM record_index \
+    WHERE collection = $1 AND index_name = $2 AND value = $3 FOR UPDATE";
+
+const HOLDER_IS_LIVE: &str = concat!(
+    "SELECT EXISTS (SELECT 1 FROM records h WHERE h.collection = $1 AND h.id = $2 AND ",
+    live!("h", "$3"),
+    ")"
 );
+
+const TAKE_OVER_INDEX_ENTRY: &str = "UPDATE record_index SET record_id = $4 \
+    WHERE collection = $1 AND index_name = $2 AND value = $3";
 
 const DELETE_LIVE: &str = concat!(
     "UPDATE records AS r SET deleted = true, data = '{}', ",
@@ -311,16 +316,7 @@ impl PostgresStore {
             .await
             .map_err(classify)?;
         for entry in entries {
-            let claimed = sqlx::query(CLAIM_INDEX_ENTRY)
-                .bind(write.key.collection.as_str())
-                .bind(entry.index.as_str())
-                .bind(&entry.value)
-                .bind(write.key.id.as_str())
-                .bind(write.now)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(classify)?;
-            if claimed.is_none() {
+            if !Self::claim_index_entry(tx, write, entry).await? {
                 return Err(StoreError::UniqueViolation {
                     index: entry.index.to_string(),
                     value: entry.value.clone(),
@@ -328,6 +324,71 @@ impl PostgresStore {
             }
         }
         Ok(())
+    }
+
+    /// Makes `entry` point at the written record, unless a live record holds it.
+    ///
+    /// Why several statements: under READ COMMITTED a statement sees the
+    /// database as of its own start. A holder committed by a concurrent
+    /// transaction while this one waited on the entry would be invisible to a
+    /// check inside the same statement, and its value would look free. So the
+    /// entry is locked first, and the holder is checked by a later statement,
+    /// whose snapshot includes every transaction that touched the entry before.
+    async fn claim_index_entry(
+        tx: &mut sqlx::PgConnection,
+        write: &RecordWrite,
+        entry: &IndexEntry,
+    ) -> StoreResult<bool> {
+        let (collection, id) = (write.key.collection.as_str(), write.key.id.as_str());
+        // The entry may vanish between the insert and the lock (its holder
+        // changed value); then the insert is tried again.
+        for _ in 0..3 {
+            let inserted = sqlx::query(INSERT_INDEX_ENTRY)
+                .bind(collection)
+                .bind(entry.index.as_str())
+                .bind(&entry.value)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(classify)?;
+            if inserted.is_some() {
+                return Ok(true);
+            }
+            let holder: Option<String> = sqlx::query_scalar(LOCK_INDEX_ENTRY)
+                .bind(collection)
+                .bind(entry.index.as_str())
+                .bind(&entry.value)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(classify)?;
+            let Some(holder) = holder else { continue };
+            if holder == id {
+                return Ok(true);
+            }
+            let live: bool = sqlx::query_scalar(HOLDER_IS_LIVE)
+                .bind(collection)
+                .bind(&holder)
+                .bind(write.now)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
+            if live {
+                return Ok(false);
+            }
+            sqlx::query(TAKE_OVER_INDEX_ENTRY)
+                .bind(collection)
+                .bind(entry.index.as_str())
+                .bind(&entry.value)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            return Ok(true);
+        }
+        Err(StoreError::internal(
+            Tier::Durable,
+            "index entry kept changing while being claimed",
+        ))
     }
 
     fn outcome(write: &RecordWrite, row: &PgRow) -> StoreResult<WriteOutcome> {

@@ -155,6 +155,16 @@ pub struct StoredCopy {
     pub data: Value,
 }
 
+/// The version in a response's `ETag` header.
+pub fn etag_version(response: &reqwest::Response) -> u64 {
+    let etag = response.headers()["etag"].to_str().expect("ETag is text");
+    etag.trim_matches('"').parse().expect("numeric ETag")
+}
+
+fn record_path(collection: &str, id: &str) -> String {
+    format!("/v1/collections/{collection}/records/{id}")
+}
+
 fn record_key(collection: &str, id: &str) -> RecordKey {
     RecordKey::new(
         CollectionName::parse(collection).expect("collection name"),
@@ -196,25 +206,35 @@ impl TestApp {
 
     /// PUT `data` as the admin.
     pub async fn put(&self, collection: &str, id: &str, data: Value) -> reqwest::Response {
-        self.admin(
-            Method::PUT,
-            &format!("/v1/collections/{collection}/records/{id}"),
-        )
-        .json(&data)
-        .send()
-        .await
-        .expect("PUT")
+        let request = self.admin(Method::PUT, &record_path(collection, id));
+        request.json(&data).send().await.expect("PUT")
     }
 
     /// GET as the admin.
     pub async fn get(&self, collection: &str, id: &str) -> reqwest::Response {
-        self.admin(
-            Method::GET,
-            &format!("/v1/collections/{collection}/records/{id}"),
-        )
-        .send()
-        .await
-        .expect("GET")
+        let request = self.admin(Method::GET, &record_path(collection, id));
+        request.send().await.expect("GET")
+    }
+
+    /// DELETE as the admin.
+    pub async fn delete(&self, collection: &str, id: &str) -> reqwest::Response {
+        let request = self.admin(Method::DELETE, &record_path(collection, id));
+        request.send().await.expect("DELETE")
+    }
+
+    /// Unique-index lookup as the admin.
+    pub async fn lookup(&self, collection: &str, index: &str, value: &str) -> reqwest::Response {
+        let path = format!("/v1/collections/{collection}/lookup/{index}/{value}");
+        self.admin(Method::GET, &path).send().await.expect("lookup")
+    }
+
+    /// Removes a record's copy from Redis behind the service's back.
+    pub async fn drop_cached_copy(&self, collection: &str, id: &str) {
+        redis::cmd("DEL")
+            .arg(self.keys.record(&record_key(collection, id)))
+            .query_async::<()>(&mut self.redis.clone())
+            .await
+            .expect("DEL");
     }
 
     /// The row PostgreSQL holds (live or not): `None` when there is no row.

@@ -12,6 +12,6 @@ mod servers;
 
 pub use app::{
     ADMIN_TOKEN, API_KEYS_WRITER_TOKEN, READER_TOKEN, StoredCopy, TestApp, TestAppBuilder,
-    spawn_app,
+    etag_version, spawn_app,
 };
 pub use servers::{Postgres, Redis, RedisPersistence, SharedServers, shared};

@@ -65,6 +65,42 @@ fn wait_until(what: &str, log: &Path, mut ready: impl FnMut() -> bool) {
     }
 }
 
+/// What every server process has: a directory, a port and the running child.
+/// Dropping it kills the process and removes the directory.
+struct ServerProcess {
+    dir: PathBuf,
+    port: u16,
+    child: Mutex<Option<Child>>,
+}
+
+impl ServerProcess {
+    fn new(kind: &str) -> Self {
+        Self {
+            dir: new_server_dir(kind),
+            port: free_port(),
+            child: Mutex::new(None),
+        }
+    }
+
+    fn spawn(&self, command: Command) {
+        let child = spawn_owned(command).expect("start a server process");
+        *self.child.lock().expect("child lock") = Some(child);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(mut child) = self.child.lock().expect("child lock").take() {
+            signal_and_wait(&mut child, signal);
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The directory of the PostgreSQL server binaries (`initdb`, `postgres`).
 fn postgres_bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("HYBRIDSTORE_TEST_PG_BIN") {
@@ -114,11 +150,9 @@ fn postgres_user() -> Option<(u32, u32)> {
 
 /// A PostgreSQL server of our own.
 pub struct Postgres {
-    dir: PathBuf,
-    port: u16,
+    process: ServerProcess,
     bin: PathBuf,
     run_as: Option<(u32, u32)>,
-    child: Mutex<Option<Child>>,
 }
 
 impl Postgres {
@@ -126,13 +160,14 @@ impl Postgres {
     /// no fsync (a killed *process* loses nothing the OS has), but synchronous
     /// commit stays on, so an acknowledged commit survives `kill -9`.
     pub fn start() -> Postgres {
-        let dir = new_server_dir("pg");
+        let process = ServerProcess::new("pg");
+        let dir = &process.dir;
         let bin = postgres_bin_dir();
         let run_as = postgres_user();
         let data = dir.join("data");
         fs::create_dir_all(&data).expect("create the data directory");
         if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).expect("chown");
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid)).expect("chown");
             std::os::unix::fs::chown(&data, Some(uid), Some(gid)).expect("chown");
         }
         let mut initdb = Command::new(bin.join("initdb"));
@@ -161,23 +196,21 @@ impl Postgres {
             fs::read_to_string(dir.join("initdb.log")).unwrap_or_default()
         );
         let server = Postgres {
-            dir,
-            port: free_port(),
+            process,
             bin,
             run_as,
-            child: Mutex::new(None),
         };
         server.launch();
         server
     }
 
     fn launch(&self) {
-        let log = self.dir.join("postgres.log");
+        let log = self.process.dir.join("postgres.log");
         let mut command = Command::new(self.bin.join("postgres"));
         command
             .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-p", &self.port.to_string()])
+            .arg(self.process.dir.join("data"))
+            .args(["-p", &self.port().to_string()])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", "unix_socket_directories="])
             .args(["-c", "fsync=off"])
@@ -189,10 +222,9 @@ impl Postgres {
             std::os::unix::process::CommandExt::uid(&mut command, uid);
             std::os::unix::process::CommandExt::gid(&mut command, gid);
         }
-        let child = spawn_owned(command).expect("start postgres");
-        *self.child.lock().expect("child lock") = Some(child);
+        self.process.spawn(command);
         let ready = self.bin.join("pg_isready");
-        let port = self.port.to_string();
+        let port = self.port().to_string();
         wait_until("postgres", &log, || {
             Command::new(&ready)
                 .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-q"])
@@ -202,41 +234,28 @@ impl Postgres {
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.process.port
     }
 
     /// A URL for `database` on this server.
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        if let Some(mut child) = self.child.lock().expect("child lock").take() {
-            signal_and_wait(&mut child, signal);
-        }
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port())
     }
 
     /// `kill -9`: no shutdown, no checkpoint (recovery runs at the next start).
     pub fn kill(&self) {
-        self.signal(libc::SIGKILL);
+        self.process.signal(libc::SIGKILL);
     }
 
     /// Fast shutdown (SIGINT): open transactions are rolled back.
     pub fn stop(&self) {
-        self.signal(libc::SIGINT);
+        self.process.signal(libc::SIGINT);
     }
 
     /// Starts again on the same port with the same data.
     pub fn restart(&self) {
         self.stop();
         self.launch();
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -251,33 +270,29 @@ pub enum RedisPersistence {
 
 /// A Redis server of our own.
 pub struct Redis {
-    dir: PathBuf,
-    port: u16,
+    process: ServerProcess,
     persistence: RedisPersistence,
-    child: Mutex<Option<Child>>,
 }
 
 impl Redis {
     pub fn start(persistence: RedisPersistence) -> Redis {
         let server = Redis {
-            dir: new_server_dir("redis"),
-            port: free_port(),
+            process: ServerProcess::new("redis"),
             persistence,
-            child: Mutex::new(None),
         };
         server.launch();
         server
     }
 
     fn launch(&self) {
-        let log = self.dir.join("redis.log");
+        let log = self.process.dir.join("redis.log");
         let mut command = Command::new("redis-server");
         command
-            .args(["--port", &self.port.to_string()])
+            .args(["--port", &self.port().to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--protected-mode", "no"])
             .arg("--dir")
-            .arg(&self.dir)
+            .arg(&self.process.dir)
             .args(["--save", ""])
             .stdout(log_file(&log))
             .stderr(log_file(&log));
@@ -287,47 +302,33 @@ impl Redis {
                 command.args(["--appendonly", "yes", "--appendfsync", "everysec"])
             }
         };
-        let child = spawn_owned(command).expect("start redis-server (is it installed?)");
-        *self.child.lock().expect("child lock") = Some(child);
-        let port = self.port;
+        self.process.spawn(command);
+        let port = self.port();
         wait_until("redis", &log, || redis_answers_ping(port));
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.process.port
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        if let Some(mut child) = self.child.lock().expect("child lock").take() {
-            signal_and_wait(&mut child, signal);
-        }
+        format!("redis://127.0.0.1:{}/0", self.port())
     }
 
     /// `kill -9`.
     pub fn kill(&self) {
-        self.signal(libc::SIGKILL);
+        self.process.signal(libc::SIGKILL);
     }
 
     /// Orderly shutdown (SIGTERM; with persistence, data is flushed).
     pub fn stop(&self) {
-        self.signal(libc::SIGTERM);
+        self.process.signal(libc::SIGTERM);
     }
 
     /// Starts again on the same port, with whatever data persistence kept.
     pub fn restart(&self) {
         self.stop();
         self.launch();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
