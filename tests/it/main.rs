@@ -3,6 +3,8 @@
 //! database and key prefix per test).
 
 mod bad_input;
+mod binary;
 mod concurrency;
 mod indexes_and_ttl;
+mod outages;
 mod records;

@@ -183,6 +183,16 @@ async fn conditional_writes_and_reads() {
         v1
     );
 
+    // DELETE "only if absent" of a record that exists: 412, still there.
+    let absent_only = app
+        .admin(Method::DELETE, path)
+        .header("if-none-match", "*")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(absent_only.status(), StatusCode::PRECONDITION_FAILED);
+    assert_eq!(app.get("settings", "theme").await.status(), StatusCode::OK);
+
     // If-None-Match: * on an existing id: 412.
     let exists = app
         .admin(Method::PUT, path)

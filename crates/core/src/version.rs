@@ -21,9 +21,6 @@ use time::OffsetDateTime;
 pub struct Version(u64);
 
 impl Version {
-    /// The largest version a tier can store (PostgreSQL `bigint`).
-    pub const MAX: Version = Version(i64::MAX as u64);
-
     pub const fn new(value: u64) -> Self {
         Version(value)
     }

@@ -139,7 +139,7 @@ impl Catalog {
                 )
             })?;
             if spec.cache_ttl < Duration::from_secs(1) {
-                return Err(problem("cache_ttl", "must be at least 1 second".into()));
+                return Err(problem("cache_ttl_secs", "must be at least 1".into()));
             }
             let schema = match &spec.schema {
                 None => None,
@@ -169,5 +169,107 @@ impl Catalog {
 
     pub fn iter(&self) -> impl Iterator<Item = &Collection> {
         self.collections.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn spec(name: &str) -> CollectionSpec {
+        CollectionSpec {
+            name: CollectionName::parse(name).unwrap(),
+            cache_ttl: Duration::from_secs(60),
+            record_ttl: None,
+            unique_indexes: vec![IndexName::parse("handle").unwrap()],
+            schema: None,
+            strategy: None,
+        }
+    }
+
+    fn object(value: serde_json::Value) -> JsonObject {
+        value.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn index_values_are_the_text_of_scalars() {
+        let index = IndexName::parse("handle").unwrap();
+        let value = |data| index_value(&object(data), &index).map_err(|_| ());
+        assert_eq!(value(json!({"handle": "ada"})), Ok(Some("ada".into())));
+        assert_eq!(value(json!({"handle": 42})), Ok(Some("42".into())));
+        assert_eq!(value(json!({"handle": true})), Ok(Some("true".into())));
+        assert_eq!(value(json!({"handle": null})), Ok(None));
+        assert_eq!(value(json!({"other": 1})), Ok(None));
+        assert_eq!(value(json!({"handle": [1]})), Err(()));
+        assert_eq!(value(json!({"handle": {"a": 1}})), Err(()));
+        assert_eq!(value(json!({"handle": "x".repeat(1025)})), Err(()));
+    }
+
+    #[test]
+    fn a_collection_without_indexes_maintains_none() {
+        let mut plain = spec("plain");
+        plain.unique_indexes.clear();
+        let catalog = Catalog::new(vec![plain], Strategy::DualWrite).unwrap();
+        let collection = catalog
+            .get(&CollectionName::parse("plain").unwrap())
+            .unwrap();
+        assert!(
+            collection
+                .index_entries(&object(json!({"handle": "x"})))
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn schemas_are_compiled_and_enforced() {
+        let mut with_schema = spec("people");
+        with_schema.schema = Some(json!({"type": "object", "required": ["handle"]}));
+        let catalog = Catalog::new(vec![with_schema], Strategy::DualWrite).unwrap();
+        let people = catalog
+            .get(&CollectionName::parse("people").unwrap())
+            .unwrap();
+        assert!(people.validate(&object(json!({"handle": "ada"}))).is_ok());
+        match people.validate(&object(json!({"name": "ada"}))) {
+            Err(Error::SchemaViolation(errors)) => assert!(errors[0].contains("handle")),
+            other => panic!("expected a schema violation, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn configuration_problems_name_the_collection_and_key() {
+        let mut bad_schema = spec("people");
+        bad_schema.schema = Some(json!({"type": 12}));
+        let err = Catalog::new(vec![bad_schema], Strategy::DualWrite)
+            .err()
+            .unwrap();
+        assert_eq!((err.collection.as_str(), err.key), ("people", "schema"));
+
+        let mut write_behind = spec("hot");
+        write_behind.strategy = Some(Strategy::CacheFirst);
+        let err = Catalog::new(vec![write_behind], Strategy::DualWrite)
+            .err()
+            .unwrap();
+        assert_eq!((err.collection.as_str(), err.key), ("hot", "strategy"));
+
+        let err = Catalog::new(vec![spec("any")], Strategy::RedisOnly)
+            .err()
+            .unwrap();
+        assert_eq!(err.key, "strategy");
+    }
+
+    #[test]
+    fn unknown_collections_and_indexes_are_errors() {
+        let catalog = Catalog::new(vec![spec("people")], Strategy::DualWrite).unwrap();
+        assert!(matches!(
+            catalog.get(&CollectionName::parse("robots").unwrap()),
+            Err(Error::UnknownCollection(_))
+        ));
+        let people = catalog
+            .get(&CollectionName::parse("people").unwrap())
+            .unwrap();
+        assert!(people.index("handle").is_ok());
+        assert!(matches!(people.index("email"), Err(Error::NotFound(_))));
     }
 }

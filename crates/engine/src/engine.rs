@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use hybridstore_core::{
     CacheEntry, CacheStore, CollectionName, DurableStore, Error, JsonObject, ListQuery,
     Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError, Version, WriteOutcome,
@@ -398,9 +399,14 @@ impl Engine {
                 .await
                 .map_err(|err| self.durable_failed(err))?;
             if collection.plan.read == ReadPath::CacheThenDurable {
-                for record in &fetched {
-                    self.cache_record(collection, record, now).await;
-                }
+                // Concurrent calls share the multiplexed connection: one
+                // pipelined burst instead of a round trip per record.
+                join_all(
+                    fetched
+                        .iter()
+                        .map(|record| self.cache_record(collection, record, now)),
+                )
+                .await;
             }
             for (id, answer) in ids.iter().zip(answers.iter_mut()) {
                 if answer.is_none() {

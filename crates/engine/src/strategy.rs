@@ -57,3 +57,30 @@ impl Plan {
         self.write == WritePath::DurableThenCache || self.read == ReadPath::CacheThenDurable
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table at the top of this file, row by row.
+    #[test]
+    fn plans_follow_the_strategy_table() {
+        let plan = |s| Plan::of(s).map(|p| (p.write, p.read, p.uses_cache()));
+        use ReadPath as R;
+        use WritePath as W;
+        assert_eq!(
+            plan(Strategy::DualWrite),
+            Some((W::DurableThenCache, R::CacheThenDurable, true))
+        );
+        assert_eq!(
+            plan(Strategy::DatabaseFirst),
+            Some((W::DurableThenCache, R::DurableOnly, true))
+        );
+        assert_eq!(
+            plan(Strategy::PostgresOnly),
+            Some((W::DurableOnly, R::DurableOnly, false))
+        );
+        assert_eq!(plan(Strategy::CacheFirst), None);
+        assert_eq!(plan(Strategy::RedisOnly), None);
+    }
+}

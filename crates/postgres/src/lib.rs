@@ -475,7 +475,14 @@ impl DurableStore for PostgresStore {
     ) -> StoreResult<Version> {
         let expected = match precondition {
             Precondition::IfMatch(v) => Some(version_param(v)?),
-            _ => None,
+            Precondition::None | Precondition::Exists => None,
+            // "Only if it does not exist": there is nothing to delete either way.
+            Precondition::Absent => {
+                return match self.get(key, now).await? {
+                    Some(_) => Err(StoreError::PreconditionFailed),
+                    None => Err(StoreError::NotFound),
+                };
+            }
         };
         let row = sqlx::query(DELETE_LIVE)
             .bind(key.collection.as_str())

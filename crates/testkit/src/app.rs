@@ -11,10 +11,10 @@ use hybridstore_server::{Config, ServerBuilder};
 use reqwest::Method;
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgPool, Row};
+use sqlx::{PgPool, Row};
 use tokio::sync::oneshot;
 
-use crate::servers::{Postgres, Redis, shared};
+use crate::servers::{Postgres, Redis, create_database, shared};
 
 /// The admin token of every test app.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
@@ -33,7 +33,7 @@ type DurableLayer = Box<dyn FnOnce(Arc<dyn DurableStore>) -> Arc<dyn DurableStor
 pub struct TestAppBuilder {
     overrides: Vec<(String, Value)>,
     durable_layer: Option<DurableLayer>,
-    servers: Option<(&'static Postgres, &'static Redis)>,
+    servers: Option<(Arc<Postgres>, Arc<Redis>)>,
 }
 
 impl TestAppBuilder {
@@ -52,8 +52,9 @@ impl TestAppBuilder {
         self
     }
 
-    /// Runs against these servers instead of the shared ones.
-    pub fn servers(mut self, postgres: &'static Postgres, redis: &'static Redis) -> Self {
+    /// Runs against these servers instead of the shared ones (a test that
+    /// kills a server starts its own).
+    pub fn servers(mut self, postgres: Arc<Postgres>, redis: Arc<Redis>) -> Self {
         self.servers = Some((postgres, redis));
         self
     }
@@ -67,20 +68,10 @@ impl TestAppBuilder {
                 let shared = tokio::task::spawn_blocking(shared)
                     .await
                     .expect("start servers");
-                (&shared.postgres, &shared.redis)
+                (shared.postgres.clone(), shared.redis.clone())
             }
         };
-        let database = format!("test_{}_{n}", std::process::id());
-        let mut admin = sqlx::PgConnection::connect(&postgres.url("postgres"))
-            .await
-            .expect("connect to postgres");
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "CREATE DATABASE \"{database}\""
-        )))
-        .execute(&mut admin)
-        .await
-        .expect("create the test database");
-        let _ = admin.close().await;
+        let database = create_database(&postgres).await;
         let key_prefix = format!("t{}n{n}", std::process::id());
 
         let mut figment = Config::builtin_figment()
@@ -122,7 +113,7 @@ impl TestAppBuilder {
             .expect("connect to the test database");
         let redis_conn = redis::Client::open(redis.url())
             .expect("redis url")
-            .get_multiplexed_async_connection()
+            .get_connection_manager()
             .await
             .expect("connect to redis");
         TestApp {
@@ -131,6 +122,8 @@ impl TestAppBuilder {
             db,
             redis: redis_conn,
             keys: KeySpace::new(key_prefix),
+            postgres_server: postgres,
+            redis_server: redis,
             _shutdown: shutdown,
         }
     }
@@ -142,9 +135,13 @@ pub struct TestApp {
     pub http: reqwest::Client,
     /// The test's own PostgreSQL database.
     pub db: PgPool,
-    /// The Redis server (keys of this app start with `keys.prefix()`).
-    pub redis: redis::aio::MultiplexedConnection,
+    /// The Redis server (keys of this app start with `keys.prefix()`);
+    /// reconnects by itself after a restart.
+    pub redis: redis::aio::ConnectionManager,
     pub keys: KeySpace,
+    /// The servers behind this app (kept alive as long as it runs).
+    pub postgres_server: Arc<Postgres>,
+    pub redis_server: Arc<Redis>,
     _shutdown: oneshot::Sender<()>,
 }
 
@@ -230,11 +227,10 @@ impl TestApp {
 
     /// Removes a record's copy from Redis behind the service's back.
     pub async fn drop_cached_copy(&self, collection: &str, id: &str) {
-        redis::cmd("DEL")
-            .arg(self.keys.record(&record_key(collection, id)))
-            .query_async::<()>(&mut self.redis.clone())
-            .await
-            .expect("DEL");
+        self.redis_query::<()>(
+            redis::cmd("DEL").arg(self.keys.record(&record_key(collection, id))),
+        )
+        .await;
     }
 
     /// The row PostgreSQL holds (live or not): `None` when there is no row.
@@ -269,19 +265,34 @@ impl TestApp {
     /// marker. `None` when the key does not exist.
     pub async fn redis_entry(&self, collection: &str, id: &str) -> Option<(u64, Option<Value>)> {
         let key = self.keys.record(&record_key(collection, id));
-        let (version, data): (Option<String>, Option<Vec<u8>>) = redis::cmd("HMGET")
-            .arg(&key)
-            .arg("v")
-            .arg("d")
-            .query_async(&mut self.redis.clone())
-            .await
-            .expect("HMGET");
+        let (version, data) = self
+            .redis_query::<(Option<String>, Option<Vec<u8>>)>(
+                redis::cmd("HMGET").arg(&key).arg("v").arg("d"),
+            )
+            .await;
         let version = version?.parse().expect("numeric version");
         let data = data.map(|bytes| {
             let record: Value = serde_json::from_slice(&bytes).expect("cached record JSON");
             record["data"].clone()
         });
         Some((version, data))
+    }
+
+    /// Runs a command on the test's own Redis connection. After a server
+    /// restart the first call reports the dead connection (and reconnects), so
+    /// a connection error is retried a few times.
+    async fn redis_query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> T {
+        let mut attempts = 0;
+        loop {
+            match command.query_async(&mut self.redis.clone()).await {
+                Ok(value) => return value,
+                Err(err) if attempts < 5 && (err.is_io_error() || err.is_connection_dropped()) => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(err) => panic!("redis {command:?}: {err}"),
+            }
+        }
     }
 
     /// The record copy Redis holds (not a deletion marker).
@@ -294,20 +305,14 @@ impl TestApp {
 
     /// Milliseconds the Redis key of a record has left (-2: no key, -1: no TTL).
     pub async fn redis_pttl(&self, collection: &str, id: &str) -> i64 {
-        redis::cmd("PTTL")
-            .arg(self.keys.record(&record_key(collection, id)))
-            .query_async(&mut self.redis.clone())
+        self.redis_query(redis::cmd("PTTL").arg(self.keys.record(&record_key(collection, id))))
             .await
-            .expect("PTTL")
     }
 
     /// Every Redis key of this app.
     pub async fn redis_keys(&self) -> Vec<String> {
-        redis::cmd("KEYS")
-            .arg(format!("{}:*", self.keys.prefix()))
-            .query_async(&mut self.redis.clone())
+        self.redis_query(redis::cmd("KEYS").arg(format!("{}:*", self.keys.prefix())))
             .await
-            .expect("KEYS")
     }
 
     /// Number of rows in `records` for this app (live or not).

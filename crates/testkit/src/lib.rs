@@ -14,4 +14,5 @@ pub use app::{
     ADMIN_TOKEN, API_KEYS_WRITER_TOKEN, READER_TOKEN, StoredCopy, TestApp, TestAppBuilder,
     etag_version, spawn_app,
 };
-pub use servers::{Postgres, Redis, RedisPersistence, SharedServers, shared};
+pub use process::free_port;
+pub use servers::{Postgres, Redis, RedisPersistence, SharedServers, create_database, shared};

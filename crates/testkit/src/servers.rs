@@ -6,7 +6,9 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use sqlx::Connection;
 use std::time::{Duration, Instant};
 
 use crate::process::{free_port, signal_and_wait, spawn_owned};
@@ -348,8 +350,8 @@ fn redis_answers_ping(port: u16) -> bool {
 /// The servers every test of one binary shares (tests isolate themselves by
 /// database and key prefix). Tests that kill servers start their own instead.
 pub struct SharedServers {
-    pub postgres: Postgres,
-    pub redis: Redis,
+    pub postgres: Arc<Postgres>,
+    pub redis: Arc<Redis>,
 }
 
 pub fn shared() -> &'static SharedServers {
@@ -359,6 +361,28 @@ pub fn shared() -> &'static SharedServers {
             let redis = scope.spawn(|| Redis::start(RedisPersistence::None));
             (Postgres::start(), redis.join().expect("start redis"))
         });
-        SharedServers { postgres, redis }
+        SharedServers {
+            postgres: Arc::new(postgres),
+            redis: Arc::new(redis),
+        }
     })
+}
+
+/// Creates a fresh, empty database on `postgres` and returns its name.
+pub async fn create_database(postgres: &Postgres) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "test_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut admin = sqlx::PgConnection::connect(&postgres.url("postgres"))
+        .await
+        .expect("connect to postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut admin)
+        .await
+        .expect("create a test database");
+    let _ = admin.close().await;
+    name
 }

@@ -1,0 +1,158 @@
+//! The `hybridstore` binary itself: configuration from the environment,
+//! refusal of an invalid one, and serving with the relay's variable names.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hybridstore_testkit::{ADMIN_TOKEN, create_database, free_port, shared};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// The binary with a clean environment, run from an empty directory (so no
+/// config file is picked up).
+fn hybridstore(dir: &std::path::Path, vars: &[(&str, String)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hybridstore"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(dir)
+        .envs(vars.iter().map(|(k, v)| (*k, v.as_str())));
+    command
+}
+
+fn run(vars: &[(&str, &str)]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let vars: Vec<(&str, String)> = vars.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    hybridstore(dir.path(), &vars)
+        .output()
+        .expect("run hybridstore")
+}
+
+#[test]
+fn an_invalid_configuration_stops_the_start_and_names_the_key() {
+    let valid = [
+        ("ADMIN_TOKEN", ADMIN_TOKEN),
+        ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none"),
+        ("REDIS_URL", "redis://127.0.0.1:1"),
+    ];
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (&[("PORT", "eighty")], "PORT"),
+        (&[("DATABASE_STRATEGY", "fastest")], "DATABASE_STRATEGY"),
+        (&[("REDIS_PORT", "-1")], "REDIS_PORT"),
+        (&[("ADMIN_TOKEN", "")], "ADMIN_TOKEN"),
+        (&[("HYBRIDSTORE_POSTGRES__POOL_SIZ", "4")], "pool_siz"),
+    ];
+    for (overrides, key) in cases {
+        let mut vars: Vec<(&str, &str)> = valid.to_vec();
+        vars.retain(|(name, _)| !overrides.iter().any(|(o, _)| o == name));
+        vars.extend_from_slice(overrides);
+        let output = run(&vars);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{overrides:?}: {stderr}");
+        assert!(
+            stderr.contains("invalid configuration") && stderr.contains(key),
+            "{overrides:?}: {stderr}"
+        );
+    }
+    let nothing = run(&[("ADMIN_TOKEN", ADMIN_TOKEN)]);
+    assert_eq!(nothing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&nothing.stderr).contains("DATABASE_URL"));
+}
+
+/// Kills the server if a test fails before stopping it.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn the_binary_serves_with_the_relay_variable_names() {
+    let servers = tokio::task::spawn_blocking(shared).await.unwrap();
+    let database = create_database(&servers.postgres).await;
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [
+        ("POSTGRES_HOST", "127.0.0.1".to_owned()),
+        ("POSTGRES_PORT", servers.postgres.port().to_string()),
+        ("POSTGRES_DATABASE", database.clone()),
+        ("POSTGRES_USER", "postgres".to_owned()),
+        ("REDIS_HOST", "127.0.0.1".to_owned()),
+        ("REDIS_PORT", servers.redis.port().to_string()),
+        (
+            "HYBRIDSTORE_REDIS__KEY_PREFIX",
+            format!("bin{}", std::process::id()),
+        ),
+        ("ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
+        ("PORT", port.to_string()),
+        ("DATABASE_STRATEGY", "database_first".to_owned()),
+    ];
+    let child = hybridstore(dir.path(), &vars)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start hybridstore");
+    let mut server = Running(child);
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http.get(format!("{base}/health")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "the server did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let put = http
+        .put(format!("{base}/v1/collections/users/records/u1"))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&json!({"username": "ada"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), StatusCode::CREATED);
+    let collections: Value = http
+        .get(format!("{base}/v1/collections"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let users = collections["collections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "users")
+        .unwrap();
+    assert_eq!(
+        users["effective_strategy"], "database_first",
+        "DATABASE_STRATEGY applied"
+    );
+
+    let db = sqlx::PgPool::connect(&servers.postgres.url(&database))
+        .await
+        .unwrap();
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM records WHERE collection = 'users' AND id = 'u1'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(stored, 1, "POSTGRES_* named the database");
+
+    // SIGTERM: graceful stop, exit code 0.
+    terminate(server.0.id());
+    let status = server.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+fn terminate(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
