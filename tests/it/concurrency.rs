@@ -94,6 +94,9 @@ impl DurableStore for GatedReads {
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
+    async fn ping(&self) -> StoreResult<()> {
+        self.inner.ping().await
+    }
     async fn get(&self, key: &RecordKey, now: OffsetDateTime) -> StoreResult<Option<Record>> {
         let result = self.inner.get(key, now).await;
         if self.armed.swap(false, Ordering::SeqCst) {

@@ -5,6 +5,7 @@
 mod bad_input;
 mod binary;
 mod concurrency;
+mod degradation;
 mod indexes_and_ttl;
 mod outages;
 mod records;

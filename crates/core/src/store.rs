@@ -23,6 +23,10 @@ pub trait DurableStore: Send + Sync + 'static {
     /// Short backend name for logs and status (`"postgres"`).
     fn backend(&self) -> &'static str;
 
+    /// A cheap round trip that succeeds only when the tier can serve requests
+    /// (the health probe).
+    async fn ping(&self) -> StoreResult<()>;
+
     /// The live record (not deleted, not expired at `now`).
     async fn get(&self, key: &RecordKey, now: OffsetDateTime) -> StoreResult<Option<Record>>;
 
@@ -81,6 +85,9 @@ pub enum CacheEntry {
 #[async_trait]
 pub trait CacheStore: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
+
+    /// A cheap round trip that succeeds only when the tier can serve requests.
+    async fn ping(&self) -> StoreResult<()>;
 
     async fn get(&self, key: &RecordKey) -> StoreResult<CacheEntry>;
 

@@ -12,13 +12,14 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use hybridstore_core::{
     CacheEntry, CacheStore, CollectionName, DurableStore, Error, JsonObject, ListQuery,
-    Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError, Version, WriteOutcome,
-    merge_patch,
+    Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError, Tier, Version,
+    WriteOutcome, merge_patch,
 };
 use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::catalog::{Catalog, Collection, index_value};
+use crate::health::{Breaker, GuardedCache, GuardedDurable, HealthSettings, TierHealth};
 use crate::strategy::{Plan, ReadPath, WritePath};
 
 /// Limits and timings of the engine.
@@ -34,6 +35,7 @@ pub struct EngineSettings {
     pub tombstone_retention: Duration,
     /// Suggested client back-off when no tier can serve.
     pub retry_after: Duration,
+    pub health: HealthSettings,
 }
 
 impl Default for EngineSettings {
@@ -43,6 +45,7 @@ impl Default for EngineSettings {
             deleted_marker_ttl: Duration::from_secs(60),
             tombstone_retention: Duration::from_secs(3600),
             retry_after: Duration::from_secs(1),
+            health: HealthSettings::default(),
         }
     }
 }
@@ -68,8 +71,8 @@ pub struct BatchGet {
 const PATCH_ATTEMPTS: usize = 8;
 
 pub struct Engine {
-    durable: Arc<dyn DurableStore>,
-    cache: Arc<dyn CacheStore>,
+    durable: Arc<GuardedDurable>,
+    cache: Arc<GuardedCache>,
     catalog: Catalog,
     settings: EngineSettings,
 }
@@ -82,18 +85,85 @@ fn now() -> OffsetDateTime {
 }
 
 impl Engine {
+    /// An engine over two tiers; each is put behind its own breaker.
     pub fn new(
         durable: Arc<dyn DurableStore>,
         cache: Arc<dyn CacheStore>,
         catalog: Catalog,
         settings: EngineSettings,
     ) -> Self {
+        let health = &settings.health;
+        let durable = GuardedDurable {
+            breaker: Arc::new(Breaker::new(
+                Tier::Durable,
+                durable.backend(),
+                health.failure_threshold,
+            )),
+            timeout: health.durable_call_timeout,
+            inner: durable,
+        };
+        let cache = GuardedCache {
+            breaker: Arc::new(Breaker::new(
+                Tier::Cache,
+                cache.backend(),
+                health.failure_threshold,
+            )),
+            timeout: health.cache_call_timeout,
+            inner: cache,
+        };
         Self {
-            durable,
-            cache,
+            durable: Arc::new(durable),
+            cache: Arc::new(cache),
             catalog,
             settings,
         }
+    }
+
+    /// The health of the durable and the cache tier.
+    pub fn health(&self) -> [TierHealth; 2] {
+        [self.durable.breaker.health(), self.cache.breaker.health()]
+    }
+
+    /// Pings both tiers once and opens the breaker of each that does not
+    /// answer, so a service started during an outage routes around it at once.
+    pub async fn check_tiers_at_start(&self) {
+        let (durable, cache) = tokio::join!(self.durable.inner.ping(), self.cache.inner.ping());
+        for (breaker, result) in [
+            (&self.durable.breaker, durable),
+            (&self.cache.breaker, cache),
+        ] {
+            match result {
+                Ok(()) => breaker.record_success(),
+                Err(err) => breaker.force_open(&err),
+            }
+        }
+    }
+
+    /// Probes both tiers forever (the half-open trials that close breakers).
+    pub async fn run_health_probes(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(self.settings.health.probe_interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            tokio::join!(self.durable.probe(), self.cache.probe());
+        }
+    }
+
+    fn unavailable(&self) -> Error {
+        Error::BackendsUnavailable {
+            retry_after: self.settings.retry_after,
+        }
+    }
+
+    /// The plan a collection follows now: its configured plan, narrowed by
+    /// which tiers are usable. Fails at once when none is.
+    fn plan_for(&self, collection: &Collection) -> Result<Plan, Error> {
+        let durable_up = self.durable.breaker.is_closed();
+        let cache_up = self.cache.breaker.is_closed();
+        collection
+            .plan
+            .degraded(durable_up, cache_up)
+            .ok_or_else(|| self.unavailable())
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -107,11 +177,10 @@ impl Engine {
     /// Turns a durable-tier failure into the API error it means.
     fn durable_failed(&self, err: StoreError) -> Error {
         match err {
+            // The breaker logs the outage once; per request it is only debug.
             StoreError::Unavailable { .. } => {
-                tracing::warn!(error = %err, backend = self.durable.backend(), "durable tier unavailable");
-                Error::BackendsUnavailable {
-                    retry_after: self.settings.retry_after,
-                }
+                tracing::debug!(error = %err, backend = self.durable.backend(), "durable tier unavailable");
+                self.unavailable()
             }
             StoreError::PreconditionFailed => Error::VersionConflict { current: None },
             StoreError::NotFound => Error::NotFound("record not found".into()),
@@ -170,12 +239,13 @@ impl Engine {
         collection: &Collection,
         write: RecordWrite,
     ) -> Result<WriteOutcome, Error> {
+        let plan = self.plan_for(collection)?;
         let outcome = self
             .durable
             .put(&write)
             .await
             .map_err(|err| self.durable_failed(err))?;
-        match collection.plan.write {
+        match plan.write {
             WritePath::DurableThenCache => {
                 self.cache_record(collection, &outcome.record, write.now)
                     .await
@@ -270,8 +340,9 @@ impl Engine {
     #[tracing::instrument(level = "debug", skip(self), fields(collection = %key.collection, id = %key.id))]
     pub async fn get(&self, key: &RecordKey) -> Result<Option<Record>, Error> {
         let collection = self.catalog.get(&key.collection)?;
+        let plan = self.plan_for(collection)?;
         let now = now();
-        if collection.plan.read == ReadPath::CacheThenDurable {
+        if plan.read != ReadPath::DurableOnly {
             match self.cache.get(key).await {
                 Ok(CacheEntry::Present(record)) if !record.is_expired(now) => {
                     return Ok(Some(record));
@@ -280,13 +351,18 @@ impl Engine {
                 Ok(_) => {}
                 Err(err) => self.cache_failed("get", &err),
             }
+            if plan.read == ReadPath::CacheOnly {
+                // A miss says nothing about the record while the durable tier
+                // that knows is down.
+                return Err(self.unavailable());
+            }
         }
         let record = self
             .durable
             .get(key, now)
             .await
             .map_err(|err| self.durable_failed(err))?;
-        if let (Some(record), ReadPath::CacheThenDurable) = (&record, collection.plan.read) {
+        if let (Some(record), ReadPath::CacheThenDurable) = (&record, plan.read) {
             self.cache_record(collection, record, now).await;
         }
         Ok(record)
@@ -300,13 +376,14 @@ impl Engine {
         precondition: Precondition,
     ) -> Result<Version, Error> {
         let collection = self.catalog.get(&key.collection)?;
+        let plan = self.plan_for(collection)?;
         let now = now();
         let version = self
             .durable
             .delete(key, precondition, now)
             .await
             .map_err(|err| self.durable_failed(err))?;
-        if collection.plan.uses_cache() {
+        if plan.uses_cache() {
             let ttl = self.settings.deleted_marker_ttl;
             if let Err(err) = self.cache.store_deleted(key, version, ttl).await {
                 self.cache_failed("store_deleted", &err);
@@ -325,7 +402,7 @@ impl Engine {
         prefix: Option<String>,
         limit: u32,
     ) -> Result<Page, Error> {
-        self.catalog.get(collection)?;
+        self.plan_for(self.catalog.get(collection)?)?;
         let query = ListQuery {
             collection: collection.clone(),
             after,
@@ -356,6 +433,7 @@ impl Engine {
         ids: Vec<RecordId>,
     ) -> Result<BatchGet, Error> {
         let collection = self.catalog.get(collection_name)?;
+        let plan = self.plan_for(collection)?;
         let now = now();
         let mut seen = HashSet::new();
         let ids: Vec<RecordId> = ids
@@ -365,7 +443,7 @@ impl Engine {
 
         // Per id: Some(found) / None (known missing), or still unknown.
         let mut answers: Vec<Option<Option<Record>>> = vec![None; ids.len()];
-        if collection.plan.read == ReadPath::CacheThenDurable {
+        if plan.read != ReadPath::DurableOnly {
             let keys: Vec<RecordKey> = ids
                 .iter()
                 .map(|id| RecordKey::new(collection_name.clone(), id.clone()))
@@ -392,13 +470,16 @@ impl Engine {
             .filter(|(_, answer)| answer.is_none())
             .map(|(id, _)| id.clone())
             .collect();
+        if !unknown.is_empty() && plan.read == ReadPath::CacheOnly {
+            return Err(self.unavailable());
+        }
         if !unknown.is_empty() {
             let mut fetched = self
                 .durable
                 .get_many(collection_name, &unknown, now)
                 .await
                 .map_err(|err| self.durable_failed(err))?;
-            if collection.plan.read == ReadPath::CacheThenDurable {
+            if plan.read == ReadPath::CacheThenDurable {
                 // Concurrent calls share the multiplexed connection: one
                 // pipelined burst instead of a round trip per record.
                 join_all(
@@ -443,12 +524,17 @@ impl Engine {
     ) -> Result<Option<Record>, Error> {
         let collection = self.catalog.get(collection_name)?;
         let index = collection.index(index)?;
+        let plan = self.plan_for(collection)?;
         let now = now();
-        let cached = collection.plan.read == ReadPath::CacheThenDurable;
-        if cached && let Some(record) = self.lookup_cached(collection_name, index, value, now).await
+        if plan.read != ReadPath::DurableOnly
+            && let Some(record) = self.lookup_cached(collection_name, index, value, now).await
         {
             return Ok(Some(record));
         }
+        if plan.read == ReadPath::CacheOnly {
+            return Err(self.unavailable());
+        }
+        let cached = plan.read == ReadPath::CacheThenDurable;
         let record = self
             .durable
             .lookup(collection_name, index, value, now)
@@ -508,8 +594,8 @@ impl Engine {
             .map_err(|err| self.durable_failed(err))
     }
 
-    /// The plan a collection follows.
+    /// The plan a collection follows now (configured, narrowed by health).
     pub fn plan(&self, collection: &CollectionName) -> Result<Plan, Error> {
-        Ok(self.catalog.get(collection)?.plan)
+        self.plan_for(self.catalog.get(collection)?)
     }
 }

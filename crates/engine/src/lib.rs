@@ -8,8 +8,10 @@
 
 mod catalog;
 mod engine;
+mod health;
 mod strategy;
 
 pub use catalog::{Catalog, CatalogError, Collection};
 pub use engine::{BatchGet, Engine, EngineSettings, Page};
+pub use health::{BreakerState, HealthSettings, TierHealth};
 pub use strategy::{Plan, ReadPath, WritePath};

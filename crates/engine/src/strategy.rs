@@ -31,6 +31,9 @@ pub enum ReadPath {
     CacheThenDurable,
     /// The durable tier only.
     DurableOnly,
+    /// The cache only; a miss cannot be answered. Used while the durable tier
+    /// is down, for collections whose cache copies are kept current.
+    CacheOnly,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +57,29 @@ impl Plan {
 
     /// Whether this plan keeps copies in the cache at all.
     pub fn uses_cache(self) -> bool {
-        self.write == WritePath::DurableThenCache || self.read == ReadPath::CacheThenDurable
+        self.write == WritePath::DurableThenCache || self.read != ReadPath::DurableOnly
+    }
+
+    /// The plan in force when only the durable tier is usable.
+    pub const DURABLE_ONLY: Plan = Plan {
+        write: WritePath::DurableOnly,
+        read: ReadPath::DurableOnly,
+    };
+
+    /// The plan in force given which tiers are usable; `None` when nothing can
+    /// serve. The configured plan applies while both tiers are up.
+    pub fn degraded(self, durable_up: bool, cache_up: bool) -> Option<Plan> {
+        match (durable_up, cache_up) {
+            (true, true) => Some(self),
+            (true, false) => Some(Plan::DURABLE_ONLY),
+            // Only copies the cache has been kept current for may be served;
+            // writes need the durable tier (the guard fails them fast).
+            (false, true) if self.uses_cache() => Some(Plan {
+                write: self.write,
+                read: ReadPath::CacheOnly,
+            }),
+            (false, _) => None,
+        }
     }
 }
 
@@ -82,5 +107,23 @@ mod tests {
         );
         assert_eq!(plan(Strategy::CacheFirst), None);
         assert_eq!(plan(Strategy::RedisOnly), None);
+    }
+
+    #[test]
+    fn health_narrows_the_plan() {
+        let dual = Plan::of(Strategy::DualWrite).unwrap();
+        let durable_only = Plan::of(Strategy::PostgresOnly).unwrap();
+        assert_eq!(dual.degraded(true, true), Some(dual));
+        assert_eq!(dual.degraded(true, false), Some(Plan::DURABLE_ONLY));
+        assert_eq!(
+            dual.degraded(false, true).map(|p| p.read),
+            Some(ReadPath::CacheOnly)
+        );
+        assert_eq!(dual.degraded(false, false), None);
+        assert_eq!(
+            durable_only.degraded(false, true),
+            None,
+            "a collection without cache copies cannot be served from the cache"
+        );
     }
 }

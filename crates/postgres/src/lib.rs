@@ -7,6 +7,8 @@
 //! distinct, larger version. Preconditions are part of the statement's `WHERE`
 //! clause, never a separate read, so there is no window between check and write.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -39,6 +41,9 @@ pub struct PostgresOptions {
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Set once the migrations have been applied by this process: a server
+    /// that was down at start gets its schema on the first successful ping.
+    migrated: Arc<AtomicBool>,
 }
 
 impl PostgresStore {
@@ -53,11 +58,14 @@ impl PostgresStore {
             .max_connections(options.pool_size)
             .acquire_timeout(options.acquire_timeout)
             .connect_lazy_with(connect);
-        Self { pool }
+        Self::from_pool(pool)
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            migrated: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -70,7 +78,9 @@ impl PostgresStore {
         MIGRATOR.run(&self.pool).await.map_err(|err| match err {
             sqlx::migrate::MigrateError::Execute(err) => classify(err),
             other => StoreError::internal(Tier::Durable, other),
-        })
+        })?;
+        self.migrated.store(true, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -413,6 +423,17 @@ impl PostgresStore {
 impl DurableStore for PostgresStore {
     fn backend(&self) -> &'static str {
         "postgres"
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        if !self.migrated.load(Ordering::Acquire) {
+            self.migrate().await?;
+        }
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(classify)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(collection = %key.collection, id = %key.id))]

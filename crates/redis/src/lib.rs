@@ -133,6 +133,13 @@ impl CacheStore for RedisStore {
         "redis"
     }
 
+    async fn ping(&self) -> StoreResult<()> {
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(classify)
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(collection = %key.collection, id = %key.id))]
     async fn get(&self, key: &RecordKey) -> StoreResult<CacheEntry> {
         let raw: RawEntry = redis::cmd("HMGET")

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Router;
 use hybridstore_core::{DurableStore, StoreError};
-use hybridstore_engine::{Catalog, Engine, EngineSettings};
+use hybridstore_engine::{Catalog, Engine, EngineSettings, HealthSettings};
 use hybridstore_postgres::{PgConnectOptions, PostgresOptions, PostgresStore};
 use hybridstore_redis::{RedisOptions, RedisStore};
 use tokio::net::TcpListener;
@@ -101,7 +101,15 @@ impl ServerBuilder {
         let config = self.config;
         config.validate()?;
         let postgres = PostgresStore::new_lazy(postgres_options(&config)?);
-        postgres.migrate().await.map_err(StartError::Migrate)?;
+        match postgres.migrate().await {
+            Ok(()) => {}
+            // Down at start: serve degraded; the first successful probe
+            // applies the migrations.
+            Err(err) if err.is_unavailable() => {
+                tracing::warn!(error = %err, "PostgreSQL unavailable at start; starting degraded")
+            }
+            Err(err) => return Err(StartError::Migrate(err)),
+        }
         let redis = RedisStore::new_lazy(&redis_options(&config)).map_err(StartError::Redis)?;
 
         let mut durable: Arc<dyn DurableStore> = Arc::new(postgres);
@@ -118,9 +126,24 @@ impl ServerBuilder {
             max_data_bytes: config.body_limit_bytes,
             deleted_marker_ttl: Duration::from_secs(config.records.deleted_marker_ttl_secs),
             tombstone_retention: Duration::from_secs(config.records.tombstone_retention_secs),
+            health: HealthSettings {
+                failure_threshold: config.health.failure_threshold,
+                probe_interval: Duration::from_millis(config.health.probe_interval_ms),
+                durable_call_timeout: Duration::from_millis(config.postgres.call_timeout_ms),
+                cache_call_timeout: Duration::from_millis(config.redis.call_timeout_ms),
+            },
             ..EngineSettings::default()
         };
         let engine = Arc::new(Engine::new(durable, Arc::new(redis), catalog, settings));
+        engine.check_tiers_at_start().await;
+        for tier in engine.health() {
+            tracing::info!(
+                tier = tier.tier,
+                backend = tier.backend,
+                state = tier.state.as_str(),
+                "tier at start"
+            );
+        }
         let state = AppState {
             engine: engine.clone(),
             auth: Arc::new(Authenticator::from_config(&config)),
@@ -160,11 +183,16 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), "hybridstore listening");
-        let purge = tokio::spawn(purge_expired_records(self.engine, self.purge_interval));
+        let background = [
+            tokio::spawn(self.engine.clone().run_health_probes()),
+            tokio::spawn(purge_expired_records(self.engine, self.purge_interval)),
+        ];
         let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await;
-        purge.abort();
+        for task in background {
+            task.abort();
+        }
         served
     }
 }

@@ -157,6 +157,7 @@ pub struct Config {
     pub redis: RedisConfig,
     pub cache: CacheConfig,
     pub records: RecordsConfig,
+    pub health: HealthConfig,
     pub sync: SyncConfig,
     pub log: LogConfig,
     #[serde(default)]
@@ -183,6 +184,7 @@ pub struct PostgresConfig {
     pub pool_size: u32,
     pub acquire_timeout_ms: u64,
     pub statement_timeout_ms: u64,
+    pub call_timeout_ms: u64,
 }
 
 impl PostgresConfig {
@@ -208,6 +210,7 @@ pub struct RedisConfig {
     pub key_prefix: String,
     pub connect_timeout_ms: u64,
     pub response_timeout_ms: u64,
+    pub call_timeout_ms: u64,
 }
 
 impl RedisConfig {
@@ -255,6 +258,14 @@ pub struct RecordsConfig {
     pub deleted_marker_ttl_secs: u64,
     pub tombstone_retention_secs: u64,
     pub purge_interval_ms: u64,
+}
+
+/// Circuit breakers and probes of the tiers.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    pub failure_threshold: u32,
+    pub probe_interval_ms: u64,
 }
 
 /// Background synchronisation between the tiers (used by the operator surface).
@@ -420,8 +431,19 @@ impl Config {
                 "must be non-empty and contain no braces",
             ));
         }
-        if self.records.purge_interval_ms == 0 {
-            return Err(invalid("records.purge_interval_ms", "must be at least 1"));
+        for (key, value) in [
+            ("records.purge_interval_ms", self.records.purge_interval_ms),
+            ("health.probe_interval_ms", self.health.probe_interval_ms),
+            ("postgres.call_timeout_ms", self.postgres.call_timeout_ms),
+            ("redis.call_timeout_ms", self.redis.call_timeout_ms),
+            (
+                "health.failure_threshold",
+                u64::from(self.health.failure_threshold),
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
         }
         if self.collections.is_empty() {
             return Err(invalid("collections", "declare at least one collection"));

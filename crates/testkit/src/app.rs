@@ -34,6 +34,7 @@ pub struct TestAppBuilder {
     overrides: Vec<(String, Value)>,
     durable_layer: Option<DurableLayer>,
     servers: Option<(Arc<Postgres>, Arc<Redis>)>,
+    database: Option<String>,
 }
 
 impl TestAppBuilder {
@@ -59,6 +60,13 @@ impl TestAppBuilder {
         self
     }
 
+    /// Uses this database (made with [`create_database`]) instead of a new
+    /// one: lets a test stop PostgreSQL before the service starts.
+    pub fn database(mut self, name: String) -> Self {
+        self.database = Some(name);
+        self
+    }
+
     pub async fn spawn(self) -> TestApp {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -71,7 +79,10 @@ impl TestAppBuilder {
                 (shared.postgres.clone(), shared.redis.clone())
             }
         };
-        let database = create_database(&postgres).await;
+        let database = match self.database {
+            Some(name) => name,
+            None => create_database(&postgres).await,
+        };
         let key_prefix = format!("t{}n{n}", std::process::id());
 
         let mut figment = Config::builtin_figment()
@@ -106,16 +117,16 @@ impl TestAppBuilder {
             let _ = stop.await;
         }));
 
+        // Lazy: either server may be down while the test starts.
         let db = PgPoolOptions::new()
             .max_connections(4)
-            .connect(&postgres.url(&database))
-            .await
-            .expect("connect to the test database");
-        let redis_conn = redis::Client::open(redis.url())
-            .expect("redis url")
-            .get_connection_manager()
-            .await
-            .expect("connect to redis");
+            .connect_lazy(&postgres.url(&database))
+            .expect("test database URL");
+        let redis_conn = redis::aio::ConnectionManager::new_lazy_with_config(
+            redis::Client::open(redis.url()).expect("redis url"),
+            redis::aio::ConnectionManagerConfig::new(),
+        )
+        .expect("redis connection manager");
         TestApp {
             addr,
             http: reqwest::Client::new(),
@@ -175,6 +186,7 @@ impl TestApp {
             overrides: Vec::new(),
             durable_layer: None,
             servers: None,
+            database: None,
         }
     }
 

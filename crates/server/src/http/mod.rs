@@ -8,10 +8,11 @@ mod records;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
-use hybridstore_engine::Engine;
+use hybridstore_engine::{BreakerState, Engine};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
@@ -26,8 +27,25 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
 }
 
+/// Liveness: the process answers.
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Readiness: at least one tier is usable (a degraded service still serves).
+async fn ready(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+    let tiers = state.engine.health();
+    let usable = tiers.iter().any(|tier| tier.state == BreakerState::Closed);
+    let status = if usable {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "status": if usable { "ready" } else { "unavailable" },
+        "tiers": tiers,
+    });
+    (status, Json(body))
 }
 
 pub fn router(state: AppState, body_limit: usize) -> Router {
@@ -42,6 +60,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .on_response(DefaultOnResponse::new().level(Level::INFO));
     Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route("/v1/collections", get(records::list_collections))
         .route("/v1/collections/{collection}/records", get(records::list))
         .route(

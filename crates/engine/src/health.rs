@@ -1,0 +1,475 @@
+//! Tier health: one circuit breaker per tier, fed by live calls and a probe.
+//!
+//! A tier that fails (refused connection, timeout, shutdown) a few times in a
+//! row is *open*: calls to it fail at once, without touching the network, so a
+//! dead tier costs nothing per request and the engine routes around it. A
+//! background probe pings every tier; while a tier is open, each probe is the
+//! *half-open* trial, and its success closes the breaker again. Requests never
+//! act as trials: they see the last verdict, which keeps recovery decisions in
+//! one place and away from request latency.
+//!
+//! Every tier call also runs under a client-side timeout, because a hung server
+//! (stopped process, dropped packets) answers nothing and would otherwise hold
+//! the request for as long as the TCP stack cares to wait.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use hybridstore_core::{
+    CacheEntry, CacheStore, CollectionName, DurableStore, IndexName, ListQuery, Precondition,
+    Record, RecordId, RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome,
+};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+/// How breakers and probes behave.
+#[derive(Clone, Debug)]
+pub struct HealthSettings {
+    /// Consecutive failures that open a breaker.
+    pub failure_threshold: u32,
+    /// How often the probe pings each tier.
+    pub probe_interval: Duration,
+    /// Longest a single durable-tier call may take.
+    pub durable_call_timeout: Duration,
+    /// Longest a single cache-tier call may take.
+    pub cache_call_timeout: Duration,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 3,
+            probe_interval: Duration::from_millis(250),
+            durable_call_timeout: Duration::from_secs(2),
+            cache_call_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    /// Healthy: calls go through.
+    Closed,
+    /// Failing: calls fail fast until a probe succeeds.
+    Open,
+    /// A probe is testing an open tier; calls still fail fast.
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+struct BreakerInner {
+    state: BreakerState,
+    consecutive_failures: u32,
+    since: OffsetDateTime,
+    last_error: Option<String>,
+}
+
+/// The breaker of one tier.
+pub struct Breaker {
+    tier: Tier,
+    backend: &'static str,
+    threshold: u32,
+    inner: Mutex<BreakerInner>,
+    /// How often this tier went from closed to open.
+    degradations: AtomicU64,
+}
+
+/// A snapshot of one tier's health, for status pages and metrics.
+#[derive(Clone, Debug, Serialize)]
+pub struct TierHealth {
+    pub tier: &'static str,
+    pub backend: &'static str,
+    pub state: BreakerState,
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
+    pub consecutive_failures: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub degradations: u64,
+}
+
+impl Breaker {
+    pub fn new(tier: Tier, backend: &'static str, threshold: u32) -> Self {
+        Self {
+            tier,
+            backend,
+            threshold: threshold.max(1),
+            inner: Mutex::new(BreakerInner {
+                state: BreakerState::Closed,
+                consecutive_failures: 0,
+                since: OffsetDateTime::now_utc(),
+                last_error: None,
+            }),
+            degradations: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerInner> {
+        // A panic while holding this lock leaves consistent data behind.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.lock().state
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state() == BreakerState::Closed
+    }
+
+    fn transition(&self, inner: &mut BreakerInner, to: BreakerState) {
+        let from = inner.state;
+        if from == to {
+            return;
+        }
+        inner.state = to;
+        inner.since = OffsetDateTime::now_utc();
+        match to {
+            BreakerState::Open if from == BreakerState::Closed => {
+                self.degradations.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    tier = %self.tier,
+                    backend = self.backend,
+                    from = from.as_str(),
+                    to = to.as_str(),
+                    failures = inner.consecutive_failures,
+                    error = inner.last_error.as_deref().unwrap_or(""),
+                    "tier degraded: calls fail fast until a probe succeeds"
+                );
+            }
+            BreakerState::Closed => tracing::info!(
+                tier = %self.tier,
+                backend = self.backend,
+                from = from.as_str(),
+                to = to.as_str(),
+                "tier recovered"
+            ),
+            _ => {
+                tracing::debug!(tier = %self.tier, from = from.as_str(), to = to.as_str(), "breaker")
+            }
+        }
+    }
+
+    pub fn record_success(&self) {
+        let mut inner = self.lock();
+        inner.consecutive_failures = 0;
+        self.transition(&mut inner, BreakerState::Closed);
+    }
+
+    pub fn record_failure(&self, error: &StoreError) {
+        let mut inner = self.lock();
+        inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
+        inner.last_error = Some(error.to_string());
+        let opens = match inner.state {
+            BreakerState::Closed => inner.consecutive_failures >= self.threshold,
+            BreakerState::HalfOpen | BreakerState::Open => true,
+        };
+        if opens {
+            self.transition(&mut inner, BreakerState::Open);
+        }
+    }
+
+    /// Opens the breaker at once (a tier found down at start).
+    pub fn force_open(&self, error: &StoreError) {
+        let mut inner = self.lock();
+        inner.last_error = Some(error.to_string());
+        inner.consecutive_failures = inner.consecutive_failures.max(self.threshold);
+        self.transition(&mut inner, BreakerState::Open);
+    }
+
+    fn begin_trial(&self) {
+        let mut inner = self.lock();
+        if inner.state == BreakerState::Open {
+            self.transition(&mut inner, BreakerState::HalfOpen);
+        }
+    }
+
+    pub fn health(&self) -> TierHealth {
+        let inner = self.lock();
+        TierHealth {
+            tier: match self.tier {
+                Tier::Durable => "durable",
+                Tier::Cache => "cache",
+            },
+            backend: self.backend,
+            state: inner.state,
+            since: inner.since,
+            consecutive_failures: inner.consecutive_failures,
+            last_error: inner.last_error.clone(),
+            degradations: self.degradations.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs one tier call under the breaker and a timeout.
+    async fn call<T>(
+        &self,
+        timeout: Duration,
+        call: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        if !self.is_closed() {
+            return Err(StoreError::unavailable(
+                self.tier,
+                format!("{} breaker is open", self.backend),
+            ));
+        }
+        let result = match tokio::time::timeout(timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::unavailable(
+                self.tier,
+                format!("{} did not answer within {timeout:?}", self.backend),
+            )),
+        };
+        match &result {
+            Err(err) if err.is_unavailable() => self.record_failure(err),
+            // An answer, even an error about the request, means the tier is up.
+            _ => self.record_success(),
+        }
+        result
+    }
+
+    /// One probe: the half-open trial while open, a heartbeat while closed.
+    async fn probe(&self, timeout: Duration, ping: impl Future<Output = StoreResult<()>>) {
+        self.begin_trial();
+        let started = Instant::now();
+        let result = match tokio::time::timeout(timeout, ping).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::unavailable(
+                self.tier,
+                format!("{} probe timed out", self.backend),
+            )),
+        };
+        match result {
+            Ok(()) => self.record_success(),
+            Err(err) => {
+                tracing::debug!(tier = %self.tier, error = %err, elapsed = ?started.elapsed(), "probe failed");
+                self.record_failure(&err);
+            }
+        }
+    }
+}
+
+/// A durable tier behind its breaker.
+pub(crate) struct GuardedDurable {
+    pub inner: Arc<dyn DurableStore>,
+    pub breaker: Arc<Breaker>,
+    pub timeout: Duration,
+}
+
+/// A cache tier behind its breaker.
+pub(crate) struct GuardedCache {
+    pub inner: Arc<dyn CacheStore>,
+    pub breaker: Arc<Breaker>,
+    pub timeout: Duration,
+}
+
+impl GuardedDurable {
+    pub async fn probe(&self) {
+        self.breaker.probe(self.timeout, self.inner.ping()).await;
+    }
+}
+
+impl GuardedCache {
+    pub async fn probe(&self) {
+        self.breaker.probe(self.timeout, self.inner.ping()).await;
+    }
+}
+
+#[async_trait]
+impl DurableStore for GuardedDurable {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn ping(&self) -> StoreResult<()> {
+        self.breaker.call(self.timeout, self.inner.ping()).await
+    }
+    async fn get(&self, key: &RecordKey, now: OffsetDateTime) -> StoreResult<Option<Record>> {
+        self.breaker
+            .call(self.timeout, self.inner.get(key, now))
+            .await
+    }
+    async fn get_many(
+        &self,
+        collection: &CollectionName,
+        ids: &[RecordId],
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<Record>> {
+        let call = self.inner.get_many(collection, ids, now);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn put(&self, write: &RecordWrite) -> StoreResult<WriteOutcome> {
+        self.breaker.call(self.timeout, self.inner.put(write)).await
+    }
+    async fn delete(
+        &self,
+        key: &RecordKey,
+        precondition: Precondition,
+        now: OffsetDateTime,
+    ) -> StoreResult<Version> {
+        let call = self.inner.delete(key, precondition, now);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>> {
+        self.breaker
+            .call(self.timeout, self.inner.list(query))
+            .await
+    }
+    async fn lookup(
+        &self,
+        collection: &CollectionName,
+        index: &IndexName,
+        value: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<Option<Record>> {
+        let call = self.inner.lookup(collection, index, value, now);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn purge_expired(
+        &self,
+        now: OffsetDateTime,
+        tombstone_retention: Duration,
+    ) -> StoreResult<u64> {
+        let call = self.inner.purge_expired(now, tombstone_retention);
+        self.breaker.call(self.timeout, call).await
+    }
+}
+
+#[async_trait]
+impl CacheStore for GuardedCache {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn ping(&self) -> StoreResult<()> {
+        self.breaker.call(self.timeout, self.inner.ping()).await
+    }
+    async fn get(&self, key: &RecordKey) -> StoreResult<CacheEntry> {
+        self.breaker.call(self.timeout, self.inner.get(key)).await
+    }
+    async fn get_many(&self, keys: &[RecordKey]) -> StoreResult<Vec<CacheEntry>> {
+        self.breaker
+            .call(self.timeout, self.inner.get_many(keys))
+            .await
+    }
+    async fn store(&self, record: &Record, ttl: Duration) -> StoreResult<bool> {
+        self.breaker
+            .call(self.timeout, self.inner.store(record, ttl))
+            .await
+    }
+    async fn store_deleted(
+        &self,
+        key: &RecordKey,
+        version: Version,
+        ttl: Duration,
+    ) -> StoreResult<bool> {
+        let call = self.inner.store_deleted(key, version, ttl);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn lookup_hint(
+        &self,
+        collection: &CollectionName,
+        index: &IndexName,
+        value: &str,
+    ) -> StoreResult<Option<RecordId>> {
+        let call = self.inner.lookup_hint(collection, index, value);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn store_lookup_hint(
+        &self,
+        collection: &CollectionName,
+        index: &IndexName,
+        value: &str,
+        id: &RecordId,
+        ttl: Duration,
+    ) -> StoreResult<()> {
+        let call = self
+            .inner
+            .store_lookup_hint(collection, index, value, id, ttl);
+        self.breaker.call(self.timeout, call).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn down() -> StoreError {
+        StoreError::unavailable(Tier::Cache, "connection refused")
+    }
+
+    #[test]
+    fn opens_after_the_threshold_and_closes_on_success() {
+        let breaker = Breaker::new(Tier::Cache, "redis", 3);
+        breaker.record_failure(&down());
+        breaker.record_failure(&down());
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        breaker.record_failure(&down());
+        assert_eq!(breaker.state(), BreakerState::Open);
+        assert_eq!(breaker.health().degradations, 1);
+        breaker.begin_trial();
+        assert_eq!(breaker.state(), BreakerState::HalfOpen);
+        breaker.record_failure(&down());
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Open,
+            "a failed trial reopens"
+        );
+        breaker.record_success();
+        assert_eq!(breaker.state(), BreakerState::Closed);
+        assert_eq!(breaker.health().consecutive_failures, 0);
+    }
+
+    #[test]
+    fn a_success_resets_the_count() {
+        let breaker = Breaker::new(Tier::Durable, "postgres", 2);
+        breaker.record_failure(&down());
+        breaker.record_success();
+        breaker.record_failure(&down());
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
+    #[tokio::test]
+    async fn an_open_breaker_fails_fast_and_a_slow_call_times_out() {
+        let breaker = Breaker::new(Tier::Durable, "postgres", 1);
+        let slow = breaker
+            .call(Duration::from_millis(20), async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok(())
+            })
+            .await;
+        assert!(slow.unwrap_err().is_unavailable());
+        assert_eq!(breaker.state(), BreakerState::Open);
+        let started = Instant::now();
+        let refused = breaker.call(Duration::from_secs(5), async { Ok(()) }).await;
+        assert!(refused.unwrap_err().is_unavailable());
+        assert!(
+            started.elapsed() < Duration::from_millis(5),
+            "no waiting while open"
+        );
+    }
+
+    #[tokio::test]
+    async fn request_errors_do_not_count_as_failures() {
+        let breaker = Breaker::new(Tier::Durable, "postgres", 1);
+        let _ = breaker
+            .call::<()>(Duration::from_secs(1), async {
+                Err(StoreError::PreconditionFailed)
+            })
+            .await;
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+}
