@@ -9,3 +9,4 @@ mod degradation;
 mod indexes_and_ttl;
 mod outages;
 mod records;
+mod stale_cache;

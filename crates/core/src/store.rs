@@ -89,6 +89,19 @@ pub trait CacheStore: Send + Sync + 'static {
     /// A cheap round trip that succeeds only when the tier can serve requests.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// An id of the server process (Redis `run_id`): a different id means the
+    /// server restarted and may hold older copies than it acknowledged.
+    /// `None` when the tier cannot tell.
+    async fn server_id(&self) -> StoreResult<Option<String>>;
+
+    /// Removes the copies of these records (written elsewhere while the cache
+    /// could not be updated).
+    async fn invalidate(&self, keys: &[RecordKey]) -> StoreResult<()>;
+
+    /// Removes every record copy and lookup hint of this service; returns how
+    /// many keys went.
+    async fn invalidate_all(&self) -> StoreResult<u64>;
+
     async fn get(&self, key: &RecordKey) -> StoreResult<CacheEntry>;
 
     /// Entries for several keys, in the order of `keys`.

@@ -66,6 +66,12 @@ pub struct BatchGet {
     pub missing: Vec<RecordId>,
 }
 
+/// What a committed write leaves in the cache.
+enum CacheUpdate<'a> {
+    Record(&'a Record),
+    Deleted(Version),
+}
+
 /// How often a PATCH without `If-Match` re-reads and retries when a concurrent
 /// writer got in between its read and its write.
 const PATCH_ATTEMPTS: usize = 8;
@@ -102,15 +108,10 @@ impl Engine {
             timeout: health.durable_call_timeout,
             inner: durable,
         };
-        let cache = GuardedCache {
-            breaker: Arc::new(Breaker::new(
-                Tier::Cache,
-                cache.backend(),
-                health.failure_threshold,
-            )),
-            timeout: health.cache_call_timeout,
-            inner: cache,
-        };
+        // Threshold 1: any cache failure may hide a restart that lost writes,
+        // so the cache stops serving until its recovery trial has checked.
+        let cache_breaker = Arc::new(Breaker::new(Tier::Cache, cache.backend(), 1));
+        let cache = GuardedCache::new(cache, cache_breaker, health.cache_call_timeout);
         Self {
             durable: Arc::new(durable),
             cache: Arc::new(cache),
@@ -127,15 +128,10 @@ impl Engine {
     /// Pings both tiers once and opens the breaker of each that does not
     /// answer, so a service started during an outage routes around it at once.
     pub async fn check_tiers_at_start(&self) {
-        let (durable, cache) = tokio::join!(self.durable.inner.ping(), self.cache.inner.ping());
-        for (breaker, result) in [
-            (&self.durable.breaker, durable),
-            (&self.cache.breaker, cache),
-        ] {
-            match result {
-                Ok(()) => breaker.record_success(),
-                Err(err) => breaker.force_open(&err),
-            }
+        let (durable, ()) = tokio::join!(self.durable.inner.ping(), self.cache.probe());
+        match durable {
+            Ok(()) => self.durable.breaker.record_success(),
+            Err(err) => self.durable.breaker.force_open(&err),
         }
     }
 
@@ -196,6 +192,54 @@ impl Engine {
         tracing::warn!(error = %err, backend = self.cache.backend(), operation, "cache tier call failed; bypassing cache");
     }
 
+    /// Before a write commits: if the cache is being routed around, remember
+    /// the key, so the cache's recovery removes the copy it may still hold.
+    /// (Marked before the commit, so a recovery that completes meanwhile
+    /// cannot miss it; the update after the commit covers the other order.)
+    fn before_commit(&self, collection: &Collection, plan: Plan, key: &RecordKey) {
+        if collection.plan.uses_cache() && plan.write == WritePath::DurableOnly {
+            self.cache.mark_dirty(key);
+        }
+    }
+
+    /// After a write committed: bring the cache copy up to date. If that
+    /// fails, the copy may be stale, so the cache stops serving until its
+    /// recovery has removed it.
+    async fn after_commit(
+        &self,
+        collection: &Collection,
+        key: &RecordKey,
+        update: CacheUpdate<'_>,
+        now: OffsetDateTime,
+    ) {
+        if !collection.plan.uses_cache() {
+            return;
+        }
+        let result = match update {
+            CacheUpdate::Record(record) => {
+                match record.cache_lifetime(collection.spec.cache_ttl, now) {
+                    Some(ttl) => self.cache.store(record, ttl).await,
+                    None => self
+                        .cache
+                        .invalidate(std::slice::from_ref(key))
+                        .await
+                        .map(|()| true),
+                }
+            }
+            CacheUpdate::Deleted(version) => {
+                self.cache
+                    .store_deleted(key, version, self.settings.deleted_marker_ttl)
+                    .await
+            }
+        };
+        if let Err(err) = result {
+            if self.cache.breaker.is_closed() {
+                tracing::warn!(error = %err, collection = %key.collection, id = %key.id, "cache update after commit failed; cache suspended until recovery");
+            }
+            self.cache.write_failed(key, &err);
+        }
+    }
+
     /// Stores a copy in the cache (version-checked, so never over a newer one).
     async fn cache_record(&self, collection: &Collection, record: &Record, now: OffsetDateTime) {
         let Some(ttl) = record.cache_lifetime(collection.spec.cache_ttl, now) else {
@@ -240,18 +284,15 @@ impl Engine {
         write: RecordWrite,
     ) -> Result<WriteOutcome, Error> {
         let plan = self.plan_for(collection)?;
+        self.before_commit(collection, plan, &write.key);
         let outcome = self
             .durable
             .put(&write)
             .await
             .map_err(|err| self.durable_failed(err))?;
-        match plan.write {
-            WritePath::DurableThenCache => {
-                self.cache_record(collection, &outcome.record, write.now)
-                    .await
-            }
-            WritePath::DurableOnly => {}
-        }
+        let update = CacheUpdate::Record(&outcome.record);
+        self.after_commit(collection, &write.key, update, write.now)
+            .await;
         Ok(outcome)
     }
 
@@ -378,17 +419,14 @@ impl Engine {
         let collection = self.catalog.get(&key.collection)?;
         let plan = self.plan_for(collection)?;
         let now = now();
+        self.before_commit(collection, plan, key);
         let version = self
             .durable
             .delete(key, precondition, now)
             .await
             .map_err(|err| self.durable_failed(err))?;
-        if plan.uses_cache() {
-            let ttl = self.settings.deleted_marker_ttl;
-            if let Err(err) = self.cache.store_deleted(key, version, ttl).await {
-                self.cache_failed("store_deleted", &err);
-            }
-        }
+        self.after_commit(collection, key, CacheUpdate::Deleted(version), now)
+            .await;
         Ok(version)
     }
 

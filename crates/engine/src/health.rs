@@ -11,6 +11,15 @@
 //! Every tier call also runs under a client-side timeout, because a hung server
 //! (stopped process, dropped packets) answers nothing and would otherwise hold
 //! the request for as long as the TCP stack cares to wait.
+//!
+//! The cache needs more than a breaker: copies in it can go stale while it is
+//! unreachable, because writes then commit in the durable tier only, and a
+//! Redis that restarted may have reloaded copies older than what it had
+//! acknowledged. So any cache failure opens its breaker at once, every write
+//! that skipped the cache is remembered ([`DirtyKeys`]), and the cache's
+//! half-open trial makes it safe before it closes: it compares the server's id
+//! (Redis `run_id`) with the last one seen and removes every copy after a
+//! restart, or the remembered keys otherwise.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -86,6 +95,9 @@ pub struct Breaker {
     inner: Mutex<BreakerInner>,
     /// How often this tier went from closed to open.
     degradations: AtomicU64,
+    /// Counts every failure; a probe closes the breaker only if none happened
+    /// since it looked (see [`Breaker::close_unless_failed_since`]).
+    failure_epoch: AtomicU64,
 }
 
 /// A snapshot of one tier's health, for status pages and metrics.
@@ -115,6 +127,7 @@ impl Breaker {
                 last_error: None,
             }),
             degradations: AtomicU64::new(0),
+            failure_epoch: AtomicU64::new(0),
         }
     }
 
@@ -166,14 +179,42 @@ impl Breaker {
         }
     }
 
+    /// A probe succeeded: the tier is healthy again. Only probes close a
+    /// breaker, so recovery always goes through the probe's checks.
     pub fn record_success(&self) {
         let mut inner = self.lock();
         inner.consecutive_failures = 0;
         self.transition(&mut inner, BreakerState::Closed);
     }
 
+    pub fn failure_epoch(&self) -> u64 {
+        self.failure_epoch.load(Ordering::SeqCst)
+    }
+
+    /// Closes the breaker after a successful probe, unless a failure happened
+    /// after the probe took `epoch`: what that failure left behind has not
+    /// been checked, so the next probe must look again.
+    pub fn close_unless_failed_since(&self, epoch: u64) {
+        let mut inner = self.lock();
+        if self.failure_epoch.load(Ordering::SeqCst) != epoch {
+            return;
+        }
+        inner.consecutive_failures = 0;
+        self.transition(&mut inner, BreakerState::Closed);
+    }
+
+    /// A live call succeeded. It may have started before the breaker opened,
+    /// so it only resets the count of a breaker that is still closed.
+    fn record_call_success(&self) {
+        let mut inner = self.lock();
+        if inner.state == BreakerState::Closed {
+            inner.consecutive_failures = 0;
+        }
+    }
+
     pub fn record_failure(&self, error: &StoreError) {
         let mut inner = self.lock();
+        self.failure_epoch.fetch_add(1, Ordering::SeqCst);
         inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
         inner.last_error = Some(error.to_string());
         let opens = match inner.state {
@@ -188,6 +229,7 @@ impl Breaker {
     /// Opens the breaker at once (a tier found down at start).
     pub fn force_open(&self, error: &StoreError) {
         let mut inner = self.lock();
+        self.failure_epoch.fetch_add(1, Ordering::SeqCst);
         inner.last_error = Some(error.to_string());
         inner.consecutive_failures = inner.consecutive_failures.max(self.threshold);
         self.transition(&mut inner, BreakerState::Open);
@@ -238,7 +280,7 @@ impl Breaker {
         match &result {
             Err(err) if err.is_unavailable() => self.record_failure(err),
             // An answer, even an error about the request, means the tier is up.
-            _ => self.record_success(),
+            _ => self.record_call_success(),
         }
         result
     }
@@ -246,6 +288,7 @@ impl Breaker {
     /// One probe: the half-open trial while open, a heartbeat while closed.
     async fn probe(&self, timeout: Duration, ping: impl Future<Output = StoreResult<()>>) {
         self.begin_trial();
+        let epoch = self.failure_epoch();
         let started = Instant::now();
         let result = match tokio::time::timeout(timeout, ping).await {
             Ok(result) => result,
@@ -255,7 +298,7 @@ impl Breaker {
             )),
         };
         match result {
-            Ok(()) => self.record_success(),
+            Ok(()) => self.close_unless_failed_since(epoch),
             Err(err) => {
                 tracing::debug!(tier = %self.tier, error = %err, elapsed = ?started.elapsed(), "probe failed");
                 self.record_failure(&err);
@@ -276,6 +319,28 @@ pub(crate) struct GuardedCache {
     pub inner: Arc<dyn CacheStore>,
     pub breaker: Arc<Breaker>,
     pub timeout: Duration,
+    /// Records written while the cache could not be updated.
+    pub dirty: Mutex<DirtyKeys>,
+    /// The cache server's id when last seen healthy.
+    pub server_id: Mutex<Option<String>>,
+}
+
+/// Most dirty keys remembered one by one; past this, recovery removes every
+/// copy instead.
+const MAX_DIRTY_KEYS: usize = 100_000;
+
+/// Keys whose cache copy may be stale.
+#[derive(Default)]
+pub(crate) struct DirtyKeys {
+    keys: std::collections::HashSet<RecordKey>,
+    overflowed: bool,
+}
+
+/// What recovery must remove from the cache before it is used again.
+enum Cleanup {
+    Nothing,
+    Keys(Vec<RecordKey>),
+    Everything,
 }
 
 impl GuardedDurable {
@@ -285,8 +350,112 @@ impl GuardedDurable {
 }
 
 impl GuardedCache {
+    pub fn new(inner: Arc<dyn CacheStore>, breaker: Arc<Breaker>, timeout: Duration) -> Self {
+        Self {
+            inner,
+            breaker,
+            timeout,
+            dirty: Mutex::new(DirtyKeys::default()),
+            server_id: Mutex::new(None),
+        }
+    }
+
+    /// Remembers that `key` was written without updating the cache.
+    pub fn mark_dirty(&self, key: &RecordKey) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if dirty.overflowed {
+            return;
+        }
+        if dirty.keys.len() >= MAX_DIRTY_KEYS {
+            dirty.keys.clear();
+            dirty.overflowed = true;
+        } else {
+            dirty.keys.insert(key.clone());
+        }
+    }
+
+    /// A write committed but its cache update failed: the copy may be stale,
+    /// so the cache stops serving until recovery has removed it.
+    pub fn write_failed(&self, key: &RecordKey, err: &StoreError) {
+        self.mark_dirty(key);
+        self.breaker.force_open(err);
+    }
+
+    /// The probe: a heartbeat while closed (which also notices a restart), the
+    /// recovery trial while open.
     pub async fn probe(&self) {
-        self.breaker.probe(self.timeout, self.inner.ping()).await;
+        self.breaker.begin_trial();
+        let outcome = tokio::time::timeout(self.timeout * 4, self.check()).await;
+        match outcome {
+            Ok(Ok(epoch)) => self.breaker.close_unless_failed_since(epoch),
+            Ok(Err(err)) => self.breaker.force_open(&err),
+            Err(_) => self.breaker.force_open(&StoreError::unavailable(
+                Tier::Cache,
+                format!("{} probe timed out", self.inner.backend()),
+            )),
+        }
+    }
+
+    /// Checks the cache and cleans what may be stale; returns the failure
+    /// epoch up to which everything has been cleaned.
+    async fn check(&self) -> StoreResult<u64> {
+        let server_id = self.inner.server_id().await?;
+        let restarted = {
+            let last = self.server_id.lock().unwrap_or_else(|e| e.into_inner());
+            last.is_some() && *last != server_id
+        };
+        if restarted {
+            // Stop serving before cleaning: what the restarted server reloaded
+            // may be older than what it had acknowledged.
+            self.breaker.force_open(&StoreError::unavailable(
+                Tier::Cache,
+                format!("{} restarted (server id changed)", self.inner.backend()),
+            ));
+        }
+        // Decided now, after the round trip: the breaker may have opened while
+        // this probe waited, and then this probe is the recovery.
+        let epoch = self.breaker.failure_epoch();
+        let recovering = !self.breaker.is_closed();
+        let cleanup = {
+            let dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            if restarted || dirty.overflowed {
+                Cleanup::Everything
+            } else if recovering && !dirty.keys.is_empty() {
+                Cleanup::Keys(dirty.keys.iter().cloned().collect())
+            } else {
+                Cleanup::Nothing
+            }
+        };
+        match &cleanup {
+            Cleanup::Nothing => {}
+            Cleanup::Keys(keys) => {
+                self.inner.invalidate(keys).await?;
+                tracing::info!(
+                    keys = keys.len(),
+                    "cache recovery removed copies written around it"
+                );
+            }
+            Cleanup::Everything => {
+                let removed = self.inner.invalidate_all().await?;
+                tracing::warn!(removed, restarted, "cache recovery removed every copy");
+            }
+        }
+        {
+            // Forget what was cleaned; keys marked meanwhile stay for the next
+            // recovery (the breaker is still open for them).
+            let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            match cleanup {
+                Cleanup::Nothing => {}
+                Cleanup::Keys(keys) => {
+                    for key in &keys {
+                        dirty.keys.remove(key);
+                    }
+                }
+                Cleanup::Everything => *dirty = DirtyKeys::default(),
+            }
+        }
+        *self.server_id.lock().unwrap_or_else(|e| e.into_inner()) = server_id;
+        Ok(epoch)
     }
 }
 
@@ -356,6 +525,21 @@ impl CacheStore for GuardedCache {
     }
     async fn ping(&self) -> StoreResult<()> {
         self.breaker.call(self.timeout, self.inner.ping()).await
+    }
+    async fn server_id(&self) -> StoreResult<Option<String>> {
+        self.breaker
+            .call(self.timeout, self.inner.server_id())
+            .await
+    }
+    async fn invalidate(&self, keys: &[RecordKey]) -> StoreResult<()> {
+        self.breaker
+            .call(self.timeout, self.inner.invalidate(keys))
+            .await
+    }
+    async fn invalidate_all(&self) -> StoreResult<u64> {
+        self.breaker
+            .call(self.timeout, self.inner.invalidate_all())
+            .await
     }
     async fn get(&self, key: &RecordKey) -> StoreResult<CacheEntry> {
         self.breaker.call(self.timeout, self.inner.get(key)).await
@@ -433,11 +617,42 @@ mod tests {
         assert_eq!(breaker.health().consecutive_failures, 0);
     }
 
+    #[tokio::test]
+    async fn a_call_that_succeeds_after_the_breaker_opened_does_not_close_it() {
+        let breaker = Breaker::new(Tier::Cache, "redis", 1);
+        let slow_success = breaker.call(Duration::from_secs(1), async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(())
+        });
+        let failure = async {
+            breaker.record_failure(&down());
+        };
+        let (result, ()) = tokio::join!(slow_success, failure);
+        assert!(result.is_ok());
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Open,
+            "only a probe closes it"
+        );
+    }
+
+    #[test]
+    fn a_probe_does_not_close_over_a_failure_it_has_not_seen() {
+        let breaker = Breaker::new(Tier::Cache, "redis", 1);
+        breaker.record_failure(&down());
+        let epoch = breaker.failure_epoch();
+        breaker.record_failure(&down());
+        breaker.close_unless_failed_since(epoch);
+        assert_eq!(breaker.state(), BreakerState::Open);
+        breaker.close_unless_failed_since(breaker.failure_epoch());
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+
     #[test]
     fn a_success_resets_the_count() {
         let breaker = Breaker::new(Tier::Durable, "postgres", 2);
         breaker.record_failure(&down());
-        breaker.record_success();
+        breaker.record_call_success();
         breaker.record_failure(&down());
         assert_eq!(breaker.state(), BreakerState::Closed);
     }

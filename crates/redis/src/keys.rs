@@ -52,6 +52,21 @@ impl KeySpace {
         format!("{}:{{{shard}}}:r:{collection}:{id}", self.prefix)
     }
 
+    /// Whether `key` (of this key space) holds a copy that invalidation may
+    /// remove: a record copy or a lookup hint.
+    pub fn is_copy(&self, key: &str) -> bool {
+        let Some(rest) = key
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix(":{"))
+        else {
+            return false;
+        };
+        let Some((_, kind)) = rest.split_once("}:") else {
+            return false;
+        };
+        kind.starts_with("r:") || kind.starts_with("i:")
+    }
+
     /// The key holding the id a unique index value was last seen pointing to.
     pub fn lookup_hint(
         &self,
@@ -83,6 +98,19 @@ mod tests {
         let shard: u64 = tag.trim_matches(|c| c == '{' || c == '}').parse().unwrap();
         assert!(shard < SHARDS);
         assert!(redis_key.starts_with("hs:{") && redis_key.ends_with(":r:api_keys:k1"));
+    }
+
+    #[test]
+    fn copies_are_recognised_by_kind() {
+        let keys = KeySpace::new("hs");
+        let record = keys.record(&RecordKey::new(
+            CollectionName::parse("users").unwrap(),
+            RecordId::parse("u1").unwrap(),
+        ));
+        assert!(keys.is_copy(&record));
+        assert!(keys.is_copy("hs:{3}:i:users:username:ada"));
+        assert!(!keys.is_copy("hs:{3}:journal"));
+        assert!(!keys.is_copy("hsx:{3}:r:users:u1"), "another prefix");
     }
 
     #[test]

@@ -140,6 +140,64 @@ impl CacheStore for RedisStore {
             .map_err(classify)
     }
 
+    async fn server_id(&self) -> StoreResult<Option<String>> {
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        Ok(info
+            .lines()
+            .find_map(|line| line.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned()))
+    }
+
+    async fn invalidate(&self, keys: &[RecordKey]) -> StoreResult<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        // One UNLINK per key: keys of different shards may live on different
+        // cluster nodes.
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("UNLINK").arg(self.keys.record(key)).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(classify)
+    }
+
+    async fn invalidate_all(&self) -> StoreResult<u64> {
+        let mut conn = self.conn.clone();
+        let pattern = format!("{}:*", self.keys.prefix());
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(classify)?;
+            let copies: Vec<&String> = keys.iter().filter(|key| self.keys.is_copy(key)).collect();
+            if !copies.is_empty() {
+                let mut pipe = redis::pipe();
+                for key in &copies {
+                    pipe.cmd("UNLINK").arg(key.as_str()).ignore();
+                }
+                pipe.query_async::<()>(&mut conn).await.map_err(classify)?;
+                removed += copies.len() as u64;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(collection = %key.collection, id = %key.id))]
     async fn get(&self, key: &RecordKey) -> StoreResult<CacheEntry> {
         let raw: RawEntry = redis::cmd("HMGET")

@@ -84,14 +84,32 @@ impl ServerProcess {
         }
     }
 
-    fn spawn(&self, command: Command) {
+    fn spawn(&self, mut command: Command) {
+        // Its own process group, so that pause/resume reach every process of
+        // the server (PostgreSQL runs one per connection).
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = spawn_owned(command).expect("start a server process");
         *self.child.lock().expect("child lock") = Some(child);
     }
 
     fn signal(&self, signal: libc::c_int) {
         if let Some(mut child) = self.child.lock().expect("child lock").take() {
+            // SAFETY: kill(2) on the process group we created. A paused server
+            // acts on SIGTERM/SIGINT only once continued.
+            unsafe {
+                libc::kill(-(child.id() as libc::pid_t), libc::SIGCONT);
+            }
             signal_and_wait(&mut child, signal);
+        }
+    }
+
+    /// Sends `signal` to the server's whole process group, leaving it running.
+    fn signal_group(&self, signal: libc::c_int) {
+        if let Some(child) = self.child.lock().expect("child lock").as_ref() {
+            // SAFETY: kill(2) on the process group we created for this child.
+            unsafe {
+                libc::kill(-(child.id() as libc::pid_t), signal);
+            }
         }
     }
 }
@@ -254,6 +272,17 @@ impl Postgres {
         self.process.signal(libc::SIGINT);
     }
 
+    /// Freezes every process of the server (SIGSTOP): connections stay open
+    /// but nothing answers, like a hung host.
+    pub fn pause(&self) {
+        self.process.signal_group(libc::SIGSTOP);
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.process.signal_group(libc::SIGCONT);
+    }
+
     /// Starts again on the same port with the same data.
     pub fn restart(&self) {
         self.stop();
@@ -268,6 +297,9 @@ pub enum RedisPersistence {
     None,
     /// Append-only file, fsync every second (what the compose file deploys).
     AppendOnly,
+    /// Only what an explicit `SAVE` wrote: a restart reloads that snapshot,
+    /// older than what the server had acknowledged since.
+    Snapshot,
 }
 
 /// A Redis server of our own.
@@ -299,7 +331,9 @@ impl Redis {
             .stdout(log_file(&log))
             .stderr(log_file(&log));
         match self.persistence {
-            RedisPersistence::None => command.args(["--appendonly", "no"]),
+            RedisPersistence::None | RedisPersistence::Snapshot => {
+                command.args(["--appendonly", "no"])
+            }
             RedisPersistence::AppendOnly => {
                 command.args(["--appendonly", "yes", "--appendfsync", "everysec"])
             }
@@ -325,6 +359,16 @@ impl Redis {
     /// Orderly shutdown (SIGTERM; with persistence, data is flushed).
     pub fn stop(&self) {
         self.process.signal(libc::SIGTERM);
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        self.process.signal_group(libc::SIGSTOP);
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.process.signal_group(libc::SIGCONT);
     }
 
     /// Starts again on the same port, with whatever data persistence kept.
