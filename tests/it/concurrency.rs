@@ -136,6 +136,9 @@ impl DurableStore for GatedReads {
     ) -> StoreResult<Option<Record>> {
         self.inner.lookup(c, i, v, now).await
     }
+    async fn apply_changes(&self, changes: &[hybridstore_core::Change]) -> StoreResult<Vec<bool>> {
+        self.inner.apply_changes(changes).await
+    }
     async fn purge_expired(&self, now: OffsetDateTime, retention: Duration) -> StoreResult<u64> {
         self.inner.purge_expired(now, retention).await
     }

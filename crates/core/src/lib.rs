@@ -9,6 +9,7 @@
 
 mod collection;
 mod error;
+mod journal;
 mod merge_patch;
 mod names;
 mod record;
@@ -17,6 +18,10 @@ mod version;
 
 pub use collection::{CollectionSpec, Strategy};
 pub use error::{Error, StoreError, Tier};
+pub use journal::{
+    Change, JournalAck, JournalEntry, JournalKind, JournalPosition, JournaledChange,
+    JournaledOutcome, JournaledWrite,
+};
 pub use merge_patch::merge_patch;
 pub use names::{CollectionName, IndexName, NameError, RecordId, validate_id_prefix};
 pub use record::{

@@ -11,8 +11,9 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::{
-    CollectionName, IndexName, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite,
-    StoreError, Version, WriteOutcome,
+    Change, CollectionName, IndexName, JournalAck, JournalEntry, JournalKind, JournaledOutcome,
+    JournaledWrite, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError,
+    Version, WriteOutcome,
 };
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -62,6 +63,11 @@ pub trait DurableStore: Send + Sync + 'static {
         value: &str,
         now: OffsetDateTime,
     ) -> StoreResult<Option<Record>>;
+
+    /// Applies replayed journal changes, each only if it is newer than what the
+    /// tier holds; returns, per change, whether it was applied (false: the
+    /// tier already held that version or a newer one).
+    async fn apply_changes(&self, changes: &[Change]) -> StoreResult<Vec<bool>>;
 
     /// Physically removes expired records and deletion markers older than
     /// `tombstone_retention`; returns how many rows went.
@@ -136,4 +142,24 @@ pub trait CacheStore: Send + Sync + 'static {
         id: &RecordId,
         ttl: Duration,
     ) -> StoreResult<()>;
+
+    /// Accepts a write ahead of the durable tier: updates the copy and appends
+    /// a journal entry atomically, pinning the copy until it is replayed.
+    async fn write_journaled(&self, write: &JournaledWrite) -> StoreResult<JournaledOutcome>;
+
+    /// Up to `max` journal entries for `consumer` to replay: its own entries
+    /// not yet acknowledged, new ones, and those another consumer took but
+    /// left unacknowledged for longer than `claim_idle`.
+    async fn read_journal(
+        &self,
+        consumer: &str,
+        max: usize,
+        claim_idle: Duration,
+    ) -> StoreResult<Vec<JournalEntry>>;
+
+    /// Removes replayed entries and unpins their copies.
+    async fn ack_journal(&self, acks: &[JournalAck]) -> StoreResult<()>;
+
+    /// How many entries of one journal wait to be replayed.
+    async fn journal_backlog(&self, kind: JournalKind) -> StoreResult<u64>;
 }

@@ -138,6 +138,17 @@ impl Catalog {
                     format!("strategy {strategy} is not available yet"),
                 )
             })?;
+            if plan.write == crate::strategy::WritePath::CacheJournaled
+                && !spec.unique_indexes.is_empty()
+            {
+                return Err(problem(
+                    "unique_indexes",
+                    format!(
+                        "strategy {strategy} writes through the cache, which cannot enforce \
+                         unique indexes; use dual_write or database_first"
+                    ),
+                ));
+            }
             if spec.cache_ttl < Duration::from_secs(1) {
                 return Err(problem("cache_ttl_secs", "must be at least 1".into()));
             }
@@ -251,7 +262,10 @@ mod tests {
         let err = Catalog::new(vec![write_behind], Strategy::DualWrite)
             .err()
             .unwrap();
-        assert_eq!((err.collection.as_str(), err.key), ("hot", "strategy"));
+        assert_eq!(
+            (err.collection.as_str(), err.key),
+            ("hot", "unique_indexes")
+        );
 
         let err = Catalog::new(vec![spec("any")], Strategy::RedisOnly)
             .err()

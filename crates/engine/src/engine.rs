@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -20,6 +21,7 @@ use time::OffsetDateTime;
 
 use crate::catalog::{Catalog, Collection, index_value};
 use crate::health::{Breaker, GuardedCache, GuardedDurable, HealthSettings, TierHealth};
+use crate::journal::JournalSettings;
 use crate::strategy::{Plan, ReadPath, WritePath};
 
 /// Limits and timings of the engine.
@@ -36,6 +38,7 @@ pub struct EngineSettings {
     /// Suggested client back-off when no tier can serve.
     pub retry_after: Duration,
     pub health: HealthSettings,
+    pub journal: JournalSettings,
 }
 
 impl Default for EngineSettings {
@@ -46,6 +49,7 @@ impl Default for EngineSettings {
             tombstone_retention: Duration::from_secs(3600),
             retry_after: Duration::from_secs(1),
             health: HealthSettings::default(),
+            journal: JournalSettings::default(),
         }
     }
 }
@@ -67,7 +71,7 @@ pub struct BatchGet {
 }
 
 /// What a committed write leaves in the cache.
-enum CacheUpdate<'a> {
+pub(crate) enum CacheUpdate<'a> {
     Record(&'a Record),
     Deleted(Version),
 }
@@ -77,14 +81,25 @@ enum CacheUpdate<'a> {
 const PATCH_ATTEMPTS: usize = 8;
 
 pub struct Engine {
-    durable: Arc<GuardedDurable>,
-    cache: Arc<GuardedCache>,
-    catalog: Catalog,
-    settings: EngineSettings,
+    pub(crate) durable: Arc<GuardedDurable>,
+    pub(crate) cache: Arc<GuardedCache>,
+    pub(crate) catalog: Catalog,
+    pub(crate) settings: EngineSettings,
+    /// Whether writes taken during a durable-tier outage may still wait in
+    /// the journal (kept current by the replay loop).
+    pub(crate) outage_backlog: AtomicBool,
+    /// This instance's name as a journal consumer.
+    pub(crate) instance_id: String,
+}
+
+/// A name for this process among the journal's consumers.
+fn instance_id() -> String {
+    let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
+    format!("hs-{}-{:x}", std::process::id(), nanos)
 }
 
 /// Wall-clock time at the precision both tiers store (microseconds).
-fn now() -> OffsetDateTime {
+pub(crate) fn now() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
     now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
         .unwrap_or(now)
@@ -117,6 +132,8 @@ impl Engine {
             cache: Arc::new(cache),
             catalog,
             settings,
+            outage_backlog: AtomicBool::new(false),
+            instance_id: instance_id(),
         }
     }
 
@@ -133,6 +150,7 @@ impl Engine {
             Ok(()) => self.durable.breaker.record_success(),
             Err(err) => self.durable.breaker.force_open(&err),
         }
+        self.refresh_outage_backlog().await;
     }
 
     /// Probes both tiers forever (the half-open trials that close breakers).
@@ -145,7 +163,7 @@ impl Engine {
         }
     }
 
-    fn unavailable(&self) -> Error {
+    pub(crate) fn unavailable(&self) -> Error {
         Error::BackendsUnavailable {
             retry_after: self.settings.retry_after,
         }
@@ -153,13 +171,40 @@ impl Engine {
 
     /// The plan a collection follows now: its configured plan, narrowed by
     /// which tiers are usable. Fails at once when none is.
-    fn plan_for(&self, collection: &Collection) -> Result<Plan, Error> {
+    pub(crate) fn plan_for(&self, collection: &Collection) -> Result<Plan, Error> {
         let durable_up = self.durable.breaker.is_closed();
         let cache_up = self.cache.breaker.is_closed();
+        let outage_backlog = self.outage_backlog.load(Ordering::SeqCst);
         collection
             .plan
-            .degraded(durable_up, cache_up)
+            .degraded(durable_up, cache_up, outage_backlog)
             .ok_or_else(|| self.unavailable())
+    }
+
+    /// The current state of a record, from where the newest version lives:
+    /// the cache when writes go through it (its copy may be newer than the
+    /// durable tier's), the durable tier otherwise.
+    async fn current(
+        &self,
+        collection: &Collection,
+        key: &RecordKey,
+        now: OffsetDateTime,
+    ) -> Result<Option<Record>, Error> {
+        let plan = self.plan_for(collection)?;
+        if plan.write == WritePath::CacheJournaled {
+            match self.cache.get(key).await {
+                Ok(CacheEntry::Present(record)) if !record.is_expired(now) => {
+                    return Ok(Some(record));
+                }
+                Ok(CacheEntry::Present(_) | CacheEntry::Deleted(_)) => return Ok(None),
+                Ok(CacheEntry::Miss) => {}
+                Err(_) => return Err(self.unavailable()),
+            }
+        }
+        self.durable
+            .get(key, now)
+            .await
+            .map_err(|err| self.durable_failed(err))
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -171,7 +216,7 @@ impl Engine {
     }
 
     /// Turns a durable-tier failure into the API error it means.
-    fn durable_failed(&self, err: StoreError) -> Error {
+    pub(crate) fn durable_failed(&self, err: StoreError) -> Error {
         match err {
             // The breaker logs the outage once; per request it is only debug.
             StoreError::Unavailable { .. } => {
@@ -284,6 +329,9 @@ impl Engine {
         write: RecordWrite,
     ) -> Result<WriteOutcome, Error> {
         let plan = self.plan_for(collection)?;
+        if plan.write == WritePath::CacheJournaled {
+            return self.put_journaled(collection, write).await;
+        }
         self.before_commit(collection, plan, &write.key);
         let outcome = self
             .durable
@@ -327,11 +375,7 @@ impl Engine {
         let patch = Value::Object(patch);
         for _ in 0..PATCH_ATTEMPTS {
             let now = now();
-            let current = self
-                .durable
-                .get(&key, now)
-                .await
-                .map_err(|err| self.durable_failed(err))?;
+            let current = self.current(collection, &key, now).await?;
             let current = match (current, precondition) {
                 (None, _) => return Err(Error::NotFound("record not found".into())),
                 (Some(_), Precondition::Absent) => {
@@ -419,6 +463,11 @@ impl Engine {
         let collection = self.catalog.get(&key.collection)?;
         let plan = self.plan_for(collection)?;
         let now = now();
+        if plan.write == WritePath::CacheJournaled {
+            return self
+                .delete_journaled(collection, key, precondition, now)
+                .await;
+        }
         self.before_commit(collection, plan, key);
         let version = self
             .durable

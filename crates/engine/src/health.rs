@@ -29,8 +29,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use hybridstore_core::{
-    CacheEntry, CacheStore, CollectionName, DurableStore, IndexName, ListQuery, Precondition,
-    Record, RecordId, RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome,
+    CacheEntry, CacheStore, Change, CollectionName, DurableStore, IndexName, JournalAck,
+    JournalEntry, JournalKind, JournaledOutcome, JournaledWrite, ListQuery, Precondition, Record,
+    RecordId, RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome,
 };
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -508,6 +509,11 @@ impl DurableStore for GuardedDurable {
         let call = self.inner.lookup(collection, index, value, now);
         self.breaker.call(self.timeout, call).await
     }
+    async fn apply_changes(&self, changes: &[Change]) -> StoreResult<Vec<bool>> {
+        self.breaker
+            .call(self.timeout, self.inner.apply_changes(changes))
+            .await
+    }
     async fn purge_expired(
         &self,
         now: OffsetDateTime,
@@ -584,6 +590,30 @@ impl CacheStore for GuardedCache {
             .inner
             .store_lookup_hint(collection, index, value, id, ttl);
         self.breaker.call(self.timeout, call).await
+    }
+    async fn write_journaled(&self, write: &JournaledWrite) -> StoreResult<JournaledOutcome> {
+        self.breaker
+            .call(self.timeout, self.inner.write_journaled(write))
+            .await
+    }
+    async fn read_journal(
+        &self,
+        consumer: &str,
+        max: usize,
+        claim_idle: Duration,
+    ) -> StoreResult<Vec<JournalEntry>> {
+        let call = self.inner.read_journal(consumer, max, claim_idle);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn ack_journal(&self, acks: &[JournalAck]) -> StoreResult<()> {
+        self.breaker
+            .call(self.timeout, self.inner.ack_journal(acks))
+            .await
+    }
+    async fn journal_backlog(&self, kind: JournalKind) -> StoreResult<u64> {
+        self.breaker
+            .call(self.timeout, self.inner.journal_backlog(kind))
+            .await
     }
 }
 

@@ -9,9 +9,11 @@
 mod catalog;
 mod engine;
 mod health;
+mod journal;
 mod strategy;
 
 pub use catalog::{Catalog, CatalogError, Collection};
 pub use engine::{BatchGet, Engine, EngineSettings, Page};
 pub use health::{BreakerState, HealthSettings, TierHealth};
+pub use journal::JournalSettings;
 pub use strategy::{Plan, ReadPath, WritePath};

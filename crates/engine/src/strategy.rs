@@ -8,9 +8,15 @@
 //! | `cache_first`    | cache + journal (write-behind)         | cache, durable on miss       |
 //! | `redis_only`     | cache                                  | cache                        |
 //!
-//! `cache_first` and `redis_only` need the journal and the cache-authoritative
-//! write path, which arrive with degradation; until then [`Plan::of`] refuses
-//! them and configuration validation reports it.
+//! `redis_only` needs listing and expiry kept by the cache alone; until then
+//! [`Plan::of`] refuses it and configuration validation reports it.
+//!
+//! Health narrows the configured plan ([`Plan::degraded`]): while the durable
+//! tier is down, collections that keep cache copies are written through the
+//! cache and its outage journal and read from the cache only; while the cache is
+//! down, everything goes to the durable tier; after an outage, writes stay on
+//! the journal until its backlog is replayed, so that no write is checked or
+//! merged against an older durable copy.
 
 use hybridstore_core::Strategy;
 
@@ -21,6 +27,9 @@ pub enum WritePath {
     DurableThenCache,
     /// Commit in the durable tier only.
     DurableOnly,
+    /// The cache takes the write and journals it atomically; the journal is
+    /// replayed into the durable tier in the background.
+    CacheJournaled,
 }
 
 /// Where a read is served from.
@@ -50,14 +59,15 @@ impl Plan {
             Strategy::DualWrite => (W::DurableThenCache, R::CacheThenDurable),
             Strategy::DatabaseFirst => (W::DurableThenCache, R::DurableOnly),
             Strategy::PostgresOnly => (W::DurableOnly, R::DurableOnly),
-            Strategy::CacheFirst | Strategy::RedisOnly => return None,
+            Strategy::CacheFirst => (W::CacheJournaled, R::CacheThenDurable),
+            Strategy::RedisOnly => return None,
         };
         Some(Plan { write, read })
     }
 
     /// Whether this plan keeps copies in the cache at all.
     pub fn uses_cache(self) -> bool {
-        self.write == WritePath::DurableThenCache || self.read != ReadPath::DurableOnly
+        self.write != WritePath::DurableOnly || self.read != ReadPath::DurableOnly
     }
 
     /// The plan in force when only the durable tier is usable.
@@ -66,18 +76,24 @@ impl Plan {
         read: ReadPath::DurableOnly,
     };
 
-    /// The plan in force given which tiers are usable; `None` when nothing can
-    /// serve. The configured plan applies while both tiers are up.
-    pub fn degraded(self, durable_up: bool, cache_up: bool) -> Option<Plan> {
+    /// The plan in force given which tiers are usable and whether writes taken
+    /// during a durable-tier outage still wait to be replayed; `None` when
+    /// nothing can serve.
+    pub fn degraded(self, durable_up: bool, cache_up: bool, outage_backlog: bool) -> Option<Plan> {
+        let journaled = |read| Plan {
+            write: WritePath::CacheJournaled,
+            read,
+        };
         match (durable_up, cache_up) {
+            // Replay first: the cache holds versions the durable tier lacks.
+            (true, true) if outage_backlog && self.write == WritePath::DurableThenCache => {
+                Some(journaled(ReadPath::CacheThenDurable))
+            }
             (true, true) => Some(self),
             (true, false) => Some(Plan::DURABLE_ONLY),
-            // Only copies the cache has been kept current for may be served;
-            // writes need the durable tier (the guard fails them fast).
-            (false, true) if self.uses_cache() => Some(Plan {
-                write: self.write,
-                read: ReadPath::CacheOnly,
-            }),
+            // Only collections whose cache copies are kept current can be
+            // served, and written, through the cache alone.
+            (false, true) if self.uses_cache() => Some(journaled(ReadPath::CacheOnly)),
             (false, _) => None,
         }
     }
@@ -105,23 +121,36 @@ mod tests {
             plan(Strategy::PostgresOnly),
             Some((W::DurableOnly, R::DurableOnly, false))
         );
-        assert_eq!(plan(Strategy::CacheFirst), None);
+        assert_eq!(
+            plan(Strategy::CacheFirst),
+            Some((W::CacheJournaled, R::CacheThenDurable, true))
+        );
         assert_eq!(plan(Strategy::RedisOnly), None);
     }
 
     #[test]
     fn health_narrows_the_plan() {
         let dual = Plan::of(Strategy::DualWrite).unwrap();
+        let write_behind = Plan::of(Strategy::CacheFirst).unwrap();
         let durable_only = Plan::of(Strategy::PostgresOnly).unwrap();
-        assert_eq!(dual.degraded(true, true), Some(dual));
-        assert_eq!(dual.degraded(true, false), Some(Plan::DURABLE_ONLY));
+        assert_eq!(dual.degraded(true, true, false), Some(dual));
+        assert_eq!(dual.degraded(true, false, false), Some(Plan::DURABLE_ONLY));
+        let outage = dual.degraded(false, true, false).unwrap();
         assert_eq!(
-            dual.degraded(false, true).map(|p| p.read),
-            Some(ReadPath::CacheOnly)
+            (outage.write, outage.read),
+            (WritePath::CacheJournaled, ReadPath::CacheOnly)
         );
-        assert_eq!(dual.degraded(false, false), None);
+        assert_eq!(dual.degraded(false, false, false), None);
+        let draining = dual.degraded(true, true, true).unwrap();
         assert_eq!(
-            durable_only.degraded(false, true),
+            (draining.write, draining.read),
+            (WritePath::CacheJournaled, ReadPath::CacheThenDurable),
+            "after an outage, writes stay journaled until the backlog is replayed"
+        );
+        assert_eq!(write_behind.degraded(true, true, true), Some(write_behind));
+        assert_eq!(durable_only.degraded(true, true, true), Some(durable_only));
+        assert_eq!(
+            durable_only.degraded(false, true, false),
             None,
             "a collection without cache copies cannot be served from the cache"
         );

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hybridstore_core::{
-    CollectionName, DurableStore, IndexEntry, IndexName, JsonObject, ListQuery, Precondition,
-    Record, RecordId, RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome,
+    Change, CollectionName, DurableStore, IndexEntry, IndexName, JsonObject, ListQuery,
+    Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version,
+    WriteOutcome,
 };
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::types::Json;
@@ -247,6 +248,32 @@ const LOOKUP_LIVE: &str = concat!(
     "WHERE ri.collection = $1 AND ri.index_name = $2 AND ri.value = $3 AND ",
     live!("r", "$4")
 );
+
+/// Replays a journaled put: applied only over an older version (or nothing).
+const REPLAY_PUT: &str = concat!(
+    "INSERT INTO records AS r ",
+    "(collection, id, version, created_version, data, created_at, updated_at, expires_at, deleted) ",
+    "VALUES ($1, $2, $3, $3, $4, $5, $6, $7, false) ",
+    "ON CONFLICT (collection, id) DO UPDATE SET ",
+    "version = EXCLUDED.version, ",
+    "created_version = CASE WHEN ",
+    live!("r", "EXCLUDED.updated_at"),
+    " THEN r.created_version ELSE EXCLUDED.version END, ",
+    "created_at = CASE WHEN ",
+    live!("r", "EXCLUDED.updated_at"),
+    " THEN r.created_at ELSE EXCLUDED.created_at END, ",
+    "data = EXCLUDED.data, updated_at = EXCLUDED.updated_at, ",
+    "expires_at = EXCLUDED.expires_at, deleted = false ",
+    "WHERE r.version < EXCLUDED.version RETURNING 1"
+);
+
+/// Replays a journaled delete: a tombstone, only over an older version.
+const REPLAY_DELETE: &str = "INSERT INTO records AS r \
+    (collection, id, version, created_version, data, created_at, updated_at, expires_at, deleted) \
+    VALUES ($1, $2, $3, $3, '{}', $4, $4, NULL, true) \
+    ON CONFLICT (collection, id) DO UPDATE SET version = EXCLUDED.version, data = '{}', \
+    updated_at = EXCLUDED.updated_at, expires_at = NULL, deleted = true \
+    WHERE r.version < EXCLUDED.version RETURNING 1";
 
 const PURGE_BATCH: &str = "DELETE FROM records WHERE ctid IN (\
     SELECT ctid FROM records WHERE expires_at <= $1 \
@@ -559,6 +586,35 @@ impl DurableStore for PostgresStore {
             .await
             .map_err(classify)?;
         row.map(|row| record_from_row(collection, &row)).transpose()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(count = changes.len()))]
+    async fn apply_changes(&self, changes: &[Change]) -> StoreResult<Vec<bool>> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let mut applied = Vec::with_capacity(changes.len());
+        for change in changes {
+            let key = change.key();
+            let version = version_param(change.version())?;
+            let query = match change {
+                Change::Put(record) => sqlx::query(REPLAY_PUT)
+                    .bind(key.collection.as_str())
+                    .bind(key.id.as_str())
+                    .bind(version)
+                    .bind(Json(&record.data))
+                    .bind(record.created_at)
+                    .bind(record.updated_at)
+                    .bind(record.expires_at),
+                Change::Delete { at, .. } => sqlx::query(REPLAY_DELETE)
+                    .bind(key.collection.as_str())
+                    .bind(key.id.as_str())
+                    .bind(version)
+                    .bind(*at),
+            };
+            let row = query.fetch_optional(&mut *tx).await.map_err(classify)?;
+            applied.push(row.is_some());
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(applied)
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

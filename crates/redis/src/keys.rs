@@ -10,9 +10,11 @@
 //! ```text
 //! {prefix}:{N}:r:{collection}:{id}               record copy (hash: v, d)
 //! {prefix}:{N}:i:{collection}:{index}:{value}    unique-index hint -> id
+//! {prefix}:{N}:journal                           write-behind (cache_first) not yet replayed
+//! {prefix}:{N}:outage                            writes taken while the durable tier was down
 //! ```
 
-use hybridstore_core::{CollectionName, IndexName, RecordKey};
+use hybridstore_core::{CollectionName, IndexName, JournalKind, RecordKey};
 
 /// Number of hash-tag shards. Changing it moves every key (a cold cache).
 pub const SHARDS: u64 = 16;
@@ -67,6 +69,27 @@ impl KeySpace {
         kind.starts_with("r:") || kind.starts_with("i:")
     }
 
+    /// The journal stream of the shard `record_key` (from [`Self::record`])
+    /// belongs to: same hash tag, so one script can touch both.
+    pub fn journal_of(&self, key: &RecordKey, kind: JournalKind) -> String {
+        let shard = shard_of(&[key.collection.as_str(), key.id.as_str()]);
+        self.journal(shard, kind)
+    }
+
+    /// The journal stream of one shard.
+    pub fn journal(&self, shard: u64, kind: JournalKind) -> String {
+        let name = match kind {
+            JournalKind::WriteBehind => "journal",
+            JournalKind::Outage => "outage",
+        };
+        format!("{}:{{{shard}}}:{name}", self.prefix)
+    }
+
+    /// Every journal stream of one kind.
+    pub fn journals(&self, kind: JournalKind) -> Vec<String> {
+        (0..SHARDS).map(|shard| self.journal(shard, kind)).collect()
+    }
+
     /// The key holding the id a unique index value was last seen pointing to.
     pub fn lookup_hint(
         &self,
@@ -110,6 +133,19 @@ mod tests {
         assert!(keys.is_copy(&record));
         assert!(keys.is_copy("hs:{3}:i:users:username:ada"));
         assert!(!keys.is_copy("hs:{3}:journal"));
+        let user = RecordKey::new(
+            CollectionName::parse("users").unwrap(),
+            RecordId::parse("u1").unwrap(),
+        );
+        let journal = keys.journal_of(&user, JournalKind::Outage);
+        assert!(!keys.is_copy(&journal));
+        assert!(!keys.is_copy(&keys.journal_of(&user, JournalKind::WriteBehind)));
+        let tag = |k: &str| k[k.find('{').unwrap()..=k.find('}').unwrap()].to_owned();
+        assert_eq!(
+            tag(&journal),
+            tag(&record),
+            "record and journal share a slot"
+        );
         assert!(!keys.is_copy("hsx:{3}:r:users:u1"), "another prefix");
     }
 

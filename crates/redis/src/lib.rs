@@ -1,12 +1,12 @@
 //! The Redis cache tier.
 //!
-//! Redis holds copies of records, each tagged with its version. All writes into a
-//! record key go through one Lua script that refuses anything not newer than what
-//! is there, so fills from slow readers, write-throughs from concurrent writers
-//! and deletion markers can arrive in any order and the newest always wins.
-//! Connections go through a `ConnectionManager`: one multiplexed connection that
-//! reconnects by itself, with per-call timeouts so a hung Redis cannot hang
-//! requests.
+//! Redis holds copies of records, each tagged with its version. All writes into
+//! a record key go through Lua scripts that compare versions, so fills from slow
+//! readers, write-throughs from concurrent writers and deletion markers can
+//! arrive in any order and the newest always wins. For write-behind, Redis also
+//! holds the journal: one stream per shard, appended in the same script that
+//! updates the copy (see `lua/`). Connections go through a `ConnectionManager`:
+//! one multiplexed connection that reconnects by itself.
 
 mod keys;
 
@@ -14,13 +14,19 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hybridstore_core::{
-    CacheEntry, CacheStore, CollectionName, IndexName, Record, RecordId, RecordKey, StoreError,
-    StoreResult, Tier, Version,
+    CacheEntry, CacheStore, Change, CollectionName, IndexName, JournalAck, JournalEntry,
+    JournalKind, JournalPosition, JournaledChange, JournaledOutcome, JournaledWrite, JsonObject,
+    Precondition, Record, RecordId, RecordKey, StoreError, StoreResult, Tier, Version,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{RedisError, Script, ServerErrorKind};
+use time::OffsetDateTime;
 
 pub use keys::{KeySpace, SHARDS};
+
+/// The consumer group that replays journals into the durable tier.
+const REPLAY_GROUP: &str = "replay";
 
 /// How to reach Redis.
 #[derive(Clone, Debug)]
@@ -35,7 +41,15 @@ pub struct RedisOptions {
 pub struct RedisStore {
     conn: ConnectionManager,
     keys: KeySpace,
+    scripts: Scripts,
+}
+
+#[derive(Clone)]
+struct Scripts {
     store_if_newer: Script,
+    write_journaled: Script,
+    unpin: Script,
+    unlink_unless_pinned: Script,
 }
 
 /// Sorts a driver error into "Redis is unavailable" or an internal error.
@@ -60,28 +74,125 @@ fn classify(err: RedisError) -> StoreError {
     }
 }
 
+fn corrupt(what: String) -> StoreError {
+    StoreError::internal(Tier::Cache, what)
+}
+
 fn ttl_millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-/// The reply of `HMGET key v d`.
-type RawEntry = (Option<String>, Option<Vec<u8>>);
+fn micros(at: OffsetDateTime) -> i64 {
+    (at.unix_timestamp_nanos() / 1_000) as i64
+}
 
-fn decode_entry(raw: RawEntry) -> StoreResult<CacheEntry> {
-    let (version, data) = raw;
+fn from_micros(value: i64) -> StoreResult<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(value) * 1_000)
+        .map_err(|err| corrupt(format!("bad cached timestamp {value}: {err}")))
+}
+
+fn parse_version(text: &str) -> StoreResult<Version> {
+    text.parse()
+        .map_err(|err| corrupt(format!("bad cached version {text:?}: {err}")))
+}
+
+fn parse_data(bytes: &[u8]) -> StoreResult<JsonObject> {
+    serde_json::from_slice(bytes).map_err(|err| corrupt(format!("undecodable cached data: {err}")))
+}
+
+/// The fields a read takes from a record hash (`p`, the pin, is internal).
+const RECORD_FIELDS: [&str; 5] = ["v", "d", "c", "u", "x"];
+
+/// The fields of a record hash, in `RECORD_FIELDS` order.
+type RawEntry = (
+    Option<String>,
+    Option<Vec<u8>>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
+
+fn decode_entry(key: &RecordKey, raw: RawEntry) -> StoreResult<CacheEntry> {
+    let (version, data, created, updated, expires) = raw;
     let Some(version) = version else {
         return Ok(CacheEntry::Miss);
     };
-    let corrupt = |what: String| StoreError::internal(Tier::Cache, what);
-    match data {
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map(CacheEntry::Present)
-            .map_err(|err| corrupt(format!("undecodable cached record: {err}"))),
-        None => version
-            .parse::<Version>()
-            .map(CacheEntry::Deleted)
-            .map_err(|err| corrupt(format!("bad cached version {version:?}: {err}"))),
-    }
+    let version = parse_version(&version)?;
+    let Some(data) = data else {
+        return Ok(CacheEntry::Deleted(version));
+    };
+    let missing = |field: &str| corrupt(format!("cached record without {field}"));
+    Ok(CacheEntry::Present(Record {
+        collection: key.collection.clone(),
+        id: key.id.clone(),
+        version,
+        data: parse_data(&data)?,
+        created_at: from_micros(created.ok_or_else(|| missing("created_at"))?)?,
+        updated_at: from_micros(updated.ok_or_else(|| missing("updated_at"))?)?,
+        expires_at: expires.map(from_micros).transpose()?,
+    }))
+}
+
+fn hmget_entry(pipe: &mut redis::Pipeline, key: String) {
+    pipe.cmd("HMGET").arg(key).arg(&RECORD_FIELDS[..]);
+}
+
+/// A journal entry as the write script appended it.
+fn decode_journal_entry(stream: &str, entry: &StreamId) -> StoreResult<JournalEntry> {
+    let text = |field: &str| -> StoreResult<String> {
+        entry
+            .get::<String>(field)
+            .ok_or_else(|| corrupt(format!("journal entry {} without {field}", entry.id)))
+    };
+    let number = |field: &str| -> StoreResult<i64> {
+        text(field)?
+            .parse()
+            .map_err(|err| corrupt(format!("journal entry {}: {field}: {err}", entry.id)))
+    };
+    let collection =
+        CollectionName::parse(&text("collection")?).map_err(|err| corrupt(err.to_string()))?;
+    let id = RecordId::parse(&text("id")?).map_err(|err| corrupt(err.to_string()))?;
+    let key = RecordKey::new(collection, id);
+    let version = parse_version(&text("v")?)?;
+    let updated_at = from_micros(number("u")?)?;
+    let change = match text("op")?.as_str() {
+        "put" => {
+            let expires = text("x")?;
+            Change::Put(Record {
+                collection: key.collection,
+                id: key.id,
+                version,
+                data: parse_data(text("d")?.as_bytes())?,
+                created_at: from_micros(number("c")?)?,
+                updated_at,
+                expires_at: match expires.as_str() {
+                    "" => None,
+                    micros => Some(from_micros(
+                        micros.parse().map_err(|_| corrupt("bad expiry".into()))?,
+                    )?),
+                },
+            })
+        }
+        "delete" => Change::Delete {
+            key,
+            version,
+            at: updated_at,
+        },
+        other => {
+            return Err(corrupt(format!(
+                "journal entry {}: unknown op {other:?}",
+                entry.id
+            )));
+        }
+    };
+    Ok(JournalEntry {
+        position: JournalPosition {
+            stream: stream.to_owned(),
+            id: entry.id.clone(),
+            pinned_key: text("key")?,
+        },
+        change,
+    })
 }
 
 impl RedisStore {
@@ -99,7 +210,12 @@ impl RedisStore {
         Ok(Self {
             conn,
             keys: KeySpace::new(options.key_prefix.clone()),
-            store_if_newer: Script::new(include_str!("lua/store_if_newer.lua")),
+            scripts: Scripts {
+                store_if_newer: Script::new(include_str!("lua/store_if_newer.lua")),
+                write_journaled: Script::new(include_str!("lua/write_journaled.lua")),
+                unpin: Script::new(include_str!("lua/unpin.lua")),
+                unlink_unless_pinned: Script::new(include_str!("lua/unlink_unless_pinned.lua")),
+            },
         })
     }
 
@@ -107,23 +223,159 @@ impl RedisStore {
         &self.keys
     }
 
-    async fn store_version(
+    async fn store_copy(
         &self,
         key: &RecordKey,
         version: Version,
-        payload: &[u8],
+        record: Option<&Record>,
         ttl: Duration,
     ) -> StoreResult<bool> {
-        let stored: i64 = self
-            .store_if_newer
-            .key(self.keys.record(key))
-            .arg(version.to_padded())
-            .arg(payload)
+        let mut invocation = self.scripts.store_if_newer.key(self.keys.record(key));
+        invocation.arg(version.to_padded());
+        match record {
+            Some(record) => {
+                let data = serde_json::to_vec(&record.data)
+                    .map_err(|err| StoreError::internal(Tier::Cache, err))?;
+                invocation
+                    .arg(data)
+                    .arg(micros(record.created_at))
+                    .arg(micros(record.updated_at))
+                    .arg(
+                        record
+                            .expires_at
+                            .map(micros)
+                            .map(|x| x.to_string())
+                            .unwrap_or_default(),
+                    );
+            }
+            None => {
+                invocation
+                    .arg("")
+                    .arg("")
+                    .arg(micros(OffsetDateTime::now_utc()))
+                    .arg("");
+            }
+        }
+        let stored: i64 = invocation
             .arg(ttl_millis(ttl))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(classify)?;
         Ok(stored == 1)
+    }
+
+    /// Removes keys (copies or hints) unless pinned by a pending journal entry.
+    /// The calls go out concurrently: the multiplexed connection pipelines them.
+    async fn unlink_unpinned(&self, keys: Vec<String>) -> StoreResult<u64> {
+        let mut removed = 0;
+        for chunk in keys.chunks(500) {
+            let calls = chunk.iter().map(|key| {
+                let mut conn = self.conn.clone();
+                let script = &self.scripts.unlink_unless_pinned;
+                async move {
+                    script
+                        .key(key.as_str())
+                        .invoke_async::<i64>(&mut conn)
+                        .await
+                }
+            });
+            for gone in futures_util::future::join_all(calls).await {
+                removed += gone.map_err(classify)? as u64;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Creates the replay group of every journal stream (idempotent).
+    async fn ensure_replay_groups(&self) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        for stream in JournalKind::ALL
+            .iter()
+            .flat_map(|kind| self.keys.journals(*kind))
+        {
+            let created: Result<(), RedisError> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&stream)
+                .arg(REPLAY_GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await;
+            match created {
+                Ok(()) => {}
+                Err(err) if err.code() == Some("BUSYGROUP") => {}
+                Err(err) => return Err(classify(err)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_journal_once(
+        &self,
+        consumer: &str,
+        max: usize,
+        claim_idle: Duration,
+    ) -> Result<Vec<JournalEntry>, RedisError> {
+        let mut conn = self.conn.clone();
+        let mut raw: Vec<(String, StreamId)> = Vec::new();
+        // Outage writes first: their backlog holds the configured strategy back.
+        let streams = [JournalKind::Outage, JournalKind::WriteBehind]
+            .iter()
+            .flat_map(|kind| self.keys.journals(*kind));
+        for stream in streams {
+            if raw.len() >= max {
+                break;
+            }
+            let want = max - raw.len();
+            // This consumer's own unacknowledged entries first (a replay that
+            // failed half-way), then new ones.
+            for from in ["0", ">"] {
+                let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(REPLAY_GROUP)
+                    .arg(consumer)
+                    .arg("COUNT")
+                    .arg(want)
+                    .arg("STREAMS")
+                    .arg(&stream)
+                    .arg(from)
+                    .query_async(&mut conn)
+                    .await?;
+                let ids: Vec<StreamId> = reply
+                    .into_iter()
+                    .flat_map(|reply| reply.keys)
+                    .flat_map(|key| key.ids)
+                    .collect();
+                if !ids.is_empty() {
+                    raw.extend(ids.into_iter().map(|id| (stream.clone(), id)));
+                    break;
+                }
+            }
+            // Entries another consumer (a crashed instance) left behind.
+            let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(&stream)
+                .arg(REPLAY_GROUP)
+                .arg(consumer)
+                .arg(u64::try_from(claim_idle.as_millis()).unwrap_or(u64::MAX))
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(want)
+                .query_async(&mut conn)
+                .await?;
+            raw.extend(claimed.claimed.into_iter().map(|id| (stream.clone(), id)));
+        }
+        let mut entries = Vec::with_capacity(raw.len());
+        for (stream, id) in &raw {
+            match decode_journal_entry(stream, id) {
+                Ok(entry) => entries.push(entry),
+                Err(err) => {
+                    // Never drop an entry silently; it stays pending and shows
+                    // in the backlog.
+                    tracing::error!(error = %err, stream, id = %id.id, "undecodable journal entry left in place");
+                }
+            }
+        }
+        Ok(entries)
     }
 }
 
@@ -153,18 +405,8 @@ impl CacheStore for RedisStore {
     }
 
     async fn invalidate(&self, keys: &[RecordKey]) -> StoreResult<()> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        // One UNLINK per key: keys of different shards may live on different
-        // cluster nodes.
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("UNLINK").arg(self.keys.record(key)).ignore();
-        }
-        pipe.query_async::<()>(&mut self.conn.clone())
-            .await
-            .map_err(classify)
+        let keys: Vec<String> = keys.iter().map(|key| self.keys.record(key)).collect();
+        self.unlink_unpinned(keys).await.map(drop)
     }
 
     async fn invalidate_all(&self) -> StoreResult<u64> {
@@ -182,15 +424,11 @@ impl CacheStore for RedisStore {
                 .query_async(&mut conn)
                 .await
                 .map_err(classify)?;
-            let copies: Vec<&String> = keys.iter().filter(|key| self.keys.is_copy(key)).collect();
-            if !copies.is_empty() {
-                let mut pipe = redis::pipe();
-                for key in &copies {
-                    pipe.cmd("UNLINK").arg(key.as_str()).ignore();
-                }
-                pipe.query_async::<()>(&mut conn).await.map_err(classify)?;
-                removed += copies.len() as u64;
-            }
+            let copies: Vec<String> = keys
+                .into_iter()
+                .filter(|key| self.keys.is_copy(key))
+                .collect();
+            removed += self.unlink_unpinned(copies).await?;
             if next == 0 {
                 return Ok(removed);
             }
@@ -202,12 +440,11 @@ impl CacheStore for RedisStore {
     async fn get(&self, key: &RecordKey) -> StoreResult<CacheEntry> {
         let raw: RawEntry = redis::cmd("HMGET")
             .arg(self.keys.record(key))
-            .arg("v")
-            .arg("d")
+            .arg(&RECORD_FIELDS[..])
             .query_async(&mut self.conn.clone())
             .await
             .map_err(classify)?;
-        decode_entry(raw)
+        decode_entry(key, raw)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(count = keys.len()))]
@@ -217,23 +454,21 @@ impl CacheStore for RedisStore {
         }
         let mut pipe = redis::pipe();
         for key in keys {
-            pipe.cmd("HMGET")
-                .arg(self.keys.record(key))
-                .arg("v")
-                .arg("d");
+            hmget_entry(&mut pipe, self.keys.record(key));
         }
         let raw: Vec<RawEntry> = pipe
             .query_async(&mut self.conn.clone())
             .await
             .map_err(classify)?;
-        raw.into_iter().map(decode_entry).collect()
+        keys.iter()
+            .zip(raw)
+            .map(|(key, raw)| decode_entry(key, raw))
+            .collect()
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(collection = %record.collection, id = %record.id, version = %record.version))]
     async fn store(&self, record: &Record, ttl: Duration) -> StoreResult<bool> {
-        let payload =
-            serde_json::to_vec(record).map_err(|err| StoreError::internal(Tier::Cache, err))?;
-        self.store_version(&record.key(), record.version, &payload, ttl)
+        self.store_copy(&record.key(), record.version, Some(record), ttl)
             .await
     }
 
@@ -244,7 +479,7 @@ impl CacheStore for RedisStore {
         version: Version,
         ttl: Duration,
     ) -> StoreResult<bool> {
-        self.store_version(key, version, b"", ttl).await
+        self.store_copy(key, version, None, ttl).await
     }
 
     async fn lookup_hint(
@@ -278,5 +513,130 @@ impl CacheStore for RedisStore {
             .query_async::<()>(&mut self.conn.clone())
             .await
             .map_err(classify)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(collection = %write.key.collection, id = %write.key.id))]
+    async fn write_journaled(&self, write: &JournaledWrite) -> StoreResult<JournaledOutcome> {
+        let (op, data, expires) = match &write.change {
+            JournaledChange::Put { data, expires_at } => (
+                "put",
+                serde_json::to_string(data)
+                    .map_err(|err| StoreError::internal(Tier::Cache, err))?,
+                expires_at
+                    .map(micros)
+                    .map(|x| x.to_string())
+                    .unwrap_or_default(),
+            ),
+            JournaledChange::Delete => ("delete", String::new(), String::new()),
+        };
+        let (precondition, expected) = match write.precondition {
+            Precondition::None => ("none", String::new()),
+            Precondition::IfMatch(version) => ("match", version.to_padded()),
+            Precondition::Exists => ("exists", String::new()),
+            Precondition::Absent => ("absent", String::new()),
+        };
+        let reply: Vec<String> = self
+            .scripts
+            .write_journaled
+            .key(self.keys.record(&write.key))
+            .key(self.keys.journal_of(&write.key, write.kind))
+            .arg(op)
+            .arg(Version::next(None, write.now).to_padded())
+            .arg(precondition)
+            .arg(expected)
+            .arg(data)
+            .arg(micros(write.now))
+            .arg(expires)
+            .arg(if write.unknown_state_ok { "1" } else { "0" })
+            .arg(write.key.collection.as_str())
+            .arg(write.key.id.as_str())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        let field = |i: usize| reply.get(i).map(String::as_str).unwrap_or("");
+        match field(0) {
+            "ok" => Ok(JournaledOutcome::Written {
+                version: parse_version(field(1))?,
+                created: field(2) == "1",
+                created_at: from_micros(
+                    field(3)
+                        .parse()
+                        .map_err(|_| corrupt("bad created_at".into()))?,
+                )?,
+            }),
+            "unknown" => Ok(JournaledOutcome::UnknownState),
+            "conflict" => Ok(JournaledOutcome::Conflict {
+                current: match field(1) {
+                    "" => None,
+                    version => Some(parse_version(version)?),
+                },
+            }),
+            "notfound" => Ok(JournaledOutcome::NotFound),
+            other => Err(corrupt(format!(
+                "unexpected reply from the write script: {other:?}"
+            ))),
+        }
+    }
+
+    async fn read_journal(
+        &self,
+        consumer: &str,
+        max: usize,
+        claim_idle: Duration,
+    ) -> StoreResult<Vec<JournalEntry>> {
+        match self.read_journal_once(consumer, max, claim_idle).await {
+            // The groups vanish with a Redis that restarted empty: recreate.
+            Err(err) if err.code() == Some("NOGROUP") => {
+                self.ensure_replay_groups().await?;
+                self.read_journal_once(consumer, max, claim_idle)
+                    .await
+                    .map_err(classify)
+            }
+            result => result.map_err(classify),
+        }
+    }
+
+    async fn ack_journal(&self, acks: &[JournalAck]) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        for ack in acks {
+            // Unpin first: if the ack were lost, the entry is replayed again
+            // (a no-op) rather than the copy staying pinned for ever.
+            let _: i64 = self
+                .scripts
+                .unpin
+                .key(&ack.position.pinned_key)
+                .arg(ack.version.to_padded())
+                .arg(ttl_millis(ack.ttl))
+                .arg(if ack.superseded { "1" } else { "0" })
+                .invoke_async(&mut conn)
+                .await
+                .map_err(classify)?;
+            redis::pipe()
+                .cmd("XACK")
+                .arg(&ack.position.stream)
+                .arg(REPLAY_GROUP)
+                .arg(&ack.position.id)
+                .ignore()
+                .cmd("XDEL")
+                .arg(&ack.position.stream)
+                .arg(&ack.position.id)
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(classify)?;
+        }
+        Ok(())
+    }
+
+    async fn journal_backlog(&self, kind: JournalKind) -> StoreResult<u64> {
+        let mut pipe = redis::pipe();
+        for stream in self.keys.journals(kind) {
+            pipe.cmd("XLEN").arg(stream);
+        }
+        let lengths: Vec<u64> = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        Ok(lengths.iter().sum())
     }
 }

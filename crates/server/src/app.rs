@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Router;
 use hybridstore_core::{DurableStore, StoreError};
-use hybridstore_engine::{Catalog, Engine, EngineSettings, HealthSettings};
+use hybridstore_engine::{Catalog, Engine, EngineSettings, HealthSettings, JournalSettings};
 use hybridstore_postgres::{PgConnectOptions, PostgresOptions, PostgresStore};
 use hybridstore_redis::{RedisOptions, RedisStore};
 use tokio::net::TcpListener;
@@ -132,6 +132,11 @@ impl ServerBuilder {
                 durable_call_timeout: Duration::from_millis(config.postgres.call_timeout_ms),
                 cache_call_timeout: Duration::from_millis(config.redis.call_timeout_ms),
             },
+            journal: JournalSettings {
+                batch_size: config.journal.batch_size,
+                claim_idle: Duration::from_millis(config.journal.claim_idle_ms),
+                ..JournalSettings::default()
+            },
             ..EngineSettings::default()
         };
         let engine = Arc::new(Engine::new(durable, Arc::new(redis), catalog, settings));
@@ -185,6 +190,7 @@ impl Server {
         tracing::info!(addr = %self.local_addr(), "hybridstore listening");
         let background = [
             tokio::spawn(self.engine.clone().run_health_probes()),
+            tokio::spawn(self.engine.clone().run_journal_replay()),
             tokio::spawn(purge_expired_records(self.engine, self.purge_interval)),
         ];
         let served = axum::serve(self.listener, self.router)

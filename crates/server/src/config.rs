@@ -158,6 +158,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub records: RecordsConfig,
     pub health: HealthConfig,
+    pub journal: JournalConfig,
     pub sync: SyncConfig,
     pub log: LogConfig,
     #[serde(default)]
@@ -266,6 +267,14 @@ pub struct RecordsConfig {
 pub struct HealthConfig {
     pub failure_threshold: u32,
     pub probe_interval_ms: u64,
+}
+
+/// Replay of the write-behind and outage journals.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalConfig {
+    pub batch_size: usize,
+    pub claim_idle_ms: u64,
 }
 
 /// Background synchronisation between the tiers (used by the operator surface).
@@ -440,6 +449,8 @@ impl Config {
                 "health.failure_threshold",
                 u64::from(self.health.failure_threshold),
             ),
+            ("journal.batch_size", self.journal.batch_size as u64),
+            ("journal.claim_idle_ms", self.journal.claim_idle_ms),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));

@@ -90,9 +90,13 @@ impl TestAppBuilder {
             .merge(("port", 0))
             .merge(("postgres.url", postgres.url(&database)))
             .merge(("postgres.pool_size", 8))
+            // A dead server is noticed in well under a second.
+            .merge(("postgres.acquire_timeout_ms", 300))
+            .merge(("postgres.call_timeout_ms", 1000))
             .merge(("redis.url", redis.url()))
             .merge(("redis.key_prefix", &key_prefix))
             .merge(("records.purge_interval_ms", 200))
+            .merge(("journal.claim_idle_ms", 1000))
             .merge((
                 "tokens",
                 serde_json::json!([
@@ -283,10 +287,7 @@ impl TestApp {
             )
             .await;
         let version = version?.parse().expect("numeric version");
-        let data = data.map(|bytes| {
-            let record: Value = serde_json::from_slice(&bytes).expect("cached record JSON");
-            record["data"].clone()
-        });
+        let data = data.map(|bytes| serde_json::from_slice(&bytes).expect("cached data JSON"));
         Some((version, data))
     }
 
@@ -321,10 +322,27 @@ impl TestApp {
             .await
     }
 
-    /// Every Redis key of this app.
+    /// Every record copy and lookup hint this app holds in Redis (not its
+    /// journal streams).
     pub async fn redis_keys(&self) -> Vec<String> {
-        self.redis_query(redis::cmd("KEYS").arg(format!("{}:*", self.keys.prefix())))
-            .await
+        let keys: Vec<String> = self
+            .redis_query(redis::cmd("KEYS").arg(format!("{}:*", self.keys.prefix())))
+            .await;
+        keys.into_iter()
+            .filter(|key| self.keys.is_copy(key))
+            .collect()
+    }
+
+    /// Entries waiting in this app's journals (write-behind and outage).
+    pub async fn journal_backlog(&self) -> u64 {
+        let mut total = 0;
+        for kind in hybridstore_core::JournalKind::ALL {
+            for stream in self.keys.journals(kind) {
+                let length: u64 = self.redis_query(redis::cmd("XLEN").arg(stream)).await;
+                total += length;
+            }
+        }
+        total
     }
 
     /// Number of rows in `records` for this app (live or not).

@@ -1,22 +1,30 @@
--- Stores a record copy (or a deletion marker) unless the key already holds the
--- same or a newer version. This is the single rule that keeps a slow reader's
--- cache fill from overwriting a newer write (guarantee 1: no stale fill).
+-- Stores a record copy (or a deletion marker) confirmed by the durable tier,
+-- unless the key already holds the same or a newer version. This is the single
+-- rule that keeps a slow reader's fill from overwriting a newer write
+-- (guarantee 1: no stale fill).
 --
--- KEYS[1]  record key (hash: v = version, d = record JSON; no d = deleted)
--- ARGV[1]  version as a 20-digit zero-padded decimal, so that string order is
---          numeric order (Lua numbers are doubles and would lose precision)
--- ARGV[2]  record JSON, or '' for a deletion marker
--- ARGV[3]  time to live in milliseconds
--- Returns 1 when stored, 0 when the key already held a version >= ARGV[1].
+-- Hash fields: v version (20-digit zero-padded decimal, so string order is
+-- numeric order; Lua numbers are doubles), d data JSON (absent: deleted),
+-- c created_at, u updated_at, x expires_at (microseconds since the epoch),
+-- p version of a journal entry not yet replayed (the key is then pinned).
+--
+-- KEYS[1] record key
+-- ARGV[1] version   ARGV[2] data JSON, '' for a deletion marker
+-- ARGV[3] created   ARGV[4] updated   ARGV[5] expires or ''
+-- ARGV[6] time to live in milliseconds
+-- Returns 1 when stored, 0 when the key held a version >= ARGV[1].
 local current = redis.call('HGET', KEYS[1], 'v')
 if current and current >= ARGV[1] then
   return 0
 end
+redis.call('DEL', KEYS[1])
 if ARGV[2] == '' then
-  redis.call('HDEL', KEYS[1], 'd')
-  redis.call('HSET', KEYS[1], 'v', ARGV[1])
+  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'u', ARGV[4])
 else
-  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2])
+  redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2], 'c', ARGV[3], 'u', ARGV[4])
+  if ARGV[5] ~= '' then
+    redis.call('HSET', KEYS[1], 'x', ARGV[5])
+  end
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return 1

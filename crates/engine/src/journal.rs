@@ -1,0 +1,338 @@
+//! Writes through the cache's journal, and their replay into the durable tier.
+//!
+//! Two situations journal writes: a `cache_first` collection always does
+//! (write-behind), and every collection that keeps cache copies does while the
+//! durable tier is down (outage). Either way the cache tier checks the
+//! precondition, assigns the version and appends the entry in one atomic step,
+//! and the write is acknowledged only after that step.
+//!
+//! The replay loop reads entries through a consumer group (so several
+//! instances share the work, and entries a crashed instance took are claimed
+//! again), keeps the newest change per record, applies the batch to the durable
+//! tier in one transaction guarded by version, and only then acknowledges the
+//! entries. Applying an entry twice, or after a newer write, changes nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use hybridstore_core::{
+    CacheEntry, CacheStore, Change, DurableStore, Error, JournalAck, JournalKind, JournaledChange,
+    JournaledOutcome, JournaledWrite, Precondition, Record, RecordKey, RecordWrite, StoreError,
+    Version, WriteOutcome,
+};
+use time::OffsetDateTime;
+
+use crate::catalog::Collection;
+use crate::engine::Engine;
+use crate::strategy::WritePath;
+
+/// How the replay loop works.
+#[derive(Clone, Debug)]
+pub struct JournalSettings {
+    /// Most entries replayed in one durable-tier transaction.
+    pub batch_size: usize,
+    /// Entries another instance took but did not acknowledge for this long are
+    /// taken over (that instance probably died).
+    pub claim_idle: Duration,
+    /// Pause between polls while the journal is empty.
+    pub idle_interval: Duration,
+}
+
+impl Default for JournalSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            claim_idle: Duration::from_secs(30),
+            idle_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Engine {
+    fn journal_kind(collection: &Collection) -> JournalKind {
+        if collection.plan.write == WritePath::CacheJournaled {
+            JournalKind::WriteBehind
+        } else {
+            JournalKind::Outage
+        }
+    }
+
+    /// A cache failure on the journaled path: the write cannot be taken.
+    fn journal_failed(&self, err: StoreError) -> Error {
+        match err {
+            StoreError::Internal { .. } => {
+                Error::Internal(format!("{err} ({})", self.cache.backend()))
+            }
+            _ => self.unavailable(),
+        }
+    }
+
+    /// Loads the durable tier's state of a record into the cache, so that the
+    /// cache can check preconditions and continue the version sequence.
+    async fn load_state(
+        &self,
+        collection: &Collection,
+        key: &RecordKey,
+        now: OffsetDateTime,
+    ) -> Result<(), Error> {
+        let current = self
+            .durable
+            .get(key, now)
+            .await
+            .map_err(|err| self.durable_failed(err))?;
+        let stored = match &current {
+            Some(record) => {
+                let ttl = record
+                    .cache_lifetime(collection.spec.cache_ttl, now)
+                    .unwrap_or(Duration::from_secs(1));
+                self.cache.store(record, ttl).await
+            }
+            // "Known absent": a marker below every real version.
+            None => {
+                self.cache
+                    .store_deleted(key, Version::new(0), self.settings.deleted_marker_ttl)
+                    .await
+            }
+        };
+        stored.map(drop).map_err(|err| self.journal_failed(err))
+    }
+
+    /// Runs a journaled write, loading the record's state first if the cache
+    /// knows nothing of it.
+    async fn journal(
+        &self,
+        collection: &Collection,
+        mut write: JournaledWrite,
+    ) -> Result<JournaledOutcome, Error> {
+        for _ in 0..3 {
+            let outcome = self
+                .cache
+                .write_journaled(&write)
+                .await
+                .map_err(|err| self.journal_failed(err))?;
+            match outcome {
+                JournaledOutcome::UnknownState => {
+                    if self.durable.breaker.is_closed() {
+                        self.load_state(collection, &write.key, write.now).await?;
+                    } else if write.precondition == Precondition::None
+                        && matches!(write.change, JournaledChange::Put { .. })
+                    {
+                        // Nobody can say whether the record exists; an
+                        // unconditional replace is right either way, and its
+                        // clock-based version is above any the record had.
+                        write.unknown_state_ok = true;
+                    } else {
+                        return Err(self.unavailable());
+                    }
+                }
+                JournaledOutcome::Written { .. } => {
+                    if write.kind == JournalKind::Outage {
+                        self.outage_backlog.store(true, Ordering::SeqCst);
+                    }
+                    return Ok(outcome);
+                }
+                JournaledOutcome::Conflict { current } => {
+                    return Err(Error::VersionConflict { current });
+                }
+                JournaledOutcome::NotFound => {
+                    return Err(Error::NotFound("record not found".into()));
+                }
+            }
+        }
+        Err(self.unavailable())
+    }
+
+    /// A put through the journal. A collection with unique indexes can only
+    /// be written this way (during an outage) if the write keeps every indexed
+    /// value as it is: only the durable tier can check a new value.
+    pub(crate) async fn put_journaled(
+        &self,
+        collection: &Collection,
+        write: RecordWrite,
+    ) -> Result<WriteOutcome, Error> {
+        let mut precondition = write.precondition;
+        if let Some(entries) = &write.index_entries {
+            let current = match self.cache.get(&write.key).await {
+                Ok(CacheEntry::Present(record)) if !record.is_expired(write.now) => record,
+                _ => return Err(self.unavailable()),
+            };
+            if collection.index_entries(&current.data)?.as_ref() != Some(entries) {
+                return Err(self.unavailable());
+            }
+            precondition = match precondition {
+                Precondition::IfMatch(v) if v != current.version => {
+                    return Err(Error::VersionConflict {
+                        current: Some(current.version),
+                    });
+                }
+                Precondition::Absent => {
+                    return Err(Error::VersionConflict {
+                        current: Some(current.version),
+                    });
+                }
+                _ => Precondition::IfMatch(current.version),
+            };
+        }
+        let journaled = JournaledWrite {
+            kind: Self::journal_kind(collection),
+            key: write.key.clone(),
+            change: JournaledChange::Put {
+                data: write.data.clone(),
+                expires_at: write.expires_at,
+            },
+            precondition,
+            now: write.now,
+            unknown_state_ok: false,
+        };
+        match self.journal(collection, journaled).await? {
+            JournaledOutcome::Written {
+                version,
+                created,
+                created_at,
+            } => Ok(WriteOutcome {
+                created,
+                record: Record {
+                    collection: write.key.collection,
+                    id: write.key.id,
+                    version,
+                    data: write.data,
+                    created_at,
+                    updated_at: write.now,
+                    expires_at: write.expires_at,
+                },
+            }),
+            other => Err(Error::Internal(format!(
+                "unexpected journal outcome {other:?}"
+            ))),
+        }
+    }
+
+    /// A delete through the journal.
+    pub(crate) async fn delete_journaled(
+        &self,
+        collection: &Collection,
+        key: &RecordKey,
+        precondition: Precondition,
+        now: OffsetDateTime,
+    ) -> Result<Version, Error> {
+        let journaled = JournaledWrite {
+            kind: Self::journal_kind(collection),
+            key: key.clone(),
+            change: JournaledChange::Delete,
+            precondition,
+            now,
+            unknown_state_ok: false,
+        };
+        match self.journal(collection, journaled).await? {
+            JournaledOutcome::Written { version, .. } => Ok(version),
+            other => Err(Error::Internal(format!(
+                "unexpected journal outcome {other:?}"
+            ))),
+        }
+    }
+
+    /// Re-reads whether outage writes still wait in the journal.
+    pub(crate) async fn refresh_outage_backlog(&self) {
+        if let Ok(backlog) = self.cache.journal_backlog(JournalKind::Outage).await {
+            self.outage_backlog.store(backlog > 0, Ordering::SeqCst);
+        }
+    }
+
+    /// How many entries wait in each journal (for status and metrics).
+    pub async fn journal_backlog(&self) -> Result<(u64, u64), Error> {
+        let write_behind = self.cache.journal_backlog(JournalKind::WriteBehind).await;
+        let outage = self.cache.journal_backlog(JournalKind::Outage).await;
+        match (write_behind, outage) {
+            (Ok(write_behind), Ok(outage)) => Ok((write_behind, outage)),
+            _ => Err(self.unavailable()),
+        }
+    }
+
+    /// Replays the journals into the durable tier, forever.
+    pub async fn run_journal_replay(self: Arc<Self>) {
+        loop {
+            let replayed = if self.durable.breaker.is_closed() && self.cache.breaker.is_closed() {
+                match self.replay_once().await {
+                    Ok(replayed) => replayed,
+                    Err(err) => {
+                        tracing::debug!(error = %err, "journal replay paused");
+                        0
+                    }
+                }
+            } else {
+                0
+            };
+            if replayed == 0 {
+                tokio::time::sleep(self.settings.journal.idle_interval).await;
+            }
+        }
+    }
+
+    /// One batch: read, apply, acknowledge. Returns how many entries it took.
+    pub async fn replay_once(&self) -> Result<usize, StoreError> {
+        let settings = &self.settings.journal;
+        let entries = self
+            .cache
+            .read_journal(&self.instance_id, settings.batch_size, settings.claim_idle)
+            .await?;
+        if entries.is_empty() {
+            let backlog = self.cache.journal_backlog(JournalKind::Outage).await?;
+            let was = self.outage_backlog.swap(backlog > 0, Ordering::SeqCst);
+            if was && backlog == 0 {
+                tracing::info!("outage journal replayed; configured strategies resume");
+            }
+            return Ok(0);
+        }
+
+        // The newest change per record is the one that counts; older entries
+        // of the same record are acknowledged with it.
+        let mut newest: HashMap<RecordKey, &Change> = HashMap::new();
+        for entry in &entries {
+            let key = entry.change.key();
+            let keep = newest
+                .get(&key)
+                .is_none_or(|kept| kept.version() < entry.change.version());
+            if keep {
+                newest.insert(key, &entry.change);
+            }
+        }
+        let changes: Vec<Change> = newest.values().map(|change| (*change).clone()).collect();
+        let applied = self.durable.apply_changes(&changes).await?;
+        let superseded: HashMap<(RecordKey, Version), bool> = changes
+            .iter()
+            .zip(&applied)
+            .map(|(change, applied)| ((change.key(), change.version()), !applied))
+            .collect();
+        let applied_count = applied.iter().filter(|applied| **applied).count();
+
+        let acks: Vec<JournalAck> = entries
+            .iter()
+            .map(|entry| {
+                let key = entry.change.key();
+                let ttl = match (&entry.change, self.catalog.get(&key.collection)) {
+                    (Change::Put(_), Ok(collection)) => collection.spec.cache_ttl,
+                    _ => self.settings.deleted_marker_ttl,
+                };
+                JournalAck {
+                    position: entry.position.clone(),
+                    version: entry.change.version(),
+                    ttl,
+                    superseded: superseded
+                        .get(&(key, entry.change.version()))
+                        .copied()
+                        .unwrap_or(false),
+                }
+            })
+            .collect();
+        self.cache.ack_journal(&acks).await?;
+        tracing::debug!(
+            entries = entries.len(),
+            records = changes.len(),
+            applied = applied_count,
+            "journal replayed"
+        );
+        Ok(entries.len())
+    }
+}
