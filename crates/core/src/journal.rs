@@ -97,6 +97,7 @@ impl Change {
 /// but the cache tier that wrote it.
 #[derive(Clone, Debug)]
 pub struct JournalEntry {
+    pub kind: JournalKind,
     pub position: JournalPosition,
     pub change: Change,
 }

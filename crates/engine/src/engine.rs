@@ -7,7 +7,6 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -21,7 +20,7 @@ use time::OffsetDateTime;
 
 use crate::catalog::{Catalog, Collection, index_value};
 use crate::health::{Breaker, GuardedCache, GuardedDurable, HealthSettings, TierHealth};
-use crate::journal::JournalSettings;
+use crate::journal::{Backlog, JournalSettings};
 use crate::strategy::{Plan, ReadPath, WritePath};
 
 /// Limits and timings of the engine.
@@ -87,7 +86,9 @@ pub struct Engine {
     pub(crate) settings: EngineSettings,
     /// Whether writes taken during a durable-tier outage may still wait in
     /// the journal (kept current by the replay loop).
-    pub(crate) outage_backlog: AtomicBool,
+    pub(crate) outage_backlog: Backlog,
+    /// Whether write-behind (`cache_first`) writes may still wait.
+    pub(crate) write_behind_backlog: Backlog,
     /// This instance's name as a journal consumer.
     pub(crate) instance_id: String,
 }
@@ -132,7 +133,8 @@ impl Engine {
             cache: Arc::new(cache),
             catalog,
             settings,
-            outage_backlog: AtomicBool::new(false),
+            outage_backlog: Backlog::default(),
+            write_behind_backlog: Backlog::default(),
             instance_id: instance_id(),
         }
     }
@@ -174,10 +176,14 @@ impl Engine {
     pub(crate) fn plan_for(&self, collection: &Collection) -> Result<Plan, Error> {
         let durable_up = self.durable.breaker.is_closed();
         let cache_up = self.cache.breaker.is_closed();
-        let outage_backlog = self.outage_backlog.load(Ordering::SeqCst);
+        let backlog = match collection.plan.write {
+            WritePath::DurableThenCache => self.outage_backlog.pending(),
+            WritePath::CacheJournaled => self.write_behind_backlog.pending(),
+            WritePath::DurableOnly => false,
+        };
         collection
             .plan
-            .degraded(durable_up, cache_up, outage_backlog)
+            .degraded(durable_up, cache_up, backlog)
             .ok_or_else(|| self.unavailable())
     }
 
@@ -230,6 +236,22 @@ impl Engine {
                 Error::Internal(format!("{} ({})", err, self.durable.backend()))
             }
         }
+    }
+
+    /// A cache read failed. The durable tier can answer instead, unless
+    /// writes currently go through the cache's journal: then the cache may
+    /// hold versions the durable tier does not have yet.
+    fn cache_read_failed(
+        &self,
+        plan: Plan,
+        operation: &'static str,
+        err: &StoreError,
+    ) -> Result<(), Error> {
+        self.cache_failed(operation, err);
+        if plan.write == WritePath::CacheJournaled {
+            return Err(self.unavailable());
+        }
+        Ok(())
     }
 
     /// A cache failure is not the request's failure: log it and go on.
@@ -434,7 +456,7 @@ impl Engine {
                 }
                 Ok(CacheEntry::Deleted(_)) => return Ok(None),
                 Ok(_) => {}
-                Err(err) => self.cache_failed("get", &err),
+                Err(err) => self.cache_read_failed(plan, "get", &err)?,
             }
             if plan.read == ReadPath::CacheOnly {
                 // A miss says nothing about the record while the durable tier
@@ -547,7 +569,7 @@ impl Engine {
                         };
                     }
                 }
-                Err(err) => self.cache_failed("get_many", &err),
+                Err(err) => self.cache_read_failed(plan, "get_many", &err)?,
             }
         }
 
@@ -614,7 +636,10 @@ impl Engine {
         let plan = self.plan_for(collection)?;
         let now = now();
         if plan.read != ReadPath::DurableOnly
-            && let Some(record) = self.lookup_cached(collection_name, index, value, now).await
+            && let Some(record) = self
+                .lookup_cached(collection_name, index, value, now)
+                .await
+                .or_else(|err| self.cache_read_failed(plan, "lookup", &err).map(|()| None))?
         {
             return Ok(Some(record));
         }
@@ -627,6 +652,22 @@ impl Engine {
             .lookup(collection_name, index, value, now)
             .await
             .map_err(|err| self.durable_failed(err))?;
+        // With writes journaled, the cache may hold a newer version of the
+        // record PostgreSQL found (indexed values cannot change meanwhile).
+        let record = match (plan.write, record) {
+            (WritePath::CacheJournaled, Some(found)) => match self.cache.get(&found.key()).await {
+                Ok(CacheEntry::Present(newer)) if newer.version >= found.version => {
+                    (!newer.is_expired(now)).then_some(newer)
+                }
+                Ok(CacheEntry::Deleted(version)) if version > found.version => None,
+                Ok(_) => Some(found),
+                Err(err) => {
+                    self.cache_read_failed(plan, "get", &err)?;
+                    Some(found)
+                }
+            },
+            (_, record) => record,
+        };
         if let (true, Some(record)) = (cached, &record) {
             self.cache_record(collection, record, now).await;
             if let Some(ttl) = record.cache_lifetime(collection.spec.cache_ttl, now) {
@@ -648,29 +689,21 @@ impl Engine {
         index: &hybridstore_core::IndexName,
         value: &str,
         now: OffsetDateTime,
-    ) -> Option<Record> {
-        let id = match self.cache.lookup_hint(collection, index, value).await {
-            Ok(id) => id?,
-            Err(err) => {
-                self.cache_failed("lookup_hint", &err);
-                return None;
-            }
+    ) -> Result<Option<Record>, StoreError> {
+        let Some(id) = self.cache.lookup_hint(collection, index, value).await? else {
+            return Ok(None);
         };
         let key = RecordKey::new(collection.clone(), id);
-        match self.cache.get(&key).await {
-            Ok(CacheEntry::Present(record))
+        Ok(match self.cache.get(&key).await? {
+            CacheEntry::Present(record)
                 if !record.is_expired(now)
                     && index_value(&record.data, index).ok().flatten().as_deref()
                         == Some(value) =>
             {
                 Some(record)
             }
-            Ok(_) => None,
-            Err(err) => {
-                self.cache_failed("get", &err);
-                None
-            }
-        }
+            _ => None,
+        })
     }
 
     /// Removes expired records and old deletion markers from the durable tier.

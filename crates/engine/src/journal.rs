@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+
 use std::time::Duration;
 
 use hybridstore_core::{
@@ -46,6 +46,54 @@ impl Default for JournalSettings {
             batch_size: 500,
             claim_idle: Duration::from_secs(30),
             idle_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Whether journaled writes of one kind may still wait to be replayed.
+///
+/// Set by every journaled write, cleared by the replay loop when the journal
+/// is empty, but only if no write was journaled since the loop began to look:
+/// otherwise a write landing between the length check and the clearing would
+/// leave the flag down with its entry pending.
+#[derive(Default)]
+pub(crate) struct Backlog {
+    /// (writes journaled so far, may entries wait)
+    state: std::sync::Mutex<(u64, bool)>,
+}
+
+impl Backlog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, bool)> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn pending(&self) -> bool {
+        self.lock().1
+    }
+
+    fn mark(&self) {
+        let mut state = self.lock();
+        state.0 += 1;
+        state.1 = true;
+    }
+
+    fn epoch(&self) -> u64 {
+        self.lock().0
+    }
+
+    /// Records the length seen; returns true when this cleared the flag.
+    fn settle(&self, epoch: u64, length: u64) -> bool {
+        let mut state = self.lock();
+        if length > 0 {
+            state.1 = true;
+            false
+        } else if state.0 == epoch && state.1 {
+            state.1 = false;
+            true
+        } else {
+            false
         }
     }
 }
@@ -128,9 +176,7 @@ impl Engine {
                     }
                 }
                 JournaledOutcome::Written { .. } => {
-                    if write.kind == JournalKind::Outage {
-                        self.outage_backlog.store(true, Ordering::SeqCst);
-                    }
+                    self.backlog(write.kind).mark();
                     return Ok(outcome);
                 }
                 JournaledOutcome::Conflict { current } => {
@@ -233,10 +279,23 @@ impl Engine {
         }
     }
 
-    /// Re-reads whether outage writes still wait in the journal.
+    pub(crate) fn backlog(&self, kind: JournalKind) -> &Backlog {
+        match kind {
+            JournalKind::Outage => &self.outage_backlog,
+            JournalKind::WriteBehind => &self.write_behind_backlog,
+        }
+    }
+
+    /// Re-reads whether journaled writes still wait, per journal.
     pub(crate) async fn refresh_outage_backlog(&self) {
-        if let Ok(backlog) = self.cache.journal_backlog(JournalKind::Outage).await {
-            self.outage_backlog.store(backlog > 0, Ordering::SeqCst);
+        for kind in JournalKind::ALL {
+            let epoch = self.backlog(kind).epoch();
+            if let Ok(length) = self.cache.journal_backlog(kind).await {
+                let cleared = self.backlog(kind).settle(epoch, length);
+                if cleared && kind == JournalKind::Outage {
+                    tracing::info!("outage journal replayed; configured strategies resume");
+                }
+            }
         }
     }
 
@@ -278,12 +337,11 @@ impl Engine {
             .read_journal(&self.instance_id, settings.batch_size, settings.claim_idle)
             .await?;
         if entries.is_empty() {
-            let backlog = self.cache.journal_backlog(JournalKind::Outage).await?;
-            let was = self.outage_backlog.swap(backlog > 0, Ordering::SeqCst);
-            if was && backlog == 0 {
-                tracing::info!("outage journal replayed; configured strategies resume");
-            }
+            self.refresh_outage_backlog().await;
             return Ok(0);
+        }
+        for entry in &entries {
+            self.backlog(entry.kind).mark();
         }
 
         // The newest change per record is the one that counts; older entries
@@ -334,5 +392,25 @@ impl Engine {
             "journal replayed"
         );
         Ok(entries.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backlog;
+
+    #[test]
+    fn a_write_during_the_check_keeps_the_backlog_pending() {
+        let backlog = Backlog::default();
+        backlog.mark();
+        let epoch = backlog.epoch();
+        backlog.mark(); // journaled after the length was read as 0
+        assert!(!backlog.settle(epoch, 0));
+        assert!(backlog.pending());
+        let epoch = backlog.epoch();
+        assert!(backlog.settle(epoch, 0));
+        assert!(!backlog.pending());
+        assert!(!backlog.settle(epoch, 3));
+        assert!(backlog.pending(), "a non-empty journal sets it");
     }
 }

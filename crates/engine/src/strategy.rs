@@ -76,20 +76,23 @@ impl Plan {
         read: ReadPath::DurableOnly,
     };
 
-    /// The plan in force given which tiers are usable and whether writes taken
-    /// during a durable-tier outage still wait to be replayed; `None` when
-    /// nothing can serve.
-    pub fn degraded(self, durable_up: bool, cache_up: bool, outage_backlog: bool) -> Option<Plan> {
+    /// The plan in force given which tiers are usable and whether journaled
+    /// writes of this collection may still wait to be replayed (`backlog`);
+    /// `None` when nothing can serve correctly.
+    pub fn degraded(self, durable_up: bool, cache_up: bool, backlog: bool) -> Option<Plan> {
         let journaled = |read| Plan {
             write: WritePath::CacheJournaled,
             read,
         };
         match (durable_up, cache_up) {
             // Replay first: the cache holds versions the durable tier lacks.
-            (true, true) if outage_backlog && self.write == WritePath::DurableThenCache => {
+            (true, true) if backlog && self.write == WritePath::DurableThenCache => {
                 Some(journaled(ReadPath::CacheThenDurable))
             }
             (true, true) => Some(self),
+            // The newest versions wait in the unreachable cache's journal: the
+            // durable tier would answer with older ones.
+            (true, false) if backlog => None,
             (true, false) => Some(Plan::DURABLE_ONLY),
             // Only collections whose cache copies are kept current can be
             // served, and written, through the cache alone.
@@ -149,6 +152,15 @@ mod tests {
         );
         assert_eq!(write_behind.degraded(true, true, true), Some(write_behind));
         assert_eq!(durable_only.degraded(true, true, true), Some(durable_only));
+        assert_eq!(
+            dual.degraded(true, false, true),
+            None,
+            "with writes waiting in an unreachable journal, the durable tier is not the truth"
+        );
+        assert_eq!(
+            write_behind.degraded(true, false, false),
+            Some(Plan::DURABLE_ONLY)
+        );
         assert_eq!(
             durable_only.degraded(false, true, false),
             None,

@@ -138,7 +138,11 @@ fn hmget_entry(pipe: &mut redis::Pipeline, key: String) {
 }
 
 /// A journal entry as the write script appended it.
-fn decode_journal_entry(stream: &str, entry: &StreamId) -> StoreResult<JournalEntry> {
+fn decode_journal_entry(
+    kind: JournalKind,
+    stream: &str,
+    entry: &StreamId,
+) -> StoreResult<JournalEntry> {
     let text = |field: &str| -> StoreResult<String> {
         entry
             .get::<String>(field)
@@ -186,6 +190,7 @@ fn decode_journal_entry(stream: &str, entry: &StreamId) -> StoreResult<JournalEn
         }
     };
     Ok(JournalEntry {
+        kind,
         position: JournalPosition {
             stream: stream.to_owned(),
             id: entry.id.clone(),
@@ -317,12 +322,17 @@ impl RedisStore {
         claim_idle: Duration,
     ) -> Result<Vec<JournalEntry>, RedisError> {
         let mut conn = self.conn.clone();
-        let mut raw: Vec<(String, StreamId)> = Vec::new();
+        let mut raw: Vec<(JournalKind, String, StreamId)> = Vec::new();
         // Outage writes first: their backlog holds the configured strategy back.
         let streams = [JournalKind::Outage, JournalKind::WriteBehind]
-            .iter()
-            .flat_map(|kind| self.keys.journals(*kind));
-        for stream in streams {
+            .into_iter()
+            .flat_map(|kind| {
+                self.keys
+                    .journals(kind)
+                    .into_iter()
+                    .map(move |stream| (kind, stream))
+            });
+        for (kind, stream) in streams {
             if raw.len() >= max {
                 break;
             }
@@ -347,7 +357,7 @@ impl RedisStore {
                     .flat_map(|key| key.ids)
                     .collect();
                 if !ids.is_empty() {
-                    raw.extend(ids.into_iter().map(|id| (stream.clone(), id)));
+                    raw.extend(ids.into_iter().map(|id| (kind, stream.clone(), id)));
                     break;
                 }
             }
@@ -362,11 +372,16 @@ impl RedisStore {
                 .arg(want)
                 .query_async(&mut conn)
                 .await?;
-            raw.extend(claimed.claimed.into_iter().map(|id| (stream.clone(), id)));
+            raw.extend(
+                claimed
+                    .claimed
+                    .into_iter()
+                    .map(|id| (kind, stream.clone(), id)),
+            );
         }
         let mut entries = Vec::with_capacity(raw.len());
-        for (stream, id) in &raw {
-            match decode_journal_entry(stream, id) {
+        for (kind, stream, id) in &raw {
+            match decode_journal_entry(*kind, stream, id) {
                 Ok(entry) => entries.push(entry),
                 Err(err) => {
                     // Never drop an entry silently; it stays pending and shows

@@ -1,0 +1,179 @@
+//! The strategy matrix: for each strategy, which tiers a write and a read
+//! touch, observed by looking into Redis and PostgreSQL directly.
+
+use std::time::Duration;
+
+use hybridstore_testkit::{TestApp, etag_version};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// An app whose `items` collection follows `strategy`.
+async fn app_with(strategy: &str) -> TestApp {
+    TestApp::builder()
+        .config("collections.items.strategy", strategy)
+        .spawn()
+        .await
+}
+
+/// Changes the data PostgreSQL holds, behind the service's back.
+async fn rewrite_in_postgres(app: &TestApp, id: &str, data: Value) {
+    sqlx::query("UPDATE records SET data = $1 WHERE collection = 'items' AND id = $2")
+        .bind(sqlx::types::Json(data))
+        .bind(id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+}
+
+async fn read_data(app: &TestApp, id: &str) -> Value {
+    let body: Value = app.get("items", id).await.json().await.unwrap();
+    body["data"].clone()
+}
+
+async fn eventually_in_postgres(app: &TestApp, id: &str, version: u64) -> bool {
+    for _ in 0..100 {
+        if app.postgres_copy("items", id).await.map(|c| c.version) == Some(version) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn dual_write_commits_to_postgres_then_caches_and_reads_the_cache() {
+    let app = app_with("dual_write").await;
+    let v = etag_version(&app.put("items", "a", json!({"n": 1})).await);
+    assert_eq!(
+        app.postgres_copy("items", "a").await.map(|c| c.version),
+        Some(v)
+    );
+    assert_eq!(
+        app.redis_copy("items", "a").await.map(|c| c.version),
+        Some(v)
+    );
+    assert_eq!(app.journal_backlog().await, 0, "nothing journaled");
+    rewrite_in_postgres(&app, "a", json!({"n": "changed behind"})).await;
+    assert_eq!(
+        read_data(&app, "a").await,
+        json!({"n": 1}),
+        "read from the cache"
+    );
+}
+
+#[tokio::test]
+async fn database_first_commits_to_postgres_keeps_the_cache_warm_and_reads_postgres() {
+    let app = app_with("database_first").await;
+    let v = etag_version(&app.put("items", "a", json!({"n": 1})).await);
+    assert_eq!(
+        app.postgres_copy("items", "a").await.map(|c| c.version),
+        Some(v)
+    );
+    assert_eq!(
+        app.redis_copy("items", "a").await.map(|c| c.version),
+        Some(v),
+        "kept warm"
+    );
+    rewrite_in_postgres(&app, "a", json!({"n": "from postgres"})).await;
+    assert_eq!(
+        read_data(&app, "a").await,
+        json!({"n": "from postgres"}),
+        "read from PostgreSQL"
+    );
+}
+
+#[tokio::test]
+async fn postgres_only_never_touches_redis() {
+    let app = app_with("postgres_only").await;
+    let v = etag_version(&app.put("items", "a", json!({"n": 1})).await);
+    assert_eq!(
+        app.postgres_copy("items", "a").await.map(|c| c.version),
+        Some(v)
+    );
+    assert_eq!(app.get("items", "a").await.status(), StatusCode::OK);
+    app.delete("items", "a").await;
+    assert_eq!(app.redis_keys().await, Vec::<String>::new());
+    assert_eq!(app.journal_backlog().await, 0);
+}
+
+#[tokio::test]
+async fn cache_first_acknowledges_from_redis_and_writes_postgres_behind() {
+    let app = app_with("cache_first").await;
+    let created = app.put("items", "a", json!({"n": 1})).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let v1 = etag_version(&created);
+    assert_eq!(
+        app.redis_copy("items", "a").await.map(|c| c.version),
+        Some(v1)
+    );
+    assert!(
+        eventually_in_postgres(&app, "a", v1).await,
+        "replayed into PostgreSQL"
+    );
+
+    // A burst: every version reaches PostgreSQL, the journal drains.
+    let mut last = v1;
+    for n in 2..=50 {
+        let response = app.put("items", "a", json!({"n": n})).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let v = etag_version(&response);
+        assert!(v > last);
+        last = v;
+        assert_eq!(
+            etag_version(&app.get("items", "a").await),
+            v,
+            "read-your-writes from the cache"
+        );
+    }
+    assert!(eventually_in_postgres(&app, "a", last).await);
+    assert_eq!(
+        app.postgres_copy("items", "a").await.unwrap().data,
+        json!({"n": 50})
+    );
+    for _ in 0..100 {
+        if app.journal_backlog().await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.journal_backlog().await, 0, "the journal drained");
+
+    // Deletes go the same way.
+    assert_eq!(
+        app.delete("items", "a").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(app.get("items", "a").await.status(), StatusCode::NOT_FOUND);
+    let mut deleted = false;
+    for _ in 0..100 {
+        if matches!(app.postgres_row("items", "a").await, Some((_, true))) {
+            deleted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(deleted, "the delete was replayed as a tombstone");
+
+    // Preconditions are checked by the cache, atomically with the write.
+    let stale = app
+        .admin(reqwest::Method::PUT, "/v1/collections/items/records/b")
+        .header("if-match", "\"1\"")
+        .json(&json!({"n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+}
+
+#[tokio::test]
+async fn cache_first_cannot_declare_unique_indexes() {
+    let figment = hybridstore_server::Config::builtin_figment()
+        .merge(("admin_token", "0123456789abcdef0123"))
+        .merge(("postgres.url", "postgres://u@localhost/db"))
+        .merge(("redis.url", "redis://localhost"))
+        .merge(("collections.api_keys.strategy", "cache_first"));
+    let err = hybridstore_server::Config::from_figment(figment)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("collections.api_keys.unique_indexes"), "{err}");
+}
