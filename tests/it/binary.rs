@@ -156,3 +156,158 @@ fn terminate(pid: u32) {
         .unwrap();
     assert!(status.success());
 }
+
+/// Entries waiting in the write-behind journal of a key prefix.
+async fn write_behind_backlog(redis: &mut redis::aio::MultiplexedConnection, prefix: &str) -> u64 {
+    let keys = hybridstore_redis::KeySpace::new(prefix);
+    let mut total = 0;
+    for stream in keys.journals(hybridstore_core::JournalKind::WriteBehind) {
+        let length: u64 = redis::cmd("XLEN")
+            .arg(stream)
+            .query_async(redis)
+            .await
+            .unwrap();
+        total += length;
+    }
+    total
+}
+
+async fn wait_for_health(http: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http.get(format!("{base}/health")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "the server did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_killed_service_leaves_its_write_behind_backlog_to_the_next_one() {
+    let postgres = std::sync::Arc::new(
+        tokio::task::spawn_blocking(hybridstore_testkit::Postgres::start)
+            .await
+            .unwrap(),
+    );
+    let servers = tokio::task::spawn_blocking(shared).await.unwrap();
+    let database = create_database(&postgres).await;
+    let prefix = format!("kill{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    let vars = |port: u16| {
+        vec![
+            ("DATABASE_URL", postgres.url(&database)),
+            ("REDIS_URL", servers.redis.url()),
+            ("HYBRIDSTORE_REDIS__KEY_PREFIX", prefix.clone()),
+            (
+                "HYBRIDSTORE_COLLECTIONS__HOT__STRATEGY",
+                "cache_first".to_owned(),
+            ),
+            ("HYBRIDSTORE_POSTGRES__ACQUIRE_TIMEOUT_MS", "300".to_owned()),
+            ("HYBRIDSTORE_POSTGRES__CALL_TIMEOUT_MS", "500".to_owned()),
+            ("HYBRIDSTORE_JOURNAL__CLAIM_IDLE_MS", "1000".to_owned()),
+            ("ADMIN_TOKEN", ADMIN_TOKEN.to_owned()),
+            ("PORT", port.to_string()),
+        ]
+    };
+    let http = reqwest::Client::new();
+    let mut redis = redis::Client::open(servers.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+
+    // First service: PostgreSQL hangs, so writes pile up in the journal.
+    let port = free_port();
+    let first = hybridstore(dir.path(), &vars(port))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = Running(first);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_for_health(&http, &base).await;
+    let pg = postgres.clone();
+    tokio::task::spawn_blocking(move || pg.pause())
+        .await
+        .unwrap();
+    let mut acked = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while acked.len() < 50 {
+        assert!(
+            Instant::now() < deadline,
+            "writes were not taken while PostgreSQL hung"
+        );
+        let id = format!("r{}", acked.len());
+        let response = http
+            .put(format!("{base}/v1/collections/hot/records/{id}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"n": acked.len()}))
+            .send()
+            .await
+            .unwrap();
+        if response.status().is_success() {
+            let version: u64 = response.headers()["etag"]
+                .to_str()
+                .unwrap()
+                .trim_matches('"')
+                .parse()
+                .unwrap();
+            acked.push((id, version));
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let backlog = write_behind_backlog(&mut redis, &prefix).await;
+    assert!(
+        backlog >= 50,
+        "the backlog is in the journal: {backlog} entries"
+    );
+
+    // kill -9 the service itself, then let PostgreSQL go on.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    let pg = postgres.clone();
+    tokio::task::spawn_blocking(move || pg.resume())
+        .await
+        .unwrap();
+    let db = sqlx::PgPool::connect(&postgres.url(&database))
+        .await
+        .unwrap();
+    let in_postgres: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM records WHERE collection = 'hot'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(in_postgres, 0, "nothing was replayed before the kill");
+
+    // A new service process replays what the killed one acknowledged.
+    let port = free_port();
+    let second = hybridstore(dir.path(), &vars(port))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _second = Running(second);
+    wait_for_health(&http, &format!("http://127.0.0.1:{port}")).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, version FROM records WHERE collection = 'hot' AND NOT deleted",
+        )
+        .fetch_all(&db)
+        .await
+        .unwrap();
+        let stored: std::collections::HashMap<String, i64> = rows.into_iter().collect();
+        let all_there = acked
+            .iter()
+            .all(|(id, version)| stored.get(id) == Some(&(*version as i64)));
+        if all_there && write_behind_backlog(&mut redis, &prefix).await == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backlog did not reach PostgreSQL: {} of {} there",
+            stored.len(),
+            acked.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

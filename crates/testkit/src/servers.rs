@@ -84,31 +84,34 @@ impl ServerProcess {
         }
     }
 
-    fn spawn(&self, mut command: Command) {
-        // Its own process group, so that pause/resume reach every process of
-        // the server (PostgreSQL runs one per connection).
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    fn spawn(&self, command: Command) {
         let child = spawn_owned(command).expect("start a server process");
         *self.child.lock().expect("child lock") = Some(child);
     }
 
     fn signal(&self, signal: libc::c_int) {
         if let Some(mut child) = self.child.lock().expect("child lock").take() {
-            // SAFETY: kill(2) on the process group we created. A paused server
-            // acts on SIGTERM/SIGINT only once continued.
-            unsafe {
-                libc::kill(-(child.id() as libc::pid_t), libc::SIGCONT);
+            // A paused server acts on SIGTERM/SIGINT only once continued.
+            for pid in process_tree(child.id()) {
+                // SAFETY: kill(2) on processes of the server we started.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGCONT);
+                }
             }
             signal_and_wait(&mut child, signal);
         }
     }
 
-    /// Sends `signal` to the server's whole process group, leaving it running.
-    fn signal_group(&self, signal: libc::c_int) {
+    /// Sends `signal` to the server and every process it started, leaving
+    /// them running. (PostgreSQL's backends call setsid(), so the process
+    /// group alone does not reach them: the tree is found through /proc.)
+    fn signal_tree(&self, signal: libc::c_int) {
         if let Some(child) = self.child.lock().expect("child lock").as_ref() {
-            // SAFETY: kill(2) on the process group we created for this child.
-            unsafe {
-                libc::kill(-(child.id() as libc::pid_t), signal);
+            for pid in process_tree(child.id()) {
+                // SAFETY: kill(2) on processes of the server we started.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, signal);
+                }
             }
         }
     }
@@ -119,6 +122,43 @@ impl Drop for ServerProcess {
         self.signal(libc::SIGKILL);
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `root` and all its descendants, from the parent ids in /proc.
+fn process_tree(root: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // "pid (comm) state ppid ...": comm may hold spaces, so split
+            // after its closing parenthesis.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|ppid| ppid.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, ppid)| *ppid == parent)
+                .map(|(pid, _)| *pid),
+        );
+        i += 1;
+    }
+    tree
 }
 
 /// The directory of the PostgreSQL server binaries (`initdb`, `postgres`).
@@ -275,12 +315,12 @@ impl Postgres {
     /// Freezes every process of the server (SIGSTOP): connections stay open
     /// but nothing answers, like a hung host.
     pub fn pause(&self) {
-        self.process.signal_group(libc::SIGSTOP);
+        self.process.signal_tree(libc::SIGSTOP);
     }
 
     /// Lets a paused server go on (SIGCONT).
     pub fn resume(&self) {
-        self.process.signal_group(libc::SIGCONT);
+        self.process.signal_tree(libc::SIGCONT);
     }
 
     /// Starts again on the same port with the same data.
@@ -363,12 +403,12 @@ impl Redis {
 
     /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
     pub fn pause(&self) {
-        self.process.signal_group(libc::SIGSTOP);
+        self.process.signal_tree(libc::SIGSTOP);
     }
 
     /// Lets a paused server go on (SIGCONT).
     pub fn resume(&self) {
-        self.process.signal_group(libc::SIGCONT);
+        self.process.signal_tree(libc::SIGCONT);
     }
 
     /// Starts again on the same port, with whatever data persistence kept.
