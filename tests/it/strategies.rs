@@ -177,3 +177,146 @@ async fn cache_first_cannot_declare_unique_indexes() {
         .to_string();
     assert!(err.contains("collections.api_keys.unique_indexes"), "{err}");
 }
+
+#[tokio::test]
+async fn redis_only_keeps_records_in_redis_alone() {
+    let app = app_with("redis_only").await;
+    let created = app.put("items", "a", json!({"n": 1})).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let v1 = etag_version(&created);
+    assert_eq!(
+        app.redis_copy("items", "a").await.map(|c| c.version),
+        Some(v1)
+    );
+    assert_eq!(
+        app.postgres_row("items", "a").await,
+        None,
+        "PostgreSQL is never written"
+    );
+    assert_eq!(app.journal_backlog().await, 0, "nothing journaled");
+    assert_eq!(
+        app.redis_pttl("items", "a").await,
+        -1,
+        "no cache expiry: Redis is the truth"
+    );
+    assert_eq!(
+        app.get("items", "missing").await.status(),
+        StatusCode::NOT_FOUND,
+        "a miss is a 404"
+    );
+
+    let replaced = app.put("items", "a", json!({"n": 2})).await;
+    assert_eq!(replaced.status(), StatusCode::OK);
+    assert!(etag_version(&replaced) > v1);
+    for id in ["b", "c", "d"] {
+        app.put("items", id, json!({"id": id})).await;
+    }
+    assert_eq!(
+        app.delete("items", "c").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(app.get("items", "c").await.status(), StatusCode::NOT_FOUND);
+
+    let page: Value = app
+        .admin(
+            reqwest::Method::GET,
+            "/v1/collections/items/records?limit=2",
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a", "b"]);
+    assert_eq!(page["next"], "b");
+    let rest: Value = app
+        .admin(
+            reqwest::Method::GET,
+            "/v1/collections/items/records?limit=2&after=b",
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = rest["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["d"], "deleted records are not listed");
+
+    // Record TTL: the key expires with the record.
+    let temp = app
+        .admin(
+            reqwest::Method::PUT,
+            "/v1/collections/items/records/temp?ttl=1",
+        )
+        .json(&json!({"n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(temp.status(), StatusCode::CREATED);
+    let ttl = app.redis_pttl("items", "temp").await;
+    assert!((1..=1000).contains(&ttl), "PTTL {ttl}");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        app.get("items", "temp").await.status(),
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn a_redis_restart_cleans_cached_copies_but_keeps_redis_only_records() {
+    use hybridstore_testkit::{Redis, RedisPersistence, shared};
+    use std::sync::Arc;
+    let redis = Arc::new(
+        tokio::task::spawn_blocking(|| Redis::start(RedisPersistence::AppendOnly))
+            .await
+            .unwrap(),
+    );
+    let postgres = tokio::task::spawn_blocking(|| shared().postgres.clone())
+        .await
+        .unwrap();
+    let app = TestApp::builder()
+        .servers(postgres, redis.clone())
+        .config("collections.items.strategy", "redis_only")
+        .spawn()
+        .await;
+    let v = etag_version(&app.put("items", "only", json!({"n": 1})).await);
+    app.put("accounts", "cached", json!({"n": 1})).await;
+    assert!(app.redis_copy("accounts", "cached").await.is_some());
+    tokio::time::sleep(Duration::from_millis(1200)).await; // appendfsync everysec
+
+    let server = redis.clone();
+    tokio::task::spawn_blocking(move || server.restart())
+        .await
+        .unwrap();
+    // The restart (new run_id) makes recovery remove every cached copy...
+    let mut cleaned = false;
+    for _ in 0..100 {
+        app.get("items", "only").await;
+        if app.redis_copy("accounts", "cached").await.is_none() {
+            cleaned = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        cleaned,
+        "the cached copy of a PostgreSQL record was removed"
+    );
+    // ...but not the records whose only copy is in Redis.
+    let read = app.get("items", "only").await;
+    assert_eq!(read.status(), StatusCode::OK);
+    assert_eq!(etag_version(&read), v);
+}

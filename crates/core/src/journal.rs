@@ -12,7 +12,7 @@ use crate::{JsonObject, Precondition, Record, RecordKey, Version};
 
 /// What a journaled write does to the record.
 #[derive(Clone, Debug)]
-pub enum JournaledChange {
+pub enum WriteChange {
     Put {
         data: JsonObject,
         expires_at: Option<OffsetDateTime>,
@@ -35,14 +35,17 @@ impl JournalKind {
     pub const ALL: [JournalKind; 2] = [JournalKind::WriteBehind, JournalKind::Outage];
 }
 
-/// A write for the cache tier to accept and journal.
+/// A write for the cache tier to take itself: journaled (ahead of the
+/// durable tier) or, with `journal: None`, as the only tier (`redis_only`).
 #[derive(Clone, Debug)]
-pub struct JournaledWrite {
-    pub kind: JournalKind,
+pub struct CacheWrite {
+    pub journal: Option<JournalKind>,
     pub key: RecordKey,
-    pub change: JournaledChange,
+    pub change: WriteChange,
     pub precondition: Precondition,
     pub now: OffsetDateTime,
+    /// How long a cache-only deletion marker stays.
+    pub deleted_marker_ttl: std::time::Duration,
     /// Whether the write may go ahead when the cache knows nothing of the
     /// record (no copy, no deletion marker). Only safe without a precondition,
     /// and only when the durable tier cannot be asked.
@@ -51,7 +54,7 @@ pub struct JournaledWrite {
 
 /// What the cache tier did with a journaled write.
 #[derive(Clone, Debug, PartialEq)]
-pub enum JournaledOutcome {
+pub enum CacheWriteOutcome {
     Written {
         version: Version,
         /// True when the record was known not to exist before.

@@ -19,8 +19,8 @@ mod version;
 pub use collection::{CollectionSpec, Strategy};
 pub use error::{Error, StoreError, Tier};
 pub use journal::{
-    Change, JournalAck, JournalEntry, JournalKind, JournalPosition, JournaledChange,
-    JournaledOutcome, JournaledWrite,
+    CacheWrite, CacheWriteOutcome, Change, JournalAck, JournalEntry, JournalKind, JournalPosition,
+    WriteChange,
 };
 pub use merge_patch::merge_patch;
 pub use names::{CollectionName, IndexName, NameError, RecordId, validate_id_prefix};

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::{
-    Change, CollectionName, IndexName, JournalAck, JournalEntry, JournalKind, JournaledOutcome,
-    JournaledWrite, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError,
+    CacheWrite, CacheWriteOutcome, Change, CollectionName, IndexName, JournalAck, JournalEntry,
+    JournalKind, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError,
     Version, WriteOutcome,
 };
 
@@ -145,7 +145,7 @@ pub trait CacheStore: Send + Sync + 'static {
 
     /// Accepts a write ahead of the durable tier: updates the copy and appends
     /// a journal entry atomically, pinning the copy until it is replayed.
-    async fn write_journaled(&self, write: &JournaledWrite) -> StoreResult<JournaledOutcome>;
+    async fn accept_write(&self, write: &CacheWrite) -> StoreResult<CacheWriteOutcome>;
 
     /// Up to `max` journal entries for `consumer` to replay: its own entries
     /// not yet acknowledged, new ones, and those another consumer took but
@@ -159,6 +159,10 @@ pub trait CacheStore: Send + Sync + 'static {
 
     /// Removes replayed entries and unpins their copies.
     async fn ack_journal(&self, acks: &[JournalAck]) -> StoreResult<()>;
+
+    /// One page of a collection the cache holds as the only tier
+    /// (`redis_only`), ordered by id.
+    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>>;
 
     /// How many entries of one journal wait to be replayed.
     async fn journal_backlog(&self, kind: JournalKind) -> StoreResult<u64>;

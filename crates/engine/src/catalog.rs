@@ -138,9 +138,7 @@ impl Catalog {
                     format!("strategy {strategy} is not available yet"),
                 )
             })?;
-            if plan.write == crate::strategy::WritePath::CacheJournaled
-                && !spec.unique_indexes.is_empty()
-            {
+            if plan.write.through_cache() && !spec.unique_indexes.is_empty() {
                 return Err(problem(
                     "unique_indexes",
                     format!(
@@ -270,7 +268,7 @@ mod tests {
         let err = Catalog::new(vec![spec("any")], Strategy::RedisOnly)
             .err()
             .unwrap();
-        assert_eq!(err.key, "strategy");
+        assert_eq!(err.key, "unique_indexes", "only PostgreSQL enforces them");
     }
 
     #[test]

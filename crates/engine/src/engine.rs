@@ -179,7 +179,7 @@ impl Engine {
         let backlog = match collection.plan.write {
             WritePath::DurableThenCache => self.outage_backlog.pending(),
             WritePath::CacheJournaled => self.write_behind_backlog.pending(),
-            WritePath::DurableOnly => false,
+            WritePath::DurableOnly | WritePath::CacheOnly => false,
         };
         collection
             .plan
@@ -197,12 +197,13 @@ impl Engine {
         now: OffsetDateTime,
     ) -> Result<Option<Record>, Error> {
         let plan = self.plan_for(collection)?;
-        if plan.write == WritePath::CacheJournaled {
+        if plan.write.through_cache() {
             match self.cache.get(key).await {
                 Ok(CacheEntry::Present(record)) if !record.is_expired(now) => {
                     return Ok(Some(record));
                 }
                 Ok(CacheEntry::Present(_) | CacheEntry::Deleted(_)) => return Ok(None),
+                Ok(CacheEntry::Miss) if plan.write == WritePath::CacheOnly => return Ok(None),
                 Ok(CacheEntry::Miss) => {}
                 Err(_) => return Err(self.unavailable()),
             }
@@ -248,7 +249,7 @@ impl Engine {
         err: &StoreError,
     ) -> Result<(), Error> {
         self.cache_failed(operation, err);
-        if plan.write == WritePath::CacheJournaled {
+        if plan.write.through_cache() {
             return Err(self.unavailable());
         }
         Ok(())
@@ -351,7 +352,7 @@ impl Engine {
         write: RecordWrite,
     ) -> Result<WriteOutcome, Error> {
         let plan = self.plan_for(collection)?;
-        if plan.write == WritePath::CacheJournaled {
+        if plan.write.through_cache() {
             return self.put_journaled(collection, write).await;
         }
         self.before_commit(collection, plan, &write.key);
@@ -458,10 +459,13 @@ impl Engine {
                 Ok(_) => {}
                 Err(err) => self.cache_read_failed(plan, "get", &err)?,
             }
-            if plan.read == ReadPath::CacheOnly {
+            match plan.read {
+                // The cache is the truth: a miss means no such record.
+                ReadPath::CacheAuthoritative => return Ok(None),
                 // A miss says nothing about the record while the durable tier
                 // that knows is down.
-                return Err(self.unavailable());
+                ReadPath::CacheOnly => return Err(self.unavailable()),
+                _ => {}
             }
         }
         let record = self
@@ -485,7 +489,7 @@ impl Engine {
         let collection = self.catalog.get(&key.collection)?;
         let plan = self.plan_for(collection)?;
         let now = now();
-        if plan.write == WritePath::CacheJournaled {
+        if plan.write.through_cache() {
             return self
                 .delete_journaled(collection, key, precondition, now)
                 .await;
@@ -511,7 +515,7 @@ impl Engine {
         prefix: Option<String>,
         limit: u32,
     ) -> Result<Page, Error> {
-        self.plan_for(self.catalog.get(collection)?)?;
+        let plan = self.plan_for(self.catalog.get(collection)?)?;
         let query = ListQuery {
             collection: collection.clone(),
             after,
@@ -519,11 +523,17 @@ impl Engine {
             limit: limit + 1,
             now: now(),
         };
-        let mut records = self
-            .durable
-            .list(&query)
-            .await
-            .map_err(|err| self.durable_failed(err))?;
+        let mut records = if plan.read == ReadPath::CacheAuthoritative {
+            self.cache
+                .list(&query)
+                .await
+                .map_err(|err| self.journal_failed(err))?
+        } else {
+            self.durable
+                .list(&query)
+                .await
+                .map_err(|err| self.durable_failed(err))?
+        };
         let more = records.len() > limit as usize;
         records.truncate(limit as usize);
         let next = if more {
@@ -582,7 +592,7 @@ impl Engine {
         if !unknown.is_empty() && plan.read == ReadPath::CacheOnly {
             return Err(self.unavailable());
         }
-        if !unknown.is_empty() {
+        if !unknown.is_empty() && plan.read != ReadPath::CacheAuthoritative {
             let mut fetched = self
                 .durable
                 .get_many(collection_name, &unknown, now)

@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use hybridstore_core::{
-    CacheEntry, CacheStore, Change, CollectionName, DurableStore, IndexName, JournalAck,
-    JournalEntry, JournalKind, JournaledOutcome, JournaledWrite, ListQuery, Precondition, Record,
-    RecordId, RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome,
+    CacheEntry, CacheStore, CacheWrite, CacheWriteOutcome, Change, CollectionName, DurableStore,
+    IndexName, JournalAck, JournalEntry, JournalKind, ListQuery, Precondition, Record, RecordId,
+    RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome,
 };
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -591,9 +591,9 @@ impl CacheStore for GuardedCache {
             .store_lookup_hint(collection, index, value, id, ttl);
         self.breaker.call(self.timeout, call).await
     }
-    async fn write_journaled(&self, write: &JournaledWrite) -> StoreResult<JournaledOutcome> {
+    async fn accept_write(&self, write: &CacheWrite) -> StoreResult<CacheWriteOutcome> {
         self.breaker
-            .call(self.timeout, self.inner.write_journaled(write))
+            .call(self.timeout, self.inner.accept_write(write))
             .await
     }
     async fn read_journal(
@@ -613,6 +613,11 @@ impl CacheStore for GuardedCache {
     async fn journal_backlog(&self, kind: JournalKind) -> StoreResult<u64> {
         self.breaker
             .call(self.timeout, self.inner.journal_backlog(kind))
+            .await
+    }
+    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>> {
+        self.breaker
+            .call(self.timeout, self.inner.list(query))
             .await
     }
 }

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hybridstore_core::{
-    CacheEntry, CacheStore, Change, DurableStore, Error, JournalAck, JournalKind, JournaledChange,
-    JournaledOutcome, JournaledWrite, Precondition, Record, RecordKey, RecordWrite, StoreError,
-    Version, WriteOutcome,
+    CacheEntry, CacheStore, CacheWrite, CacheWriteOutcome, Change, DurableStore, Error, JournalAck,
+    JournalKind, Precondition, Record, RecordKey, RecordWrite, StoreError, Version, WriteChange,
+    WriteOutcome,
 };
 use time::OffsetDateTime;
 
@@ -99,16 +99,18 @@ impl Backlog {
 }
 
 impl Engine {
-    fn journal_kind(collection: &Collection) -> JournalKind {
-        if collection.plan.write == WritePath::CacheJournaled {
-            JournalKind::WriteBehind
-        } else {
-            JournalKind::Outage
+    /// Which journal a write of `collection` through the cache goes to;
+    /// `None` when the cache is its only tier.
+    fn journal_kind(collection: &Collection) -> Option<JournalKind> {
+        match collection.plan.write {
+            WritePath::CacheOnly => None,
+            WritePath::CacheJournaled => Some(JournalKind::WriteBehind),
+            _ => Some(JournalKind::Outage),
         }
     }
 
     /// A cache failure on the journaled path: the write cannot be taken.
-    fn journal_failed(&self, err: StoreError) -> Error {
+    pub(crate) fn journal_failed(&self, err: StoreError) -> Error {
         match err {
             StoreError::Internal { .. } => {
                 Error::Internal(format!("{err} ({})", self.cache.backend()))
@@ -152,20 +154,20 @@ impl Engine {
     async fn journal(
         &self,
         collection: &Collection,
-        mut write: JournaledWrite,
-    ) -> Result<JournaledOutcome, Error> {
+        mut write: CacheWrite,
+    ) -> Result<CacheWriteOutcome, Error> {
         for _ in 0..3 {
             let outcome = self
                 .cache
-                .write_journaled(&write)
+                .accept_write(&write)
                 .await
                 .map_err(|err| self.journal_failed(err))?;
             match outcome {
-                JournaledOutcome::UnknownState => {
+                CacheWriteOutcome::UnknownState => {
                     if self.durable.breaker.is_closed() {
                         self.load_state(collection, &write.key, write.now).await?;
                     } else if write.precondition == Precondition::None
-                        && matches!(write.change, JournaledChange::Put { .. })
+                        && matches!(write.change, WriteChange::Put { .. })
                     {
                         // Nobody can say whether the record exists; an
                         // unconditional replace is right either way, and its
@@ -175,14 +177,16 @@ impl Engine {
                         return Err(self.unavailable());
                     }
                 }
-                JournaledOutcome::Written { .. } => {
-                    self.backlog(write.kind).mark();
+                CacheWriteOutcome::Written { .. } => {
+                    if let Some(kind) = write.journal {
+                        self.backlog(kind).mark();
+                    }
                     return Ok(outcome);
                 }
-                JournaledOutcome::Conflict { current } => {
+                CacheWriteOutcome::Conflict { current } => {
                     return Err(Error::VersionConflict { current });
                 }
-                JournaledOutcome::NotFound => {
+                CacheWriteOutcome::NotFound => {
                     return Err(Error::NotFound("record not found".into()));
                 }
             }
@@ -221,10 +225,11 @@ impl Engine {
                 _ => Precondition::IfMatch(current.version),
             };
         }
-        let journaled = JournaledWrite {
-            kind: Self::journal_kind(collection),
+        let journaled = CacheWrite {
+            journal: Self::journal_kind(collection),
+            deleted_marker_ttl: self.settings.deleted_marker_ttl,
             key: write.key.clone(),
-            change: JournaledChange::Put {
+            change: WriteChange::Put {
                 data: write.data.clone(),
                 expires_at: write.expires_at,
             },
@@ -233,7 +238,7 @@ impl Engine {
             unknown_state_ok: false,
         };
         match self.journal(collection, journaled).await? {
-            JournaledOutcome::Written {
+            CacheWriteOutcome::Written {
                 version,
                 created,
                 created_at,
@@ -263,16 +268,17 @@ impl Engine {
         precondition: Precondition,
         now: OffsetDateTime,
     ) -> Result<Version, Error> {
-        let journaled = JournaledWrite {
-            kind: Self::journal_kind(collection),
+        let journaled = CacheWrite {
+            journal: Self::journal_kind(collection),
+            deleted_marker_ttl: self.settings.deleted_marker_ttl,
             key: key.clone(),
-            change: JournaledChange::Delete,
+            change: WriteChange::Delete,
             precondition,
             now,
             unknown_state_ok: false,
         };
         match self.journal(collection, journaled).await? {
-            JournaledOutcome::Written { version, .. } => Ok(version),
+            CacheWriteOutcome::Written { version, .. } => Ok(version),
             other => Err(Error::Internal(format!(
                 "unexpected journal outcome {other:?}"
             ))),

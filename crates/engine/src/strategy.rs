@@ -8,8 +8,8 @@
 //! | `cache_first`    | cache + journal (write-behind)         | cache, durable on miss       |
 //! | `redis_only`     | cache                                  | cache                        |
 //!
-//! `redis_only` needs listing and expiry kept by the cache alone; until then
-//! [`Plan::of`] refuses it and configuration validation reports it.
+//! `redis_only` keeps no durable copy at all: the cache is the truth, a miss is
+//! a miss, and the collection is unavailable while the cache is.
 //!
 //! Health narrows the configured plan ([`Plan::degraded`]): while the durable
 //! tier is down, collections that keep cache copies are written through the
@@ -30,6 +30,16 @@ pub enum WritePath {
     /// The cache takes the write and journals it atomically; the journal is
     /// replayed into the durable tier in the background.
     CacheJournaled,
+    /// The cache takes the write as the only tier.
+    CacheOnly,
+}
+
+impl WritePath {
+    /// Whether the cache takes the write itself (and so holds the newest
+    /// version, ahead of or instead of the durable tier).
+    pub fn through_cache(self) -> bool {
+        matches!(self, WritePath::CacheJournaled | WritePath::CacheOnly)
+    }
 }
 
 /// Where a read is served from.
@@ -43,6 +53,8 @@ pub enum ReadPath {
     /// The cache only; a miss cannot be answered. Used while the durable tier
     /// is down, for collections whose cache copies are kept current.
     CacheOnly,
+    /// The cache is the only tier: a miss means no such record.
+    CacheAuthoritative,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,7 +72,7 @@ impl Plan {
             Strategy::DatabaseFirst => (W::DurableThenCache, R::DurableOnly),
             Strategy::PostgresOnly => (W::DurableOnly, R::DurableOnly),
             Strategy::CacheFirst => (W::CacheJournaled, R::CacheThenDurable),
-            Strategy::RedisOnly => return None,
+            Strategy::RedisOnly => (W::CacheOnly, R::CacheAuthoritative),
         };
         Some(Plan { write, read })
     }
@@ -84,6 +96,9 @@ impl Plan {
             write: WritePath::CacheJournaled,
             read,
         };
+        if self.write == WritePath::CacheOnly {
+            return cache_up.then_some(self);
+        }
         match (durable_up, cache_up) {
             // Replay first: the cache holds versions the durable tier lacks.
             (true, true) if backlog && self.write == WritePath::DurableThenCache => {
@@ -128,7 +143,10 @@ mod tests {
             plan(Strategy::CacheFirst),
             Some((W::CacheJournaled, R::CacheThenDurable, true))
         );
-        assert_eq!(plan(Strategy::RedisOnly), None);
+        assert_eq!(
+            plan(Strategy::RedisOnly),
+            Some((W::CacheOnly, R::CacheAuthoritative, true))
+        );
     }
 
     #[test]
@@ -160,6 +178,13 @@ mod tests {
         assert_eq!(
             write_behind.degraded(true, false, false),
             Some(Plan::DURABLE_ONLY)
+        );
+        let cache_only = Plan::of(Strategy::RedisOnly).unwrap();
+        assert_eq!(cache_only.degraded(false, true, false), Some(cache_only));
+        assert_eq!(
+            cache_only.degraded(true, false, false),
+            None,
+            "no other copy exists"
         );
         assert_eq!(
             durable_only.degraded(false, true, false),

@@ -85,6 +85,18 @@ impl KeySpace {
         format!("{}:{{{shard}}}:{name}", self.prefix)
     }
 
+    /// The ids of a cache-only collection held in the shard of `key`, for
+    /// listing (same hash tag as the record).
+    pub fn ids_of(&self, key: &RecordKey) -> String {
+        let shard = shard_of(&[key.collection.as_str(), key.id.as_str()]);
+        self.ids(shard, &key.collection)
+    }
+
+    /// The id set of a cache-only collection in one shard.
+    pub fn ids(&self, shard: u64, collection: &CollectionName) -> String {
+        format!("{}:{{{shard}}}:ids:{collection}", self.prefix)
+    }
+
     /// Every journal stream of one kind.
     pub fn journals(&self, kind: JournalKind) -> Vec<String> {
         (0..SHARDS).map(|shard| self.journal(shard, kind)).collect()

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hybridstore_core::{
-    CacheEntry, CacheStore, Change, CollectionName, IndexName, JournalAck, JournalEntry,
-    JournalKind, JournalPosition, JournaledChange, JournaledOutcome, JournaledWrite, JsonObject,
-    Precondition, Record, RecordId, RecordKey, StoreError, StoreResult, Tier, Version,
+    CacheEntry, CacheStore, CacheWrite, CacheWriteOutcome, Change, CollectionName, IndexName,
+    JournalAck, JournalEntry, JournalKind, JournalPosition, JsonObject, ListQuery, Precondition,
+    Record, RecordId, RecordKey, StoreError, StoreResult, Tier, Version, WriteChange,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
@@ -47,7 +47,7 @@ pub struct RedisStore {
 #[derive(Clone)]
 struct Scripts {
     store_if_newer: Script,
-    write_journaled: Script,
+    accept_write: Script,
     unpin: Script,
     unlink_unless_pinned: Script,
 }
@@ -217,7 +217,7 @@ impl RedisStore {
             keys: KeySpace::new(options.key_prefix.clone()),
             scripts: Scripts {
                 store_if_newer: Script::new(include_str!("lua/store_if_newer.lua")),
-                write_journaled: Script::new(include_str!("lua/write_journaled.lua")),
+                accept_write: Script::new(include_str!("lua/accept_write.lua")),
                 unpin: Script::new(include_str!("lua/unpin.lua")),
                 unlink_unless_pinned: Script::new(include_str!("lua/unlink_unless_pinned.lua")),
             },
@@ -531,9 +531,9 @@ impl CacheStore for RedisStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(collection = %write.key.collection, id = %write.key.id))]
-    async fn write_journaled(&self, write: &JournaledWrite) -> StoreResult<JournaledOutcome> {
+    async fn accept_write(&self, write: &CacheWrite) -> StoreResult<CacheWriteOutcome> {
         let (op, data, expires) = match &write.change {
-            JournaledChange::Put { data, expires_at } => (
+            WriteChange::Put { data, expires_at } => (
                 "put",
                 serde_json::to_string(data)
                     .map_err(|err| StoreError::internal(Tier::Cache, err))?,
@@ -542,7 +542,7 @@ impl CacheStore for RedisStore {
                     .map(|x| x.to_string())
                     .unwrap_or_default(),
             ),
-            JournaledChange::Delete => ("delete", String::new(), String::new()),
+            WriteChange::Delete => ("delete", String::new(), String::new()),
         };
         let (precondition, expected) = match write.precondition {
             Precondition::None => ("none", String::new()),
@@ -550,11 +550,15 @@ impl CacheStore for RedisStore {
             Precondition::Exists => ("exists", String::new()),
             Precondition::Absent => ("absent", String::new()),
         };
+        let (mode, second) = match write.journal {
+            Some(kind) => ("journal", self.keys.journal_of(&write.key, kind)),
+            None => ("only", self.keys.ids_of(&write.key)),
+        };
         let reply: Vec<String> = self
             .scripts
-            .write_journaled
+            .accept_write
             .key(self.keys.record(&write.key))
-            .key(self.keys.journal_of(&write.key, write.kind))
+            .key(second)
             .arg(op)
             .arg(Version::next(None, write.now).to_padded())
             .arg(precondition)
@@ -565,12 +569,14 @@ impl CacheStore for RedisStore {
             .arg(if write.unknown_state_ok { "1" } else { "0" })
             .arg(write.key.collection.as_str())
             .arg(write.key.id.as_str())
+            .arg(mode)
+            .arg(ttl_millis(write.deleted_marker_ttl))
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(classify)?;
         let field = |i: usize| reply.get(i).map(String::as_str).unwrap_or("");
         match field(0) {
-            "ok" => Ok(JournaledOutcome::Written {
+            "ok" => Ok(CacheWriteOutcome::Written {
                 version: parse_version(field(1))?,
                 created: field(2) == "1",
                 created_at: from_micros(
@@ -579,14 +585,14 @@ impl CacheStore for RedisStore {
                         .map_err(|_| corrupt("bad created_at".into()))?,
                 )?,
             }),
-            "unknown" => Ok(JournaledOutcome::UnknownState),
-            "conflict" => Ok(JournaledOutcome::Conflict {
+            "unknown" => Ok(CacheWriteOutcome::UnknownState),
+            "conflict" => Ok(CacheWriteOutcome::Conflict {
                 current: match field(1) {
                     "" => None,
                     version => Some(parse_version(version)?),
                 },
             }),
-            "notfound" => Ok(JournaledOutcome::NotFound),
+            "notfound" => Ok(CacheWriteOutcome::NotFound),
             other => Err(corrupt(format!(
                 "unexpected reply from the write script: {other:?}"
             ))),
@@ -641,6 +647,62 @@ impl CacheStore for RedisStore {
                 .map_err(classify)?;
         }
         Ok(())
+    }
+
+    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>> {
+        let limit = query.limit as usize;
+        let prefix = query.prefix.as_deref().unwrap_or("");
+        // Lexicographic bounds: after the cursor, within the prefix.
+        let min = match &query.after {
+            Some(after) if after.as_str() >= prefix => format!("({after}"),
+            _ if prefix.is_empty() => "-".to_owned(),
+            _ => format!("[{prefix}"),
+        };
+        let max = match prefix.as_bytes().last() {
+            None => "+".to_owned(),
+            Some(last) => {
+                let mut upper = prefix.as_bytes().to_vec();
+                *upper.last_mut().expect("non-empty") = last + 1;
+                format!("({}", String::from_utf8(upper).expect("ids are ASCII"))
+            }
+        };
+        let mut pipe = redis::pipe();
+        for shard in 0..SHARDS {
+            pipe.cmd("ZRANGEBYLEX")
+                .arg(self.keys.ids(shard, &query.collection))
+                .arg(&min)
+                .arg(&max)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit);
+        }
+        let per_shard: Vec<Vec<String>> = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        let mut ids: Vec<String> = per_shard.into_iter().flatten().collect();
+        ids.sort();
+        let keys: Vec<RecordKey> = ids
+            .iter()
+            .filter_map(|id| RecordId::parse(id).ok())
+            .map(|id| RecordKey::new(query.collection.clone(), id))
+            .collect();
+        let mut records = Vec::with_capacity(limit);
+        // Ids of expired records linger in the sets; they are skipped here.
+        for chunk in keys.chunks(limit.max(1)) {
+            for entry in self.get_many(chunk).await? {
+                if let CacheEntry::Present(record) = entry
+                    && !record.is_expired(query.now)
+                {
+                    records.push(record);
+                }
+            }
+            if records.len() >= limit {
+                break;
+            }
+        }
+        records.truncate(limit);
+        Ok(records)
     }
 
     async fn journal_backlog(&self, kind: JournalKind) -> StoreResult<u64> {
