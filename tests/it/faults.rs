@@ -21,7 +21,7 @@ const READERS: usize = 2;
 #[derive(Default)]
 struct Observed {
     acked: Mutex<HashMap<String, (u64, u64)>>,
-    requests: Mutex<Vec<(Instant, bool)>>,
+    requests: Mutex<Vec<(Instant, bool, Duration)>>,
     breaker_opened: Mutex<Option<Instant>>,
 }
 
@@ -35,7 +35,10 @@ impl Observed {
     }
 
     fn record(&self, started: Instant, ok: bool) {
-        self.requests.lock().unwrap().push((started, ok));
+        self.requests
+            .lock()
+            .unwrap()
+            .push((started, ok, started.elapsed()));
     }
 
     /// Success ratio of the requests that started in `[from, to)`.
@@ -43,8 +46,8 @@ impl Observed {
         let requests = self.requests.lock().unwrap();
         let window: Vec<bool> = requests
             .iter()
-            .filter(|(at, _)| *at >= from && *at < to)
-            .map(|(_, ok)| *ok)
+            .filter(|(at, _, _)| *at >= from && *at < to)
+            .map(|(_, ok, _)| *ok)
             .collect();
         let ok = window.iter().filter(|ok| **ok).count();
         (window.len(), ok as f64 / window.len().max(1) as f64)
@@ -346,4 +349,84 @@ async fn a_pending_outage_write_is_never_shadowed_by_the_older_postgres_copy() {
     }
     assert!(landed, "the outage write reached PostgreSQL");
     assert_eq!(etag_version(&app.get("accounts", "a").await), v2);
+}
+
+#[tokio::test]
+async fn both_tiers_down_under_load_answers_fast_503s_and_resumes_losing_nothing() {
+    let postgres = Arc::new(blocking(Postgres::start).await);
+    let redis = Arc::new(blocking(|| Redis::start(RedisPersistence::AppendOnly)).await);
+    let app = Arc::new(
+        TestApp::builder()
+            .servers(postgres.clone(), redis.clone())
+            .spawn()
+            .await,
+    );
+    let observed = Arc::new(Observed::default());
+    prepare(&app, &observed).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = start_load(&app, &observed, &stop, "cache");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (pg, server) = (postgres.clone(), redis.clone());
+    blocking(move || {
+        server.kill();
+        pg.kill();
+    })
+    .await;
+    // Both breakers open: /ready says nothing can serve.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = app
+            .http
+            .get(app.url("/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if ready == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        assert!(Instant::now() < deadline, "both breakers did not open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let both_open = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let restarting = Instant::now();
+    let (pg, server) = (postgres.clone(), redis.clone());
+    blocking(move || {
+        server.restart();
+        pg.restart();
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        task.await.expect("a load task failed its checks");
+    }
+
+    let requests = observed.requests.lock().unwrap().clone();
+    let down: Vec<_> = requests
+        .iter()
+        .filter(|(at, _, _)| *at >= both_open && *at < restarting)
+        .collect();
+    assert!(
+        down.len() >= 50,
+        "{} requests while both were down",
+        down.len()
+    );
+    for (_, ok, took) in &down {
+        assert!(!ok, "nothing can succeed while both tiers are down");
+        assert!(*took < Duration::from_millis(50), "a 503 took {took:?}");
+    }
+    let after: Vec<_> = requests
+        .iter()
+        .filter(|(at, _, _)| *at > restarting + Duration::from_secs(1))
+        .collect();
+    assert!(
+        after.iter().any(|(_, ok, _)| *ok),
+        "the service resumed without a restart"
+    );
+
+    settle(&app).await;
+    assert_nothing_lost(&app, &observed).await;
 }

@@ -320,3 +320,78 @@ async fn a_redis_restart_cleans_cached_copies_but_keeps_redis_only_records() {
     assert_eq!(read.status(), StatusCode::OK);
     assert_eq!(etag_version(&read), v);
 }
+
+#[tokio::test]
+async fn two_instances_share_one_write_behind_journal_and_lose_nothing() {
+    use hybridstore_testkit::{create_database, shared};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    let servers = tokio::task::spawn_blocking(shared).await.unwrap();
+    let database = create_database(&servers.postgres).await;
+    let prefix = format!("pair{}", std::process::id());
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let app = TestApp::builder()
+            .database(database.clone())
+            .key_prefix(prefix.clone())
+            .config("collections.items.strategy", "cache_first")
+            .spawn()
+            .await;
+        instances.push(Arc::new(app));
+    }
+
+    // Four clients write ten records each, five times, alternating instances.
+    let acked: Arc<Mutex<HashMap<String, (u64, u64)>>> = Arc::default();
+    let clients: Vec<_> = (0..4)
+        .map(|client| {
+            let (instances, acked) = (instances.clone(), acked.clone());
+            tokio::spawn(async move {
+                for round in 0..5u64 {
+                    for k in 0..10 {
+                        let id = format!("c{client}-{k}");
+                        let app = &instances[(round as usize + k) % 2];
+                        let response = app.put("items", &id, json!({"round": round})).await;
+                        assert!(response.status().is_success(), "{}", response.status());
+                        let version = etag_version(&response);
+                        let previous = acked.lock().unwrap().insert(id.clone(), (version, round));
+                        assert!(
+                            previous.is_none_or(|(v, _)| v < version),
+                            "{id}: versions go up across instances"
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.await.unwrap();
+    }
+
+    let acked = acked.lock().unwrap().clone();
+    let mut caught_up = false;
+    for _ in 0..200 {
+        let mut all = instances[0].journal_backlog().await == 0;
+        for (id, (version, _)) in &acked {
+            all &= instances[0]
+                .postgres_copy("items", id)
+                .await
+                .map(|c| c.version)
+                == Some(*version);
+        }
+        if all {
+            caught_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        caught_up,
+        "both instances' writes reached PostgreSQL and the journal drained"
+    );
+    for (id, (_, round)) in &acked {
+        assert_eq!(
+            instances[0].postgres_copy("items", id).await.unwrap().data,
+            json!({"round": round})
+        );
+    }
+}

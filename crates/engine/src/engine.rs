@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 
 use crate::catalog::{Catalog, Collection, index_value};
 use crate::health::{Breaker, GuardedCache, GuardedDurable, HealthSettings, TierHealth};
-use crate::journal::{Backlog, JournalSettings};
+use crate::journal::{Backlog, JournalSettings, ReplayProgress};
 use crate::strategy::{Plan, ReadPath, WritePath};
 
 /// Limits and timings of the engine.
@@ -91,6 +91,7 @@ pub struct Engine {
     pub(crate) write_behind_backlog: Backlog,
     /// This instance's name as a journal consumer.
     pub(crate) instance_id: String,
+    pub(crate) replay: std::sync::Mutex<ReplayProgress>,
 }
 
 /// A name for this process among the journal's consumers.
@@ -136,6 +137,7 @@ impl Engine {
             outage_backlog: Backlog::default(),
             write_behind_backlog: Backlog::default(),
             instance_id: instance_id(),
+            replay: std::sync::Mutex::new(ReplayProgress::default()),
         }
     }
 

@@ -50,6 +50,25 @@ impl Default for JournalSettings {
     }
 }
 
+/// Replay counters since the process started (for status and metrics).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct ReplayStats {
+    /// Journal entries read and acknowledged.
+    pub entries: u64,
+    /// Changes applied to the durable tier (newest per record and batch).
+    pub applied: u64,
+    /// Changes the durable tier already had in that version or a newer one.
+    pub superseded: u64,
+}
+
+/// The replay in progress: since when, and how much so far.
+#[derive(Default)]
+pub(crate) struct ReplayProgress {
+    started: Option<std::time::Instant>,
+    run: ReplayStats,
+    total: ReplayStats,
+}
+
 /// Whether journaled writes of one kind may still wait to be replayed.
 ///
 /// Set by every journaled write, cleared by the replay loop when the journal
@@ -335,6 +354,11 @@ impl Engine {
         }
     }
 
+    /// Replay counters since the process started.
+    pub fn replay_stats(&self) -> ReplayStats {
+        self.replay.lock().unwrap_or_else(|e| e.into_inner()).total
+    }
+
     /// One batch: read, apply, acknowledge. Returns how many entries it took.
     pub async fn replay_once(&self) -> Result<usize, StoreError> {
         let settings = &self.settings.journal;
@@ -344,7 +368,37 @@ impl Engine {
             .await?;
         if entries.is_empty() {
             self.refresh_outage_backlog().await;
+            let finished = {
+                let mut progress = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+                progress
+                    .started
+                    .take()
+                    .map(|started| (started, std::mem::take(&mut progress.run)))
+            };
+            if let Some((started, run)) = finished {
+                tracing::info!(
+                    entries = run.entries,
+                    applied = run.applied,
+                    superseded = run.superseded,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "journal replay finished: the journal is empty"
+                );
+            }
             return Ok(0);
+        }
+        let starting = self
+            .replay
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .started
+            .is_none();
+        if starting {
+            let (write_behind, outage) = self.journal_backlog().await.unwrap_or((0, 0));
+            tracing::info!(write_behind, outage, "journal replay started");
+            self.replay
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .started = Some(std::time::Instant::now());
         }
         for entry in &entries {
             self.backlog(entry.kind).mark();
@@ -391,11 +445,24 @@ impl Engine {
             })
             .collect();
         self.cache.ack_journal(&acks).await?;
+        let batch = ReplayStats {
+            entries: entries.len() as u64,
+            applied: applied_count as u64,
+            superseded: (changes.len() - applied_count) as u64,
+        };
+        {
+            let mut progress = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+            let progress = &mut *progress;
+            for stats in [&mut progress.run, &mut progress.total] {
+                stats.entries += batch.entries;
+                stats.applied += batch.applied;
+                stats.superseded += batch.superseded;
+            }
+        }
         tracing::debug!(
-            entries = entries.len(),
-            records = changes.len(),
-            applied = applied_count,
-            "journal replayed"
+            entries = batch.entries,
+            applied = batch.applied,
+            "journal batch replayed"
         );
         Ok(entries.len())
     }

@@ -15,5 +15,5 @@ mod strategy;
 pub use catalog::{Catalog, CatalogError, Collection};
 pub use engine::{BatchGet, Engine, EngineSettings, Page};
 pub use health::{BreakerState, HealthSettings, TierHealth};
-pub use journal::JournalSettings;
+pub use journal::{JournalSettings, ReplayStats};
 pub use strategy::{Plan, ReadPath, WritePath};

@@ -45,6 +45,7 @@ pub struct TestAppBuilder {
     durable_layer: Option<DurableLayer>,
     servers: Option<(Arc<Postgres>, Arc<Redis>)>,
     database: Option<String>,
+    key_prefix: Option<String>,
 }
 
 impl TestAppBuilder {
@@ -77,6 +78,13 @@ impl TestAppBuilder {
         self
     }
 
+    /// Uses this Redis key prefix: two apps with the same database and
+    /// prefix are two instances of one deployment.
+    pub fn key_prefix(mut self, prefix: String) -> Self {
+        self.key_prefix = Some(prefix);
+        self
+    }
+
     pub async fn spawn(self) -> TestApp {
         init_logging();
         static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -94,7 +102,9 @@ impl TestAppBuilder {
             Some(name) => name,
             None => create_database(&postgres).await,
         };
-        let key_prefix = format!("t{}n{n}", std::process::id());
+        let key_prefix = self
+            .key_prefix
+            .unwrap_or_else(|| format!("t{}n{n}", std::process::id()));
 
         let mut figment = Config::builtin_figment()
             .merge(("admin_token", ADMIN_TOKEN))
@@ -202,6 +212,7 @@ impl TestApp {
             durable_layer: None,
             servers: None,
             database: None,
+            key_prefix: None,
         }
     }
 
