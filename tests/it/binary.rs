@@ -286,7 +286,29 @@ async fn a_killed_service_leaves_its_write_behind_backlog_to_the_next_one() {
         .spawn()
         .unwrap();
     let _second = Running(second);
-    wait_for_health(&http, &format!("http://127.0.0.1:{port}")).await;
+    let base = format!("http://127.0.0.1:{port}");
+    wait_for_health(&http, &base).await;
+    // Read-your-writes across the kill: the new process serves every
+    // acknowledged version (from Redis, ahead of PostgreSQL).
+    for (id, version) in &acked {
+        let response = http
+            .get(format!("{base}/v1/collections/hot/records/{id}"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::OK);
+        let read: u64 = response.headers()["etag"]
+            .to_str()
+            .unwrap()
+            .trim_matches('"')
+            .parse()
+            .unwrap();
+        assert!(
+            read >= *version,
+            "{id}: read v{read} after v{version} was acknowledged"
+        );
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let rows: Vec<(String, i64)> = sqlx::query_as(
