@@ -5,32 +5,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hybridstore_testkit::{
-    Postgres, Redis, RedisPersistence, TestApp, create_database, etag_version, shared,
+    Postgres, Redis, RedisPersistence, TestApp, blocking, create_database, etag_version, shared,
+    until,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(work)
-        .await
-        .expect("blocking task")
-}
-
-/// Polls `check` until it holds or `limit` passes; whether it held.
-async fn until<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
 
 async fn ready(app: &TestApp) -> (StatusCode, Value) {
     let response = app.http.get(app.url("/ready")).send().await.unwrap();

@@ -5,31 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hybridstore_testkit::{Postgres, Redis, RedisPersistence, TestApp, etag_version, shared};
+use hybridstore_testkit::{
+    Postgres, Redis, RedisPersistence, TestApp, blocking, etag_version, shared, until,
+};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-
-/// Polls `check` until it holds or `limit` passes; whether it held.
-async fn until<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(work)
-        .await
-        .expect("blocking task")
-}
 
 #[tokio::test]
 async fn postgres_killed_answers_503_serves_cached_reads_and_recovers_after_restart() {

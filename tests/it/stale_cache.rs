@@ -5,15 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hybridstore_testkit::{Redis, RedisPersistence, TestApp, etag_version, shared};
+use hybridstore_testkit::{Redis, RedisPersistence, TestApp, blocking, etag_version, shared};
 use reqwest::StatusCode;
 use serde_json::json;
-
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(work)
-        .await
-        .expect("blocking task")
-}
 
 async fn app_on(redis: Arc<Redis>) -> TestApp {
     let postgres = blocking(|| shared().postgres.clone()).await;

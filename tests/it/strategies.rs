@@ -25,6 +25,26 @@ async fn rewrite_in_postgres(app: &TestApp, id: &str, data: Value) {
         .unwrap();
 }
 
+/// One page of `items`: the ids and the `next` cursor.
+async fn list_page(app: &TestApp, query: &str) -> (Vec<String>, Value) {
+    let path = format!("/v1/collections/items/records?{query}");
+    let page: Value = app
+        .admin(reqwest::Method::GET, &path)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids = page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|record| record["id"].as_str().unwrap().to_owned())
+        .collect();
+    (ids, page["next"].clone())
+}
+
 async fn read_data(app: &TestApp, id: &str) -> Value {
     let body: Value = app.get("items", id).await.json().await.unwrap();
     body["data"].clone()
@@ -217,43 +237,14 @@ async fn redis_only_keeps_records_in_redis_alone() {
     );
     assert_eq!(app.get("items", "c").await.status(), StatusCode::NOT_FOUND);
 
-    let page: Value = app
-        .admin(
-            reqwest::Method::GET,
-            "/v1/collections/items/records?limit=2",
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ids: Vec<&str> = page["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["a", "b"]);
-    assert_eq!(page["next"], "b");
-    let rest: Value = app
-        .admin(
-            reqwest::Method::GET,
-            "/v1/collections/items/records?limit=2&after=b",
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ids: Vec<&str> = rest["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap())
-        .collect();
+    let (ids, next) = list_page(&app, "limit=2").await;
+    assert_eq!(
+        (ids, next),
+        (vec!["a".to_owned(), "b".to_owned()], json!("b"))
+    );
+    let (ids, next) = list_page(&app, "limit=2&after=b").await;
     assert_eq!(ids, ["d"], "deleted records are not listed");
+    assert_eq!(next, Value::Null);
 
     // Record TTL: the key expires with the record.
     let temp = app

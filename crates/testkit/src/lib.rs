@@ -9,6 +9,7 @@
 mod app;
 mod process;
 mod servers;
+mod wait;
 
 pub use app::{
     ADMIN_TOKEN, API_KEYS_WRITER_TOKEN, READER_TOKEN, StoredCopy, TestApp, TestAppBuilder,
@@ -16,3 +17,4 @@ pub use app::{
 };
 pub use process::free_port;
 pub use servers::{Postgres, Redis, RedisPersistence, SharedServers, create_database, shared};
+pub use wait::{blocking, until};
