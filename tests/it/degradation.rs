@@ -121,6 +121,11 @@ async fn the_service_starts_with_postgres_down_and_recovers_when_it_comes_up() {
     let (status, body) = ready(&app).await;
     assert_eq!(status, StatusCode::OK, "the cache tier is usable: {body}");
     assert_routed_around(&body, "durable");
+    let text = body.to_string();
+    assert!(
+        !text.contains("127.0.0.1") && !text.contains("error"),
+        "an unauthenticated probe learns states, not errors: {text}"
+    );
     // Writes are taken into Redis and its outage journal meanwhile.
     let accepted = app.put("accounts", "a", json!({"n": 1})).await;
     assert_eq!(accepted.status(), StatusCode::OK);

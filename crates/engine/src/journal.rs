@@ -173,12 +173,12 @@ impl Engine {
     async fn journal(
         &self,
         collection: &Collection,
-        mut write: CacheWrite,
+        write: &mut CacheWrite,
     ) -> Result<CacheWriteOutcome, Error> {
         for _ in 0..3 {
             let outcome = self
                 .cache
-                .accept_write(&write)
+                .accept_write(write)
                 .await
                 .map_err(|err| self.journal_failed(err))?;
             match outcome {
@@ -244,19 +244,24 @@ impl Engine {
                 _ => Precondition::IfMatch(current.version),
             };
         }
-        let journaled = CacheWrite {
+        let mut journaled = CacheWrite {
             journal: Self::journal_kind(collection),
             deleted_marker_ttl: self.settings.deleted_marker_ttl,
             key: write.key.clone(),
             change: WriteChange::Put {
-                data: write.data.clone(),
+                data: write.data,
                 expires_at: write.expires_at,
             },
             precondition,
             now: write.now,
             unknown_state_ok: false,
         };
-        match self.journal(collection, journaled).await? {
+        let outcome = self.journal(collection, &mut journaled).await?;
+        // The data moves back out of the write rather than being copied.
+        let WriteChange::Put { data, .. } = journaled.change else {
+            unreachable!("built as a put above")
+        };
+        match outcome {
             CacheWriteOutcome::Written {
                 version,
                 created,
@@ -267,7 +272,7 @@ impl Engine {
                     collection: write.key.collection,
                     id: write.key.id,
                     version,
-                    data: write.data,
+                    data,
                     created_at,
                     updated_at: write.now,
                     expires_at: write.expires_at,
@@ -287,7 +292,7 @@ impl Engine {
         precondition: Precondition,
         now: OffsetDateTime,
     ) -> Result<Version, Error> {
-        let journaled = CacheWrite {
+        let mut journaled = CacheWrite {
             journal: Self::journal_kind(collection),
             deleted_marker_ttl: self.settings.deleted_marker_ttl,
             key: key.clone(),
@@ -296,7 +301,7 @@ impl Engine {
             now,
             unknown_state_ok: false,
         };
-        match self.journal(collection, journaled).await? {
+        match self.journal(collection, &mut journaled).await? {
             CacheWriteOutcome::Written { version, .. } => Ok(version),
             other => Err(Error::Internal(format!(
                 "unexpected journal outcome {other:?}"

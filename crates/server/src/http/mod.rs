@@ -33,9 +33,15 @@ async fn health() -> Json<serde_json::Value> {
 }
 
 /// Readiness: at least one tier is usable (a degraded service still serves).
+/// Unauthenticated, so it says only which tier is in which state; errors (which
+/// may name hosts) belong to the admin status.
 async fn ready(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
-    let tiers = state.engine.health();
-    let usable = tiers.iter().any(|tier| tier.state == BreakerState::Closed);
+    let health = state.engine.health();
+    let usable = health.iter().any(|tier| tier.state == BreakerState::Closed);
+    let tiers: Vec<serde_json::Value> = health
+        .iter()
+        .map(|tier| serde_json::json!({ "tier": tier.tier, "backend": tier.backend, "state": tier.state }))
+        .collect();
     let status = if usable {
         StatusCode::OK
     } else {
