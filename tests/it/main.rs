@@ -8,6 +8,7 @@ mod concurrency;
 mod degradation;
 mod faults;
 mod indexes_and_ttl;
+mod journal;
 mod outages;
 mod records;
 mod stale_cache;

@@ -147,14 +147,16 @@ pub trait CacheStore: Send + Sync + 'static {
     /// a journal entry atomically, pinning the copy until it is replayed.
     async fn accept_write(&self, write: &CacheWrite) -> StoreResult<CacheWriteOutcome>;
 
-    /// Up to `max` journal entries for `consumer` to replay: its own entries
-    /// not yet acknowledged, new ones, and those another consumer took but
-    /// left unacknowledged for longer than `claim_idle`.
+    /// About `max` journal entries for `consumer` to replay: new ones and,
+    /// with `recover: Some(claim_idle)`, also its own entries not yet
+    /// acknowledged and those another consumer left unacknowledged for longer
+    /// than `claim_idle` (asked for after a failure and now and then, since it
+    /// costs a round trip per stream).
     async fn read_journal(
         &self,
         consumer: &str,
         max: usize,
-        claim_idle: Duration,
+        recover: Option<Duration>,
     ) -> StoreResult<Vec<JournalEntry>>;
 
     /// Removes replayed entries and unpins their copies.

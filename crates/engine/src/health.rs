@@ -600,9 +600,9 @@ impl CacheStore for GuardedCache {
         &self,
         consumer: &str,
         max: usize,
-        claim_idle: Duration,
+        recover: Option<Duration>,
     ) -> StoreResult<Vec<JournalEntry>> {
-        let call = self.inner.read_journal(consumer, max, claim_idle);
+        let call = self.inner.read_journal(consumer, max, recover);
         self.breaker.call(self.timeout, call).await
     }
     async fn ack_journal(&self, acks: &[JournalAck]) -> StoreResult<()> {

@@ -341,16 +341,30 @@ impl Engine {
 
     /// Replays the journals into the durable tier, forever.
     pub async fn run_journal_replay(self: Arc<Self>) {
+        let claim_idle = self.settings.journal.claim_idle;
+        // Recover (own unacknowledged entries, a dead consumer's) at start,
+        // after a failure, and every half claim period.
+        let mut recover_due = true;
+        let mut last_recover = std::time::Instant::now();
         loop {
             let replayed = if self.durable.breaker.is_closed() && self.cache.breaker.is_closed() {
-                match self.replay_once().await {
-                    Ok(replayed) => replayed,
+                let recover = recover_due || last_recover.elapsed() >= claim_idle / 2;
+                match self.replay_once(recover.then_some(claim_idle)).await {
+                    Ok(replayed) => {
+                        if recover {
+                            recover_due = false;
+                            last_recover = std::time::Instant::now();
+                        }
+                        replayed
+                    }
                     Err(err) => {
                         tracing::debug!(error = %err, "journal replay paused");
+                        recover_due = true;
                         0
                     }
                 }
             } else {
+                recover_due = true;
                 0
             };
             if replayed == 0 {
@@ -365,11 +379,10 @@ impl Engine {
     }
 
     /// One batch: read, apply, acknowledge. Returns how many entries it took.
-    pub async fn replay_once(&self) -> Result<usize, StoreError> {
-        let settings = &self.settings.journal;
+    pub async fn replay_once(&self, recover: Option<Duration>) -> Result<usize, StoreError> {
         let entries = self
             .cache
-            .read_journal(&self.instance_id, settings.batch_size, settings.claim_idle)
+            .read_journal(&self.instance_id, self.settings.journal.batch_size, recover)
             .await?;
         if entries.is_empty() {
             self.refresh_outage_backlog().await;

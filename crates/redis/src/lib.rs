@@ -319,65 +319,85 @@ impl RedisStore {
         &self,
         consumer: &str,
         max: usize,
-        claim_idle: Duration,
+        recover: Option<Duration>,
     ) -> Result<Vec<JournalEntry>, RedisError> {
         let mut conn = self.conn.clone();
         let mut raw: Vec<(JournalKind, String, StreamId)> = Vec::new();
         // Outage writes first: their backlog holds the configured strategy back.
-        let streams = [JournalKind::Outage, JournalKind::WriteBehind]
+        let streams: Vec<(JournalKind, String)> = [JournalKind::Outage, JournalKind::WriteBehind]
             .into_iter()
             .flat_map(|kind| {
                 self.keys
                     .journals(kind)
                     .into_iter()
                     .map(move |stream| (kind, stream))
-            });
-        for (kind, stream) in streams {
-            if raw.len() >= max {
-                break;
-            }
-            let want = max - raw.len();
-            // This consumer's own unacknowledged entries first (a replay that
-            // failed half-way), then new ones.
-            for from in ["0", ">"] {
-                let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            })
+            .collect();
+        if let Some(claim_idle) = recover {
+            // Entries this consumer took but did not acknowledge (a replay
+            // that failed half-way), and those a crashed consumer left.
+            for (kind, stream) in &streams {
+                if raw.len() >= max {
+                    break;
+                }
+                let want = max - raw.len();
+                let own: Option<StreamReadReply> = redis::cmd("XREADGROUP")
                     .arg("GROUP")
                     .arg(REPLAY_GROUP)
                     .arg(consumer)
                     .arg("COUNT")
                     .arg(want)
                     .arg("STREAMS")
-                    .arg(&stream)
-                    .arg(from)
+                    .arg(stream)
+                    .arg("0")
                     .query_async(&mut conn)
                     .await?;
-                let ids: Vec<StreamId> = reply
+                let own = own
                     .into_iter()
                     .flat_map(|reply| reply.keys)
-                    .flat_map(|key| key.ids)
-                    .collect();
-                if !ids.is_empty() {
-                    raw.extend(ids.into_iter().map(|id| (kind, stream.clone(), id)));
-                    break;
-                }
+                    .flat_map(|key| key.ids);
+                raw.extend(own.map(|id| (*kind, stream.clone(), id)));
+                let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                    .arg(stream)
+                    .arg(REPLAY_GROUP)
+                    .arg(consumer)
+                    .arg(u64::try_from(claim_idle.as_millis()).unwrap_or(u64::MAX))
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(want)
+                    .query_async(&mut conn)
+                    .await?;
+                raw.extend(
+                    claimed
+                        .claimed
+                        .into_iter()
+                        .map(|id| (*kind, stream.clone(), id)),
+                );
             }
-            // Entries another consumer (a crashed instance) left behind.
-            let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                .arg(&stream)
-                .arg(REPLAY_GROUP)
-                .arg(consumer)
-                .arg(u64::try_from(claim_idle.as_millis()).unwrap_or(u64::MAX))
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(want)
-                .query_async(&mut conn)
-                .await?;
-            raw.extend(
-                claimed
-                    .claimed
+        }
+        if raw.len() < max {
+            // New entries of every stream in one round trip.
+            let per_stream = max.div_ceil(4).max(1);
+            let mut pipe = redis::pipe();
+            for (_, stream) in &streams {
+                pipe.cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(REPLAY_GROUP)
+                    .arg(consumer)
+                    .arg("COUNT")
+                    .arg(per_stream)
+                    .arg("STREAMS")
+                    .arg(stream)
+                    .arg(">");
+            }
+            let replies: Vec<Option<StreamReadReply>> = pipe.query_async(&mut conn).await?;
+            for ((kind, stream), reply) in streams.iter().zip(replies) {
+                let ids = reply
                     .into_iter()
-                    .map(|id| (kind, stream.clone(), id)),
-            );
+                    .flat_map(|reply| reply.keys)
+                    .flat_map(|key| key.ids);
+                raw.extend(ids.map(|id| (*kind, stream.clone(), id)));
+            }
         }
         let mut entries = Vec::with_capacity(raw.len());
         for (kind, stream, id) in &raw {
@@ -603,13 +623,13 @@ impl CacheStore for RedisStore {
         &self,
         consumer: &str,
         max: usize,
-        claim_idle: Duration,
+        recover: Option<Duration>,
     ) -> StoreResult<Vec<JournalEntry>> {
-        match self.read_journal_once(consumer, max, claim_idle).await {
+        match self.read_journal_once(consumer, max, recover).await {
             // The groups vanish with a Redis that restarted empty: recreate.
             Err(err) if err.code() == Some("NOGROUP") => {
                 self.ensure_replay_groups().await?;
-                self.read_journal_once(consumer, max, claim_idle)
+                self.read_journal_once(consumer, max, recover)
                     .await
                     .map_err(classify)
             }
