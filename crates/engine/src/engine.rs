@@ -154,7 +154,7 @@ impl Engine {
             Ok(()) => self.durable.breaker.record_success(),
             Err(err) => self.durable.breaker.force_open(&err),
         }
-        self.refresh_outage_backlog().await;
+        self.refresh_backlogs().await;
     }
 
     /// Probes both tiers forever (the half-open trials that close breakers).

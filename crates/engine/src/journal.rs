@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-
 use std::time::Duration;
 
 use hybridstore_core::{
@@ -31,7 +30,9 @@ use crate::strategy::WritePath;
 /// How the replay loop works.
 #[derive(Clone, Debug)]
 pub struct JournalSettings {
-    /// Most entries replayed in one durable-tier transaction.
+    /// Size of a replay batch: each poll reads up to a quarter of it from
+    /// every journal stream, and one durable-tier transaction applies the
+    /// newest change per record of what the poll read.
     pub batch_size: usize,
     /// Entries another instance took but did not acknowledge for this long are
     /// taken over (that instance probably died).
@@ -317,7 +318,7 @@ impl Engine {
     }
 
     /// Re-reads whether journaled writes still wait, per journal.
-    pub(crate) async fn refresh_outage_backlog(&self) {
+    pub(crate) async fn refresh_backlogs(&self) {
         for kind in JournalKind::ALL {
             let epoch = self.backlog(kind).epoch();
             if let Ok(length) = self.cache.journal_backlog(kind).await {
@@ -385,7 +386,7 @@ impl Engine {
             .read_journal(&self.instance_id, self.settings.journal.batch_size, recover)
             .await?;
         if entries.is_empty() {
-            self.refresh_outage_backlog().await;
+            self.refresh_backlogs().await;
             let finished = {
                 let mut progress = self.replay.lock().unwrap_or_else(|e| e.into_inner());
                 progress
