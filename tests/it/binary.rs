@@ -4,7 +4,7 @@
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use hybridstore_testkit::{ADMIN_TOKEN, create_database, free_port, shared};
+use hybridstore_testkit::{ADMIN_TOKEN, create_database, etag_version, free_port, shared};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -244,12 +244,7 @@ async fn a_killed_service_leaves_its_write_behind_backlog_to_the_next_one() {
             .await
             .unwrap();
         if response.status().is_success() {
-            let version: u64 = response.headers()["etag"]
-                .to_str()
-                .unwrap()
-                .trim_matches('"')
-                .parse()
-                .unwrap();
+            let version = etag_version(&response);
             acked.push((id, version));
         } else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -298,12 +293,7 @@ async fn a_killed_service_leaves_its_write_behind_backlog_to_the_next_one() {
             .await
             .unwrap();
         assert_eq!(response.status(), reqwest::StatusCode::OK);
-        let read: u64 = response.headers()["etag"]
-            .to_str()
-            .unwrap()
-            .trim_matches('"')
-            .parse()
-            .unwrap();
+        let read = etag_version(&response);
         assert!(
             read >= *version,
             "{id}: read v{read} after v{version} was acknowledged"
