@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hybridstore_core::{
-    CollectionName, DurableStore, IndexName, ListQuery, Precondition, Record, RecordId, RecordKey,
-    RecordWrite, StoreResult, Version, WriteOutcome,
+    ApplyMode, Change, CollectionName, ControlState, DurableStore, IndexName, ListQuery,
+    Precondition, Record, RecordId, RecordKey, RecordWrite, StoreResult, Version, WriteOutcome,
 };
 use hybridstore_testkit::{TestApp, etag_version, spawn_app};
 use reqwest::StatusCode;
@@ -136,8 +136,34 @@ impl DurableStore for GatedReads {
     ) -> StoreResult<Option<Record>> {
         self.inner.lookup(c, i, v, now).await
     }
-    async fn apply_changes(&self, changes: &[hybridstore_core::Change]) -> StoreResult<Vec<bool>> {
-        self.inner.apply_changes(changes).await
+    async fn apply_changes(&self, changes: &[Change], mode: ApplyMode) -> StoreResult<Vec<bool>> {
+        self.inner.apply_changes(changes, mode).await
+    }
+    async fn scan(
+        &self,
+        c: &CollectionName,
+        after: Option<&RecordId>,
+        limit: usize,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<Change>> {
+        self.inner.scan(c, after, limit, now).await
+    }
+    async fn get_states(
+        &self,
+        c: &CollectionName,
+        ids: &[RecordId],
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<Change>> {
+        self.inner.get_states(c, ids, now).await
+    }
+    async fn count(&self, c: &CollectionName) -> StoreResult<u64> {
+        self.inner.count(c).await
+    }
+    async fn load_control(&self) -> StoreResult<Option<ControlState>> {
+        self.inner.load_control().await
+    }
+    async fn save_control(&self, state: &ControlState) -> StoreResult<bool> {
+        self.inner.save_control(state).await
     }
     async fn purge_expired(&self, now: OffsetDateTime, retention: Duration) -> StoreResult<u64> {
         self.inner.purge_expired(now, retention).await

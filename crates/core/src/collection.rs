@@ -72,3 +72,23 @@ fn opt_secs<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S
         None => s.serialize_none(),
     }
 }
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+
+    /// Accepts the config spelling (`dual_write`) and the URL spelling
+    /// (`dual-write`) of the admin API.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let normalized = text.trim().replace('-', "_").to_ascii_lowercase();
+        Strategy::ALL
+            .into_iter()
+            .find(|s| s.as_str() == normalized)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Strategy::ALL.iter().map(|s| s.as_str()).collect();
+                format!(
+                    "unknown strategy {text:?}; expected one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}

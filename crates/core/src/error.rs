@@ -95,6 +95,12 @@ pub enum Error {
     VersionConflict { current: Option<Version> },
     #[error("unique index {index} already holds {value:?}")]
     UniqueViolation { index: String, value: String },
+    /// The operation could lose data or durability; repeat it with `force`.
+    #[error("{0}")]
+    ForceRequired(String),
+    /// The operation does not fit the declared collections.
+    #[error("{0}")]
+    NotAllowed(String),
     #[error("no storage tier can serve this request")]
     BackendsUnavailable { retry_after: Duration },
     /// Logged with its context where it happens; the API shows no detail.

@@ -8,6 +8,7 @@
 //! swapped without the strategy logic noticing.
 
 mod collection;
+mod control;
 mod error;
 mod journal;
 mod merge_patch;
@@ -17,6 +18,7 @@ mod store;
 mod version;
 
 pub use collection::{CollectionSpec, Strategy};
+pub use control::ControlState;
 pub use error::{Error, StoreError, Tier};
 pub use journal::{
     CacheWrite, CacheWriteOutcome, Change, JournalAck, JournalEntry, JournalKind, JournalPosition,
@@ -27,5 +29,7 @@ pub use names::{CollectionName, IndexName, NameError, RecordId, validate_id_pref
 pub use record::{
     IndexEntry, JsonObject, ListQuery, Precondition, Record, RecordKey, RecordWrite, WriteOutcome,
 };
-pub use store::{CacheEntry, CacheStore, DurableStore, StoreResult};
+pub use store::{
+    ApplyMode, CacheEntry, CacheStore, CachedState, CopyOutcome, DurableStore, StoreResult,
+};
 pub use version::Version;

@@ -8,15 +8,48 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::stream::BoxStream;
 use time::OffsetDateTime;
 
 use crate::{
-    CacheWrite, CacheWriteOutcome, Change, CollectionName, IndexName, JournalAck, JournalEntry,
-    JournalKind, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError,
-    Version, WriteOutcome,
+    CacheWrite, CacheWriteOutcome, Change, CollectionName, ControlState, IndexName, JournalAck,
+    JournalEntry, JournalKind, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite,
+    StoreError, Version, WriteOutcome,
 };
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// How a state carried over from the other tier is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyMode {
+    /// Only over an older version: applying twice, or after a newer write,
+    /// changes nothing. Journal replay, sync and repair use this.
+    IfNewer,
+    /// Over whatever the tier holds, even a newer version (an operator's
+    /// `force`).
+    Force,
+}
+
+/// What a cache holds for a key, as found by a scan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CachedState {
+    /// The copy (`Put`) or the deletion marker (`Delete`).
+    pub state: Change,
+    /// A journal entry not yet replayed pinned it: newer than the durable tier.
+    pub pinned: bool,
+    /// Held as the truth of a cache-only collection.
+    pub authoritative: bool,
+}
+
+/// What [`CacheStore::copy_in`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyOutcome {
+    Written,
+    /// The cache already held the same or a newer version.
+    Kept,
+    /// The copy is pinned by a journal entry; its replay decides.
+    Pinned,
+}
 
 /// The source of truth (PostgreSQL, or SQLite in embedded mode).
 #[async_trait]
@@ -64,10 +97,41 @@ pub trait DurableStore: Send + Sync + 'static {
         now: OffsetDateTime,
     ) -> StoreResult<Option<Record>>;
 
-    /// Applies replayed journal changes, each only if it is newer than what the
-    /// tier holds; returns, per change, whether it was applied (false: the
-    /// tier already held that version or a newer one).
-    async fn apply_changes(&self, changes: &[Change]) -> StoreResult<Vec<bool>>;
+    /// Applies changes carried over from the cache tier (journal replay, sync,
+    /// repair) in one transaction; returns, per change, whether it was applied
+    /// (false: under `IfNewer`, the tier already held that version or a newer one).
+    async fn apply_changes(&self, changes: &[Change], mode: ApplyMode) -> StoreResult<Vec<bool>>;
+
+    /// The stored states of up to `limit` records of `collection` whose ids
+    /// sort after `after`, ordered by id: live records and deletion markers,
+    /// without expired records. Sync and consistency checks walk a collection
+    /// with it page by page, in bounded memory.
+    async fn scan(
+        &self,
+        collection: &CollectionName,
+        after: Option<&RecordId>,
+        limit: usize,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<Change>>;
+
+    /// The stored states (live or deleted) of these ids; none for an id the
+    /// tier holds nothing about, or whose record expired.
+    async fn get_states(
+        &self,
+        collection: &CollectionName,
+        ids: &[RecordId],
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<Change>>;
+
+    /// How many records (live and deleted) a collection holds, for progress.
+    async fn count(&self, collection: &CollectionName) -> StoreResult<u64>;
+
+    /// The operators' run-time state, if one was ever saved.
+    async fn load_control(&self) -> StoreResult<Option<ControlState>>;
+
+    /// Saves `state` unless the stored revision is not older (another change
+    /// got in first); returns whether it was saved.
+    async fn save_control(&self, state: &ControlState) -> StoreResult<bool>;
 
     /// Physically removes expired records and deletion markers older than
     /// `tombstone_retention`; returns how many rows went.
@@ -168,4 +232,38 @@ pub trait CacheStore: Send + Sync + 'static {
 
     /// How many entries of one journal wait to be replayed.
     async fn journal_backlog(&self, kind: JournalKind) -> StoreResult<u64>;
+
+    /// One step of a scan over the entries of `collection`, from `cursor`
+    /// (0 to start): the next cursor (0 when done) and about `count` entries.
+    /// Like Redis `SCAN`, an entry may come more than once.
+    async fn scan(
+        &self,
+        collection: &CollectionName,
+        cursor: u64,
+        count: usize,
+    ) -> StoreResult<(u64, Vec<CachedState>)>;
+
+    /// Stores a state carried over from the durable tier (sync, repair): a
+    /// copy that lives for `lifetime`, or, `authoritative`, the truth of a
+    /// cache-only collection (no expiry but the record's own); a deletion
+    /// becomes a marker living for `lifetime`. Only over an older version
+    /// unless `force`; never over a pinned copy.
+    async fn copy_in(
+        &self,
+        state: &Change,
+        lifetime: Duration,
+        authoritative: bool,
+        force: bool,
+    ) -> StoreResult<CopyOutcome>;
+
+    /// The mirror of the operators' run-time state.
+    async fn load_control(&self) -> StoreResult<Option<ControlState>>;
+
+    /// Updates the mirror (unless it holds a newer revision) and broadcasts
+    /// `state` to every subscriber.
+    async fn publish_control(&self, state: &ControlState) -> StoreResult<()>;
+
+    /// Every state broadcast from now on, by any instance. The stream ends
+    /// when the connection is lost; subscribe again.
+    async fn subscribe_control(&self) -> StoreResult<BoxStream<'static, ControlState>>;
 }

@@ -26,12 +26,27 @@ pub struct CatalogError {
 
 pub struct Collection {
     pub spec: CollectionSpec,
-    pub plan: Plan,
-    pub strategy: Strategy,
     schema: Option<jsonschema::Validator>,
 }
 
 impl Collection {
+    /// The strategy this collection follows when the service-wide one is
+    /// `service`: its own, if it declares one.
+    pub fn strategy(&self, service: Strategy) -> Strategy {
+        self.spec.strategy.unwrap_or(service)
+    }
+
+    /// Why this collection cannot follow `strategy`, if it cannot.
+    pub fn refuses(&self, strategy: Strategy) -> Option<String> {
+        let through_cache = Plan::of(strategy).write.through_cache();
+        (through_cache && !self.spec.unique_indexes.is_empty()).then(|| {
+            format!(
+                "strategy {strategy} writes through the cache, which cannot enforce unique \
+                 indexes; use dual_write or database_first"
+            )
+        })
+    }
+
     /// Checks `data` against the collection's schema.
     pub fn validate(&self, data: &JsonObject) -> Result<(), Error> {
         let Some(schema) = &self.schema else {
@@ -131,22 +146,6 @@ impl Catalog {
                 key,
                 problem,
             };
-            let strategy = spec.strategy.unwrap_or(default_strategy);
-            let plan = Plan::of(strategy).ok_or_else(|| {
-                problem(
-                    "strategy",
-                    format!("strategy {strategy} is not available yet"),
-                )
-            })?;
-            if plan.write.through_cache() && !spec.unique_indexes.is_empty() {
-                return Err(problem(
-                    "unique_indexes",
-                    format!(
-                        "strategy {strategy} writes through the cache, which cannot enforce \
-                         unique indexes; use dual_write or database_first"
-                    ),
-                ));
-            }
             if spec.cache_ttl < Duration::from_secs(1) {
                 return Err(problem("cache_ttl_secs", "must be at least 1".into()));
             }
@@ -157,15 +156,15 @@ impl Catalog {
                         .map_err(|err| problem("schema", format!("invalid JSON Schema: {err}")))?,
                 ),
             };
-            collections.insert(
-                spec.name.clone(),
-                Collection {
-                    spec,
-                    plan,
-                    strategy,
-                    schema,
-                },
-            );
+            let collection = Collection { spec, schema };
+            if let Some(refusal) = collection.refuses(collection.strategy(default_strategy)) {
+                return Err(CatalogError {
+                    collection: collection.spec.name.to_string(),
+                    key: "unique_indexes",
+                    problem: refusal,
+                });
+            }
+            collections.insert(collection.spec.name.clone(), collection);
         }
         Ok(Catalog { collections })
     }

@@ -7,25 +7,31 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use hybridstore_core::{
     CacheEntry, CacheStore, CollectionName, DurableStore, Error, JsonObject, ListQuery,
-    Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError, Tier, Version,
+    Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError, Strategy, Tier, Version,
     WriteOutcome, merge_patch,
 };
 use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::catalog::{Catalog, Collection, index_value};
+use crate::control::Control;
 use crate::health::{Breaker, GuardedCache, GuardedDurable, HealthSettings, TierHealth};
+use crate::jobs::Jobs;
 use crate::journal::{Backlog, JournalSettings, ReplayProgress};
+use crate::stats::{EngineStats, Operation, Outcome};
 use crate::strategy::{Plan, ReadPath, WritePath};
 
 /// Limits and timings of the engine.
 #[derive(Clone, Debug)]
 pub struct EngineSettings {
+    /// The service-wide strategy from the configuration (an operator's switch,
+    /// persisted in the stores, takes precedence).
+    pub strategy: Strategy,
     /// Largest `data` object, in bytes of JSON.
     pub max_data_bytes: usize,
     /// How long a cache keeps the marker of a deleted record. It must outlive any
@@ -43,6 +49,7 @@ pub struct EngineSettings {
 impl Default for EngineSettings {
     fn default() -> Self {
         Self {
+            strategy: Strategy::DualWrite,
             max_data_bytes: 1024 * 1024,
             deleted_marker_ttl: Duration::from_secs(60),
             tombstone_retention: Duration::from_secs(3600),
@@ -92,6 +99,11 @@ pub struct Engine {
     /// This instance's name as a journal consumer.
     pub(crate) instance_id: String,
     pub(crate) replay: std::sync::Mutex<ReplayProgress>,
+    /// The service-wide strategy in force and the control state it came from.
+    pub(crate) control: Control,
+    pub(crate) stats: EngineStats,
+    pub(crate) jobs: Jobs,
+    pub(crate) started: Instant,
 }
 
 /// A name for this process among the journal's consumers.
@@ -133,11 +145,15 @@ impl Engine {
             durable: Arc::new(durable),
             cache: Arc::new(cache),
             catalog,
-            settings,
             outage_backlog: Backlog::default(),
             write_behind_backlog: Backlog::default(),
             instance_id: instance_id(),
             replay: std::sync::Mutex::new(ReplayProgress::default()),
+            control: Control::new(settings.strategy),
+            stats: EngineStats::default(),
+            jobs: Jobs::default(),
+            started: Instant::now(),
+            settings,
         }
     }
 
@@ -173,19 +189,31 @@ impl Engine {
         }
     }
 
+    /// The strategy a collection follows now (its own, or the service's).
+    pub fn strategy_of(&self, collection: &Collection) -> Strategy {
+        collection.strategy(self.control.strategy())
+    }
+
+    /// The plan of the strategy a collection follows, before health narrows it.
+    pub(crate) fn configured_plan(&self, collection: &Collection) -> Plan {
+        Plan::of(self.strategy_of(collection))
+    }
+
     /// The plan a collection follows now: its configured plan, narrowed by
     /// which tiers are usable. Fails at once when none is.
     pub(crate) fn plan_for(&self, collection: &Collection) -> Result<Plan, Error> {
         let durable_up = self.durable.breaker.is_closed();
         let cache_up = self.cache.breaker.is_closed();
-        let backlog = match collection.plan.write {
-            WritePath::DurableThenCache => self.outage_backlog.pending(),
+        let plan = self.configured_plan(collection);
+        let backlog = match plan.write {
+            // Write-behind entries wait too after a switch away from cache_first.
+            WritePath::DurableThenCache => {
+                self.outage_backlog.pending() || self.write_behind_backlog.pending()
+            }
             WritePath::CacheJournaled => self.write_behind_backlog.pending(),
             WritePath::DurableOnly | WritePath::CacheOnly => false,
         };
-        collection
-            .plan
-            .degraded(durable_up, cache_up, backlog)
+        plan.degraded(durable_up, cache_up, backlog)
             .ok_or_else(|| self.unavailable())
     }
 
@@ -267,7 +295,7 @@ impl Engine {
     /// (Marked before the commit, so a recovery that completes meanwhile
     /// cannot miss it; the update after the commit covers the other order.)
     fn before_commit(&self, collection: &Collection, plan: Plan, key: &RecordKey) {
-        if collection.plan.uses_cache() && plan.write == WritePath::DurableOnly {
+        if self.configured_plan(collection).uses_cache() && plan.write == WritePath::DurableOnly {
             self.cache.mark_dirty(key);
         }
     }
@@ -282,7 +310,7 @@ impl Engine {
         update: CacheUpdate<'_>,
         now: OffsetDateTime,
     ) {
-        if !collection.plan.uses_cache() {
+        if !self.configured_plan(collection).uses_cache() {
             return;
         }
         let result = match update {
@@ -371,7 +399,7 @@ impl Engine {
 
     /// Creates or replaces a record.
     #[tracing::instrument(level = "debug", skip(self, data), fields(collection = %key.collection, id = %key.id))]
-    pub async fn put(
+    async fn write_record(
         &self,
         key: RecordKey,
         data: JsonObject,
@@ -390,7 +418,7 @@ impl Engine {
     /// that version, so a concurrent write is never silently overwritten: with
     /// `If-Match` it is a conflict, without it the patch is re-applied on top.
     #[tracing::instrument(level = "debug", skip(self, patch), fields(collection = %key.collection, id = %key.id))]
-    pub async fn patch(
+    async fn patch_record(
         &self,
         key: RecordKey,
         patch: JsonObject,
@@ -448,12 +476,18 @@ impl Engine {
 
     /// Reads one record.
     #[tracing::instrument(level = "debug", skip(self), fields(collection = %key.collection, id = %key.id))]
-    pub async fn get(&self, key: &RecordKey) -> Result<Option<Record>, Error> {
+    async fn read_record(&self, key: &RecordKey) -> Result<Option<Record>, Error> {
         let collection = self.catalog.get(&key.collection)?;
         let plan = self.plan_for(collection)?;
         let now = now();
         if plan.read != ReadPath::DurableOnly {
-            match self.cache.get(key).await {
+            let entry = self.cache.get(key).await;
+            self.stats.cache_lookup(
+                matches!(&entry, Ok(CacheEntry::Present(r)) if !r.is_expired(now))
+                    || matches!(entry, Ok(CacheEntry::Deleted(_))),
+                1,
+            );
+            match entry {
                 Ok(CacheEntry::Present(record)) if !record.is_expired(now) => {
                     return Ok(Some(record));
                 }
@@ -483,7 +517,7 @@ impl Engine {
 
     /// Deletes a record; returns the version of the deletion.
     #[tracing::instrument(level = "debug", skip(self), fields(collection = %key.collection, id = %key.id))]
-    pub async fn delete(
+    async fn delete_record(
         &self,
         key: &RecordKey,
         precondition: Precondition,
@@ -510,7 +544,7 @@ impl Engine {
     /// One page of a collection, ordered by id, from the durable tier (the only
     /// tier that holds every record).
     #[tracing::instrument(level = "debug", skip(self))]
-    pub async fn list(
+    async fn list_page(
         &self,
         collection: &CollectionName,
         after: Option<RecordId>,
@@ -548,7 +582,7 @@ impl Engine {
 
     /// Several records of one collection at once.
     #[tracing::instrument(level = "debug", skip(self, ids), fields(count = ids.len()))]
-    pub async fn batch_get(
+    async fn read_many(
         &self,
         collection_name: &CollectionName,
         ids: Vec<RecordId>,
@@ -591,6 +625,11 @@ impl Engine {
             .filter(|(_, answer)| answer.is_none())
             .map(|(id, _)| id.clone())
             .collect();
+        if plan.read != ReadPath::DurableOnly {
+            let misses = unknown.len() as u64;
+            self.stats.cache_lookup(true, ids.len() as u64 - misses);
+            self.stats.cache_lookup(false, misses);
+        }
         if !unknown.is_empty() && plan.read == ReadPath::CacheOnly {
             return Err(self.unavailable());
         }
@@ -637,7 +676,7 @@ impl Engine {
     /// trusted only if the cached record it names still carries `value`; any
     /// doubt goes to the durable tier, which enforces uniqueness.
     #[tracing::instrument(level = "debug", skip(self, value))]
-    pub async fn lookup(
+    async fn lookup_unique(
         &self,
         collection_name: &CollectionName,
         index: &str,
@@ -653,7 +692,11 @@ impl Engine {
                 .await
                 .or_else(|err| self.cache_read_failed(plan, "lookup", &err).map(|()| None))?
         {
+            self.stats.cache_lookup(true, 1);
             return Ok(Some(record));
+        }
+        if plan.read != ReadPath::DurableOnly {
+            self.stats.cache_lookup(false, 1);
         }
         if plan.read == ReadPath::CacheOnly {
             return Err(self.unavailable());
@@ -729,5 +772,95 @@ impl Engine {
     /// The plan a collection follows now (configured, narrowed by health).
     pub fn plan(&self, collection: &CollectionName) -> Result<Plan, Error> {
         self.plan_for(self.catalog.get(collection)?)
+    }
+}
+
+/// The public operations, each counted and timed in [`EngineStats`].
+impl Engine {
+    async fn observed<T>(
+        &self,
+        operation: Operation,
+        work: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let started = Instant::now();
+        let result = work.await;
+        let outcome = match &result {
+            Ok(_) => Outcome::Ok,
+            Err(Error::BackendsUnavailable { .. } | Error::Internal(_)) => Outcome::Failed,
+            Err(_) => Outcome::Rejected,
+        };
+        self.stats.record(operation, outcome, started.elapsed());
+        result
+    }
+
+    /// Creates or replaces a record.
+    pub async fn put(
+        &self,
+        key: RecordKey,
+        data: JsonObject,
+        precondition: Precondition,
+        ttl: Option<Duration>,
+    ) -> Result<WriteOutcome, Error> {
+        let work = self.write_record(key, data, precondition, ttl);
+        self.observed(Operation::Put, work).await
+    }
+
+    /// Applies a JSON Merge Patch to an existing record.
+    pub async fn patch(
+        &self,
+        key: RecordKey,
+        patch: JsonObject,
+        precondition: Precondition,
+    ) -> Result<WriteOutcome, Error> {
+        let work = self.patch_record(key, patch, precondition);
+        self.observed(Operation::Patch, work).await
+    }
+
+    /// Reads one record.
+    pub async fn get(&self, key: &RecordKey) -> Result<Option<Record>, Error> {
+        self.observed(Operation::Get, self.read_record(key)).await
+    }
+
+    /// Deletes a record; returns the version of the deletion.
+    pub async fn delete(
+        &self,
+        key: &RecordKey,
+        precondition: Precondition,
+    ) -> Result<Version, Error> {
+        let work = self.delete_record(key, precondition);
+        self.observed(Operation::Delete, work).await
+    }
+
+    /// One page of a collection, ordered by id.
+    pub async fn list(
+        &self,
+        collection: &CollectionName,
+        after: Option<RecordId>,
+        prefix: Option<String>,
+        limit: u32,
+    ) -> Result<Page, Error> {
+        let work = self.list_page(collection, after, prefix, limit);
+        self.observed(Operation::List, work).await
+    }
+
+    /// Several records of one collection at once.
+    pub async fn batch_get(
+        &self,
+        collection: &CollectionName,
+        ids: Vec<RecordId>,
+    ) -> Result<BatchGet, Error> {
+        let work = self.read_many(collection, ids);
+        self.observed(Operation::BatchGet, work).await
+    }
+
+    /// The record whose unique index `index` holds `value`.
+    pub async fn lookup(
+        &self,
+        collection: &CollectionName,
+        index: &str,
+        value: &str,
+    ) -> Result<Option<Record>, Error> {
+        let work = self.lookup_unique(collection, index, value);
+        self.observed(Operation::Lookup, work).await
     }
 }

@@ -28,12 +28,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures_util::stream::BoxStream;
 use hybridstore_core::{
-    CacheEntry, CacheStore, CacheWrite, CacheWriteOutcome, Change, CollectionName, DurableStore,
-    IndexName, JournalAck, JournalEntry, JournalKind, ListQuery, Precondition, Record, RecordId,
-    RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome,
+    ApplyMode, CacheEntry, CacheStore, CacheWrite, CacheWriteOutcome, CachedState, Change,
+    CollectionName, ControlState, CopyOutcome, DurableStore, IndexName, JournalAck, JournalEntry,
+    JournalKind, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError,
+    StoreResult, Tier, Version, WriteOutcome,
 };
 use serde::Serialize;
+
+use crate::stats::TierStats;
 use time::OffsetDateTime;
 
 /// How breakers and probes behave.
@@ -99,6 +103,10 @@ pub struct Breaker {
     /// Counts every failure; a probe closes the breaker only if none happened
     /// since it looked (see [`Breaker::close_unless_failed_since`]).
     failure_epoch: AtomicU64,
+    /// Calls, failures and latency of the tier's calls.
+    pub(crate) stats: TierStats,
+    /// How long the last successful probe took.
+    last_probe: Mutex<Option<Duration>>,
 }
 
 /// A snapshot of one tier's health, for status pages and metrics.
@@ -113,6 +121,9 @@ pub struct TierHealth {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     pub degradations: u64,
+    /// Round trip of the last successful probe, in milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_latency_ms: Option<f64>,
 }
 
 impl Breaker {
@@ -129,6 +140,8 @@ impl Breaker {
             }),
             degradations: AtomicU64::new(0),
             failure_epoch: AtomicU64::new(0),
+            stats: TierStats::default(),
+            last_probe: Mutex::new(None),
         }
     }
 
@@ -256,7 +269,17 @@ impl Breaker {
             consecutive_failures: inner.consecutive_failures,
             last_error: inner.last_error.clone(),
             degradations: self.degradations.load(Ordering::Relaxed),
+            probe_latency_ms: self
+                .last_probe
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .map(|d| d.as_secs_f64() * 1e3),
         }
+    }
+
+    /// Remembers the round trip of a successful probe.
+    fn probe_took(&self, elapsed: Duration) {
+        *self.last_probe.lock().unwrap_or_else(|e| e.into_inner()) = Some(elapsed);
     }
 
     /// Runs one tier call under the breaker and a timeout.
@@ -271,6 +294,7 @@ impl Breaker {
                 format!("{} breaker is open", self.backend),
             ));
         }
+        let started = Instant::now();
         let result = match tokio::time::timeout(timeout, call).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::unavailable(
@@ -278,8 +302,13 @@ impl Breaker {
                 format!("{} did not answer within {timeout:?}", self.backend),
             )),
         };
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        self.stats.latency.record(started.elapsed());
         match &result {
-            Err(err) if err.is_unavailable() => self.record_failure(err),
+            Err(err) if err.is_unavailable() => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                self.record_failure(err);
+            }
             // An answer, even an error about the request, means the tier is up.
             _ => self.record_call_success(),
         }
@@ -299,7 +328,10 @@ impl Breaker {
             )),
         };
         match result {
-            Ok(()) => self.close_unless_failed_since(epoch),
+            Ok(()) => {
+                self.probe_took(started.elapsed());
+                self.close_unless_failed_since(epoch);
+            }
             Err(err) => {
                 tracing::debug!(tier = %self.tier, error = %err, elapsed = ?started.elapsed(), "probe failed");
                 self.record_failure(&err);
@@ -382,13 +414,28 @@ impl GuardedCache {
         self.breaker.force_open(err);
     }
 
+    /// Every copy may be stale and could not be dropped now: the cache stops
+    /// serving until its recovery has dropped them all.
+    pub fn suspend_until_flushed(&self, err: &StoreError) {
+        {
+            let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            dirty.keys.clear();
+            dirty.overflowed = true;
+        }
+        self.breaker.force_open(err);
+    }
+
     /// The probe: a heartbeat while closed (which also notices a restart), the
     /// recovery trial while open.
     pub async fn probe(&self) {
         self.breaker.begin_trial();
+        let started = Instant::now();
         let outcome = tokio::time::timeout(self.timeout * 4, self.check()).await;
         match outcome {
-            Ok(Ok(epoch)) => self.breaker.close_unless_failed_since(epoch),
+            Ok(Ok(epoch)) => {
+                self.breaker.probe_took(started.elapsed());
+                self.breaker.close_unless_failed_since(epoch);
+            }
             Ok(Err(err)) => self.breaker.force_open(&err),
             Err(_) => self.breaker.force_open(&StoreError::unavailable(
                 Tier::Cache,
@@ -509,10 +556,40 @@ impl DurableStore for GuardedDurable {
         let call = self.inner.lookup(collection, index, value, now);
         self.breaker.call(self.timeout, call).await
     }
-    async fn apply_changes(&self, changes: &[Change]) -> StoreResult<Vec<bool>> {
-        self.breaker
-            .call(self.timeout, self.inner.apply_changes(changes))
-            .await
+    async fn apply_changes(&self, changes: &[Change], mode: ApplyMode) -> StoreResult<Vec<bool>> {
+        let call = self.inner.apply_changes(changes, mode);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn scan(
+        &self,
+        collection: &CollectionName,
+        after: Option<&RecordId>,
+        limit: usize,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<Change>> {
+        let call = self.inner.scan(collection, after, limit, now);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn get_states(
+        &self,
+        collection: &CollectionName,
+        ids: &[RecordId],
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<Change>> {
+        let call = self.inner.get_states(collection, ids, now);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn count(&self, collection: &CollectionName) -> StoreResult<u64> {
+        let call = self.inner.count(collection);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn load_control(&self) -> StoreResult<Option<ControlState>> {
+        let call = self.inner.load_control();
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn save_control(&self, state: &ControlState) -> StoreResult<bool> {
+        let call = self.inner.save_control(state);
+        self.breaker.call(self.timeout, call).await
     }
     async fn purge_expired(
         &self,
@@ -618,6 +695,39 @@ impl CacheStore for GuardedCache {
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>> {
         self.breaker
             .call(self.timeout, self.inner.list(query))
+            .await
+    }
+    async fn scan(
+        &self,
+        collection: &CollectionName,
+        cursor: u64,
+        count: usize,
+    ) -> StoreResult<(u64, Vec<CachedState>)> {
+        let call = self.inner.scan(collection, cursor, count);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn copy_in(
+        &self,
+        state: &Change,
+        lifetime: Duration,
+        authoritative: bool,
+        force: bool,
+    ) -> StoreResult<CopyOutcome> {
+        let call = self.inner.copy_in(state, lifetime, authoritative, force);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn load_control(&self) -> StoreResult<Option<ControlState>> {
+        self.breaker
+            .call(self.timeout, self.inner.load_control())
+            .await
+    }
+    async fn publish_control(&self, state: &ControlState) -> StoreResult<()> {
+        let call = self.inner.publish_control(state);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn subscribe_control(&self) -> StoreResult<BoxStream<'static, ControlState>> {
+        self.breaker
+            .call(self.timeout, self.inner.subscribe_control())
             .await
     }
 }

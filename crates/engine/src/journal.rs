@@ -17,9 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hybridstore_core::{
-    CacheEntry, CacheStore, CacheWrite, CacheWriteOutcome, Change, DurableStore, Error, JournalAck,
-    JournalKind, Precondition, Record, RecordKey, RecordWrite, StoreError, Version, WriteChange,
-    WriteOutcome,
+    ApplyMode, CacheEntry, CacheStore, CacheWrite, CacheWriteOutcome, Change, DurableStore, Error,
+    JournalAck, JournalKind, Precondition, Record, RecordKey, RecordWrite, StoreError, Version,
+    WriteChange, WriteOutcome,
 };
 use time::OffsetDateTime;
 
@@ -121,8 +121,8 @@ impl Backlog {
 impl Engine {
     /// Which journal a write of `collection` through the cache goes to;
     /// `None` when the cache is its only tier.
-    fn journal_kind(collection: &Collection) -> Option<JournalKind> {
-        match collection.plan.write {
+    fn journal_kind(&self, collection: &Collection) -> Option<JournalKind> {
+        match self.configured_plan(collection).write {
             WritePath::CacheOnly => None,
             WritePath::CacheJournaled => Some(JournalKind::WriteBehind),
             _ => Some(JournalKind::Outage),
@@ -246,7 +246,7 @@ impl Engine {
             };
         }
         let mut journaled = CacheWrite {
-            journal: Self::journal_kind(collection),
+            journal: self.journal_kind(collection),
             deleted_marker_ttl: self.settings.deleted_marker_ttl,
             key: write.key.clone(),
             change: WriteChange::Put {
@@ -294,7 +294,7 @@ impl Engine {
         now: OffsetDateTime,
     ) -> Result<Version, Error> {
         let mut journaled = CacheWrite {
-            journal: Self::journal_kind(collection),
+            journal: self.journal_kind(collection),
             deleted_marker_ttl: self.settings.deleted_marker_ttl,
             key: key.clone(),
             change: WriteChange::Delete,
@@ -436,7 +436,10 @@ impl Engine {
             }
         }
         let changes: Vec<Change> = newest.values().map(|change| (*change).clone()).collect();
-        let applied = self.durable.apply_changes(&changes).await?;
+        let applied = self
+            .durable
+            .apply_changes(&changes, ApplyMode::IfNewer)
+            .await?;
         let superseded: HashMap<(RecordKey, Version), bool> = changes
             .iter()
             .zip(&applied)

@@ -7,13 +7,25 @@
 //! any other pair of tiers, and unit tests can drive it with in-memory fakes.
 
 mod catalog;
+mod control;
 mod engine;
 mod health;
+mod jobs;
 mod journal;
+mod maintenance;
+mod stats;
+mod status;
 mod strategy;
 
 pub use catalog::{Catalog, CatalogError, Collection};
+pub use control::SwitchOutcome;
 pub use engine::{BatchGet, Engine, EngineSettings, Page};
 pub use health::{BreakerState, HealthSettings, TierHealth};
+pub use jobs::{JobState, JobView, ProgressView};
 pub use journal::{JournalSettings, ReplayStats};
+pub use maintenance::{
+    ClassReport, CollectionReport, ConsistencyReport, DriftClass, SyncDirection,
+};
+pub use stats::{EngineStats, Histogram, LatencySummary, Operation, OperationCounts};
+pub use status::{HealthReport, MetricsReport, Overall, StatusReport};
 pub use strategy::{Plan, ReadPath, WritePath};

@@ -21,7 +21,8 @@
 use hybridstore_core::Strategy;
 
 /// Where a write goes, in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum WritePath {
     /// Commit in the durable tier, then store the new version in the cache.
     DurableThenCache,
@@ -43,7 +44,8 @@ impl WritePath {
 }
 
 /// Where a read is served from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ReadPath {
     /// The cache; on a miss the durable tier, and the copy read there is filled
     /// into the cache (version-checked).
@@ -57,14 +59,14 @@ pub enum ReadPath {
     CacheAuthoritative,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Plan {
     pub write: WritePath,
     pub read: ReadPath,
 }
 
 impl Plan {
-    pub fn of(strategy: Strategy) -> Option<Plan> {
+    pub fn of(strategy: Strategy) -> Plan {
         use ReadPath as R;
         use WritePath as W;
         let (write, read) = match strategy {
@@ -74,7 +76,18 @@ impl Plan {
             Strategy::CacheFirst => (W::CacheJournaled, R::CacheThenDurable),
             Strategy::RedisOnly => (W::CacheOnly, R::CacheAuthoritative),
         };
-        Some(Plan { write, read })
+        Plan { write, read }
+    }
+
+    /// Whether every write updates the cache copy, so copies stay current
+    /// (everything but `postgres_only`).
+    pub fn keeps_cache_current(self) -> bool {
+        self.write != WritePath::DurableOnly
+    }
+
+    /// Whether reads may be answered from the cache.
+    pub fn reads_cache(self) -> bool {
+        self.read != ReadPath::DurableOnly
     }
 
     /// Whether this plan keeps copies in the cache at all.
@@ -124,7 +137,10 @@ mod tests {
     /// The table at the top of this file, row by row.
     #[test]
     fn plans_follow_the_strategy_table() {
-        let plan = |s| Plan::of(s).map(|p| (p.write, p.read, p.uses_cache()));
+        let plan = |s| {
+            let p = Plan::of(s);
+            Some((p.write, p.read, p.uses_cache()))
+        };
         use ReadPath as R;
         use WritePath as W;
         assert_eq!(
@@ -151,9 +167,9 @@ mod tests {
 
     #[test]
     fn health_narrows_the_plan() {
-        let dual = Plan::of(Strategy::DualWrite).unwrap();
-        let write_behind = Plan::of(Strategy::CacheFirst).unwrap();
-        let durable_only = Plan::of(Strategy::PostgresOnly).unwrap();
+        let dual = Plan::of(Strategy::DualWrite);
+        let write_behind = Plan::of(Strategy::CacheFirst);
+        let durable_only = Plan::of(Strategy::PostgresOnly);
         assert_eq!(dual.degraded(true, true, false), Some(dual));
         assert_eq!(dual.degraded(true, false, false), Some(Plan::DURABLE_ONLY));
         let outage = dual.degraded(false, true, false).unwrap();
@@ -179,7 +195,7 @@ mod tests {
             write_behind.degraded(true, false, false),
             Some(Plan::DURABLE_ONLY)
         );
-        let cache_only = Plan::of(Strategy::RedisOnly).unwrap();
+        let cache_only = Plan::of(Strategy::RedisOnly);
         assert_eq!(cache_only.degraded(false, true, false), Some(cache_only));
         assert_eq!(
             cache_only.degraded(true, false, false),

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hybridstore_core::{
-    Change, CollectionName, DurableStore, IndexEntry, IndexName, JsonObject, ListQuery,
-    Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version,
-    WriteOutcome,
+    ApplyMode, Change, CollectionName, ControlState, DurableStore, IndexEntry, IndexName,
+    JsonObject, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError,
+    StoreResult, Tier, Version, WriteOutcome,
 };
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::types::Json;
@@ -141,6 +141,20 @@ fn record_from_row(collection: &CollectionName, row: &PgRow) -> StoreResult<Reco
     })
 }
 
+/// A row of [`SCAN_STATES`] or [`GET_STATES`]: the record, or its deletion.
+fn state_from_row(collection: &CollectionName, row: &PgRow) -> StoreResult<Change> {
+    let record = record_from_row(collection, row)?;
+    if row.try_get("deleted").map_err(classify)? {
+        Ok(Change::Delete {
+            key: record.key(),
+            version: record.version,
+            at: record.updated_at,
+        })
+    } else {
+        Ok(Change::Put(record))
+    }
+}
+
 /// A record is live when it is neither deleted nor expired at `$now`.
 macro_rules! live {
     ($alias:literal, $now:literal) => {
@@ -249,7 +263,8 @@ const LOOKUP_LIVE: &str = concat!(
     live!("r", "$4")
 );
 
-/// Replays a journaled put: applied only over an older version (or nothing).
+/// Replays a journaled put: applied only over an older version, unless `$8`
+/// forces it.
 const REPLAY_PUT: &str = concat!(
     "INSERT INTO records AS r ",
     "(collection, id, version, created_version, data, created_at, updated_at, expires_at, deleted) ",
@@ -264,16 +279,41 @@ const REPLAY_PUT: &str = concat!(
     " THEN r.created_at ELSE EXCLUDED.created_at END, ",
     "data = EXCLUDED.data, updated_at = EXCLUDED.updated_at, ",
     "expires_at = EXCLUDED.expires_at, deleted = false ",
-    "WHERE r.version < EXCLUDED.version RETURNING 1"
+    "WHERE r.version < EXCLUDED.version OR $8 RETURNING 1"
 );
 
-/// Replays a journaled delete: a tombstone, only over an older version.
+/// Replays a journaled delete: a tombstone, only over an older version unless
+/// `$5` forces it.
 const REPLAY_DELETE: &str = "INSERT INTO records AS r \
     (collection, id, version, created_version, data, created_at, updated_at, expires_at, deleted) \
     VALUES ($1, $2, $3, $3, '{}', $4, $4, NULL, true) \
     ON CONFLICT (collection, id) DO UPDATE SET version = EXCLUDED.version, data = '{}', \
     updated_at = EXCLUDED.updated_at, expires_at = NULL, deleted = true \
-    WHERE r.version < EXCLUDED.version RETURNING 1";
+    WHERE r.version < EXCLUDED.version OR $5 RETURNING 1";
+
+/// Live records and tombstones (not expired ones): `$3` after, ordered by id.
+const SCAN_STATES: &str = concat!(
+    "SELECT ",
+    record_columns!(),
+    ", r.deleted FROM records r ",
+    "WHERE r.collection = $1 AND r.id > $2 AND (r.expires_at IS NULL OR r.expires_at > $3) ",
+    "ORDER BY r.id LIMIT $4"
+);
+
+const GET_STATES: &str = concat!(
+    "SELECT ",
+    record_columns!(),
+    ", r.deleted FROM records r ",
+    "WHERE r.collection = $1 AND r.id = ANY($2) AND (r.expires_at IS NULL OR r.expires_at > $3)"
+);
+
+const LOAD_CONTROL: &str = "SELECT value FROM control WHERE name = 'state'";
+
+/// Saves the state only over an older revision.
+const SAVE_CONTROL: &str = "INSERT INTO control AS c (name, revision, value, updated_at) \
+    VALUES ('state', $1, $2, now()) ON CONFLICT (name) DO UPDATE \
+    SET revision = EXCLUDED.revision, value = EXCLUDED.value, updated_at = now() \
+    WHERE c.revision < EXCLUDED.revision RETURNING 1";
 
 const PURGE_BATCH: &str = "DELETE FROM records WHERE ctid IN (\
     SELECT ctid FROM records WHERE expires_at <= $1 \
@@ -589,7 +629,8 @@ impl DurableStore for PostgresStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(count = changes.len()))]
-    async fn apply_changes(&self, changes: &[Change]) -> StoreResult<Vec<bool>> {
+    async fn apply_changes(&self, changes: &[Change], mode: ApplyMode) -> StoreResult<Vec<bool>> {
+        let force = mode == ApplyMode::Force;
         let mut tx = self.pool.begin().await.map_err(classify)?;
         let mut applied = Vec::with_capacity(changes.len());
         for change in changes {
@@ -603,18 +644,90 @@ impl DurableStore for PostgresStore {
                     .bind(Json(&record.data))
                     .bind(record.created_at)
                     .bind(record.updated_at)
-                    .bind(record.expires_at),
+                    .bind(record.expires_at)
+                    .bind(force),
                 Change::Delete { at, .. } => sqlx::query(REPLAY_DELETE)
                     .bind(key.collection.as_str())
                     .bind(key.id.as_str())
                     .bind(version)
-                    .bind(*at),
+                    .bind(*at)
+                    .bind(force),
             };
             let row = query.fetch_optional(&mut *tx).await.map_err(classify)?;
             applied.push(row.is_some());
         }
         tx.commit().await.map_err(classify)?;
         Ok(applied)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%collection, limit))]
+    async fn scan(
+        &self,
+        collection: &CollectionName,
+        after: Option<&RecordId>,
+        limit: usize,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<Change>> {
+        let rows = sqlx::query(SCAN_STATES)
+            .bind(collection.as_str())
+            .bind(after.map_or("", RecordId::as_str))
+            .bind(now)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows.iter()
+            .map(|row| state_from_row(collection, row))
+            .collect()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%collection, count = ids.len()))]
+    async fn get_states(
+        &self,
+        collection: &CollectionName,
+        ids: &[RecordId],
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<Change>> {
+        let ids: Vec<&str> = ids.iter().map(RecordId::as_str).collect();
+        let rows = sqlx::query(GET_STATES)
+            .bind(collection.as_str())
+            .bind(&ids)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows.iter()
+            .map(|row| state_from_row(collection, row))
+            .collect()
+    }
+
+    async fn count(&self, collection: &CollectionName) -> StoreResult<u64> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM records WHERE collection = $1")
+            .bind(collection.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(count.max(0) as u64)
+    }
+
+    async fn load_control(&self) -> StoreResult<Option<ControlState>> {
+        let value: Option<Json<ControlState>> = sqlx::query_scalar(LOAD_CONTROL)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(value.map(|Json(state)| state))
+    }
+
+    async fn save_control(&self, state: &ControlState) -> StoreResult<bool> {
+        let revision = i64::try_from(state.revision)
+            .map_err(|_| StoreError::internal(Tier::Durable, "control revision out of range"))?;
+        let saved = sqlx::query(SAVE_CONTROL)
+            .bind(revision)
+            .bind(Json(state))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(saved.is_some())
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

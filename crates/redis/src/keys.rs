@@ -12,6 +12,9 @@
 //! {prefix}:{N}:i:{collection}:{index}:{value}    unique-index hint -> id
 //! {prefix}:{N}:journal                           write-behind (cache_first) not yet replayed
 //! {prefix}:{N}:outage                            writes taken while the durable tier was down
+//! {prefix}:{N}:ids:{collection}                  ids of a cache-only collection (zset)
+//! {prefix}:control                               mirror of the operators' run-time state
+//! {prefix}:control:changes                       pub/sub channel of its changes
 //! ```
 
 use hybridstore_core::{CollectionName, IndexName, JournalKind, RecordKey};
@@ -102,6 +105,32 @@ impl KeySpace {
         (0..SHARDS).map(|shard| self.journal(shard, kind)).collect()
     }
 
+    /// A `SCAN MATCH` pattern for the record keys of one collection.
+    pub fn record_pattern(&self, collection: &CollectionName) -> String {
+        format!(
+            "{}:{{*}}:r:{}:*",
+            glob_escape(&self.prefix),
+            glob_escape(collection.as_str())
+        )
+    }
+
+    /// The record id in a key of [`Self::record_pattern`].
+    pub fn record_id<'k>(&self, key: &'k str, collection: &CollectionName) -> Option<&'k str> {
+        let rest = key.strip_prefix(self.prefix.as_str())?.strip_prefix(":{")?;
+        let (_, rest) = rest.split_once("}:r:")?;
+        rest.strip_prefix(collection.as_str())?.strip_prefix(':')
+    }
+
+    /// The mirror of the control state.
+    pub fn control(&self) -> String {
+        format!("{}:control", self.prefix)
+    }
+
+    /// The channel control changes are broadcast on.
+    pub fn control_channel(&self) -> String {
+        format!("{}:control:changes", self.prefix)
+    }
+
     /// The key holding the id a unique index value was last seen pointing to.
     pub fn lookup_hint(
         &self,
@@ -113,6 +142,18 @@ impl KeySpace {
         let shard = shard_of(&[collection, index, value]);
         format!("{}:{{{shard}}}:i:{collection}:{index}:{value}", self.prefix)
     }
+}
+
+/// Escapes the glob characters of `SCAN MATCH` patterns.
+fn glob_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
 }
 
 #[cfg(test)]
@@ -159,6 +200,20 @@ mod tests {
             "record and journal share a slot"
         );
         assert!(!keys.is_copy("hsx:{3}:r:users:u1"), "another prefix");
+    }
+
+    #[test]
+    fn record_scans_match_one_collection() {
+        let keys = KeySpace::new("hs[1]");
+        let users = CollectionName::parse("users").unwrap();
+        assert_eq!(keys.record_pattern(&users), "hs\\[1\\]:{*}:r:users:*");
+        let key = keys.record(&RecordKey::new(
+            users.clone(),
+            RecordId::parse("a:b").unwrap(),
+        ));
+        assert_eq!(keys.record_id(&key, &users), Some("a:b"));
+        let other = CollectionName::parse("users2").unwrap();
+        assert_eq!(keys.record_id(&key, &other), None);
     }
 
     #[test]

@@ -13,10 +13,13 @@ mod keys;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use hybridstore_core::{
-    CacheEntry, CacheStore, CacheWrite, CacheWriteOutcome, Change, CollectionName, IndexName,
-    JournalAck, JournalEntry, JournalKind, JournalPosition, JsonObject, ListQuery, Precondition,
-    Record, RecordId, RecordKey, StoreError, StoreResult, Tier, Version, WriteChange,
+    CacheEntry, CacheStore, CacheWrite, CacheWriteOutcome, CachedState, Change, CollectionName,
+    ControlState, CopyOutcome, IndexName, JournalAck, JournalEntry, JournalKind, JournalPosition,
+    JsonObject, ListQuery, Precondition, Record, RecordId, RecordKey, StoreError, StoreResult,
+    Tier, Version, WriteChange,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
@@ -39,6 +42,9 @@ pub struct RedisOptions {
 
 #[derive(Clone)]
 pub struct RedisStore {
+    /// For the pub/sub connection (the manager's connection cannot subscribe).
+    client: redis::Client,
+    connect_timeout: Duration,
     conn: ConnectionManager,
     keys: KeySpace,
     scripts: Scripts,
@@ -50,6 +56,7 @@ struct Scripts {
     accept_write: Script,
     unpin: Script,
     unlink_unless_pinned: Script,
+    copy_in: Script,
 }
 
 /// Sorts a driver error into "Redis is unavailable" or an internal error.
@@ -102,6 +109,39 @@ fn parse_data(bytes: &[u8]) -> StoreResult<JsonObject> {
 
 /// The fields a read takes from a record hash (`p`, the pin, is internal).
 const RECORD_FIELDS: [&str; 5] = ["v", "d", "c", "u", "x"];
+
+/// The fields a scan takes: `RECORD_FIELDS`, the pin and the authoritative mark.
+const SCAN_FIELDS: [&str; 7] = ["v", "d", "c", "u", "x", "p", "a"];
+
+/// The fields of a record hash, in `SCAN_FIELDS` order.
+type RawScanned = (
+    Option<String>,
+    Option<Vec<u8>>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+);
+
+/// A scanned hash as the state it holds (`None`: gone meanwhile).
+fn decode_scanned(key: RecordKey, raw: RawScanned) -> StoreResult<Option<CachedState>> {
+    let (version, data, created, updated, expires, pin, authoritative) = raw;
+    let state = match decode_entry(&key, (version, data, created, updated, expires))? {
+        CacheEntry::Miss => return Ok(None),
+        CacheEntry::Present(record) => Change::Put(record),
+        CacheEntry::Deleted(version) => Change::Delete {
+            key,
+            version,
+            at: from_micros(updated.unwrap_or_default())?,
+        },
+    };
+    Ok(Some(CachedState {
+        state,
+        pinned: pin.is_some(),
+        authoritative: authoritative.is_some(),
+    }))
+}
 
 /// The fields of a record hash, in `RECORD_FIELDS` order.
 type RawEntry = (
@@ -211,8 +251,11 @@ impl RedisStore {
             .set_response_timeout(Some(options.response_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(classify)?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(classify)?;
         Ok(Self {
+            client,
+            connect_timeout: options.connect_timeout,
             conn,
             keys: KeySpace::new(options.key_prefix.clone()),
             scripts: Scripts {
@@ -220,6 +263,7 @@ impl RedisStore {
                 accept_write: Script::new(include_str!("lua/accept_write.lua")),
                 unpin: Script::new(include_str!("lua/unpin.lua")),
                 unlink_unless_pinned: Script::new(include_str!("lua/unlink_unless_pinned.lua")),
+                copy_in: Script::new(include_str!("lua/copy_in.lua")),
             },
         })
     }
@@ -723,6 +767,157 @@ impl CacheStore for RedisStore {
         }
         records.truncate(limit);
         Ok(records)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%collection, cursor))]
+    async fn scan(
+        &self,
+        collection: &CollectionName,
+        cursor: u64,
+        count: usize,
+    ) -> StoreResult<(u64, Vec<CachedState>)> {
+        let mut conn = self.conn.clone();
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(self.keys.record_pattern(collection))
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await
+            .map_err(classify)?;
+        let record_keys: Vec<RecordKey> = keys
+            .iter()
+            .filter_map(|key| self.keys.record_id(key, collection))
+            .filter_map(|id| RecordId::parse(id).ok())
+            .map(|id| RecordKey::new(collection.clone(), id))
+            .collect();
+        if record_keys.is_empty() {
+            return Ok((next, Vec::new()));
+        }
+        let mut pipe = redis::pipe();
+        for key in &record_keys {
+            pipe.cmd("HMGET")
+                .arg(self.keys.record(key))
+                .arg(&SCAN_FIELDS[..]);
+        }
+        let raw: Vec<RawScanned> = pipe.query_async(&mut conn).await.map_err(classify)?;
+        let mut states = Vec::with_capacity(raw.len());
+        for (key, raw) in record_keys.into_iter().zip(raw) {
+            if let Some(state) = decode_scanned(key, raw)? {
+                states.push(state);
+            }
+        }
+        Ok((next, states))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(version = %state.version()))]
+    async fn copy_in(
+        &self,
+        state: &Change,
+        lifetime: Duration,
+        authoritative: bool,
+        force: bool,
+    ) -> StoreResult<CopyOutcome> {
+        let key = state.key();
+        let mut invocation = self.scripts.copy_in.key(self.keys.record(&key));
+        invocation
+            .key(self.keys.ids_of(&key))
+            .arg(state.version().to_padded());
+        match state {
+            Change::Put(record) => {
+                let data = serde_json::to_vec(&record.data)
+                    .map_err(|err| StoreError::internal(Tier::Cache, err))?;
+                invocation
+                    .arg(data)
+                    .arg(micros(record.created_at))
+                    .arg(micros(record.updated_at))
+                    .arg(
+                        record
+                            .expires_at
+                            .map(micros)
+                            .map(|x| x.to_string())
+                            .unwrap_or_default(),
+                    );
+            }
+            Change::Delete { at, .. } => {
+                invocation.arg("").arg("").arg(micros(*at)).arg("");
+            }
+        }
+        let outcome: String = invocation
+            .arg(ttl_millis(lifetime))
+            .arg(if authoritative { "1" } else { "0" })
+            .arg(if force { "1" } else { "0" })
+            .arg(key.id.as_str())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        match outcome.as_str() {
+            "written" => Ok(CopyOutcome::Written),
+            "kept" => Ok(CopyOutcome::Kept),
+            "pinned" => Ok(CopyOutcome::Pinned),
+            other => Err(corrupt(format!("copy_in answered {other:?}"))),
+        }
+    }
+
+    async fn load_control(&self) -> StoreResult<Option<ControlState>> {
+        let raw: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(self.keys.control())
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        raw.map(|bytes| {
+            serde_json::from_slice(&bytes)
+                .map_err(|err| corrupt(format!("undecodable control state: {err}")))
+        })
+        .transpose()
+    }
+
+    async fn publish_control(&self, state: &ControlState) -> StoreResult<()> {
+        let payload =
+            serde_json::to_vec(state).map_err(|err| StoreError::internal(Tier::Cache, err))?;
+        // The mirror only moves forward; the broadcast goes out either way
+        // (receivers ignore revisions they have).
+        if self
+            .load_control()
+            .await?
+            .is_none_or(|held| held.revision < state.revision)
+        {
+            redis::cmd("SET")
+                .arg(self.keys.control())
+                .arg(&payload)
+                .query_async::<()>(&mut self.conn.clone())
+                .await
+                .map_err(classify)?;
+        }
+        redis::cmd("PUBLISH")
+            .arg(self.keys.control_channel())
+            .arg(&payload)
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(classify)
+    }
+
+    async fn subscribe_control(&self) -> StoreResult<BoxStream<'static, ControlState>> {
+        let connect = self.client.get_async_pubsub();
+        let mut pubsub = tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| StoreError::unavailable(Tier::Cache, "pub/sub connect timed out"))?
+            .map_err(classify)?;
+        pubsub
+            .subscribe(self.keys.control_channel())
+            .await
+            .map_err(classify)?;
+        let states = pubsub.into_on_message().filter_map(|message| async move {
+            match serde_json::from_slice(message.get_payload_bytes()) {
+                Ok(state) => Some(state),
+                Err(err) => {
+                    tracing::warn!(error = %err, "ignored an undecodable control message");
+                    None
+                }
+            }
+        });
+        Ok(states.boxed())
     }
 
     async fn journal_backlog(&self, kind: JournalKind) -> StoreResult<u64> {

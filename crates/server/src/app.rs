@@ -123,6 +123,7 @@ impl ServerBuilder {
             }
         })?;
         let settings = EngineSettings {
+            strategy: config.strategy,
             max_data_bytes: config.body_limit_bytes,
             deleted_marker_ttl: Duration::from_secs(config.records.deleted_marker_ttl_secs),
             tombstone_retention: Duration::from_secs(config.records.tombstone_retention_secs),
@@ -141,6 +142,7 @@ impl ServerBuilder {
         };
         let engine = Arc::new(Engine::new(durable, Arc::new(redis), catalog, settings));
         engine.check_tiers_at_start().await;
+        engine.load_control_state().await;
         for tier in engine.health() {
             tracing::info!(
                 tier = tier.tier,
@@ -191,6 +193,7 @@ impl Server {
         let background = [
             tokio::spawn(self.engine.clone().run_health_probes()),
             tokio::spawn(self.engine.clone().run_journal_replay()),
+            tokio::spawn(self.engine.clone().run_control_sync()),
             tokio::spawn(purge_expired_records(self.engine, self.purge_interval)),
         ];
         let served = axum::serve(self.listener, self.router)

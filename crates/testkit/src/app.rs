@@ -263,6 +263,71 @@ impl TestApp {
         self.admin(Method::GET, &path).send().await.expect("lookup")
     }
 
+    /// An admin API call: the status and the JSON body.
+    pub async fn admin_call(&self, method: Method, path: &str) -> (reqwest::StatusCode, Value) {
+        let response = self.admin(method, path).send().await.expect("admin call");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Starts an admin job (`POST path`) and waits for it to finish; returns
+    /// the finished job.
+    pub async fn run_job(&self, path: &str) -> Value {
+        let (status, job) = self.admin_call(Method::POST, path).await;
+        assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{path}: {job}");
+        let id = job["id"].as_str().expect("job id").to_owned();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let (status, job) = self
+                .admin_call(Method::GET, &format!("/admin/database/jobs/{id}"))
+                .await;
+            assert_eq!(status, reqwest::StatusCode::OK, "{job}");
+            if job["state"] != "running" {
+                return job;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job {id} still running"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Writes a record copy into Redis behind the service's back.
+    pub async fn write_redis_copy(&self, collection: &str, id: &str, version: u64, data: Value) {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000;
+        self.redis_query::<()>(
+            redis::cmd("HSET")
+                .arg(self.keys.record(&record_key(collection, id)))
+                .arg("v")
+                .arg(format!("{version:020}"))
+                .arg("d")
+                .arg(data.to_string())
+                .arg("c")
+                .arg(now as i64)
+                .arg("u")
+                .arg(now as i64),
+        )
+        .await;
+    }
+
+    /// Writes a record row into PostgreSQL behind the service's back
+    /// (inserted or replaced, live).
+    pub async fn write_postgres_row(&self, collection: &str, id: &str, version: u64, data: Value) {
+        sqlx::query(
+            "INSERT INTO records (collection, id, version, created_version, data, created_at, \
+             updated_at) VALUES ($1, $2, $3, $3, $4, now(), now()) \
+             ON CONFLICT (collection, id) DO UPDATE SET version = $3, data = $4, deleted = false",
+        )
+        .bind(collection)
+        .bind(id)
+        .bind(version as i64)
+        .bind(sqlx::types::Json(data))
+        .execute(&self.db)
+        .await
+        .expect("write a row");
+    }
+
     /// Removes a record's copy from Redis behind the service's back.
     pub async fn drop_cached_copy(&self, collection: &str, id: &str) {
         self.redis_query::<()>(

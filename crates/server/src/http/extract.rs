@@ -38,6 +38,24 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// A caller holding the admin token (401 without a token, 403 with another).
+pub struct AdminCaller;
+
+impl FromRequestParts<AppState> for AdminCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Caller(principal) = Caller::from_request_parts(parts, state).await?;
+        if principal.admin {
+            Ok(AdminCaller)
+        } else {
+            Err(ApiError::Forbidden(
+                "the admin API needs the admin token".into(),
+            ))
+        }
+    }
+}
+
 async fn path_segments<T: DeserializeOwned + Send>(parts: &mut Parts) -> Result<T, ApiError> {
     Path::<T>::from_request_parts(parts, &())
         .await

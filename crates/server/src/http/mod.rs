@@ -1,6 +1,7 @@
 //! The HTTP API (axum). Handlers are thin: extract and validate, authorise, call
 //! the engine, map the result. Errors are problem+json ([`problem`]).
 
+mod admin;
 mod conditional;
 mod extract;
 pub mod problem;
@@ -83,6 +84,27 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .route(
             "/v1/collections/{collection}/lookup/{index}/{value}",
             get(records::lookup),
+        )
+        .route("/admin/database/health", get(admin::health))
+        .route("/admin/database/status", get(admin::status))
+        .route("/admin/database/metrics", get(admin::metrics))
+        .route(
+            "/admin/database/sync/redis-to-postgres",
+            post(admin::sync_redis_to_postgres),
+        )
+        .route(
+            "/admin/database/sync/postgres-to-redis",
+            post(admin::sync_postgres_to_redis),
+        )
+        .route(
+            "/admin/database/consistency-check",
+            get(admin::check_consistency).post(admin::start_consistency_check),
+        )
+        .route("/admin/database/jobs", get(admin::jobs))
+        .route("/admin/database/jobs/{id}", get(admin::job))
+        .route(
+            "/admin/database/strategy/{name}",
+            post(admin::switch_strategy),
         )
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

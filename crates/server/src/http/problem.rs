@@ -104,6 +104,18 @@ impl ApiError {
                     "Unique index violation",
                     err.to_string(),
                 ),
+                Error::ForceRequired(m) => plain(
+                    StatusCode::CONFLICT,
+                    "force_required",
+                    "Force required",
+                    m.clone(),
+                ),
+                Error::NotAllowed(m) => plain(
+                    StatusCode::CONFLICT,
+                    "not_allowed",
+                    "Not allowed now",
+                    m.clone(),
+                ),
                 Error::BackendsUnavailable { retry_after } => Problem {
                     retry_after_secs: Some(retry_after.as_secs().max(1)),
                     ..plain(

@@ -64,7 +64,7 @@ pub async fn list_collections(State(state): State<AppState>, _caller: Caller) ->
         .iter()
         .map(|collection| CollectionView {
             spec: &collection.spec,
-            effective_strategy: collection.strategy,
+            effective_strategy: state.engine.strategy_of(collection),
         })
         .collect();
     Json(serde_json::json!({ "collections": collections })).into_response()

@@ -1,0 +1,593 @@
+//! The `hybridstore` command line.
+//!
+//! `hybridstore` (or `hybridstore serve`) runs the server; every other
+//! subcommand talks to a running server's admin API, so the CLI works the same
+//! against a local process or a container, and needs nothing but the URL and
+//! the admin token. Output is for humans by default and JSON with `--json`.
+//!
+//! Exit codes: 0 success; 1 the answer is bad news (unhealthy, inconsistent,
+//! a failed job); 2 wrong usage; 3 the server could not be asked or refused
+//! the request (unreachable, 401/403, 409 ...).
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hybridstore",
+    version,
+    about = "Hybrid Redis + PostgreSQL data service"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub remote: Remote,
+}
+
+/// How to reach a running server.
+#[derive(Args, Debug, Clone)]
+pub struct Remote {
+    /// Base URL of the server (default: http://127.0.0.1:$PORT, PORT=8080).
+    #[arg(long, env = "HYBRIDSTORE_URL", global = true)]
+    pub url: Option<String>,
+    /// The admin token (or ADMIN_TOKEN).
+    #[arg(
+        long,
+        env = "HYBRIDSTORE_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// Print the server's JSON answer instead of a summary.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Tier health; exits 1 unless both tiers are healthy.
+    Health {
+        /// Also show errors, since when, and degradation counts.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Strategy, tiers, journal backlog, cache generation, instance.
+    Status,
+    /// Operation counts, cache hit rate, errors, per-tier latency.
+    Metrics {
+        /// Refresh in place until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between refreshes with --watch.
+        #[arg(long, default_value_t = 2)]
+        interval: u64,
+    },
+    /// Copy records from one tier to the other (version-guarded).
+    Sync {
+        #[arg(long)]
+        source: TierName,
+        #[arg(long)]
+        target: TierName,
+        /// Let an older version overwrite a newer one.
+        #[arg(long)]
+        force: bool,
+        /// Only this collection.
+        #[arg(long)]
+        collection: Option<String>,
+    },
+    /// Compare the tiers record by record; exits 1 when they differ.
+    CheckConsistency {
+        /// Make the tiers agree (the newer version wins).
+        #[arg(long)]
+        repair: bool,
+        #[arg(long)]
+        collection: Option<String>,
+    },
+    /// Switch the service-wide strategy on every instance.
+    SwitchStrategy {
+        /// dual-write, cache-first, database-first, redis-only, postgres-only
+        name: String,
+        /// Allow a switch that changes which tier holds the truth.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TierName {
+    Redis,
+    Postgres,
+}
+
+/// A failure of the command itself (exit code 3).
+struct Failure(String);
+
+type Outcome = Result<ExitCode, Failure>;
+
+/// Parses the command line (exits on `--help` or wrong usage).
+pub fn parse() -> Cli {
+    Cli::parse()
+}
+
+/// Runs an admin subcommand against a server.
+pub fn run(command: Command, remote: Remote) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("hybridstore: cannot start the async runtime: {err}");
+            return ExitCode::from(3);
+        }
+    };
+    let client = Client::new(remote);
+    match runtime.block_on(client.run(command)) {
+        Ok(code) => code,
+        Err(Failure(message)) => {
+            eprintln!("hybridstore: {message}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+    json: bool,
+}
+
+impl Client {
+    fn new(remote: Remote) -> Self {
+        let base = remote.url.unwrap_or_else(|| {
+            let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
+            format!("http://127.0.0.1:{port}")
+        });
+        let token = remote
+            .admin_token
+            .or_else(|| std::env::var("ADMIN_TOKEN").ok());
+        Self {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(600))
+                .build()
+                .expect("a default HTTP client builds"),
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            json: remote.json,
+        }
+    }
+
+    /// Sends a request; answers with the status and the JSON body.
+    async fn call(&self, method: reqwest::Method, path: &str) -> Result<(u16, Value), Failure> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.request(method, &url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|err| Failure(format!("cannot reach {url}: {err}")))?;
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap_or_default();
+        let value = serde_json::from_str(&body).unwrap_or(Value::String(body));
+        Ok((status, value))
+    }
+
+    /// A call that must succeed (2xx); a problem document becomes the message.
+    async fn expect(&self, method: reqwest::Method, path: &str) -> Result<Value, Failure> {
+        let (status, body) = self.call(method, path).await?;
+        if (200..300).contains(&status) {
+            return Ok(body);
+        }
+        let code = body["code"].as_str().unwrap_or("error");
+        let detail = body["detail"].as_str().unwrap_or("");
+        Err(Failure(format!(
+            "the server answered {status} {code}: {detail}"
+        )))
+    }
+
+    fn print_json(&self, value: &Value) {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
+    }
+
+    async fn run(&self, command: Command) -> Outcome {
+        match command {
+            Command::Serve => unreachable!("serve is handled by the binary"),
+            Command::Health { verbose } => self.health(verbose).await,
+            Command::Status => self.status().await,
+            Command::Metrics { watch, interval } => self.metrics(watch, interval).await,
+            Command::Sync {
+                source,
+                target,
+                force,
+                collection,
+            } => self.sync(source, target, force, collection).await,
+            Command::CheckConsistency { repair, collection } => {
+                self.check(repair, collection).await
+            }
+            Command::SwitchStrategy { name, force } => self.switch(&name, force).await,
+        }
+    }
+
+    async fn health(&self, verbose: bool) -> Outcome {
+        // 503 (both tiers down) is an answer here, not a failure.
+        let (status, body) = self
+            .call(reqwest::Method::GET, "/admin/database/health")
+            .await?;
+        if status != 200 && status != 503 {
+            let detail = body["detail"].as_str().unwrap_or("");
+            return Err(Failure(format!("the server answered {status}: {detail}")));
+        }
+        let overall = body["status"].as_str().unwrap_or("unknown");
+        if self.json {
+            self.print_json(&body);
+        } else {
+            println!("{overall}");
+            for (name, tier) in body["tiers"].as_object().into_iter().flatten() {
+                let probe = tier["probe_latency_ms"]
+                    .as_f64()
+                    .map(|ms| format!(", probe {ms:.1} ms"))
+                    .unwrap_or_default();
+                println!(
+                    "  {name:<8} {:<9} {}{probe}",
+                    tier["backend"].as_str().unwrap_or(""),
+                    tier["state"].as_str().unwrap_or("")
+                );
+                if verbose {
+                    println!(
+                        "           since {}, {} degradation(s), {} consecutive failure(s)",
+                        tier["since"].as_str().unwrap_or("?"),
+                        tier["degradations"],
+                        tier["consecutive_failures"]
+                    );
+                    if let Some(error) = tier["last_error"].as_str() {
+                        println!("           last error: {error}");
+                    }
+                }
+            }
+        }
+        Ok(if overall == "healthy" {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    }
+
+    async fn status(&self) -> Outcome {
+        let body = self
+            .expect(reqwest::Method::GET, "/admin/database/status")
+            .await?;
+        if self.json {
+            self.print_json(&body);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let strategy = &body["strategy"];
+        println!(
+            "instance   {} (version {}, up {} s)",
+            text(&body["instance_id"]),
+            text(&body["version"]),
+            body["uptime_secs"]
+        );
+        println!("status     {}", text(&body["status"]));
+        print!(
+            "strategy   {} (configured {})",
+            text(&strategy["service"]),
+            text(&strategy["configured"])
+        );
+        match strategy["switched"].as_object() {
+            Some(switched) => println!(
+                ", switched at {} by {}",
+                text(&switched["at"]),
+                text(&switched["by"])
+            ),
+            None => println!(),
+        }
+        for (name, tier) in body["tiers"].as_object().into_iter().flatten() {
+            println!(
+                "tier       {name} ({}): {}",
+                text(&tier["backend"]),
+                text(&tier["state"])
+            );
+        }
+        match body["journal_backlog"].as_object() {
+            Some(backlog) => println!(
+                "journal    write-behind {}, outage {}",
+                backlog["write_behind"], backlog["outage"]
+            ),
+            None => println!("journal    unknown (Redis unavailable)"),
+        }
+        println!("cache gen  {}", body["cache_generation"]);
+        for collection in body["collections"].as_array().into_iter().flatten() {
+            let reason = collection["reason"]
+                .as_str()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default();
+            println!(
+                "collection {:<20} {:<15} now {}{reason}",
+                text(&collection["name"]),
+                text(&collection["strategy"]),
+                text(&collection["effective"])
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    async fn metrics(&self, watch: bool, interval: u64) -> Outcome {
+        loop {
+            let body = self
+                .expect(reqwest::Method::GET, "/admin/database/metrics")
+                .await?;
+            if watch && !self.json {
+                // Clear the screen and go home: refresh in place.
+                print!("\x1b[2J\x1b[H");
+            }
+            if self.json {
+                self.print_json(&body);
+            } else {
+                print_metrics(&body);
+            }
+            if !watch {
+                return Ok(ExitCode::SUCCESS);
+            }
+            tokio::time::sleep(Duration::from_secs(interval.max(1))).await;
+        }
+    }
+
+    async fn sync(
+        &self,
+        source: TierName,
+        target: TierName,
+        force: bool,
+        collection: Option<String>,
+    ) -> Outcome {
+        let direction = match (source, target) {
+            (TierName::Redis, TierName::Postgres) => "redis-to-postgres",
+            (TierName::Postgres, TierName::Redis) => "postgres-to-redis",
+            _ => {
+                eprintln!("hybridstore: --source and --target must be different tiers");
+                return Ok(ExitCode::from(2));
+            }
+        };
+        let path = format!(
+            "/admin/database/sync/{direction}{}",
+            query(&[
+                ("force", force.then(|| "true".to_owned())),
+                ("collection", collection)
+            ])
+        );
+        let job = self.expect(reqwest::Method::POST, &path).await?;
+        let job = self.follow(job).await?;
+        if self.json {
+            self.print_json(&job);
+        } else {
+            let p = &job["progress"];
+            println!(
+                "sync {direction} {}: scanned {}, written {}, skipped (not newer) {}, skipped (pinned by the journal) {}, failed {}",
+                text(&job["state"]),
+                p["scanned"],
+                p["written"],
+                p["skipped_older"],
+                p["skipped_pinned"],
+                p["failed"]
+            );
+            if let Some(error) = job["error"].as_str() {
+                println!("error: {error}");
+            }
+        }
+        Ok(job_exit(&job))
+    }
+
+    async fn check(&self, repair: bool, collection: Option<String>) -> Outcome {
+        let path = format!(
+            "/admin/database/consistency-check{}",
+            query(&[
+                ("repair", repair.then(|| "true".to_owned())),
+                ("collection", collection)
+            ])
+        );
+        let job = self.expect(reqwest::Method::POST, &path).await?;
+        let job = self.follow(job).await?;
+        if job["state"] != "succeeded" {
+            eprintln!("hybridstore: the check failed: {}", text(&job["error"]));
+            return Ok(ExitCode::from(1));
+        }
+        let report = &job["result"];
+        if self.json {
+            self.print_json(report);
+        } else {
+            print_report(report);
+        }
+        Ok(if report["consistent"] == true {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    }
+
+    async fn switch(&self, name: &str, force: bool) -> Outcome {
+        let path = format!(
+            "/admin/database/strategy/{name}{}",
+            query(&[("force", force.then(|| "true".to_owned()))])
+        );
+        let body = self.expect(reqwest::Method::POST, &path).await?;
+        if self.json {
+            self.print_json(&body);
+        } else if body["changed"] == true {
+            println!(
+                "strategy {} -> {} (revision {}{})",
+                text(&body["previous"]),
+                text(&body["strategy"]),
+                body["revision"],
+                if body["cache_flushed"] == true {
+                    ", cache copies dropped"
+                } else {
+                    ""
+                }
+            );
+        } else {
+            println!("strategy already {}", text(&body["strategy"]));
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// Polls a job to its end, with a progress bar on a terminal.
+    async fn follow(&self, job: Value) -> Result<Value, Failure> {
+        let id = text(&job["id"]).to_owned();
+        let bar = if self.json {
+            ProgressBar::hidden()
+        } else {
+            let bar = ProgressBar::new(job["progress"]["total"].as_u64().unwrap_or(0));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {msg} [{bar:30}] {pos}/{len} records ({per_sec}, {elapsed})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(text(&job["kind"]).replace('_', " "));
+            bar
+        };
+        let started = Instant::now();
+        let mut current = job;
+        loop {
+            let progress = &current["progress"];
+            let total = progress["total"].as_u64().unwrap_or(0);
+            let scanned = progress["scanned"].as_u64().unwrap_or(0);
+            bar.set_length(total.max(scanned));
+            bar.set_position(scanned);
+            if current["state"] != "running" {
+                bar.finish_and_clear();
+                if !self.json {
+                    let secs = started.elapsed().as_secs_f64();
+                    eprintln!(
+                        "{scanned} records in {secs:.1} s ({:.0} records/s)",
+                        scanned as f64 / secs.max(1e-3)
+                    );
+                }
+                return Ok(current);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            current = self
+                .expect(reqwest::Method::GET, &format!("/admin/database/jobs/{id}"))
+                .await?;
+        }
+    }
+}
+
+fn text(value: &Value) -> &str {
+    value.as_str().unwrap_or("?")
+}
+
+fn job_exit(job: &Value) -> ExitCode {
+    if job["state"] == "succeeded" && job["progress"]["failed"] == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// `?a=1&b=2` from the parameters that are set (values are plain words).
+fn query(params: &[(&str, Option<String>)]) -> String {
+    let set: Vec<String> = params
+        .iter()
+        .filter_map(|(name, value)| value.as_ref().map(|v| format!("{name}={v}")))
+        .collect();
+    if set.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", set.join("&"))
+    }
+}
+
+fn print_metrics(body: &Value) {
+    println!(
+        "requests {}   error rate {:.2}%   cache hit rate {:.1}% ({} hits, {} misses)   degradations {}",
+        body["requests"],
+        body["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
+        body["cache_hit_rate"].as_f64().unwrap_or(0.0) * 100.0,
+        body["cache_hits"],
+        body["cache_misses"],
+        body["degradations"]
+    );
+    println!(
+        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "operation", "ok", "rejected", "failed", "p50 ms", "p95 ms", "p99 ms"
+    );
+    for (name, op) in body["operations"].as_object().into_iter().flatten() {
+        let latency = &op["latency"];
+        println!(
+            "{name:<10} {:>9} {:>9} {:>9} {:>9.2} {:>9.2} {:>9.2}",
+            op["ok"],
+            op["rejected"],
+            op["failed"],
+            latency["p50_ms"].as_f64().unwrap_or(0.0),
+            latency["p95_ms"].as_f64().unwrap_or(0.0),
+            latency["p99_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "tier", "calls", "failures", "p50 ms", "p95 ms", "p99 ms"
+    );
+    for (name, tier) in body["tiers"].as_object().into_iter().flatten() {
+        let latency = &tier["latency"];
+        println!(
+            "{name:<10} {:>9} {:>9} {:>9.2} {:>9.2} {:>9.2}",
+            tier["calls"],
+            tier["failures"],
+            latency["p50_ms"].as_f64().unwrap_or(0.0),
+            latency["p95_ms"].as_f64().unwrap_or(0.0),
+            latency["p99_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+}
+
+fn print_report(report: &Value) {
+    for collection in report["collections"].as_array().into_iter().flatten() {
+        println!(
+            "{} ({}): {} in PostgreSQL, {} in Redis",
+            text(&collection["collection"]),
+            text(&collection["strategy"]),
+            collection["scanned_postgres"],
+            collection["scanned_redis"]
+        );
+        let differences = collection["differences"].as_object();
+        if differences.is_none_or(|d| d.is_empty()) {
+            println!("  no differences");
+        }
+        for (class, found) in differences.into_iter().flatten() {
+            let samples: Vec<&str> = found["sample_ids"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            println!(
+                "  {class:<20} {:>7} (repaired {}) e.g. {}",
+                found["count"],
+                found["repaired"],
+                samples.join(", ")
+            );
+        }
+    }
+    println!(
+        "{}",
+        if report["consistent"] == true {
+            "consistent"
+        } else {
+            "INCONSISTENT"
+        }
+    );
+}

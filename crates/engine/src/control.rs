@@ -1,0 +1,299 @@
+//! Strategy switches at run time, shared by every instance.
+//!
+//! A switch is saved in the durable tier (so it survives restarts; the save
+//! only replaces an older revision, so two concurrent switches cannot both
+//! win), mirrored and broadcast through the cache tier (so every instance
+//! applies it at once), and polled from the durable tier now and then (so an
+//! instance that missed the broadcast, because its subscription was down,
+//! still catches up).
+//!
+//! Some switches need care beyond the new plan:
+//! - leaving `postgres_only`, whose writes skipped the cache, for a strategy
+//!   that uses it: copies may be stale, so the switch bumps the cache
+//!   generation and every instance drops every copy before it applies it;
+//! - to `redis_only` while PostgreSQL is healthy (acknowledged writes would
+//!   then live in Redis only), or away from it (records written under it are
+//!   in Redis only): the operator must say `force`;
+//! - to `postgres_only` while journaled writes wait: refused until drained,
+//!   since PostgreSQL-only reads would not see them.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use hybridstore_core::{CacheStore, ControlState, DurableStore, Error, Strategy};
+use serde::Serialize;
+
+use crate::engine::{Engine, now};
+use crate::strategy::Plan;
+
+/// How often an instance re-reads the saved state (in case it missed a broadcast).
+const POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The service-wide strategy in force on this instance.
+pub(crate) struct Control {
+    configured: Strategy,
+    /// Index into `Strategy::ALL`; read on every request, so an atomic.
+    strategy: AtomicU8,
+    applied: Mutex<Option<ControlState>>,
+    /// Serialises applying states (an apply may flush the cache first).
+    applying: tokio::sync::Mutex<()>,
+}
+
+fn index_of(strategy: Strategy) -> u8 {
+    Strategy::ALL
+        .iter()
+        .position(|s| *s == strategy)
+        .expect("every strategy is in ALL") as u8
+}
+
+impl Control {
+    pub fn new(configured: Strategy) -> Self {
+        Self {
+            configured,
+            strategy: AtomicU8::new(index_of(configured)),
+            applied: Mutex::new(None),
+            applying: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        Strategy::ALL[usize::from(self.strategy.load(Ordering::Acquire))]
+    }
+
+    pub fn configured(&self) -> Strategy {
+        self.configured
+    }
+
+    pub fn applied(&self) -> Option<ControlState> {
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The answer to a switch.
+#[derive(Clone, Debug, Serialize)]
+pub struct SwitchOutcome {
+    pub previous: Strategy,
+    pub strategy: Strategy,
+    /// False when the strategy already was in force.
+    pub changed: bool,
+    pub revision: u64,
+    /// Whether every cache copy was dropped because copies could be stale.
+    pub cache_flushed: bool,
+    /// The collections that follow the service-wide strategy (the others
+    /// declare their own).
+    pub collections: Vec<String>,
+}
+
+impl Engine {
+    /// Collections without a strategy of their own.
+    fn following_collections(&self) -> impl Iterator<Item = &crate::Collection> {
+        self.catalog
+            .iter()
+            .filter(|collection| collection.spec.strategy.is_none())
+    }
+
+    /// Loads the saved state at start: from the durable tier, or the cache's
+    /// mirror when the durable tier is down.
+    pub async fn load_control_state(&self) {
+        let saved = match self.durable.load_control().await {
+            Ok(saved) => saved,
+            Err(_) => self.cache.load_control().await.ok().flatten(),
+        };
+        if let Some(state) = saved {
+            self.apply_control(state, false).await;
+        }
+    }
+
+    /// Applies `state` unless this instance already has it (or a newer one).
+    /// With `flush_allowed`, a newer cache generation first drops every copy.
+    async fn apply_control(&self, state: ControlState, flush_allowed: bool) {
+        let _serial = self.control.applying.lock().await;
+        let current = self.control.applied();
+        if current
+            .as_ref()
+            .is_some_and(|held| held.revision >= state.revision)
+        {
+            return;
+        }
+        let flush = flush_allowed
+            && current.as_ref().map_or(0, |held| held.cache_generation) < state.cache_generation;
+        if flush {
+            // The strategy in force stays the old one until the copies are
+            // gone, so nothing reads a stale copy meanwhile.
+            match self.cache.inner.invalidate_all().await {
+                Ok(removed) => {
+                    tracing::info!(
+                        removed,
+                        generation = state.cache_generation,
+                        "cache copies dropped for a new cache generation"
+                    );
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not drop cache copies; the cache stays suspended until its recovery drops them");
+                    self.cache.suspend_until_flushed(&err);
+                }
+            }
+        }
+        let strategy = state.strategy.unwrap_or(self.control.configured);
+        let previous = self.control.strategy();
+        self.control
+            .strategy
+            .store(index_of(strategy), Ordering::Release);
+        if previous != strategy {
+            tracing::warn!(%previous, %strategy, revision = state.revision, changed_by = %state.changed_by, "service strategy switched");
+        }
+        *self
+            .control
+            .applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(state);
+    }
+
+    /// Switches the service-wide strategy on every instance sharing the stores.
+    #[tracing::instrument(level = "info", skip(self))]
+    pub async fn switch_strategy(
+        &self,
+        target: Strategy,
+        force: bool,
+    ) -> Result<SwitchOutcome, Error> {
+        let previous = self.control.strategy();
+        let collections: Vec<String> = self
+            .following_collections()
+            .map(|c| c.spec.name.to_string())
+            .collect();
+        let refusals: Vec<String> = self
+            .following_collections()
+            .filter_map(|c| {
+                c.refuses(target)
+                    .map(|why| format!("{}: {why}", c.spec.name))
+            })
+            .collect();
+        if !refusals.is_empty() {
+            return Err(Error::NotAllowed(refusals.join("; ")));
+        }
+        let current = self.control.applied();
+        let revision = current.as_ref().map_or(0, |held| held.revision);
+        if previous == target {
+            return Ok(SwitchOutcome {
+                previous,
+                strategy: target,
+                changed: false,
+                revision,
+                cache_flushed: false,
+                collections,
+            });
+        }
+        if !force && target == Strategy::RedisOnly && self.durable.breaker.is_closed() {
+            return Err(Error::ForceRequired(
+                "switching to redis_only stops writing to PostgreSQL: acknowledged writes would \
+                 live in Redis only. Repeat with force, then sync postgres-to-redis so that Redis \
+                 holds every record"
+                    .into(),
+            ));
+        }
+        if !force && previous == Strategy::RedisOnly {
+            return Err(Error::ForceRequired(
+                "records written under redis_only exist in Redis only: run sync redis-to-postgres \
+                 first, then repeat the switch with force"
+                    .into(),
+            ));
+        }
+        if target == Strategy::PostgresOnly {
+            let (write_behind, outage) = self.journal_backlog().await?;
+            if write_behind + outage > 0 {
+                return Err(Error::NotAllowed(format!(
+                    "{} journaled writes are not in PostgreSQL yet and postgres_only reads would \
+                     miss them: switch to database_first, wait until status shows an empty \
+                     journal, then switch to postgres_only",
+                    write_behind + outage
+                )));
+            }
+        }
+        if !self.durable.breaker.is_closed() {
+            return Err(Error::NotAllowed(
+                "PostgreSQL is unavailable: a switch is saved there to survive restarts; retry \
+                 when it is back"
+                    .into(),
+            ));
+        }
+        let stale_copies =
+            !Plan::of(previous).keeps_cache_current() && Plan::of(target).uses_cache();
+        let generation = current.as_ref().map_or(0, |held| held.cache_generation);
+        let state = ControlState {
+            revision: revision + 1,
+            strategy: Some(target),
+            cache_generation: generation + u64::from(stale_copies),
+            changed_at: now(),
+            changed_by: self.instance_id.clone(),
+        };
+        let saved = self
+            .durable
+            .save_control(&state)
+            .await
+            .map_err(|err| self.durable_failed(err))?;
+        if !saved {
+            // Another instance switched first; learn what it did.
+            self.reconcile_control().await;
+            return Err(Error::NotAllowed(
+                "another strategy switch was saved at the same time; check the status and retry"
+                    .into(),
+            ));
+        }
+        self.apply_control(state.clone(), true).await;
+        if let Err(err) = self.cache.publish_control(&state).await {
+            tracing::warn!(error = %err, "could not broadcast the switch; other instances pick it up from PostgreSQL within seconds");
+        }
+        Ok(SwitchOutcome {
+            previous,
+            strategy: target,
+            changed: true,
+            revision: state.revision,
+            cache_flushed: stale_copies,
+            collections,
+        })
+    }
+
+    /// Applies the saved state if it is newer than the one in force.
+    async fn reconcile_control(&self) {
+        let saved = match self.durable.load_control().await {
+            Ok(saved) => saved,
+            Err(_) => self.cache.load_control().await.ok().flatten(),
+        };
+        if let Some(state) = saved {
+            self.apply_control(state, true).await;
+        }
+    }
+
+    /// Follows switches made by any instance, forever: the broadcast for
+    /// speed, a poll of the saved state for certainty.
+    pub async fn run_control_sync(self: Arc<Self>) {
+        loop {
+            match self.cache.subscribe_control().await {
+                Ok(mut changes) => {
+                    // A switch made while this instance was not subscribed.
+                    self.reconcile_control().await;
+                    loop {
+                        tokio::select! {
+                            change = changes.next() => match change {
+                                Some(state) => self.apply_control(state, true).await,
+                                None => break,
+                            },
+                            () = tokio::time::sleep(POLL_INTERVAL) => self.reconcile_control().await,
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "control subscription unavailable; polling");
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                    self.reconcile_control().await;
+                }
+            }
+        }
+    }
+}

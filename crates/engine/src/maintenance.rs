@@ -1,0 +1,569 @@
+//! Operator jobs over whole collections: sync between the tiers and the
+//! consistency check (with repair).
+//!
+//! Both walk the stores page by page (the durable tier in id order, the cache
+//! with `SCAN`), so memory stays bounded whatever the data size, and every
+//! write they make is version-guarded: a sync or a repair never lets an older
+//! version replace a newer one (unless the operator forces a sync), so running
+//! one twice, or alongside live traffic, is safe.
+//!
+//! The consistency check compares each record's version in both tiers:
+//!
+//! | class                | the cache holds                  | meaning                    |
+//! |----------------------|----------------------------------|----------------------------|
+//! | `missing_in_postgres`| a record PostgreSQL lacks        | data at risk               |
+//! | `redis_ahead`        | a newer version                  | a write not yet synced     |
+//! | `redis_stale`        | an older version                 | a stale copy               |
+//! | `content_mismatch`   | the same version, other data     | corruption or manual edits |
+//! | `missing_in_redis`   | nothing (cache-reading strategies)| a cold cache, informational|
+//!
+//! Each difference is confirmed by reading both tiers again before it is
+//! reported, so writes racing with the check do not show up as drift.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures_util::future::join_all;
+use hybridstore_core::{
+    ApplyMode, CacheEntry, CacheStore, Change, CollectionName, CopyOutcome, DurableStore, Error,
+    RecordKey, StoreError, Strategy,
+};
+use serde::Serialize;
+
+use crate::catalog::Collection;
+use crate::engine::{Engine, now};
+use crate::jobs::{Job, JobView, Progress};
+
+/// Records per page read from either tier.
+const PAGE: usize = 500;
+/// Sample ids reported per class and collection.
+const SAMPLES: usize = 10;
+
+/// Which way a sync copies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncDirection {
+    RedisToPostgres,
+    PostgresToRedis,
+}
+
+impl SyncDirection {
+    fn kind(self) -> &'static str {
+        match self {
+            SyncDirection::RedisToPostgres => "sync_redis_to_postgres",
+            SyncDirection::PostgresToRedis => "sync_postgres_to_redis",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftClass {
+    MissingInPostgres,
+    RedisAhead,
+    RedisStale,
+    ContentMismatch,
+    MissingInRedis,
+}
+
+impl DriftClass {
+    /// Whether the class only says the cache is cold.
+    pub fn informational(self) -> bool {
+        self == DriftClass::MissingInRedis
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ClassReport {
+    pub count: u64,
+    pub repaired: u64,
+    pub sample_ids: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CollectionReport {
+    pub collection: String,
+    pub strategy: Strategy,
+    pub scanned_postgres: u64,
+    pub scanned_redis: u64,
+    pub differences: BTreeMap<DriftClass, ClassReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConsistencyReport {
+    /// No difference but cold-cache ones (after repair, if repairing).
+    pub consistent: bool,
+    pub repair: bool,
+    pub collections: Vec<CollectionReport>,
+}
+
+/// What one record looks like in both tiers.
+struct Pair {
+    durable: Option<Change>,
+    cache: CacheEntry,
+}
+
+impl Pair {
+    /// The class of difference, if the tiers disagree.
+    fn classify(&self, reads_cache: bool) -> Option<DriftClass> {
+        use DriftClass::*;
+        match (&self.durable, &self.cache) {
+            (None, CacheEntry::Present(_)) => Some(MissingInPostgres),
+            (None | Some(Change::Delete { .. }), CacheEntry::Miss | CacheEntry::Deleted(_)) => None,
+            (Some(Change::Put(_)), CacheEntry::Miss) => reads_cache.then_some(MissingInRedis),
+            (Some(Change::Delete { version, .. }), CacheEntry::Present(copy)) => {
+                Some(if copy.version > *version {
+                    MissingInPostgres
+                } else {
+                    RedisStale
+                })
+            }
+            (Some(Change::Put(record)), CacheEntry::Deleted(version)) => {
+                Some(if *version > record.version {
+                    RedisAhead
+                } else {
+                    RedisStale
+                })
+            }
+            (Some(Change::Put(record)), CacheEntry::Present(copy)) => {
+                if copy.version > record.version {
+                    Some(RedisAhead)
+                } else if copy.version < record.version {
+                    Some(RedisStale)
+                } else if copy.data != record.data {
+                    Some(ContentMismatch)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+
+    /// The cache's state as a change for the durable tier.
+    fn cache_change(&self, key: &RecordKey) -> Option<Change> {
+        match &self.cache {
+            CacheEntry::Present(record) => Some(Change::Put(record.clone())),
+            CacheEntry::Deleted(version) => Some(Change::Delete {
+                key: key.clone(),
+                version: *version,
+                at: now(),
+            }),
+            CacheEntry::Miss => None,
+        }
+    }
+}
+
+impl Engine {
+    /// Starts a sync job; `collection: None` syncs every collection.
+    pub fn start_sync(
+        self: &Arc<Self>,
+        direction: SyncDirection,
+        collection: Option<CollectionName>,
+        force: bool,
+    ) -> Result<JobView, Error> {
+        let collections = self.selected(collection.as_ref())?;
+        let params = serde_json::json!({
+            "direction": direction,
+            "collection": collection.as_ref().map(|c| c.as_str()),
+            "force": force,
+        });
+        let job = self.jobs.create(direction.kind(), params);
+        let engine = self.clone();
+        let running = job.clone();
+        tokio::spawn(async move {
+            let outcome = engine.sync(direction, &collections, force, &running).await;
+            match &outcome {
+                Ok(()) => {
+                    tracing::info!(job = %running.id, progress = ?running.view().progress, "sync finished")
+                }
+                Err(err) => tracing::warn!(job = %running.id, error = %err, "sync failed"),
+            }
+            running.finish(outcome.map(|()| None).map_err(|err| err.to_string()));
+        });
+        Ok(job.view())
+    }
+
+    /// Starts a consistency check as a job (its report is the job's result).
+    pub fn start_consistency_check(
+        self: &Arc<Self>,
+        collection: Option<CollectionName>,
+        repair: bool,
+    ) -> Result<JobView, Error> {
+        let collections = self.selected(collection.as_ref())?;
+        let params = serde_json::json!({
+            "collection": collection.as_ref().map(|c| c.as_str()),
+            "repair": repair,
+        });
+        let job = self.jobs.create("consistency_check", params);
+        let engine = self.clone();
+        let running = job.clone();
+        tokio::spawn(async move {
+            let outcome = engine.check(&collections, repair, &running).await;
+            if let Err(err) = &outcome {
+                tracing::warn!(job = %running.id, error = %err, "consistency check failed");
+            }
+            running.finish(
+                outcome
+                    .map(|report| serde_json::to_value(report).ok())
+                    .map_err(|err| err.to_string()),
+            );
+        });
+        Ok(job.view())
+    }
+
+    /// Runs a consistency check to the end (the synchronous form of the API).
+    pub async fn check_consistency(
+        &self,
+        collection: Option<CollectionName>,
+        repair: bool,
+    ) -> Result<ConsistencyReport, Error> {
+        let collections = self.selected(collection.as_ref())?;
+        let job = self.jobs.create(
+            "consistency_check",
+            serde_json::json!({"collection": collection.as_ref().map(|c| c.as_str()), "repair": repair}),
+        );
+        let outcome = self.check(&collections, repair, &job).await;
+        job.finish(match &outcome {
+            Ok(report) => Ok(serde_json::to_value(report).ok()),
+            Err(err) => Err(err.to_string()),
+        });
+        outcome
+    }
+
+    pub fn job(&self, id: &str) -> Result<JobView, Error> {
+        self.jobs
+            .get(id)
+            .map(|job| job.view())
+            .ok_or_else(|| Error::NotFound(format!("no job {id:?} on this instance")))
+    }
+
+    pub fn jobs(&self) -> Vec<JobView> {
+        self.jobs.all()
+    }
+
+    fn selected(&self, collection: Option<&CollectionName>) -> Result<Vec<CollectionName>, Error> {
+        match collection {
+            Some(name) => Ok(vec![self.catalog.get(name)?.spec.name.clone()]),
+            None => Ok(self.catalog.iter().map(|c| c.spec.name.clone()).collect()),
+        }
+    }
+
+    /// A tier failure inside a job.
+    fn job_failed(&self, err: StoreError) -> Error {
+        match err {
+            StoreError::Unavailable { tier, .. } => Error::Internal(format!(
+                "the {tier} tier became unavailable; the job stopped (safe to run again)"
+            )),
+            other => Error::Internal(other.to_string()),
+        }
+    }
+
+    async fn sync(
+        &self,
+        direction: SyncDirection,
+        collections: &[CollectionName],
+        force: bool,
+        job: &Job,
+    ) -> Result<(), Error> {
+        for name in collections {
+            let count = self.durable.count(name).await.unwrap_or(0);
+            Progress::add(&job.progress.total, count);
+        }
+        for name in collections {
+            let collection = self.catalog.get(name)?;
+            match direction {
+                SyncDirection::RedisToPostgres => self.sync_to_durable(name, force, job).await?,
+                SyncDirection::PostgresToRedis => {
+                    self.sync_to_cache(collection, force, job).await?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn sync_to_durable(
+        &self,
+        collection: &CollectionName,
+        force: bool,
+        job: &Job,
+    ) -> Result<(), Error> {
+        let mode = if force {
+            ApplyMode::Force
+        } else {
+            ApplyMode::IfNewer
+        };
+        let mut cursor = 0;
+        loop {
+            let (next, states) = self
+                .cache
+                .scan(collection, cursor, PAGE)
+                .await
+                .map_err(|err| self.job_failed(err))?;
+            let changes: Vec<Change> = states.into_iter().map(|s| s.state).collect();
+            Progress::add(&job.progress.scanned, changes.len() as u64);
+            if !changes.is_empty() {
+                let applied = self
+                    .durable
+                    .apply_changes(&changes, mode)
+                    .await
+                    .map_err(|err| self.job_failed(err))?;
+                let written = applied.iter().filter(|a| **a).count() as u64;
+                Progress::add(&job.progress.written, written);
+                Progress::add(&job.progress.skipped_older, applied.len() as u64 - written);
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    async fn sync_to_cache(
+        &self,
+        collection: &Collection,
+        force: bool,
+        job: &Job,
+    ) -> Result<(), Error> {
+        let name = &collection.spec.name;
+        let mut after = None;
+        loop {
+            let states = self
+                .durable
+                .scan(name, after.as_ref(), PAGE, now())
+                .await
+                .map_err(|err| self.job_failed(err))?;
+            Progress::add(&job.progress.scanned, states.len() as u64);
+            let copies = states
+                .iter()
+                .map(|state| self.copy_to_cache(collection, state, force));
+            for outcome in join_all(copies).await {
+                let counter = match outcome.map_err(|err| self.job_failed(err))? {
+                    Some(CopyOutcome::Written) => &job.progress.written,
+                    Some(CopyOutcome::Kept) | None => &job.progress.skipped_older,
+                    Some(CopyOutcome::Pinned) => &job.progress.skipped_pinned,
+                };
+                Progress::add(counter, 1);
+            }
+            match states.last() {
+                Some(last) if states.len() == PAGE => after = Some(last.key().id),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Copies a durable state into the cache, as the collection keeps it
+    /// there: the truth of a `redis_only` collection, a copy otherwise.
+    /// `None` when there is nothing to copy (the record expired).
+    async fn copy_to_cache(
+        &self,
+        collection: &Collection,
+        state: &Change,
+        force: bool,
+    ) -> Result<Option<CopyOutcome>, StoreError> {
+        let authoritative = self.strategy_of(collection) == Strategy::RedisOnly;
+        let lifetime = match state {
+            Change::Put(record) => match record.cache_lifetime(collection.spec.cache_ttl, now()) {
+                Some(lifetime) => lifetime,
+                None => return Ok(None),
+            },
+            Change::Delete { .. } => self.settings.deleted_marker_ttl,
+        };
+        self.cache
+            .copy_in(state, lifetime, authoritative, force)
+            .await
+            .map(Some)
+    }
+
+    async fn check(
+        &self,
+        collections: &[CollectionName],
+        repair: bool,
+        job: &Job,
+    ) -> Result<ConsistencyReport, Error> {
+        for name in collections {
+            let count = self.durable.count(name).await.unwrap_or(0);
+            Progress::add(&job.progress.total, count);
+        }
+        let mut reports = Vec::with_capacity(collections.len());
+        for name in collections {
+            let collection = self.catalog.get(name)?;
+            reports.push(self.check_collection(collection, repair, job).await?);
+        }
+        let consistent = reports.iter().all(|report| {
+            report
+                .differences
+                .iter()
+                .all(|(class, found)| class.informational() || found.count == found.repaired)
+        });
+        Ok(ConsistencyReport {
+            consistent,
+            repair,
+            collections: reports,
+        })
+    }
+
+    async fn check_collection(
+        &self,
+        collection: &Collection,
+        repair: bool,
+        job: &Job,
+    ) -> Result<CollectionReport, Error> {
+        let name = &collection.spec.name;
+        let strategy = self.strategy_of(collection);
+        let mut report = CollectionReport {
+            collection: name.to_string(),
+            strategy,
+            scanned_postgres: 0,
+            scanned_redis: 0,
+            differences: BTreeMap::new(),
+        };
+
+        // Pass 1: every durable state against the cache.
+        let mut after = None;
+        loop {
+            let states = self
+                .durable
+                .scan(name, after.as_ref(), PAGE, now())
+                .await
+                .map_err(|err| self.job_failed(err))?;
+            report.scanned_postgres += states.len() as u64;
+            Progress::add(&job.progress.scanned, states.len() as u64);
+            let keys: Vec<RecordKey> = states.iter().map(Change::key).collect();
+            let entries = self
+                .cache
+                .get_many(&keys)
+                .await
+                .map_err(|err| self.job_failed(err))?;
+            for (state, cache) in states.iter().zip(entries) {
+                let pair = Pair {
+                    durable: Some(state.clone()),
+                    cache,
+                };
+                if pair.classify(true).is_some() {
+                    self.confirm_and_repair(collection, &state.key(), repair, &mut report)
+                        .await?;
+                }
+            }
+            match states.last() {
+                Some(last) if states.len() == PAGE => after = Some(last.key().id),
+                _ => break,
+            }
+        }
+
+        // Pass 2: cache entries whose record the durable tier does not hold.
+        let mut cursor = 0;
+        loop {
+            let (next, cached) = self
+                .cache
+                .scan(name, cursor, PAGE)
+                .await
+                .map_err(|err| self.job_failed(err))?;
+            report.scanned_redis += cached.len() as u64;
+            let ids: Vec<_> = cached.iter().map(|c| c.state.key().id).collect();
+            let held = self
+                .durable
+                .get_states(name, &ids, now())
+                .await
+                .map_err(|err| self.job_failed(err))?;
+            for entry in &cached {
+                let key = entry.state.key();
+                let in_durable = held.iter().any(|state| state.key().id == key.id);
+                if !in_durable && matches!(entry.state, Change::Put(_)) {
+                    self.confirm_and_repair(collection, &key, repair, &mut report)
+                        .await?;
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        Ok(report)
+    }
+
+    /// Both tiers' states of one record, read now.
+    async fn pair(&self, key: &RecordKey) -> Result<Pair, Error> {
+        let durable = self
+            .durable
+            .get_states(&key.collection, std::slice::from_ref(&key.id), now())
+            .await
+            .map_err(|err| self.job_failed(err))?
+            .pop();
+        let cache = self
+            .cache
+            .get(key)
+            .await
+            .map_err(|err| self.job_failed(err))?;
+        Ok(Pair { durable, cache })
+    }
+
+    /// Reads a record in both tiers again; if they still disagree, reports
+    /// the difference and, with `repair`, makes them agree.
+    async fn confirm_and_repair(
+        &self,
+        collection: &Collection,
+        key: &RecordKey,
+        repair: bool,
+        report: &mut CollectionReport,
+    ) -> Result<(), Error> {
+        let reads_cache = self.configured_plan(collection).reads_cache();
+        let pair = self.pair(key).await?;
+        let Some(class) = pair.classify(reads_cache) else {
+            return Ok(());
+        };
+        let found = report.differences.entry(class).or_default();
+        found.count += 1;
+        if found.sample_ids.len() < SAMPLES {
+            found.sample_ids.push(key.id.to_string());
+        }
+        if repair && self.repair(collection, key, class, &pair).await? {
+            found.repaired += 1;
+        }
+        Ok(())
+    }
+
+    /// Makes the tiers agree on one record, the newer version winning; at
+    /// the same version, the tier that holds the collection's truth wins.
+    /// Returns whether the tiers now agree.
+    async fn repair(
+        &self,
+        collection: &Collection,
+        key: &RecordKey,
+        class: DriftClass,
+        pair: &Pair,
+    ) -> Result<bool, Error> {
+        let redis_is_truth = self.strategy_of(collection) == Strategy::RedisOnly;
+        let to_durable = |mode| async move {
+            let change = pair
+                .cache_change(key)
+                .expect("a difference has a cache side");
+            self.durable
+                .apply_changes(std::slice::from_ref(&change), mode)
+                .await
+                .map(|applied| applied.first().copied().unwrap_or(false))
+                .map_err(|err| self.job_failed(err))
+        };
+        let to_cache = |force| async move {
+            let Some(state) = &pair.durable else {
+                return Ok(false);
+            };
+            let outcome = self
+                .copy_to_cache(collection, state, force)
+                .await
+                .map_err(|err| self.job_failed(err))?;
+            Ok(outcome == Some(CopyOutcome::Written))
+        };
+        match class {
+            DriftClass::MissingInPostgres | DriftClass::RedisAhead => {
+                to_durable(ApplyMode::IfNewer).await
+            }
+            DriftClass::RedisStale => to_cache(false).await,
+            DriftClass::ContentMismatch if redis_is_truth => to_durable(ApplyMode::Force).await,
+            DriftClass::ContentMismatch => to_cache(true).await,
+            // The truth of a redis_only collection is Redis: a record only
+            // PostgreSQL holds may have been deleted there.
+            DriftClass::MissingInRedis if redis_is_truth => Ok(false),
+            DriftClass::MissingInRedis => to_cache(false).await,
+        }
+    }
+}
