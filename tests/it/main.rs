@@ -2,8 +2,10 @@
 //! and Redis servers started by the testkit (one pair per test binary, one
 //! database and key prefix per test).
 
+mod admin;
 mod bad_input;
 mod binary;
+mod cli;
 mod concurrency;
 mod degradation;
 mod faults;

@@ -1,0 +1,133 @@
+//! The `hybridstore` CLI end to end: the real binary against a running
+//! service on real servers, checked by exit code and output.
+
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hybridstore_testkit::{ADMIN_TOKEN, Redis, RedisPersistence, TestApp, blocking, shared, until};
+use serde_json::{Value, json};
+
+/// Runs `hybridstore args...` against `app` with the admin token.
+async fn cli(app: &TestApp, args: &[&str]) -> Output {
+    cli_with_token(app, ADMIN_TOKEN, args).await
+}
+
+async fn cli_with_token(app: &TestApp, token: &str, args: &[&str]) -> Output {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_hybridstore"));
+    command
+        .args(args)
+        .env_remove("ADMIN_TOKEN")
+        .env("HYBRIDSTORE_URL", app.url(""))
+        .env("HYBRIDSTORE_ADMIN_TOKEN", token);
+    blocking(move || command.output().expect("run the hybridstore binary")).await
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn code(output: &Output) -> i32 {
+    output.status.code().expect("exited")
+}
+
+#[tokio::test]
+async fn the_cli_reports_switches_syncs_and_checks() {
+    let redis = Arc::new(blocking(|| Redis::start(RedisPersistence::None)).await);
+    let postgres = blocking(|| shared().postgres.clone()).await;
+    let app = TestApp::builder()
+        .servers(postgres, redis.clone())
+        .spawn()
+        .await;
+
+    let health = cli(&app, &["health", "--verbose"]).await;
+    assert_eq!(code(&health), 0, "{}", stdout(&health));
+    assert!(
+        stdout(&health).starts_with("healthy"),
+        "{}",
+        stdout(&health)
+    );
+
+    let switched = cli(&app, &["switch-strategy", "database-first"]).await;
+    assert_eq!(code(&switched), 0);
+    assert!(stdout(&switched).contains("dual_write -> database_first"));
+    let refused = cli(&app, &["switch-strategy", "redis-only"]).await;
+    assert_eq!(code(&refused), 3, "a refused switch is an error");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("409"));
+    let status = cli(&app, &["status", "--json"]).await;
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["strategy"]["service"], "database_first");
+
+    for i in 0..25 {
+        app.write_postgres_row("accounts", &format!("a{i}"), 100 + i, json!({"i": i}))
+            .await;
+    }
+    let sync = cli(
+        &app,
+        &[
+            "sync",
+            "--source",
+            "postgres",
+            "--target",
+            "redis",
+            "--collection",
+            "accounts",
+        ],
+    )
+    .await;
+    assert_eq!(code(&sync), 0, "{}", stdout(&sync));
+    assert!(
+        stdout(&sync).contains("succeeded: scanned 25, written 25"),
+        "{}",
+        stdout(&sync)
+    );
+    assert_eq!(app.redis_copy("accounts", "a3").await.unwrap().version, 103);
+
+    let check = cli(&app, &["check-consistency", "--json"]).await;
+    assert_eq!(code(&check), 0, "{}", stdout(&check));
+    let report: Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(report["consistent"], true);
+
+    app.write_redis_copy("accounts", "a4", 999, json!({"i": "ahead"}))
+        .await;
+    let check = cli(
+        &app,
+        &["check-consistency", "--json", "--collection", "accounts"],
+    )
+    .await;
+    assert_eq!(code(&check), 1, "drift exits 1");
+    let report: Value = serde_json::from_slice(&check.stdout).unwrap();
+    let accounts = &report["collections"][0];
+    assert_eq!(
+        accounts["differences"]["redis_ahead"]["sample_ids"],
+        json!(["a4"])
+    );
+    let repaired = cli(&app, &["check-consistency", "--repair"]).await;
+    assert_eq!(code(&repaired), 0, "{}", stdout(&repaired));
+    assert_eq!(
+        app.postgres_copy("accounts", "a4").await.unwrap().version,
+        999
+    );
+
+    let metrics = cli(&app, &["metrics"]).await;
+    assert_eq!(code(&metrics), 0);
+    assert!(stdout(&metrics).contains("cache hit rate"));
+    let usage = cli(&app, &["sync", "--source", "redis", "--target", "redis"]).await;
+    assert_eq!(code(&usage), 2);
+    let denied = cli_with_token(&app, "wrong-token-0123456789", &["status"]).await;
+    assert_eq!(code(&denied), 3);
+
+    let server = redis.clone();
+    blocking(move || server.kill()).await;
+    assert!(
+        until(Duration::from_secs(10), || async {
+            code(&cli(&app, &["health"]).await) == 1
+        })
+        .await,
+        "a tier down exits 1"
+    );
+    let health = cli(&app, &["health", "--json"]).await;
+    let health: Value = serde_json::from_slice(&health.stdout).unwrap();
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(health["tiers"]["cache"]["state"], "open");
+}
