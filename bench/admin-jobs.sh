@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Benchmark of the admin jobs: sync (both directions) and the consistency
+# check over 10,000 and 100,000 records, with the server's peak RSS per size.
+#
+# Each size gets a fresh server process (so its peak RSS belongs to that size)
+# on a fresh database and key prefix. Beside the job figures, the script
+# measures the raw read speed of each store on the same data (psql COPY of the
+# records table, redis-cli --scan of the copies) as the baseline the jobs are
+# bounded by.
+#
+#   bash bench/admin-jobs.sh            # sizes 10000 100000
+#   SIZES="1000 10000" bash bench/admin-jobs.sh
+#
+# Needs: initdb/pg_ctl/psql (PostgreSQL 15), redis-server, redis-cli.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZES=${SIZES:-"10000 100000"}
+PGBIN=$(dirname "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb | head -1)")
+WORK=$(mktemp -d)
+chmod 755 "$WORK"
+RUN_AS=()
+if [ "$(id -u)" = 0 ]; then RUN_AS=(runuser -u postgres --); chown postgres "$WORK"; fi
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PG_PORT=$(free_port); REDIS_PORT=$(free_port)
+cleanup() {
+  [ -n "${SERVER_PID:-}" ] && kill "$SERVER_PID" 2>/dev/null || true
+  "${RUN_AS[@]}" "$PGBIN/pg_ctl" -D "$WORK/pg" -m immediate stop >/dev/null 2>&1 || true
+  redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+cargo build --release --quiet
+BIN=$PWD/target/release/hybridstore
+
+"${RUN_AS[@]}" "$PGBIN/initdb" -D "$WORK/pg" -U postgres -A trust >/dev/null
+"${RUN_AS[@]}" "$PGBIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg.log" -w \
+  -o "-p $PG_PORT -k $WORK -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
+redis-server --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
+  --logfile "$WORK/redis.log" >/dev/null
+PSQL=(psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qAt)
+
+export ADMIN_TOKEN=bench-admin-token-0123456789
+export HYBRIDSTORE_ADMIN_TOKEN=$ADMIN_TOKEN
+export RUST_LOG=warn
+now() { date +%s.%N; }
+secs() { python3 -c "print($2-$1)"; }
+rate() { python3 -c "print(f'{$1/($3-$2):,.0f}')"; }
+peak_rss_mib() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+rss_mib() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+
+printf '\n%-9s %-34s %12s %10s\n' records step records/s seconds
+for n in $SIZES; do
+  db="bench_$n"
+  "${PSQL[@]}" -d postgres -c "CREATE DATABASE $db"
+  port=$(free_port)
+  PORT=$port DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/$db" \
+    REDIS_URL="redis://127.0.0.1:$REDIS_PORT" HYBRIDSTORE_REDIS__KEY_PREFIX="b$n" \
+    "$BIN" serve >"$WORK/server-$n.log" 2>&1 &
+  SERVER_PID=$!
+  export HYBRIDSTORE_URL="http://127.0.0.1:$port"
+  for _ in $(seq 100); do "$BIN" health >/dev/null 2>&1 && break; sleep 0.1; done
+  start_rss=$(rss_mib "$SERVER_PID")
+
+  # The data set: n records of ~250 bytes, written straight into PostgreSQL.
+  "${RUN_AS[@]}" "${PSQL[@]}" -d "$db" -c "INSERT INTO records
+    (collection, id, version, created_version, data, created_at, updated_at)
+    SELECT 'accounts', 'r' || lpad(g::text, 7, '0'), g, g,
+      jsonb_build_object('i', g, 'owner', 'user' || (g % 977), 'pad', repeat('x', 200)),
+      now(), now() FROM generate_series(1, $n) g"
+
+  t0=$(now); "${RUN_AS[@]}" "${PSQL[@]}" -d "$db" -c "\\copy (SELECT * FROM records) TO '/dev/null'"; t1=$(now)
+  printf '%-9s %-34s %12s %10.2f\n' "$n" "baseline: psql COPY of the table" "$(rate "$n" "$t0" "$t1")" "$(secs "$t0" "$t1")"
+
+  t0=$(now); "$BIN" --json sync --source postgres --target redis >/dev/null; t1=$(now)
+  printf '%-9s %-34s %12s %10.2f\n' "$n" "sync postgres -> redis (writes)" "$(rate "$n" "$t0" "$t1")" "$(secs "$t0" "$t1")"
+
+  t0=$(now); copies=$(redis-cli -p "$REDIS_PORT" --scan --pattern "b$n:*:r:accounts:*" | wc -l); t1=$(now)
+  printf '%-9s %-34s %12s %10.2f\n' "$n" "baseline: redis-cli --scan ($copies)" "$(rate "$copies" "$t0" "$t1")" "$(secs "$t0" "$t1")"
+
+  t0=$(now); "$BIN" --json check-consistency >/dev/null; t1=$(now)
+  printf '%-9s %-34s %12s %10.2f\n' "$n" "consistency check (both passes)" "$(rate "$n" "$t0" "$t1")" "$(secs "$t0" "$t1")"
+
+  t0=$(now); "$BIN" --json sync --source redis --target postgres >/dev/null; t1=$(now)
+  printf '%-9s %-34s %12s %10.2f\n' "$n" "sync redis -> postgres (no-op)" "$(rate "$n" "$t0" "$t1")" "$(secs "$t0" "$t1")"
+
+  printf '%-9s %-34s %12s\n' "$n" "server RSS at start / peak (MiB)" "$start_rss / $(peak_rss_mib "$SERVER_PID")"
+  kill "$SERVER_PID"; wait "$SERVER_PID" || true; SERVER_PID=
+done
