@@ -396,10 +396,18 @@ async fn sync_after_a_postgres_outage_under_redis_only_brings_every_record_over(
     blocking(move || pg.restart()).await;
     assert!(durable_state(&app, "closed").await);
 
+    // A copy PostgreSQL cannot store (jsonb refuses \u0000): counted as
+    // failed, and the rest of its page still goes over.
+    app.write_redis_copy("items", "poison", 5, json!({"s": "\u{0}"}))
+        .await;
+
     let first = app.run_job("/admin/database/sync/redis-to-postgres").await;
     assert_eq!(first["state"], "succeeded", "{first}");
-    let written = first["progress"]["written"].as_u64().unwrap();
-    assert!(written >= 50, "every record and the deletion: {first}");
+    assert_eq!(
+        first["progress"]["written"], 50,
+        "every record and the deletion: {first}"
+    );
+    assert!(first["progress"]["failed"].as_u64() >= Some(1), "{first}");
     for (id, version) in &acked {
         let row = app.postgres_copy("items", id).await.expect(id);
         assert_eq!(row.version, *version, "{id}");
@@ -415,10 +423,10 @@ async fn sync_after_a_postgres_outage_under_redis_only_brings_every_record_over(
 
     let second = app.run_job("/admin/database/sync/redis-to-postgres").await;
     assert_eq!(second["progress"]["written"], 0, "{second}");
-    assert_eq!(
-        second["progress"]["skipped_older"],
-        second["progress"]["scanned"]
-    );
+    // (SCAN may return a key twice while Redis rehashes: hence no exact totals.)
+    let count = |field: &str| second["progress"][field].as_u64().unwrap();
+    assert!(count("skipped_older") >= 50, "{second}");
+    assert_eq!(count("skipped_older") + count("failed"), count("scanned"));
 
     // PostgreSQL holds a newer version of one record: it stays without force.
     let newer = acked[0].1 + 100;

@@ -302,20 +302,52 @@ impl Engine {
             let changes: Vec<Change> = states.into_iter().map(|s| s.state).collect();
             Progress::add(&job.progress.scanned, changes.len() as u64);
             if !changes.is_empty() {
-                let applied = self
-                    .durable
-                    .apply_changes(&changes, mode)
-                    .await
-                    .map_err(|err| self.job_failed(err))?;
-                let written = applied.iter().filter(|a| **a).count() as u64;
-                Progress::add(&job.progress.written, written);
-                Progress::add(&job.progress.skipped_older, applied.len() as u64 - written);
+                let applied = match self.durable.apply_changes(&changes, mode).await {
+                    Ok(applied) => applied.into_iter().map(Some).collect(),
+                    Err(err) if err.is_unavailable() => return Err(self.job_failed(err)),
+                    // One bad record fails its page's transaction: apply the
+                    // page record by record to find it and keep the rest.
+                    Err(_) => self.apply_one_by_one(&changes, mode).await?,
+                };
+                for outcome in applied {
+                    let counter = match outcome {
+                        Some(true) => &job.progress.written,
+                        Some(false) => &job.progress.skipped_older,
+                        None => &job.progress.failed,
+                    };
+                    Progress::add(counter, 1);
+                }
             }
             if next == 0 {
                 return Ok(());
             }
             cursor = next;
         }
+    }
+
+    /// Applies changes one at a time: `None` for each that failed (logged).
+    async fn apply_one_by_one(
+        &self,
+        changes: &[Change],
+        mode: ApplyMode,
+    ) -> Result<Vec<Option<bool>>, Error> {
+        let mut outcomes = Vec::with_capacity(changes.len());
+        for change in changes {
+            match self
+                .durable
+                .apply_changes(std::slice::from_ref(change), mode)
+                .await
+            {
+                Ok(applied) => outcomes.push(applied.first().copied()),
+                Err(err) if err.is_unavailable() => return Err(self.job_failed(err)),
+                Err(err) => {
+                    let key = change.key();
+                    tracing::warn!(error = %err, collection = %key.collection, id = %key.id, "sync could not apply a record");
+                    outcomes.push(None);
+                }
+            }
+        }
+        Ok(outcomes)
     }
 
     async fn sync_to_cache(
@@ -336,11 +368,17 @@ impl Engine {
             let copies = states
                 .iter()
                 .map(|state| self.copy_to_cache(collection, state, force));
-            for outcome in join_all(copies).await {
-                let counter = match outcome.map_err(|err| self.job_failed(err))? {
-                    Some(CopyOutcome::Written) => &job.progress.written,
-                    Some(CopyOutcome::Kept) | None => &job.progress.skipped_older,
-                    Some(CopyOutcome::Pinned) => &job.progress.skipped_pinned,
+            for (state, outcome) in states.iter().zip(join_all(copies).await) {
+                let counter = match outcome {
+                    Ok(Some(CopyOutcome::Written)) => &job.progress.written,
+                    Ok(Some(CopyOutcome::Kept) | None) => &job.progress.skipped_older,
+                    Ok(Some(CopyOutcome::Pinned)) => &job.progress.skipped_pinned,
+                    Err(err) if err.is_unavailable() => return Err(self.job_failed(err)),
+                    Err(err) => {
+                        let key = state.key();
+                        tracing::warn!(error = %err, collection = %key.collection, id = %key.id, "sync could not copy a record");
+                        &job.progress.failed
+                    }
                 };
                 Progress::add(counter, 1);
             }
