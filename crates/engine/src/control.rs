@@ -284,7 +284,14 @@ impl Engine {
                                 Some(state) => self.apply_control(state, true).await,
                                 None => break,
                             },
-                            () = tokio::time::sleep(POLL_INTERVAL) => self.reconcile_control().await,
+                            () = tokio::time::sleep(POLL_INTERVAL) => {
+                                self.reconcile_control().await;
+                                // A subscription on a connection that failed
+                                // may never end by itself: start afresh.
+                                if !self.cache.breaker.is_closed() {
+                                    break;
+                                }
+                            }
                         }
                     }
                 }
