@@ -11,6 +11,7 @@ mod degradation;
 mod faults;
 mod indexes_and_ttl;
 mod journal;
+mod observability;
 mod outages;
 mod records;
 mod stale_cache;

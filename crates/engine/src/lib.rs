@@ -26,6 +26,8 @@ pub use journal::{JournalSettings, ReplayStats};
 pub use maintenance::{
     ClassReport, CollectionReport, ConsistencyReport, DriftClass, SyncDirection,
 };
-pub use stats::{EngineStats, Histogram, LatencySummary, Operation, OperationCounts};
+pub use stats::{
+    EngineStats, Histogram, LatencySummary, Operation, OperationCounts, Outcome, TierStats,
+};
 pub use status::{HealthReport, MetricsReport, Overall, StatusReport};
 pub use strategy::{Plan, ReadPath, WritePath};

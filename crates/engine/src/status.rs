@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use crate::engine::Engine;
 use crate::health::{Breaker, BreakerState, TierHealth};
 use crate::journal::ReplayStats;
-use crate::stats::{LatencySummary, Operation, OperationCounts};
+use crate::stats::{LatencySummary, Operation, OperationCounts, TierStats};
 use crate::strategy::Plan;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -260,5 +260,13 @@ impl Engine {
     /// The engine's counters, for exporters (Prometheus).
     pub fn stats(&self) -> &crate::stats::EngineStats {
         &self.stats
+    }
+
+    /// Each tier's health and call statistics (durable, then cache).
+    pub fn tier_stats(&self) -> [(TierHealth, &TierStats); 2] {
+        [
+            (self.durable.breaker.health(), &self.durable.breaker.stats),
+            (self.cache.breaker.health(), &self.cache.breaker.stats),
+        ]
     }
 }

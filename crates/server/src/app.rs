@@ -154,6 +154,7 @@ impl ServerBuilder {
         let state = AppState {
             engine: engine.clone(),
             auth: Arc::new(Authenticator::from_config(&config)),
+            metrics: Arc::default(),
         };
 
         let addr = format!("{}:{}", config.host, config.port);

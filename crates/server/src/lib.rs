@@ -7,6 +7,7 @@ mod app;
 pub mod auth;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod telemetry;
 
 use std::process::ExitCode;

@@ -10,14 +10,18 @@ mod records;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderName, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use hybridstore_engine::{BreakerState, Engine};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::auth::Authenticator;
+use crate::metrics::HttpMetrics;
 use extract::BodyLimit;
 use problem::ApiError;
 
@@ -26,6 +30,49 @@ use problem::ApiError;
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub auth: Arc<Authenticator>,
+    pub metrics: Arc<HttpMetrics>,
+}
+
+/// The request id header, taken from the client or made up, echoed back.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The route template of a request (`/v1/collections/{collection}/...`), so
+/// that metrics and logs do not grow a label per record id.
+fn route_of(request: &Request) -> String {
+    request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+        .to_owned()
+}
+
+/// Counts and times every request by method, route template and status.
+async fn track_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().clone();
+    let route = route_of(&request);
+    let response = next.run(request).await;
+    state.metrics.record(
+        method.as_str(),
+        &route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+/// Prometheus scrape endpoint (unauthenticated, like `/health`: expose it on
+/// an internal network only).
+async fn metrics(State(state): State<AppState>) -> Response {
+    let body = state.metrics.render(&state.engine).await;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// Liveness: the process answers.
@@ -58,16 +105,27 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<serde_json::V
 pub fn router(state: AppState, body_limit: usize) -> Router {
     let trace = TraceLayer::new_for_http()
         .make_span_with(|request: &Request| {
-            let route = request
-                .extensions()
-                .get::<MatchedPath>()
-                .map_or("<unmatched>", MatchedPath::as_str);
-            tracing::info_span!("request", method = %request.method(), route)
+            let request_id = request
+                .headers()
+                .get(&REQUEST_ID)
+                .and_then(|id| id.to_str().ok())
+                .unwrap_or("");
+            tracing::info_span!(
+                "request",
+                method = %request.method(),
+                route = %route_of(request),
+                request_id,
+            )
         })
-        .on_response(DefaultOnResponse::new().level(Level::INFO));
+        .on_response(
+            DefaultOnResponse::new()
+                .level(Level::INFO)
+                .latency_unit(tower_http::LatencyUnit::Micros),
+        );
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .route("/v1/collections", get(records::list_collections))
         .route("/v1/collections/{collection}/records", get(records::list))
         .route(
@@ -110,6 +168,12 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(Extension(BodyLimit(body_limit)))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            track_requests,
+        ))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(trace)
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)
 }

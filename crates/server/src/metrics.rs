@@ -1,0 +1,410 @@
+//! `GET /metrics`: Prometheus text format.
+//!
+//! HTTP request counts and latencies go through the `metrics` facade into a
+//! Prometheus recorder that belongs to this server (a local recorder, not the
+//! process-global one, so several servers in one process, as in the tests,
+//! keep their own). Everything the engine already counts (operations, cache
+//! hits, tier calls and latency, breakers, strategy, journal, jobs) is read
+//! from the engine at scrape time and written in the same exposition format,
+//! so the admin API and Prometheus never disagree.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use hybridstore_engine::{BreakerState, Engine, Histogram, JobState, Operation};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
+
+/// Histogram buckets (seconds) for every latency metric.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+pub struct HttpMetrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&LATENCY_BUCKETS)
+            .expect("the latency buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::describe_counter!(
+                "http_requests_total",
+                "HTTP requests by method, route template and status"
+            );
+            metrics::describe_histogram!(
+                "http_request_duration_seconds",
+                metrics::Unit::Seconds,
+                "HTTP request latency by method and route template"
+            );
+        });
+        Self { recorder, handle }
+    }
+}
+
+impl HttpMetrics {
+    /// Counts one finished request.
+    pub fn record(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        metrics::with_local_recorder(&self.recorder, || {
+            let labels = [
+                ("method", method.to_owned()),
+                ("route", route.to_owned()),
+                ("status", status.to_string()),
+            ];
+            metrics::counter!("http_requests_total", &labels).increment(1);
+            let labels = [("method", method.to_owned()), ("route", route.to_owned())];
+            metrics::histogram!("http_request_duration_seconds", &labels)
+                .record(elapsed.as_secs_f64());
+        });
+    }
+
+    /// The whole exposition: HTTP metrics, then the engine's.
+    pub async fn render(&self, engine: &Engine) -> String {
+        let mut out = self.handle.render();
+        render_engine(&mut out, engine).await;
+        out
+    }
+}
+
+/// Writes one metric family's header.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+    let labels: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    if labels.is_empty() {
+        let _ = writeln!(out, "{name} {value}");
+    } else {
+        let _ = writeln!(out, "{name}{{{}}} {value}", labels.join(","));
+    }
+}
+
+/// A latency histogram of the engine as Prometheus buckets.
+fn histogram(out: &mut String, name: &str, labels: &[(&str, &str)], histogram: &Histogram) {
+    let cumulative = histogram.cumulative(&LATENCY_BUCKETS);
+    for (bound, count) in LATENCY_BUCKETS.iter().zip(cumulative) {
+        let le = bound.to_string();
+        let mut with_le = labels.to_vec();
+        with_le.push(("le", &le));
+        sample(out, &format!("{name}_bucket"), &with_le, count);
+    }
+    let mut with_le = labels.to_vec();
+    with_le.push(("le", "+Inf"));
+    sample(out, &format!("{name}_bucket"), &with_le, histogram.count());
+    sample(
+        out,
+        &format!("{name}_sum"),
+        labels,
+        histogram.sum().as_secs_f64(),
+    );
+    sample(out, &format!("{name}_count"), labels, histogram.count());
+}
+
+async fn render_engine(out: &mut String, engine: &Engine) {
+    let stats = engine.stats();
+    family(
+        out,
+        "hybridstore_operations_total",
+        "counter",
+        "Engine operations by kind and outcome (ok, rejected: 4xx, failed: 5xx)",
+    );
+    for op in Operation::ALL {
+        let counts = stats.counts(op);
+        for (outcome, value) in [
+            ("ok", counts.ok),
+            ("rejected", counts.rejected),
+            ("failed", counts.failed),
+        ] {
+            sample(
+                out,
+                "hybridstore_operations_total",
+                &[("operation", op.as_str()), ("outcome", outcome)],
+                value,
+            );
+        }
+    }
+    family(
+        out,
+        "hybridstore_operation_duration_seconds",
+        "histogram",
+        "Engine operation latency by kind",
+    );
+    for op in Operation::ALL {
+        histogram(
+            out,
+            "hybridstore_operation_duration_seconds",
+            &[("operation", op.as_str())],
+            stats.latency(op),
+        );
+    }
+    family(
+        out,
+        "hybridstore_cache_hits_total",
+        "counter",
+        "Reads the cache answered",
+    );
+    sample(out, "hybridstore_cache_hits_total", &[], stats.cache_hits());
+    family(
+        out,
+        "hybridstore_cache_misses_total",
+        "counter",
+        "Reads the cache could not answer",
+    );
+    sample(
+        out,
+        "hybridstore_cache_misses_total",
+        &[],
+        stats.cache_misses(),
+    );
+
+    let tiers = engine.tier_stats();
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    family(
+        out,
+        "hybridstore_tier_up",
+        "gauge",
+        "1 while the tier's breaker is closed",
+    );
+    for (health, _) in &tiers {
+        let up = u8::from(health.state == BreakerState::Closed);
+        sample(
+            out,
+            "hybridstore_tier_up",
+            &[("tier", health.tier), ("backend", health.backend)],
+            up,
+        );
+    }
+    family(
+        out,
+        "hybridstore_breaker_state",
+        "gauge",
+        "1 for the state each tier's breaker is in",
+    );
+    for (health, _) in &tiers {
+        for state in [
+            BreakerState::Closed,
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+        ] {
+            sample(
+                out,
+                "hybridstore_breaker_state",
+                &[("tier", health.tier), ("state", state.as_str())],
+                u8::from(health.state == state),
+            );
+        }
+    }
+    family(
+        out,
+        "hybridstore_tier_degradations_total",
+        "counter",
+        "Times a tier went from healthy to unavailable",
+    );
+    for (health, _) in &tiers {
+        sample(
+            out,
+            "hybridstore_tier_degradations_total",
+            &[("tier", health.tier)],
+            health.degradations,
+        );
+    }
+    family(
+        out,
+        "hybridstore_tier_calls_total",
+        "counter",
+        "Calls to each tier",
+    );
+    for (health, tier) in &tiers {
+        sample(
+            out,
+            "hybridstore_tier_calls_total",
+            &[("tier", health.tier)],
+            tier.calls.load(relaxed),
+        );
+    }
+    family(
+        out,
+        "hybridstore_tier_errors_total",
+        "counter",
+        "Tier calls that failed because the tier was unavailable or timed out",
+    );
+    for (health, tier) in &tiers {
+        sample(
+            out,
+            "hybridstore_tier_errors_total",
+            &[("tier", health.tier)],
+            tier.failures.load(relaxed),
+        );
+    }
+    family(
+        out,
+        "hybridstore_tier_call_duration_seconds",
+        "histogram",
+        "Latency of tier calls",
+    );
+    for (health, tier) in &tiers {
+        histogram(
+            out,
+            "hybridstore_tier_call_duration_seconds",
+            &[("tier", health.tier)],
+            &tier.latency,
+        );
+    }
+
+    let status = engine.status_report().await;
+    family(
+        out,
+        "hybridstore_strategy",
+        "gauge",
+        "1 for the service-wide strategy in force",
+    );
+    sample(
+        out,
+        "hybridstore_strategy",
+        &[
+            ("strategy", status.strategy.service.as_str()),
+            ("configured", status.strategy.configured.as_str()),
+        ],
+        1,
+    );
+    family(
+        out,
+        "hybridstore_collection_degraded",
+        "gauge",
+        "1 while health narrows a collection's strategy (or nothing can serve it)",
+    );
+    for collection in &status.collections {
+        sample(
+            out,
+            "hybridstore_collection_degraded",
+            &[
+                ("collection", &collection.name),
+                ("strategy", collection.strategy.as_str()),
+            ],
+            u8::from(collection.reason.is_some()),
+        );
+    }
+    if let Some(backlog) = &status.journal_backlog {
+        family(
+            out,
+            "hybridstore_journal_backlog",
+            "gauge",
+            "Journaled writes waiting to be replayed into the durable tier",
+        );
+        for (journal, value) in [
+            ("write_behind", backlog.write_behind),
+            ("outage", backlog.outage),
+        ] {
+            sample(
+                out,
+                "hybridstore_journal_backlog",
+                &[("journal", journal)],
+                value,
+            );
+        }
+    }
+    family(
+        out,
+        "hybridstore_replay_entries_total",
+        "counter",
+        "Journal entries replayed and acknowledged",
+    );
+    sample(
+        out,
+        "hybridstore_replay_entries_total",
+        &[],
+        status.replay.entries,
+    );
+    family(
+        out,
+        "hybridstore_replay_applied_total",
+        "counter",
+        "Replayed changes the durable tier took (the others were superseded)",
+    );
+    sample(
+        out,
+        "hybridstore_replay_applied_total",
+        &[],
+        status.replay.applied,
+    );
+    family(
+        out,
+        "hybridstore_cache_generation",
+        "gauge",
+        "Times every cache copy was dropped by a strategy switch",
+    );
+    sample(
+        out,
+        "hybridstore_cache_generation",
+        &[],
+        status.cache_generation,
+    );
+
+    let jobs = engine.jobs();
+    family(
+        out,
+        "hybridstore_jobs_running",
+        "gauge",
+        "Admin jobs (sync, consistency checks) running on this instance",
+    );
+    family(
+        out,
+        "hybridstore_job_records",
+        "gauge",
+        "Progress of running admin jobs, in records",
+    );
+    let running: Vec<_> = jobs
+        .iter()
+        .filter(|job| job.state == JobState::Running)
+        .collect();
+    for kind in [
+        "sync_redis_to_postgres",
+        "sync_postgres_to_redis",
+        "consistency_check",
+    ] {
+        let of_kind: Vec<_> = running.iter().filter(|job| job.kind == kind).collect();
+        sample(
+            out,
+            "hybridstore_jobs_running",
+            &[("kind", kind)],
+            of_kind.len(),
+        );
+        for (counter, value) in [
+            (
+                "total",
+                of_kind.iter().map(|j| j.progress.total).sum::<u64>(),
+            ),
+            (
+                "scanned",
+                of_kind.iter().map(|j| j.progress.scanned).sum::<u64>(),
+            ),
+            (
+                "written",
+                of_kind.iter().map(|j| j.progress.written).sum::<u64>(),
+            ),
+        ] {
+            sample(
+                out,
+                "hybridstore_job_records",
+                &[("kind", kind), ("counter", counter)],
+                value,
+            );
+        }
+    }
+    family(
+        out,
+        "hybridstore_uptime_seconds",
+        "gauge",
+        "Seconds since this instance started",
+    );
+    sample(out, "hybridstore_uptime_seconds", &[], status.uptime_secs);
+}
