@@ -35,12 +35,14 @@ fn an_invalid_configuration_stops_the_start_and_names_the_key() {
         ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none"),
         ("REDIS_URL", "redis://127.0.0.1:1"),
     ];
-    let cases: [(&[(&str, &str)], &str); 5] = [
+    let cases: [(&[(&str, &str)], &str); 7] = [
         (&[("PORT", "eighty")], "PORT"),
         (&[("DATABASE_STRATEGY", "fastest")], "DATABASE_STRATEGY"),
         (&[("REDIS_PORT", "-1")], "REDIS_PORT"),
         (&[("ADMIN_TOKEN", "")], "ADMIN_TOKEN"),
         (&[("HYBRIDSTORE_POSTGRES__POOL_SIZ", "4")], "pool_siz"),
+        (&[("LOG_FORMAT", "xml")], "LOG_FORMAT"),
+        (&[("LOG_RETENTION_DAYS", "0")], "LOG_RETENTION_DAYS"),
     ];
     for (overrides, key) in cases {
         let mut vars: Vec<(&str, &str)> = valid.to_vec();
@@ -75,7 +77,11 @@ async fn the_binary_serves_with_the_relay_variable_names() {
     let database = create_database(&servers.postgres).await;
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
     let vars = [
+        ("LOG_DIR", logs.path().display().to_string()),
+        ("LOG_FORMAT", "json".to_owned()),
+        ("LOG_RETENTION_DAYS", "3".to_owned()),
         ("POSTGRES_HOST", "127.0.0.1".to_owned()),
         ("POSTGRES_PORT", servers.postgres.port().to_string()),
         ("POSTGRES_DATABASE", database.clone()),
@@ -108,11 +114,13 @@ async fn the_binary_serves_with_the_relay_variable_names() {
     let put = http
         .put(format!("{base}/v1/collections/users/records/u1"))
         .bearer_auth(ADMIN_TOKEN)
+        .header("x-request-id", "bin-req-1")
         .json(&json!({"username": "ada"}))
         .send()
         .await
         .unwrap();
     assert_eq!(put.status(), StatusCode::CREATED);
+    assert_eq!(put.headers()["x-request-id"], "bin-req-1");
     let collections: Value = http
         .get(format!("{base}/v1/collections"))
         .bearer_auth(ADMIN_TOKEN)
@@ -147,6 +155,28 @@ async fn the_binary_serves_with_the_relay_variable_names() {
     terminate(server.0.id());
     let status = server.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
+
+    // LOG_DIR: a daily file of JSON lines; the request's span carries its id
+    // and route template, its end the status and latency.
+    let files: Vec<_> = std::fs::read_dir(logs.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].starts_with("hybridstore.") && files[0].ends_with(".log"));
+    let text = std::fs::read_to_string(logs.path().join(&files[0])).unwrap();
+    let finished: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).expect("JSON lines"))
+        .filter(|line| line["span"]["request_id"] == "bin-req-1")
+        .filter(|line| line["fields"]["status"] == 201)
+        .collect();
+    assert_eq!(finished.len(), 1, "{text}");
+    assert_eq!(
+        finished[0]["span"]["route"],
+        "/v1/collections/{collection}/records/{id}"
+    );
+    assert!(finished[0]["fields"]["latency"].is_string());
 }
 
 fn terminate(pid: u32) {

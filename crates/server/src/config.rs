@@ -46,6 +46,10 @@ pub const LEGACY_ENV: &[(&str, &str)] = &[
     ("DATABASE_SYNC_ENABLED", "sync.enabled"),
     ("DATABASE_SYNC_INTERVAL", "sync.interval_ms"),
     ("DATABASE_SYNC_ON_STARTUP", "sync.on_startup"),
+    ("LOG_LEVEL", "log.level"),
+    ("LOG_FORMAT", "log.format"),
+    ("LOG_DIR", "log.dir"),
+    ("LOG_RETENTION_DAYS", "log.retention_days"),
 ];
 
 /// A configuration problem, naming the key.
@@ -298,6 +302,11 @@ pub enum LogFormat {
 pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
+    /// Also write logs to daily files `hybridstore.<date>.log` here.
+    #[serde(default)]
+    pub dir: Option<std::path::PathBuf>,
+    /// How many daily files to keep in `dir`.
+    pub retention_days: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -379,6 +388,12 @@ impl Config {
         }
         if self.body_limit_bytes < 1024 {
             return Err(invalid("body_limit_bytes", "must be at least 1024"));
+        }
+        if self.log.retention_days == 0 {
+            return Err(invalid(
+                "log.retention_days (LOG_RETENTION_DAYS)",
+                "must be at least 1",
+            ));
         }
         if !self.postgres.enabled || !self.redis.enabled {
             return Err(invalid(

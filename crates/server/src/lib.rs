@@ -25,7 +25,14 @@ pub fn run_from_env() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(&config.log);
+    // Held until the end of this function: it flushes the log file.
+    let _log_file = match telemetry::init(&config.log) {
+        Ok(guard) => guard,
+        Err(err) => {
+            eprintln!("hybridstore: {err}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
