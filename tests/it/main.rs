@@ -12,6 +12,7 @@ mod faults;
 mod indexes_and_ttl;
 mod journal;
 mod observability;
+mod openapi;
 mod outages;
 mod records;
 mod stale_cache;

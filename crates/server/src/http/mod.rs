@@ -4,6 +4,7 @@
 mod admin;
 mod conditional;
 mod extract;
+pub mod openapi;
 pub mod problem;
 mod records;
 
@@ -13,12 +14,14 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use hybridstore_engine::{BreakerState, Engine};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::Authenticator;
 use crate::metrics::HttpMetrics;
@@ -63,6 +66,8 @@ async fn track_requests(State(state): State<AppState>, request: Request, next: N
 
 /// Prometheus scrape endpoint (unauthenticated, like `/health`: expose it on
 /// an internal network only).
+#[utoipa::path(get, path = "/metrics", tag = "operations", summary = "Prometheus metrics", security(()),
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> Response {
     let body = state.metrics.render(&state.engine).await;
     (
@@ -76,6 +81,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 /// Liveness: the process answers.
+#[utoipa::path(get, path = "/health", tag = "operations", summary = "Liveness", security(()),
+    responses((status = 200, description = "The process answers", body = Object)))]
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
@@ -83,6 +90,8 @@ async fn health() -> Json<serde_json::Value> {
 /// Readiness: at least one tier is usable (a degraded service still serves).
 /// Unauthenticated, so it says only which tier is in which state; errors (which
 /// may name hosts) belong to the admin status.
+#[utoipa::path(get, path = "/ready", tag = "operations", summary = "Readiness: a tier is usable", security(()),
+    responses((status = 200, description = "Ready", body = Object), (status = 503, description = "No tier usable", body = Object)))]
 async fn ready(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
     let health = state.engine.health();
     let usable = health.iter().any(|tier| tier.state == BreakerState::Closed);
@@ -122,50 +131,39 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
                 .level(Level::INFO)
                 .latency_unit(tower_http::LatencyUnit::Micros),
         );
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .route("/v1/collections", get(records::list_collections))
-        .route("/v1/collections/{collection}/records", get(records::list))
-        .route(
-            "/v1/collections/{collection}/records/{id}",
-            put(records::put)
-                .patch(records::patch)
-                .get(records::get)
-                .delete(records::delete),
-        )
-        .route(
-            "/v1/collections/{collection}/batch-get",
-            post(records::batch_get),
-        )
-        .route(
-            "/v1/collections/{collection}/lookup/{index}/{value}",
-            get(records::lookup),
-        )
-        .route("/admin/database/health", get(admin::health))
-        .route("/admin/database/status", get(admin::status))
-        .route("/admin/database/metrics", get(admin::metrics))
-        .route(
-            "/admin/database/sync/redis-to-postgres",
-            post(admin::sync_redis_to_postgres),
-        )
-        .route(
-            "/admin/database/sync/postgres-to-redis",
-            post(admin::sync_postgres_to_redis),
-        )
-        .route(
-            "/admin/database/consistency-check",
-            get(admin::check_consistency).post(admin::start_consistency_check),
-        )
-        .route("/admin/database/jobs", get(admin::jobs))
-        .route("/admin/database/jobs/{id}", get(admin::job))
-        .route(
-            "/admin/database/strategy/{name}",
-            post(admin::switch_strategy),
-        )
+    let (router, spec) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi::openapi_json))
+        .routes(routes!(openapi::docs))
+        .routes(routes!(records::list_collections))
+        .routes(routes!(records::list))
+        .routes(routes!(
+            records::put,
+            records::patch,
+            records::get,
+            records::delete
+        ))
+        .routes(routes!(records::batch_get))
+        .routes(routes!(records::lookup))
+        .routes(routes!(admin::health))
+        .routes(routes!(admin::status))
+        .routes(routes!(admin::metrics))
+        .routes(routes!(admin::sync_redis_to_postgres))
+        .routes(routes!(admin::sync_postgres_to_redis))
+        .routes(routes!(
+            admin::check_consistency,
+            admin::start_consistency_check
+        ))
+        .routes(routes!(admin::jobs))
+        .routes(routes!(admin::job))
+        .routes(routes!(admin::switch_strategy))
+        .split_for_parts();
+    router
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(Extension(openapi::Spec::new(&spec)))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(Extension(BodyLimit(body_limit)))
         .layer(middleware::from_fn_with_state(

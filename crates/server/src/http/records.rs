@@ -12,10 +12,10 @@ use hybridstore_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::AppState;
 use super::conditional::{etag, not_modified, write_precondition};
 use super::extract::{ApiQuery, Caller, CollectionPath, JsonBody, LookupPath, RecordPath};
 use super::problem::ApiError;
+use super::{AppState, openapi};
 use crate::auth::Access;
 
 /// Most records one list page or batch get returns.
@@ -57,6 +57,8 @@ struct CollectionView<'a> {
     effective_strategy: Strategy,
 }
 
+#[utoipa::path(get, path = "/v1/collections", tag = "records", summary = "Declared collections and their policies",
+    responses((status = 200, description = "`{\"collections\": [...]}`", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn list_collections(State(state): State<AppState>, _caller: Caller) -> Response {
     let collections: Vec<CollectionView> = state
         .engine
@@ -88,6 +90,12 @@ fn ttl_param(ttl: Option<u64>) -> Result<Option<Duration>, ApiError> {
 }
 
 #[tracing::instrument(skip_all, fields(collection = %key.collection, id = %key.id))]
+#[utoipa::path(put, path = "/v1/collections/{collection}/records/{id}", tag = "records", summary = "Create or replace a record",
+    params(("collection" = String, Path, description = "Collection name"), ("id" = String, Path, description = "Record id"), ("ttl" = Option<u64>, Query, description = "Lifetime in seconds"),
+        ("If-Match" = Option<String>, Header, description = "Write only at this version (\"*\": only if it exists)"),
+        ("If-None-Match" = Option<String>, Header, description = "`*`: create only")),
+    request_body(content = Object, description = "The record's data (a JSON object)"),
+    responses((status = 201, description = "Created", body = openapi::RecordDoc), (status = 200, description = "Replaced", body = openapi::RecordDoc), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn put(
     State(state): State<AppState>,
     caller: Caller,
@@ -110,6 +118,10 @@ pub async fn put(
 }
 
 #[tracing::instrument(skip_all, fields(collection = %key.collection, id = %key.id))]
+#[utoipa::path(patch, path = "/v1/collections/{collection}/records/{id}", tag = "records", summary = "Apply a JSON Merge Patch (RFC 7396)",
+    params(("collection" = String, Path, description = "Collection name"), ("id" = String, Path, description = "Record id"), ("If-Match" = Option<String>, Header, description = "Only at this version")),
+    request_body(content = Object, content_type = "application/merge-patch+json"),
+    responses((status = 200, description = "Patched", body = openapi::RecordDoc), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn patch(
     State(state): State<AppState>,
     caller: Caller,
@@ -125,6 +137,9 @@ pub async fn patch(
 }
 
 #[tracing::instrument(skip_all, fields(collection = %key.collection, id = %key.id))]
+#[utoipa::path(get, path = "/v1/collections/{collection}/records/{id}", tag = "records", summary = "Read a record",
+    params(("collection" = String, Path, description = "Collection name"), ("id" = String, Path, description = "Record id"), ("If-None-Match" = Option<String>, Header, description = "304 when the version is unchanged")),
+    responses((status = 200, description = "The record; ETag is its version", body = openapi::RecordDoc), (status = 304, description = "Not modified"), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -144,6 +159,9 @@ pub async fn get(
 }
 
 #[tracing::instrument(skip_all, fields(collection = %key.collection, id = %key.id))]
+#[utoipa::path(delete, path = "/v1/collections/{collection}/records/{id}", tag = "records", summary = "Delete a record",
+    params(("collection" = String, Path, description = "Collection name"), ("id" = String, Path, description = "Record id"), ("If-Match" = Option<String>, Header, description = "Only at this version")),
+    responses((status = 204, description = "Deleted"), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,
@@ -172,6 +190,10 @@ struct ListPage {
 }
 
 #[tracing::instrument(skip_all, fields(%collection))]
+#[utoipa::path(get, path = "/v1/collections/{collection}/records", tag = "records", summary = "List records by id (keyset pagination)",
+    params(("collection" = String, Path, description = "Collection name"), ("after" = Option<String>, Query, description = "The previous page's `next`"),
+        ("limit" = Option<u32>, Query, description = "1..=1000, default 100"), ("prefix" = Option<String>, Query, description = "Only ids starting with this")),
+    responses((status = 200, description = "One page", body = openapi::ListPageDoc), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -218,6 +240,9 @@ struct BatchGetResponse {
 }
 
 #[tracing::instrument(skip_all, fields(%collection))]
+#[utoipa::path(post, path = "/v1/collections/{collection}/batch-get", tag = "records", summary = "Read several records at once",
+    params(("collection" = String, Path, description = "Collection name")), request_body = openapi::BatchGetRequestDoc,
+    responses((status = 200, description = "Found records and missing ids", body = openapi::BatchGetDoc), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn batch_get(
     State(state): State<AppState>,
     caller: Caller,
@@ -244,6 +269,9 @@ pub async fn batch_get(
 }
 
 #[tracing::instrument(skip_all, fields(collection = %path.collection, index = %path.index))]
+#[utoipa::path(get, path = "/v1/collections/{collection}/lookup/{index}/{value}", tag = "records", summary = "The record whose unique index holds a value",
+    params(("collection" = String, Path, description = "Collection name"), ("index" = String, Path, description = "Unique index name"), ("value" = String, Path, description = "Indexed value")),
+    responses((status = 200, description = "The record", body = openapi::RecordDoc), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn lookup(
     State(state): State<AppState>,
     caller: Caller,
