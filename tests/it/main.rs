@@ -8,6 +8,7 @@ mod binary;
 mod cli;
 mod concurrency;
 mod degradation;
+mod deployment;
 mod faults;
 mod indexes_and_ttl;
 mod journal;

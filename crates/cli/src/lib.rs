@@ -52,6 +52,9 @@ pub struct Remote {
 pub enum Command {
     /// Run the server (the default).
     Serve,
+    /// Liveness probe for container healthchecks: exit 0 when `GET /health`
+    /// answers 200 (no token needed).
+    Ping,
     /// Tier health; exits 1 unless both tiers are healthy.
     Health {
         /// Also show errors, since when, and degradation counts.
@@ -205,6 +208,7 @@ impl Client {
     async fn run(&self, command: Command) -> Outcome {
         match command {
             Command::Serve => unreachable!("serve is handled by the binary"),
+            Command::Ping => self.ping().await,
             Command::Health { verbose } => self.health(verbose).await,
             Command::Status => self.status().await,
             Command::Metrics { watch, interval } => self.metrics(watch, interval).await,
@@ -219,6 +223,19 @@ impl Client {
             }
             Command::SwitchStrategy { name, force } => self.switch(&name, force).await,
         }
+    }
+
+    async fn ping(&self) -> Outcome {
+        let answer = self
+            .http
+            .get(format!("{}/health", self.base))
+            .timeout(Duration::from_secs(3))
+            .send()
+            .await;
+        Ok(match answer {
+            Ok(response) if response.status().is_success() => ExitCode::SUCCESS,
+            _ => ExitCode::from(1),
+        })
     }
 
     async fn health(&self, verbose: bool) -> Outcome {

@@ -1,0 +1,222 @@
+//! Deployment files, checked offline with the tools that own their formats:
+//! `docker-compose config` (the compose specification), `promtool` (rules and
+//! config), and the service's own `/metrics` (what dashboards may query).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use hybridstore_testkit::TestApp;
+use serde_json::{Value, json};
+
+use crate::observability::scrape;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|err| panic!("{program} (installed by .ci/run): {err}"))
+}
+
+fn assert_success(output: &Output, what: &str) {
+    assert!(
+        output.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// `docker-compose config` against a compose file, with `.env.example`.
+fn compose_config(file: &Path) -> Output {
+    let file = file.to_str().unwrap();
+    run(
+        "docker-compose",
+        &[
+            "-f",
+            file,
+            "--env-file",
+            ".env.example",
+            "--profile",
+            "monitoring",
+            "config",
+            "-q",
+        ],
+    )
+}
+
+#[test]
+fn the_compose_file_follows_the_compose_specification() {
+    let file = repo("docker-compose.hybrid.yml");
+    assert_success(&compose_config(&file), "docker-compose config");
+
+    // The check is real: a misspelt option fails it.
+    let text = std::fs::read_to_string(&file).unwrap();
+    let broken = tempfile::Builder::new().suffix(".yml").tempfile().unwrap();
+    std::fs::write(
+        broken.path(),
+        text.replacen("    restart: unless-stopped", "    restrat: always", 1),
+    )
+    .unwrap();
+    assert!(!compose_config(broken.path()).status.success());
+
+    for service in ["hybridstore", "postgres", "redis"] {
+        assert!(text.contains(&format!("  {service}:\n")), "{service}");
+    }
+    assert!(text.contains("--appendonly yes --appendfsync everysec"));
+    assert!(text.contains("condition: service_healthy"));
+    assert!(text.contains("profiles: [\"monitoring\"]"));
+}
+
+/// The `${NAME...}` references of a compose file.
+fn variables(text: &str) -> BTreeSet<String> {
+    text.split("${")
+        .skip(1)
+        .map(|rest| {
+            rest.chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn every_compose_variable_is_documented_and_no_secret_is_written_down() {
+    let compose = std::fs::read_to_string(repo("docker-compose.hybrid.yml")).unwrap();
+    let example = std::fs::read_to_string(repo(".env.example")).unwrap();
+    let documented: BTreeSet<String> = example
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_once('=').map(|(name, _)| name.trim().to_owned()))
+        .collect();
+    let used = variables(&compose);
+    assert!(used.len() >= 15, "{used:?}");
+    let missing: Vec<_> = used.difference(&documented).collect();
+    assert!(missing.is_empty(), "not in .env.example: {missing:?}");
+    for line in compose.lines() {
+        let upper = line.to_uppercase();
+        if (upper.contains("PASSWORD:") || upper.contains("TOKEN:")) && !line.contains("${") {
+            panic!("a secret written into the compose file: {line}");
+        }
+    }
+    for line in example.lines().filter(|line| !line.starts_with('#')) {
+        if let Some((name, value)) = line.split_once('=')
+            && (name.contains("PASSWORD") || name.contains("TOKEN"))
+        {
+            assert!(value.starts_with("change-me"), "{name} holds a placeholder");
+        }
+    }
+}
+
+#[test]
+fn the_alert_rules_pass_promtool() {
+    assert_success(
+        &run(
+            "promtool",
+            &["check", "config", "deploy/prometheus/prometheus.yml"],
+        ),
+        "promtool check config",
+    );
+    assert_success(
+        &run(
+            "promtool",
+            &["check", "rules", "deploy/prometheus/alerts.yml"],
+        ),
+        "promtool check rules",
+    );
+    assert_success(
+        &run(
+            "promtool",
+            &["test", "rules", "deploy/prometheus/alerts.test.yml"],
+        ),
+        "promtool test rules",
+    );
+    let rules = std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).unwrap();
+    for alert in [
+        "HybridstoreTierDown",
+        "HybridstoreDegradedStrategy",
+        "HybridstoreJournalBacklogGrowing",
+        "HybridstoreHighErrorRate",
+        "HybridstoreHighLatency",
+        "HybridstoreLowCacheHitRate",
+    ] {
+        assert!(rules.contains(&format!("alert: {alert}")), "{alert}");
+    }
+}
+
+/// Every metric name a PromQL expression mentions.
+fn metric_names(expr: &str) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|token| token.starts_with("hybridstore_") || token.starts_with("http_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every `expr` string in the dashboard.
+fn dashboard_exprs(value: &Value, found: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, item) in map {
+                match (key.as_str(), item) {
+                    ("expr", Value::String(expr)) => found.push(expr.clone()),
+                    _ => dashboard_exprs(item, found),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|item| dashboard_exprs(item, found)),
+        _ => {}
+    }
+}
+
+#[tokio::test]
+async fn the_dashboard_and_alerts_query_only_metrics_the_service_exports() {
+    let text = std::fs::read_to_string(repo("deploy/grafana/dashboards/hybridstore.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    assert_eq!(dashboard["uid"], "hybridstore");
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 10);
+    let ids: BTreeSet<u64> = panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids.len(), panels.len(), "panel ids are unique");
+    for panel in panels {
+        assert_eq!(
+            panel["datasource"]["uid"], "prometheus",
+            "{}",
+            panel["title"]
+        );
+        assert!(!panel["targets"].as_array().unwrap().is_empty());
+    }
+    let provisioned = std::fs::read_to_string(repo(
+        "deploy/grafana/provisioning/datasources/prometheus.yml",
+    ))
+    .unwrap();
+    assert!(provisioned.contains("uid: prometheus"));
+
+    let mut exprs = Vec::new();
+    dashboard_exprs(&dashboard, &mut exprs);
+    let rules = std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).unwrap();
+    let queried: BTreeSet<String> = exprs
+        .iter()
+        .map(String::as_str)
+        .chain(std::iter::once(rules.as_str()))
+        .flat_map(metric_names)
+        .collect();
+
+    // A service that has served a little of everything.
+    let app = TestApp::builder().spawn().await;
+    app.put("accounts", "a", json!({"n": 1})).await;
+    app.get("accounts", "a").await;
+    let scraped = scrape(&app).await;
+    let exported: BTreeSet<String> = scraped
+        .samples
+        .keys()
+        .map(|key| key.split('{').next().unwrap().to_owned())
+        .collect();
+    let missing: Vec<_> = queried.difference(&exported).collect();
+    assert!(missing.is_empty(), "queried but not exported: {missing:?}");
+    assert!(queried.len() >= 15, "{queried:?}");
+}
