@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hybridstore_core::{
-    ApplyMode, Change, CollectionName, ControlState, DurableStore, IndexName, ListQuery,
-    Precondition, Record, RecordId, RecordKey, RecordWrite, StoreResult, Version, WriteOutcome,
+    ApplyMode, Bucket, BucketValues, Change, CollectionName, ControlState, CounterIncrement,
+    CounterScope, DurableStore, IndexName, ListQuery, Precondition, Record, RecordId, RecordKey,
+    RecordWrite, StoreResult, Version, WriteOutcome,
 };
 use hybridstore_testkit::{TestApp, etag_version, spawn_app};
 use reqwest::StatusCode;
@@ -164,6 +165,17 @@ impl DurableStore for GatedReads {
     }
     async fn save_control(&self, state: &ControlState) -> StoreResult<bool> {
         self.inner.save_control(state).await
+    }
+    async fn apply_increments(&self, increments: &[CounterIncrement]) -> StoreResult<usize> {
+        self.inner.apply_increments(increments).await
+    }
+    async fn counter_snapshot(
+        &self,
+        scope: &CounterScope,
+        buckets: &[Bucket],
+        op_ids: &[String],
+    ) -> StoreResult<(Vec<BucketValues>, std::collections::HashSet<String>)> {
+        self.inner.counter_snapshot(scope, buckets, op_ids).await
     }
     async fn purge_expired(&self, now: OffsetDateTime, retention: Duration) -> StoreResult<u64> {
         self.inner.purge_expired(now, retention).await

@@ -7,6 +7,7 @@ mod bad_input;
 mod binary;
 mod cli;
 mod concurrency;
+mod counters;
 mod degradation;
 mod deployment;
 mod faults;

@@ -9,6 +9,7 @@
 
 mod collection;
 mod control;
+mod counters;
 mod error;
 mod journal;
 mod merge_patch;
@@ -19,13 +20,19 @@ mod version;
 
 pub use collection::{CollectionSpec, Strategy};
 pub use control::ControlState;
+pub use counters::{
+    Amount, Bucket, BucketValues, CacheIncrementOutcome, CounterIncrement, CounterJournalEntry,
+    Granularity, MAX_DELTA_UNITS,
+};
 pub use error::{Error, StoreError, Tier};
 pub use journal::{
     CacheWrite, CacheWriteOutcome, Change, JournalAck, JournalEntry, JournalKind, JournalPosition,
     WriteChange,
 };
 pub use merge_patch::merge_patch;
-pub use names::{CollectionName, IndexName, NameError, RecordId, validate_id_prefix};
+pub use names::{
+    CollectionName, CounterScope, FieldName, IndexName, NameError, RecordId, validate_id_prefix,
+};
 pub use record::{
     IndexEntry, JsonObject, ListQuery, Precondition, Record, RecordKey, RecordWrite, WriteOutcome,
 };

@@ -126,6 +126,15 @@ validated_name!(
     IndexName, "index", is_lower_name, COLLECTION_RULE
 );
 
+validated_name!(
+    /// A counter scope, e.g. `usage:key_123:model:sonnet`: the id rule.
+    CounterScope, "scope", is_id, ID_RULE
+);
+validated_name!(
+    /// A counter field (`requests`, `cost_usd`): `[a-z][a-z0-9_]{0,62}`.
+    FieldName, "field", is_lower_name, COLLECTION_RULE
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,9 +12,10 @@ use futures_util::stream::BoxStream;
 use time::OffsetDateTime;
 
 use crate::{
-    CacheWrite, CacheWriteOutcome, Change, CollectionName, ControlState, IndexName, JournalAck,
-    JournalEntry, JournalKind, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite,
-    StoreError, Version, WriteOutcome,
+    Bucket, BucketValues, CacheIncrementOutcome, CacheWrite, CacheWriteOutcome, Change,
+    CollectionName, ControlState, CounterIncrement, CounterJournalEntry, CounterScope, IndexName,
+    JournalAck, JournalEntry, JournalKind, JournalPosition, ListQuery, Precondition, Record,
+    RecordId, RecordKey, RecordWrite, StoreError, Version, WriteOutcome,
 };
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -132,6 +133,21 @@ pub trait DurableStore: Send + Sync + 'static {
     /// Saves `state` unless the stored revision is not older (another change
     /// got in first); returns whether it was saved.
     async fn save_control(&self, state: &ControlState) -> StoreResult<bool>;
+
+    /// Applies the increments whose `op_id` it has not applied before, all in
+    /// one transaction (deltas to one bucket and field are summed into one
+    /// upsert); returns how many were new. Replaying an increment is a no-op.
+    async fn apply_increments(&self, increments: &[CounterIncrement]) -> StoreResult<usize>;
+
+    /// Every field of these buckets of one scope (a bucket without values is
+    /// left out), and which of `op_ids` it has applied, read in one snapshot:
+    /// values plus the deltas of the unapplied ones are then exact.
+    async fn counter_snapshot(
+        &self,
+        scope: &CounterScope,
+        buckets: &[Bucket],
+        op_ids: &[String],
+    ) -> StoreResult<(Vec<BucketValues>, std::collections::HashSet<String>)>;
 
     /// Physically removes expired records and deletion markers older than
     /// `tombstone_retention`; returns how many rows went.
@@ -266,4 +282,51 @@ pub trait CacheStore: Send + Sync + 'static {
     /// Every state broadcast from now on, by any instance. The stream ends
     /// when the connection is lost; subscribe again.
     async fn subscribe_control(&self) -> StoreResult<BoxStream<'static, ControlState>>;
+
+    /// Adds an increment to its buckets' values and journals it, in one
+    /// atomic step; `Cold` (nothing changed) when a bucket is not held.
+    async fn increment(&self, increment: &CounterIncrement) -> StoreResult<CacheIncrementOutcome>;
+
+    /// Installs bucket values read from the durable tier for buckets the
+    /// cache does not hold (a bucket held meanwhile is left alone).
+    /// `complete: false` marks values that lack the durable tier's (it was
+    /// unavailable): they count only what the cache accepted since.
+    async fn seed_buckets(
+        &self,
+        scope: &CounterScope,
+        buckets: &[Bucket],
+        values: &[BucketValues],
+        complete: bool,
+    ) -> StoreResult<()>;
+
+    /// The values of these buckets, with whether each is complete; `None`
+    /// for a bucket not held.
+    async fn counter_buckets(
+        &self,
+        scope: &CounterScope,
+        buckets: &[Bucket],
+    ) -> StoreResult<Vec<Option<(BucketValues, bool)>>>;
+
+    /// About `max` journaled increments to replay (see [`Self::read_journal`]).
+    async fn read_counter_journal(
+        &self,
+        consumer: &str,
+        max: usize,
+        recover: Option<Duration>,
+    ) -> StoreResult<Vec<CounterJournalEntry>>;
+
+    /// Removes replayed increments from the journal.
+    async fn ack_counter_journal(&self, positions: &[JournalPosition]) -> StoreResult<()>;
+
+    /// How many increments wait to be replayed.
+    async fn counter_backlog(&self) -> StoreResult<u64>;
+
+    /// The journaled increments of `scope` not yet replayed.
+    async fn pending_increments(&self, scope: &CounterScope) -> StoreResult<Vec<CounterIncrement>>;
+
+    /// Drops these buckets (they are seeded again on their next increment).
+    async fn forget_buckets(&self, scope: &CounterScope, buckets: &[Bucket]) -> StoreResult<()>;
+
+    /// Drops every counter bucket of this service; returns how many.
+    async fn forget_counters(&self) -> StoreResult<u64>;
 }

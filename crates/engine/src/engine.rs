@@ -20,6 +20,7 @@ use time::OffsetDateTime;
 
 use crate::catalog::{Catalog, Collection, index_value};
 use crate::control::Control;
+use crate::counters::{CounterSettings, CounterState};
 use crate::health::{Breaker, GuardedCache, GuardedDurable, HealthSettings, TierHealth};
 use crate::jobs::Jobs;
 use crate::journal::{Backlog, JournalSettings, ReplayProgress};
@@ -44,6 +45,7 @@ pub struct EngineSettings {
     pub retry_after: Duration,
     pub health: HealthSettings,
     pub journal: JournalSettings,
+    pub counters: CounterSettings,
 }
 
 impl Default for EngineSettings {
@@ -56,6 +58,7 @@ impl Default for EngineSettings {
             retry_after: Duration::from_secs(1),
             health: HealthSettings::default(),
             journal: JournalSettings::default(),
+            counters: CounterSettings::default(),
         }
     }
 }
@@ -104,6 +107,8 @@ pub struct Engine {
     pub(crate) stats: EngineStats,
     pub(crate) jobs: Jobs,
     pub(crate) started: Instant,
+    pub(crate) counters: CounterState,
+    pub(crate) counter_settings: CounterSettings,
 }
 
 /// A name for this process among the journal's consumers.
@@ -153,6 +158,8 @@ impl Engine {
             stats: EngineStats::default(),
             jobs: Jobs::default(),
             started: Instant::now(),
+            counters: CounterState::default(),
+            counter_settings: settings.counters.clone(),
             settings,
         }
     }

@@ -29,11 +29,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
+use std::collections::HashSet;
+
 use hybridstore_core::{
-    ApplyMode, CacheEntry, CacheStore, CacheWrite, CacheWriteOutcome, CachedState, Change,
-    CollectionName, ControlState, CopyOutcome, DurableStore, IndexName, JournalAck, JournalEntry,
-    JournalKind, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError,
-    StoreResult, Tier, Version, WriteOutcome,
+    ApplyMode, Bucket, BucketValues, CacheEntry, CacheIncrementOutcome, CacheStore, CacheWrite,
+    CacheWriteOutcome, CachedState, Change, CollectionName, ControlState, CopyOutcome,
+    CounterIncrement, CounterJournalEntry, CounterScope, DurableStore, IndexName, JournalAck,
+    JournalEntry, JournalKind, JournalPosition, ListQuery, Precondition, Record, RecordId,
+    RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome,
 };
 use serde::Serialize;
 
@@ -356,6 +359,9 @@ pub(crate) struct GuardedCache {
     pub dirty: Mutex<DirtyKeys>,
     /// The cache server's id when last seen healthy.
     pub server_id: Mutex<Option<String>>,
+    /// Counter increments went around the cache: its bucket values are
+    /// behind, and recovery drops them (they are seeded again).
+    pub counters_dirty: std::sync::atomic::AtomicBool,
 }
 
 /// Most dirty keys remembered one by one; past this, recovery removes every
@@ -390,6 +396,7 @@ impl GuardedCache {
             timeout,
             dirty: Mutex::new(DirtyKeys::default()),
             server_id: Mutex::new(None),
+            counters_dirty: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -474,6 +481,17 @@ impl GuardedCache {
                 Cleanup::Nothing
             }
         };
+        if (recovering && self.counters_dirty.swap(false, Ordering::AcqRel)) || restarted {
+            // Taken down before the scan: an increment that goes around the
+            // cache meanwhile sets it again for the next recovery.
+            if let Err(err) = self.inner.forget_counters().await {
+                self.counters_dirty.store(true, Ordering::Release);
+                return Err(err);
+            }
+            tracing::info!(
+                "cache recovery dropped counter buckets; they are seeded again from the durable tier"
+            );
+        }
         match &cleanup {
             Cleanup::Nothing => {}
             Cleanup::Keys(keys) => {
@@ -589,6 +607,19 @@ impl DurableStore for GuardedDurable {
     }
     async fn save_control(&self, state: &ControlState) -> StoreResult<bool> {
         let call = self.inner.save_control(state);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn apply_increments(&self, increments: &[CounterIncrement]) -> StoreResult<usize> {
+        let call = self.inner.apply_increments(increments);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn counter_snapshot(
+        &self,
+        scope: &CounterScope,
+        buckets: &[Bucket],
+        op_ids: &[String],
+    ) -> StoreResult<(Vec<BucketValues>, HashSet<String>)> {
+        let call = self.inner.counter_snapshot(scope, buckets, op_ids);
         self.breaker.call(self.timeout, call).await
     }
     async fn purge_expired(
@@ -728,6 +759,59 @@ impl CacheStore for GuardedCache {
     async fn subscribe_control(&self) -> StoreResult<BoxStream<'static, ControlState>> {
         self.breaker
             .call(self.timeout, self.inner.subscribe_control())
+            .await
+    }
+    async fn increment(&self, increment: &CounterIncrement) -> StoreResult<CacheIncrementOutcome> {
+        let call = self.inner.increment(increment);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn seed_buckets(
+        &self,
+        scope: &CounterScope,
+        buckets: &[Bucket],
+        values: &[BucketValues],
+        complete: bool,
+    ) -> StoreResult<()> {
+        let call = self.inner.seed_buckets(scope, buckets, values, complete);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn counter_buckets(
+        &self,
+        scope: &CounterScope,
+        buckets: &[Bucket],
+    ) -> StoreResult<Vec<Option<(BucketValues, bool)>>> {
+        let call = self.inner.counter_buckets(scope, buckets);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn read_counter_journal(
+        &self,
+        consumer: &str,
+        max: usize,
+        recover: Option<Duration>,
+    ) -> StoreResult<Vec<CounterJournalEntry>> {
+        let call = self.inner.read_counter_journal(consumer, max, recover);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn ack_counter_journal(&self, positions: &[JournalPosition]) -> StoreResult<()> {
+        let call = self.inner.ack_counter_journal(positions);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn counter_backlog(&self) -> StoreResult<u64> {
+        self.breaker
+            .call(self.timeout, self.inner.counter_backlog())
+            .await
+    }
+    async fn pending_increments(&self, scope: &CounterScope) -> StoreResult<Vec<CounterIncrement>> {
+        let call = self.inner.pending_increments(scope);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn forget_buckets(&self, scope: &CounterScope, buckets: &[Bucket]) -> StoreResult<()> {
+        let call = self.inner.forget_buckets(scope, buckets);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn forget_counters(&self) -> StoreResult<u64> {
+        self.breaker
+            .call(self.timeout, self.inner.forget_counters())
             .await
     }
 }

@@ -93,18 +93,18 @@ impl Backlog {
         self.lock().1
     }
 
-    fn mark(&self) {
+    pub(crate) fn mark(&self) {
         let mut state = self.lock();
         state.0 += 1;
         state.1 = true;
     }
 
-    fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> u64 {
         self.lock().0
     }
 
     /// Records the length seen; returns true when this cleared the flag.
-    fn settle(&self, epoch: u64, length: u64) -> bool {
+    pub(crate) fn settle(&self, epoch: u64, length: u64) -> bool {
         let mut state = self.lock();
         if length > 0 {
             state.1 = true;

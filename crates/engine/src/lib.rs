@@ -8,6 +8,7 @@
 
 mod catalog;
 mod control;
+mod counters;
 mod engine;
 mod health;
 mod jobs;
@@ -19,6 +20,7 @@ mod strategy;
 
 pub use catalog::{Catalog, CatalogError, Collection};
 pub use control::SwitchOutcome;
+pub use counters::{CounterSettings, CounterValues, values_map};
 pub use engine::{BatchGet, Engine, EngineSettings, Page};
 pub use health::{BreakerState, HealthSettings, TierHealth};
 pub use jobs::{JobState, JobView, ProgressView};

@@ -12,8 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use std::collections::{BTreeMap, HashSet};
+
 use hybridstore_core::{
-    ApplyMode, Change, CollectionName, ControlState, DurableStore, IndexEntry, IndexName,
+    Amount, ApplyMode, Bucket, BucketValues, Change, CollectionName, ControlState,
+    CounterIncrement, CounterScope, DurableStore, FieldName, Granularity, IndexEntry, IndexName,
     JsonObject, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError,
     StoreResult, Tier, Version, WriteOutcome,
 };
@@ -314,6 +317,62 @@ const SAVE_CONTROL: &str = "INSERT INTO control AS c (name, revision, value, upd
     VALUES ('state', $1, $2, now()) ON CONFLICT (name) DO UPDATE \
     SET revision = EXCLUDED.revision, value = EXCLUDED.value, updated_at = now() \
     WHERE c.revision < EXCLUDED.revision RETURNING 1";
+
+/// Marks increments applied; answers the ids that were not applied before.
+const CLAIM_OPS: &str = "INSERT INTO counter_ops (op_id) SELECT unnest($1::text[]) \
+    ON CONFLICT DO NOTHING RETURNING op_id";
+
+/// Adds summed deltas, one row per (scope, bucket, field).
+const ADD_TO_COUNTERS: &str = "INSERT INTO counters AS c \
+    (scope, granularity, bucket_start, field, value, expires_at) \
+    SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], \
+        $5::text[]::numeric[], $6::timestamptz[]) \
+    ON CONFLICT (scope, granularity, bucket_start, field) \
+    DO UPDATE SET value = c.value + EXCLUDED.value, expires_at = EXCLUDED.expires_at";
+
+const COUNTER_BUCKETS: &str = "SELECT granularity, bucket_start, field, value::text AS value, \
+    expires_at FROM counters WHERE scope = $1 AND (granularity, bucket_start) IN \
+    (SELECT * FROM unnest($2::text[], $3::timestamptz[])) \
+    ORDER BY granularity, bucket_start, field";
+
+const PURGE_COUNTERS: &str = "DELETE FROM counters WHERE ctid IN (\
+    SELECT ctid FROM counters WHERE expires_at <= $1 LIMIT $2)";
+
+/// Applied-increment ids are kept this long (replays come within seconds).
+const COUNTER_OPS_RETENTION: time::Duration = time::Duration::days(2);
+
+/// Rows of [`COUNTER_BUCKETS`], grouped by bucket in
+/// the order they came.
+fn bucket_values(rows: &[PgRow]) -> StoreResult<Vec<BucketValues>> {
+    let mut grouped: Vec<BucketValues> = Vec::new();
+    for row in rows {
+        let granularity: String = row.try_get("granularity").map_err(classify)?;
+        let granularity = Granularity::parse(&granularity)
+            .ok_or_else(|| StoreError::internal(Tier::Durable, "unknown granularity"))?;
+        let start: OffsetDateTime = row.try_get("bucket_start").map_err(classify)?;
+        let field: String = row.try_get("field").map_err(classify)?;
+        let field =
+            FieldName::parse(&field).map_err(|err| StoreError::internal(Tier::Durable, err))?;
+        let value: String = row.try_get("value").map_err(classify)?;
+        let value = Amount::parse_decimal(&value)
+            .map_err(|err| StoreError::internal(Tier::Durable, err))?;
+        let expires_at = row.try_get("expires_at").map_err(classify)?;
+        match grouped.last_mut() {
+            Some(last) if last.bucket.granularity == granularity && last.bucket.start == start => {
+                last.values.push((field, value));
+            }
+            _ => grouped.push(BucketValues {
+                bucket: Bucket {
+                    granularity,
+                    start,
+                    expires_at,
+                },
+                values: vec![(field, value)],
+            }),
+        }
+    }
+    Ok(grouped)
+}
 
 const PURGE_BATCH: &str = "DELETE FROM records WHERE ctid IN (\
     SELECT ctid FROM records WHERE expires_at <= $1 \
@@ -730,6 +789,109 @@ impl DurableStore for PostgresStore {
         Ok(saved.is_some())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(count = increments.len()))]
+    async fn apply_increments(&self, increments: &[CounterIncrement]) -> StoreResult<usize> {
+        if increments.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let ids: Vec<&str> = increments.iter().map(|i| i.op_id.as_str()).collect();
+        let fresh: HashSet<String> = sqlx::query_scalar(CLAIM_OPS)
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?
+            .into_iter()
+            .collect();
+        // One row per (scope, bucket, field): many increments, one upsert.
+        type RowKey = (String, Granularity, OffsetDateTime, String);
+        let mut sums: BTreeMap<RowKey, (Amount, Option<OffsetDateTime>)> = BTreeMap::new();
+        for increment in increments.iter().filter(|i| fresh.contains(&i.op_id)) {
+            for bucket in &increment.buckets {
+                for (field, delta) in &increment.deltas {
+                    let key = (
+                        increment.scope.to_string(),
+                        bucket.granularity,
+                        bucket.start,
+                        field.to_string(),
+                    );
+                    let entry = sums.entry(key).or_insert((Amount::ZERO, bucket.expires_at));
+                    entry.0 = entry.0.checked_add(*delta).ok_or_else(|| {
+                        StoreError::internal(Tier::Durable, "counter sum out of range")
+                    })?;
+                }
+            }
+        }
+        if !sums.is_empty() {
+            let mut columns = (
+                Vec::with_capacity(sums.len()),
+                Vec::with_capacity(sums.len()),
+                Vec::with_capacity(sums.len()),
+                Vec::with_capacity(sums.len()),
+                Vec::with_capacity(sums.len()),
+                Vec::with_capacity(sums.len()),
+            );
+            for ((scope, granularity, start, field), (sum, expires_at)) in sums {
+                columns.0.push(scope);
+                columns.1.push(granularity.as_str());
+                columns.2.push(start);
+                columns.3.push(field);
+                columns.4.push(sum.to_string());
+                columns.5.push(expires_at);
+            }
+            sqlx::query(ADD_TO_COUNTERS)
+                .bind(columns.0)
+                .bind(columns.1)
+                .bind(columns.2)
+                .bind(columns.3)
+                .bind(columns.4)
+                .bind(columns.5)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(fresh.len())
+    }
+
+    async fn counter_snapshot(
+        &self,
+        scope: &CounterScope,
+        buckets: &[Bucket],
+        op_ids: &[String],
+    ) -> StoreResult<(Vec<BucketValues>, HashSet<String>)> {
+        let granularities: Vec<&str> = buckets.iter().map(|b| b.granularity.as_str()).collect();
+        let starts: Vec<OffsetDateTime> = buckets.iter().map(|b| b.start).collect();
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        if !op_ids.is_empty() {
+            // Both reads must see the same commits.
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+        }
+        let rows = sqlx::query(COUNTER_BUCKETS)
+            .bind(scope.as_str())
+            .bind(&granularities)
+            .bind(&starts)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let applied: HashSet<String> = if op_ids.is_empty() {
+            HashSet::new()
+        } else {
+            sqlx::query_scalar("SELECT op_id FROM counter_ops WHERE op_id = ANY($1)")
+                .bind(op_ids)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(classify)?
+                .into_iter()
+                .collect()
+        };
+        tx.commit().await.map_err(classify)?;
+        Ok((bucket_values(&rows)?, applied))
+    }
+
     #[tracing::instrument(level = "debug", skip_all)]
     async fn purge_expired(
         &self,
@@ -749,9 +911,28 @@ impl DurableStore for PostgresStore {
                 .rows_affected();
             purged += done;
             if done < PURGE_BATCH_SIZE as u64 {
-                return Ok(purged);
+                break;
             }
         }
+        loop {
+            let done = sqlx::query(PURGE_COUNTERS)
+                .bind(now)
+                .bind(PURGE_BATCH_SIZE)
+                .execute(&self.pool)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+            purged += done;
+            if done < PURGE_BATCH_SIZE as u64 {
+                break;
+            }
+        }
+        sqlx::query("DELETE FROM counter_ops WHERE applied_at < $1")
+            .bind(now - COUNTER_OPS_RETENTION)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(purged)
     }
 }
 

@@ -13,11 +13,13 @@
 //! {prefix}:{N}:journal                           write-behind (cache_first) not yet replayed
 //! {prefix}:{N}:outage                            writes taken while the durable tier was down
 //! {prefix}:{N}:ids:{collection}                  ids of a cache-only collection (zset)
+//! {prefix}:{N}:c:{scope}:{bucket}                counter bucket (hash), N from the scope
+//! {prefix}:{N}:counters                          increments not yet replayed (stream)
 //! {prefix}:control                               mirror of the operators' run-time state
 //! {prefix}:control:changes                       pub/sub channel of its changes
 //! ```
 
-use hybridstore_core::{CollectionName, IndexName, JournalKind, RecordKey};
+use hybridstore_core::{Bucket, CollectionName, CounterScope, IndexName, JournalKind, RecordKey};
 
 /// Number of hash-tag shards. Changing it moves every key (a cold cache).
 pub const SHARDS: u64 = 16;
@@ -119,6 +121,39 @@ impl KeySpace {
         let rest = key.strip_prefix(self.prefix.as_str())?.strip_prefix(":{")?;
         let (_, rest) = rest.split_once("}:r:")?;
         rest.strip_prefix(collection.as_str())?.strip_prefix(':')
+    }
+
+    /// The hash holding one bucket of a counter scope (`u:<field>` whole
+    /// units, `n:<field>` nano remainder, `_s` complete flag). Sharded by
+    /// scope: one script updates all of a scope's buckets and its journal.
+    pub fn counter_bucket(&self, scope: &CounterScope, bucket: &Bucket) -> String {
+        let shard = shard_of(&[scope.as_str()]);
+        format!(
+            "{}:{{{shard}}}:c:{scope}:{}",
+            self.prefix,
+            bucket.granularity.label(bucket.start)
+        )
+    }
+
+    /// A `SCAN MATCH` pattern for every counter bucket.
+    pub fn counter_pattern(&self) -> String {
+        format!("{}:{{*}}:c:*", glob_escape(&self.prefix))
+    }
+
+    /// The counter journal of the shard of `scope`.
+    pub fn counter_journal_of(&self, scope: &CounterScope) -> String {
+        self.counter_journal(shard_of(&[scope.as_str()]))
+    }
+
+    pub fn counter_journal(&self, shard: u64) -> String {
+        format!("{}:{{{shard}}}:counters", self.prefix)
+    }
+
+    /// Every counter journal stream.
+    pub fn counter_journals(&self) -> Vec<String> {
+        (0..SHARDS)
+            .map(|shard| self.counter_journal(shard))
+            .collect()
     }
 
     /// The mirror of the control state.

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use axum::Router;
 use hybridstore_core::{DurableStore, StoreError};
-use hybridstore_engine::{Catalog, Engine, EngineSettings, HealthSettings, JournalSettings};
+use hybridstore_engine::{
+    Catalog, CounterSettings, Engine, EngineSettings, HealthSettings, JournalSettings,
+};
 use hybridstore_postgres::{PgConnectOptions, PostgresOptions, PostgresStore};
 use hybridstore_redis::{RedisOptions, RedisStore};
 use tokio::net::TcpListener;
@@ -133,6 +135,14 @@ impl ServerBuilder {
                 durable_call_timeout: Duration::from_millis(config.postgres.call_timeout_ms),
                 cache_call_timeout: Duration::from_millis(config.redis.call_timeout_ms),
             },
+            counters: CounterSettings {
+                strategy: config.counters.strategy,
+                hour_retention: Duration::from_secs(config.counters.hour_retention_secs),
+                day_retention: Duration::from_secs(config.counters.day_retention_secs),
+                month_retention: Duration::from_secs(config.counters.month_retention_secs),
+                max_fields: config.counters.max_fields,
+                ..CounterSettings::default()
+            },
             journal: JournalSettings {
                 batch_size: config.journal.batch_size,
                 claim_idle: Duration::from_millis(config.journal.claim_idle_ms),
@@ -195,6 +205,7 @@ impl Server {
             tokio::spawn(self.engine.clone().run_health_probes()),
             tokio::spawn(self.engine.clone().run_journal_replay()),
             tokio::spawn(self.engine.clone().run_control_sync()),
+            tokio::spawn(self.engine.clone().run_counter_replay()),
             tokio::spawn(purge_expired_records(self.engine, self.purge_interval)),
         ];
         let served = axum::serve(self.listener, self.router)

@@ -74,6 +74,11 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// Whether it may increment and read usage counters.
+    pub fn may_count(&self) -> bool {
+        self.admin || self.scopes.contains(&Scope::Counters)
+    }
+
     pub fn may(&self, access: Access, collection: &CollectionName) -> bool {
         self.admin
             || self.scopes.iter().any(|scope| match (scope, access) {

@@ -163,6 +163,7 @@ pub struct Config {
     pub records: RecordsConfig,
     pub health: HealthConfig,
     pub journal: JournalConfig,
+    pub counters: CountersConfig,
     pub sync: SyncConfig,
     pub log: LogConfig,
     #[serde(default)]
@@ -281,6 +282,17 @@ pub struct JournalConfig {
     pub claim_idle_ms: u64,
 }
 
+/// Usage counters.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CountersConfig {
+    pub strategy: Strategy,
+    pub hour_retention_secs: u64,
+    pub day_retention_secs: u64,
+    pub month_retention_secs: u64,
+    pub max_fields: usize,
+}
+
 /// Background synchronisation between the tiers (used by the operator surface).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -388,6 +400,15 @@ impl Config {
         }
         if self.body_limit_bytes < 1024 {
             return Err(invalid("body_limit_bytes", "must be at least 1024"));
+        }
+        if self.counters.strategy == Strategy::RedisOnly {
+            return Err(invalid(
+                "counters.strategy",
+                "counters need the durable tier: use cache_first or a durable-first strategy",
+            ));
+        }
+        if !(1..=256).contains(&self.counters.max_fields) {
+            return Err(invalid("counters.max_fields", "must be between 1 and 256"));
         }
         if self.log.retention_days == 0 {
             return Err(invalid(

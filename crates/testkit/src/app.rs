@@ -328,6 +328,75 @@ impl TestApp {
         .expect("write a row");
     }
 
+    /// `POST /v1/counters/{scope}/increment` as the admin.
+    pub async fn increment(&self, scope: &str, body: Value) -> reqwest::Response {
+        let path = format!("/v1/counters/{scope}/increment");
+        let request = self.admin(Method::POST, &path);
+        request.json(&body).send().await.expect("increment")
+    }
+
+    /// PostgreSQL's values of one scope's bucket, as exact decimal text.
+    pub async fn postgres_counters(
+        &self,
+        scope: &str,
+        granularity: &str,
+    ) -> std::collections::BTreeMap<String, String> {
+        sqlx::query(
+            "SELECT field, value::text AS value FROM counters \
+             WHERE scope = $1 AND granularity = $2",
+        )
+        .bind(scope)
+        .bind(granularity)
+        .fetch_all(&self.db)
+        .await
+        .expect("query counters")
+        .iter()
+        .map(|row| {
+            let value: String = row.get("value");
+            let exact = hybridstore_core::Amount::parse_decimal(&value).expect("a decimal");
+            (row.get("field"), exact.to_string())
+        })
+        .collect()
+    }
+
+    /// Redis's values of one scope's `total` bucket, as exact decimal text.
+    pub async fn redis_totals(&self, scope: &str) -> std::collections::BTreeMap<String, String> {
+        let scope = hybridstore_core::CounterScope::parse(scope).expect("scope");
+        let bucket = hybridstore_core::Bucket {
+            granularity: hybridstore_core::Granularity::Total,
+            start: time::OffsetDateTime::UNIX_EPOCH,
+            expires_at: None,
+        };
+        let fields: Vec<(String, String)> = self
+            .redis_query(redis::cmd("HGETALL").arg(self.keys.counter_bucket(&scope, &bucket)))
+            .await;
+        let mut parts: std::collections::BTreeMap<String, (i128, i64)> = Default::default();
+        for (name, value) in fields {
+            if let Some(field) = name.strip_prefix("u:") {
+                parts.entry(field.into()).or_default().0 = value.parse().expect("units");
+            } else if let Some(field) = name.strip_prefix("n:") {
+                parts.entry(field.into()).or_default().1 = value.parse().expect("nanos");
+            }
+        }
+        parts
+            .into_iter()
+            .map(|(field, (units, nanos))| {
+                let amount = hybridstore_core::Amount::from_parts(units, nanos).expect("amount");
+                (field, amount.to_string())
+            })
+            .collect()
+    }
+
+    /// Increments waiting in the counter journal.
+    pub async fn counter_backlog(&self) -> u64 {
+        let mut total = 0;
+        for stream in self.keys.counter_journals() {
+            let length: u64 = self.redis_query(redis::cmd("XLEN").arg(stream)).await;
+            total += length;
+        }
+        total
+    }
+
     /// Removes a record's copy from Redis behind the service's back.
     pub async fn drop_cached_copy(&self, collection: &str, id: &str) {
         self.redis_query::<()>(

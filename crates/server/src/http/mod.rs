@@ -3,6 +3,7 @@
 
 mod admin;
 mod conditional;
+mod counters;
 mod extract;
 pub mod openapi;
 pub mod problem;
@@ -147,6 +148,8 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         ))
         .routes(routes!(records::batch_get))
         .routes(routes!(records::lookup))
+        .routes(routes!(counters::increment))
+        .routes(routes!(counters::read))
         .routes(routes!(admin::health))
         .routes(routes!(admin::status))
         .routes(routes!(admin::metrics))

@@ -91,6 +91,7 @@ impl Modify for BearerAuth {
     components(schemas(RecordDoc, ProblemDoc, ListPageDoc, BatchGetRequestDoc, BatchGetDoc)),
     tags(
         (name = "records", description = "Collections and records"),
+        (name = "counters", description = "Usage counters in time buckets"),
         (name = "admin", description = "Operator API (admin token)"),
         (name = "operations", description = "Probes, metrics and this document (no token)"),
     )

@@ -1,0 +1,473 @@
+//! Usage counters through the tiers.
+//!
+//! With `cache_first` (the default for counters) an increment is one cache
+//! round trip: a script adds the deltas to every bucket of the scope and
+//! journals the increment atomically. The replay loop applies journaled
+//! increments to the durable tier in batches, many increments of one bucket
+//! and field becoming one upsert, and the durable tier applies each increment
+//! id once, so a replay repeated after a crash changes nothing. While the
+//! cache is down, increments go to the durable tier directly (same id, so an
+//! increment whose cache call timed out but ran is still counted once).
+//! Increments commute, so no ordering between the two paths matters.
+//!
+//! The cache holds a bucket's full values only once it has been seeded: a
+//! bucket it does not hold is read from the durable tier together with the
+//! journaled increments the durable tier has not applied yet (one snapshot
+//! tells which), so the seeded values are exact. Seeded while the durable
+//! tier is down, a bucket is marked incomplete: answers say so, and the
+//! bucket is seeded again once the durable tier is back.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hybridstore_core::{
+    Amount, Bucket, BucketValues, CacheIncrementOutcome, CacheStore, CounterIncrement,
+    CounterScope, DurableStore, Error, FieldName, Granularity, StoreError, Strategy,
+};
+use time::OffsetDateTime;
+
+use crate::engine::{Engine, now};
+
+/// How counters behave.
+#[derive(Clone, Debug)]
+pub struct CounterSettings {
+    /// `cache_first` journals increments in the cache; any other strategy
+    /// writes them to the durable tier directly.
+    pub strategy: Strategy,
+    /// How long a bucket is kept after it ends, per granularity (`total`
+    /// forever).
+    pub hour_retention: Duration,
+    pub day_retention: Duration,
+    pub month_retention: Duration,
+    /// Most fields one increment may carry.
+    pub max_fields: usize,
+    /// Most buckets one read may span.
+    pub max_buckets_per_read: usize,
+    /// How far in the future an increment's `at` may be (clock skew).
+    pub max_future: Duration,
+}
+
+impl Default for CounterSettings {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::CacheFirst,
+            hour_retention: Duration::from_secs(7 * 86_400),
+            day_retention: Duration::from_secs(32 * 86_400),
+            month_retention: Duration::from_secs(365 * 86_400),
+            max_fields: 32,
+            max_buckets_per_read: 1000,
+            max_future: Duration::from_secs(300),
+        }
+    }
+}
+
+impl CounterSettings {
+    fn retention(&self, granularity: Granularity) -> Option<Duration> {
+        match granularity {
+            Granularity::Total => None,
+            Granularity::Hour => Some(self.hour_retention),
+            Granularity::Day => Some(self.day_retention),
+            Granularity::Month => Some(self.month_retention),
+        }
+    }
+
+    /// The bucket of `granularity` holding `at`, with its expiry.
+    fn bucket(&self, granularity: Granularity, at: OffsetDateTime) -> Bucket {
+        let start = granularity.bucket_start(at);
+        let expires_at = granularity
+            .bucket_end(start)
+            .zip(self.retention(granularity))
+            .map(|(end, retention)| end + retention);
+        Bucket {
+            granularity,
+            start,
+            expires_at,
+        }
+    }
+}
+
+/// Values of several buckets, and whether they are known to be complete.
+#[derive(Clone, Debug)]
+pub struct CounterValues {
+    pub scope: CounterScope,
+    pub buckets: Vec<BucketValues>,
+    /// False when part of the truth could not be read (a tier was down).
+    pub complete: bool,
+}
+
+/// Per-engine counter state.
+#[derive(Default)]
+pub(crate) struct CounterState {
+    next_op: AtomicU64,
+    /// Whether journaled increments may wait to be replayed.
+    pub(crate) backlog: crate::journal::Backlog,
+}
+
+/// Adds `pending` increments' deltas to `values` for these buckets.
+fn add_pending(values: &mut Vec<BucketValues>, buckets: &[Bucket], pending: &[CounterIncrement]) {
+    for increment in pending {
+        for bucket in increment.buckets.iter().filter(|b| {
+            buckets
+                .iter()
+                .any(|c| c.granularity == b.granularity && c.start == b.start)
+        }) {
+            let position = values.iter().position(|v| {
+                v.bucket.granularity == bucket.granularity && v.bucket.start == bucket.start
+            });
+            let held = match position {
+                Some(at) => &mut values[at],
+                None => {
+                    values.push(BucketValues {
+                        bucket: bucket.clone(),
+                        values: Vec::new(),
+                    });
+                    values.last_mut().expect("just pushed")
+                }
+            };
+            for (field, delta) in &increment.deltas {
+                match held.values.iter_mut().find(|(f, _)| f == field) {
+                    Some((_, value)) => *value = value.checked_add(*delta).unwrap_or(*value),
+                    None => held.values.push((field.clone(), *delta)),
+                }
+            }
+        }
+    }
+}
+
+impl Engine {
+    fn counters_journaled(&self) -> bool {
+        self.counter_settings.strategy == Strategy::CacheFirst
+    }
+
+    /// Adds `deltas` to every bucket `at` (default: now) falls into.
+    #[tracing::instrument(level = "debug", skip(self, deltas), fields(%scope, fields = deltas.len()))]
+    pub async fn increment_counters(
+        &self,
+        scope: CounterScope,
+        deltas: Vec<(FieldName, Amount)>,
+        at: Option<OffsetDateTime>,
+    ) -> Result<CounterValues, Error> {
+        let settings = &self.counter_settings;
+        if deltas.is_empty() {
+            return Err(Error::InvalidRequest(
+                "deltas must name at least one field".into(),
+            ));
+        }
+        if deltas.len() > settings.max_fields {
+            return Err(Error::InvalidRequest(format!(
+                "at most {} fields per increment",
+                settings.max_fields
+            )));
+        }
+        let mut names: Vec<&FieldName> = deltas.iter().map(|(f, _)| f).collect();
+        names.sort();
+        names.dedup();
+        if names.len() != deltas.len() {
+            return Err(Error::InvalidRequest("a field appears twice".into()));
+        }
+        let now = now();
+        let at = at.unwrap_or(now);
+        if at > now + settings.max_future {
+            return Err(Error::InvalidRequest(format!(
+                "at is more than {} s in the future",
+                settings.max_future.as_secs()
+            )));
+        }
+        let buckets: Vec<Bucket> = Granularity::ALL
+            .into_iter()
+            .map(|g| settings.bucket(g, at))
+            .filter(|b| b.expires_at.is_none_or(|expiry| expiry > now))
+            .collect();
+        let increment = CounterIncrement {
+            op_id: format!(
+                "{}-{}",
+                self.instance_id,
+                self.counters.next_op.fetch_add(1, Ordering::Relaxed)
+            ),
+            scope,
+            deltas,
+            at,
+            buckets,
+        };
+        if self.counters_journaled() && self.cache.breaker.is_closed() {
+            match self.increment_in_cache(&increment).await {
+                Ok(values) => return Ok(values),
+                // A timeout may still have run the script: the same id makes
+                // the durable tier count it once whichever way it arrives.
+                Err(err) if err.is_unavailable() => {
+                    tracing::debug!(error = %err, "cache increment failed; going to the durable tier");
+                }
+                Err(err) => return Err(self.journal_failed(err)),
+            }
+        }
+        self.increment_in_durable(&increment).await
+    }
+
+    async fn increment_in_cache(
+        &self,
+        increment: &CounterIncrement,
+    ) -> Result<CounterValues, StoreError> {
+        for _ in 0..3 {
+            match self.cache.increment(increment).await? {
+                CacheIncrementOutcome::Applied(applied) => {
+                    self.counters.backlog.mark();
+                    let complete = applied.iter().all(|(_, complete)| *complete);
+                    if !complete && self.durable.breaker.is_closed() {
+                        // Seeded while the durable tier was down: seed again.
+                        let stale: Vec<Bucket> = applied
+                            .iter()
+                            .filter(|(_, complete)| !complete)
+                            .map(|(values, _)| values.bucket.clone())
+                            .collect();
+                        self.cache.forget_buckets(&increment.scope, &stale).await?;
+                    }
+                    return Ok(CounterValues {
+                        scope: increment.scope.clone(),
+                        buckets: applied.into_iter().map(|(values, _)| values).collect(),
+                        complete,
+                    });
+                }
+                CacheIncrementOutcome::Cold(cold) => self.seed(&increment.scope, &cold).await?,
+            }
+        }
+        Err(StoreError::internal(
+            hybridstore_core::Tier::Cache,
+            "counter buckets vanished while being seeded, three times",
+        ))
+    }
+
+    /// Installs exact values for buckets the cache does not hold: the
+    /// durable tier's, plus journaled increments it has not applied yet.
+    async fn seed(&self, scope: &CounterScope, buckets: &[Bucket]) -> Result<(), StoreError> {
+        let pending = self.cache.pending_increments(scope).await?;
+        let op_ids: Vec<String> = pending.iter().map(|i| i.op_id.clone()).collect();
+        match self.durable.counter_snapshot(scope, buckets, &op_ids).await {
+            Ok((mut values, applied)) => {
+                let unapplied: Vec<CounterIncrement> = pending
+                    .into_iter()
+                    .filter(|i| !applied.contains(&i.op_id))
+                    .collect();
+                add_pending(&mut values, buckets, &unapplied);
+                self.cache.seed_buckets(scope, buckets, &values, true).await
+            }
+            Err(err) if err.is_unavailable() => {
+                // Keep accepting increments; the values count from here on.
+                self.cache.seed_buckets(scope, buckets, &[], false).await
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn increment_in_durable(
+        &self,
+        increment: &CounterIncrement,
+    ) -> Result<CounterValues, Error> {
+        if self.counters_journaled() {
+            // The cache's bucket values miss this increment from now on.
+            self.cache
+                .counters_dirty
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        self.durable
+            .apply_increments(std::slice::from_ref(increment))
+            .await
+            .map_err(|err| self.durable_failed(err))?;
+        let (values, _) = self
+            .durable
+            .counter_snapshot(&increment.scope, &increment.buckets, &[])
+            .await
+            .map_err(|err| self.durable_failed(err))?;
+        let fields: Vec<&FieldName> = increment.deltas.iter().map(|(f, _)| f).collect();
+        let buckets = values
+            .into_iter()
+            .map(|mut bucket| {
+                bucket.values.retain(|(f, _)| fields.contains(&f));
+                bucket
+            })
+            .collect();
+        Ok(CounterValues {
+            scope: increment.scope.clone(),
+            buckets,
+            // Increments journaled before the cache went down are not in
+            // the durable tier yet.
+            complete: !self.counters_journaled() || !self.counters.backlog.pending(),
+        })
+    }
+
+    /// The buckets of one granularity from `from` to `to` (default: every
+    /// retained bucket up to now), oldest first; buckets without values are
+    /// left out.
+    #[tracing::instrument(level = "debug", skip(self), fields(%scope))]
+    pub async fn read_counters(
+        &self,
+        scope: CounterScope,
+        granularity: Granularity,
+        from: Option<OffsetDateTime>,
+        to: Option<OffsetDateTime>,
+    ) -> Result<CounterValues, Error> {
+        let settings = &self.counter_settings;
+        let now = now();
+        let to = to.unwrap_or(now);
+        let from = match (from, settings.retention(granularity)) {
+            (Some(from), _) => from,
+            (None, Some(retention)) => now - retention - granularity_span(granularity),
+            (None, None) => OffsetDateTime::UNIX_EPOCH,
+        };
+        if from > to {
+            return Err(Error::InvalidRequest("from is after to".into()));
+        }
+        let mut buckets = Vec::new();
+        let mut start = granularity.bucket_start(from);
+        loop {
+            let bucket = settings.bucket(granularity, start);
+            if bucket.expires_at.is_none_or(|expiry| expiry > now) {
+                buckets.push(bucket);
+            }
+            if buckets.len() > settings.max_buckets_per_read {
+                return Err(Error::InvalidRequest(format!(
+                    "the range spans more than {} {} buckets",
+                    settings.max_buckets_per_read,
+                    granularity.as_str()
+                )));
+            }
+            match granularity.bucket_end(start) {
+                Some(next) if next <= to => start = next,
+                _ => break,
+            }
+        }
+        let journaled = self.counters_journaled();
+        let cache_up = journaled && self.cache.breaker.is_closed();
+        if cache_up {
+            match self.cache.counter_buckets(&scope, &buckets).await {
+                Ok(cached) if cached.iter().all(|c| c.as_ref().is_some_and(|(_, ok)| *ok)) => {
+                    return Ok(CounterValues {
+                        scope,
+                        buckets: cached.into_iter().flatten().map(|(v, _)| v).collect(),
+                        complete: true,
+                    });
+                }
+                Ok(cached) if !self.durable.breaker.is_closed() => {
+                    let complete = cached.iter().all(|c| c.as_ref().is_some_and(|(_, ok)| *ok));
+                    return Ok(CounterValues {
+                        scope,
+                        buckets: cached.into_iter().flatten().map(|(v, _)| v).collect(),
+                        complete,
+                    });
+                }
+                Ok(_) => {}
+                Err(err) => tracing::debug!(error = %err, "counter read from the cache failed"),
+            }
+        }
+        let pending = if cache_up {
+            self.cache
+                .pending_increments(&scope)
+                .await
+                .map_err(|err| self.journal_failed(err))?
+        } else {
+            Vec::new()
+        };
+        let op_ids: Vec<String> = pending.iter().map(|i| i.op_id.clone()).collect();
+        let (mut values, applied) = self
+            .durable
+            .counter_snapshot(&scope, &buckets, &op_ids)
+            .await
+            .map_err(|err| self.durable_failed(err))?;
+        let unapplied: Vec<CounterIncrement> = pending
+            .into_iter()
+            .filter(|i| !applied.contains(&i.op_id))
+            .collect();
+        add_pending(&mut values, &buckets, &unapplied);
+        values.sort_by_key(|v| v.bucket.start);
+        Ok(CounterValues {
+            scope,
+            buckets: values,
+            complete: !journaled || cache_up || !self.counters.backlog.pending(),
+        })
+    }
+
+    /// Replays journaled increments into the durable tier, forever.
+    pub async fn run_counter_replay(self: Arc<Self>) {
+        let claim_idle = self.settings.journal.claim_idle;
+        let mut recover = true;
+        loop {
+            let replayed = if self.durable.breaker.is_closed() && self.cache.breaker.is_closed() {
+                match self
+                    .replay_counters_once(recover.then_some(claim_idle))
+                    .await
+                {
+                    Ok(replayed) => {
+                        recover = false;
+                        replayed
+                    }
+                    Err(err) => {
+                        tracing::debug!(error = %err, "counter replay paused");
+                        recover = true;
+                        0
+                    }
+                }
+            } else {
+                recover = true;
+                0
+            };
+            if replayed == 0 {
+                tokio::time::sleep(self.settings.journal.idle_interval).await;
+            }
+        }
+    }
+
+    /// One batch: read, apply (each increment id once), acknowledge.
+    pub async fn replay_counters_once(
+        &self,
+        recover: Option<Duration>,
+    ) -> Result<usize, StoreError> {
+        let epoch = self.counters.backlog.epoch();
+        let entries = self
+            .cache
+            .read_counter_journal(&self.instance_id, self.settings.journal.batch_size, recover)
+            .await?;
+        if entries.is_empty() {
+            let length = self.cache.counter_backlog().await?;
+            self.counters.backlog.settle(epoch, length);
+            return Ok(0);
+        }
+        let increments: Vec<CounterIncrement> =
+            entries.iter().map(|e| e.increment.clone()).collect();
+        let applied = self.durable.apply_increments(&increments).await?;
+        let positions: Vec<_> = entries.into_iter().map(|e| e.position).collect();
+        self.cache.ack_counter_journal(&positions).await?;
+        tracing::debug!(
+            entries = positions.len(),
+            applied,
+            "counter increments replayed"
+        );
+        Ok(positions.len())
+    }
+
+    /// How many increments wait in the counter journal.
+    pub async fn counter_backlog(&self) -> Result<u64, Error> {
+        self.cache
+            .counter_backlog()
+            .await
+            .map_err(|_| self.unavailable())
+    }
+}
+
+/// One bucket's length (a month counts as 31 days), for default ranges.
+fn granularity_span(granularity: Granularity) -> time::Duration {
+    match granularity {
+        Granularity::Total => time::Duration::ZERO,
+        Granularity::Hour => time::Duration::HOUR,
+        Granularity::Day => time::Duration::DAY,
+        Granularity::Month => time::Duration::days(31),
+    }
+}
+
+/// Values keyed by field name, for answers.
+pub fn values_map(values: &[(FieldName, Amount)]) -> BTreeMap<String, serde_json::Value> {
+    values
+        .iter()
+        .map(|(field, amount)| (field.to_string(), amount.to_json()))
+        .collect()
+}

@@ -1,0 +1,48 @@
+-- Adds one increment to every bucket of its scope and journals it, in one
+-- atomic step; or, if a bucket is not held (never seeded, or lost), changes
+-- nothing and says which, so the engine can seed it first.
+--
+-- Values are exact: whole units in `u:<field>` and the nano remainder,
+-- always in [0, 10^9), in `n:<field>`; both are integers for HINCRBY, and
+-- the remainder carries into the units. Units arrive as decimal strings and
+-- only ever meet HINCRBY, so no Lua double touches a large value.
+--
+-- KEYS[1..B] bucket hashes   KEYS[B+1] the scope's counter journal stream
+-- ARGV[1] B   ARGV[2] journal payload (JSON)   ARGV[3] F (number of fields)
+-- ARGV[4 .. 3+3F] per field: name, units, nanos
+-- ARGV[4+3F .. 3+3F+B] per bucket: expiry (ms since the epoch) or ''
+-- Returns {'cold', i...} (1-based bucket indexes) or
+-- {'ok', per bucket: complete flag, then per field: units, nanos}.
+local buckets = tonumber(ARGV[1])
+local fields = tonumber(ARGV[3])
+local cold = {}
+for i = 1, buckets do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    cold[#cold + 1] = i
+  end
+end
+if #cold > 0 then
+  return {'cold', unpack(cold)}
+end
+local out = {'ok'}
+for i = 1, buckets do
+  local key = KEYS[i]
+  out[#out + 1] = redis.call('HGET', key, '_s') or '0'
+  for j = 0, fields - 1 do
+    local name = ARGV[4 + 3 * j]
+    local remainder = redis.call('HINCRBY', key, 'n:' .. name, ARGV[6 + 3 * j])
+    if remainder >= 1000000000 then
+      redis.call('HINCRBY', key, 'n:' .. name, -1000000000)
+      redis.call('HINCRBY', key, 'u:' .. name, 1)
+    end
+    redis.call('HINCRBY', key, 'u:' .. name, ARGV[5 + 3 * j])
+    out[#out + 1] = redis.call('HGET', key, 'u:' .. name)
+    out[#out + 1] = redis.call('HGET', key, 'n:' .. name)
+  end
+  local expiry = ARGV[3 + 3 * fields + i]
+  if expiry ~= '' then
+    redis.call('PEXPIREAT', key, expiry)
+  end
+end
+redis.call('XADD', KEYS[buckets + 1], '*', 'p', ARGV[2])
+return out

@@ -1,0 +1,177 @@
+//! `/v1/counters/{scope}`: usage counters (SPEC sections 2 and 3). Needs the
+//! `counters` scope (or the admin token).
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use hybridstore_core::{Amount, CounterScope, Error, FieldName, Granularity};
+use hybridstore_engine::{CounterValues, values_map};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::extract::{ApiQuery, Caller, JsonBody};
+use super::problem::ApiError;
+use super::{AppState, openapi};
+
+/// `{scope}` of the route, validated.
+pub struct ScopePath(pub CounterScope);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ScopePath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        let axum::extract::Path(scope): axum::extract::Path<String> =
+            axum::extract::Path::from_request_parts(parts, state)
+                .await
+                .map_err(|rejection| Error::InvalidRequest(rejection.body_text()))?;
+        Ok(ScopePath(CounterScope::parse(&scope).map_err(Error::from)?))
+    }
+}
+
+fn authorize(caller: &Caller) -> Result<(), ApiError> {
+    if caller.0.may_count() {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "this token lacks the scope counters".into(),
+        ))
+    }
+}
+
+fn timestamp(name: &str, text: &str) -> Result<OffsetDateTime, ApiError> {
+    OffsetDateTime::parse(text, &Rfc3339).map_err(|err| {
+        Error::InvalidRequest(format!("{name} must be an RFC 3339 timestamp: {err}")).into()
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IncrementBody {
+    deltas: serde_json::Map<String, Value>,
+    at: Option<String>,
+}
+
+/// The deltas of a body: named fields with JSON numbers, exactly.
+fn deltas(body: serde_json::Map<String, Value>) -> Result<Vec<(FieldName, Amount)>, ApiError> {
+    body.into_iter()
+        .map(|(name, value)| {
+            let field = FieldName::parse(&name).map_err(Error::from)?;
+            let Value::Number(number) = value else {
+                return Err(
+                    Error::InvalidRequest(format!("deltas.{name} must be a number")).into(),
+                );
+            };
+            let amount = Amount::parse_decimal(&number.to_string())
+                .map_err(|why| Error::InvalidRequest(format!("deltas.{name}: {why}")))?;
+            Ok((field, amount))
+        })
+        .collect()
+}
+
+fn bucket_json(values: &hybridstore_core::BucketValues) -> Value {
+    json!({
+        "granularity": values.bucket.granularity,
+        "bucket": values.bucket.granularity.label(values.bucket.start),
+        "start": values.bucket.start.format(&Rfc3339).unwrap_or_default(),
+        "values": values_map(&values.values),
+    })
+}
+
+/// Adds deltas to a scope's counters, atomically, in every time bucket.
+#[utoipa::path(post, path = "/v1/counters/{scope}/increment", tag = "counters",
+    summary = "Add deltas to several fields at once",
+    params(("scope" = String, Path, description = "Counter scope, e.g. usage:key_123:model:sonnet")),
+    request_body(content = Object, description = "`{\"deltas\": {\"requests\": 1, \"cost_usd\": 0.012}, \"at\": \"2026-11-22T05:00:00Z\"}` (`at` optional)"),
+    responses((status = 200, description = "The new values: `totals` (the total bucket) and every bucket", body = Object),
+        (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+pub async fn increment(
+    State(state): State<AppState>,
+    caller: Caller,
+    ScopePath(scope): ScopePath,
+    body: JsonBody,
+) -> Result<Response, ApiError> {
+    authorize(&caller)?;
+    let body: IncrementBody = body.parse()?;
+    let at = body
+        .at
+        .as_deref()
+        .map(|at| timestamp("at", at))
+        .transpose()?;
+    let deltas = deltas(body.deltas)?;
+    let result = state.engine.increment_counters(scope, deltas, at).await?;
+    let totals = result
+        .buckets
+        .iter()
+        .find(|b| b.bucket.granularity == Granularity::Total)
+        .map(|b| values_map(&b.values))
+        .unwrap_or_default();
+    Ok(Json(json!({
+        "scope": result.scope,
+        "complete": result.complete,
+        "totals": totals,
+        "buckets": result.buckets.iter().map(bucket_json).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadParams {
+    granularity: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// A scope's values per bucket.
+#[utoipa::path(get, path = "/v1/counters/{scope}", tag = "counters",
+    summary = "Values per bucket of one granularity",
+    params(("scope" = String, Path, description = "Counter scope"),
+        ("granularity" = Option<String>, Query, description = "total (default), hour, day or month"),
+        ("from" = Option<String>, Query, description = "RFC 3339; default: the oldest retained bucket"),
+        ("to" = Option<String>, Query, description = "RFC 3339; default: now")),
+    responses((status = 200, description = "Buckets with values, oldest first", body = Object),
+        (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+pub async fn read(
+    State(state): State<AppState>,
+    caller: Caller,
+    ScopePath(scope): ScopePath,
+    ApiQuery(params): ApiQuery<ReadParams>,
+) -> Result<Response, ApiError> {
+    authorize(&caller)?;
+    let granularity = match params.granularity.as_deref() {
+        None => Granularity::Total,
+        Some(text) => Granularity::parse(text).ok_or_else(|| {
+            Error::InvalidRequest("granularity must be total, hour, day or month".into())
+        })?,
+    };
+    let from = params
+        .from
+        .as_deref()
+        .map(|t| timestamp("from", t))
+        .transpose()?;
+    let to = params
+        .to
+        .as_deref()
+        .map(|t| timestamp("to", t))
+        .transpose()?;
+    let CounterValues {
+        scope,
+        buckets,
+        complete,
+    } = state
+        .engine
+        .read_counters(scope, granularity, from, to)
+        .await?;
+    Ok(Json(json!({
+        "scope": scope,
+        "granularity": granularity,
+        "complete": complete,
+        "buckets": buckets.iter().map(bucket_json).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}

@@ -1,0 +1,366 @@
+//! Usage counters against real servers: exact sums in both tiers, buckets,
+//! retention, bad input, and faults.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hybridstore_core::{Amount, Granularity};
+use hybridstore_testkit::{READER_TOKEN, TestApp, until};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// What was acknowledged, summed exactly per field.
+#[derive(Default)]
+struct Acked(BTreeMap<String, Amount>);
+
+impl Acked {
+    fn add(&mut self, deltas: &Value) {
+        for (field, delta) in deltas.as_object().unwrap() {
+            let delta = Amount::parse_decimal(&delta.to_string()).unwrap();
+            let sum = self.0.entry(field.clone()).or_default();
+            *sum = sum.checked_add(delta).unwrap();
+        }
+    }
+
+    fn texts(&self) -> BTreeMap<String, String> {
+        self.0
+            .iter()
+            .map(|(field, sum)| (field.clone(), sum.to_string()))
+            .collect()
+    }
+}
+
+/// The deltas of increment `n` of client `client`: integers, micro-dollars
+/// and a negative adjustment now and then.
+fn deltas(client: u64, n: u64) -> Value {
+    let mut deltas = json!({
+        "requests": 1,
+        "input_tokens": (client * 7 + n) % 1000,
+        "cost_usd": format!("0.{:06}", (n * 37 + client) % 1_000_000).parse::<f64>().unwrap(),
+    });
+    if n.is_multiple_of(10) {
+        deltas["credit_usd"] = json!(-0.000001);
+    }
+    deltas
+}
+
+/// PostgreSQL's total bucket once the journal has drained.
+async fn drained_postgres_totals(app: &TestApp, scope: &str) -> BTreeMap<String, String> {
+    assert!(
+        until(Duration::from_secs(30), || async {
+            app.counter_backlog().await == 0
+        })
+        .await,
+        "the counter journal drains"
+    );
+    app.postgres_counters(scope, "total").await
+}
+
+#[tokio::test]
+async fn twenty_clients_ten_thousand_increments_sum_exactly_in_both_tiers() {
+    let app = Arc::new(TestApp::builder().spawn().await);
+    let scope = "usage:key_1:model:sonnet";
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let clients: Vec<_> = (0..20u64)
+        .map(|client| {
+            let (app, acked) = (app.clone(), acked.clone());
+            tokio::spawn(async move {
+                for n in 0..500 {
+                    let deltas = deltas(client, n);
+                    let response = app.increment(scope, json!({ "deltas": deltas })).await;
+                    assert_eq!(response.status(), StatusCode::OK);
+                    acked.lock().unwrap().add(&deltas);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.await.unwrap();
+    }
+    let expected = acked.lock().unwrap().texts();
+    assert_eq!(expected["requests"], "10000");
+    assert_eq!(app.redis_totals(scope).await, expected, "Redis");
+    assert_eq!(
+        drained_postgres_totals(&app, scope).await,
+        expected,
+        "PostgreSQL"
+    );
+    // Every granularity got the same sums (all increments are "now").
+    let day = app.postgres_counters(scope, "day").await;
+    assert_eq!(day["requests"], "10000");
+
+    // The read API agrees, and so does the increment's answer.
+    let read: Value = app
+        .admin(reqwest::Method::GET, &format!("/v1/counters/{scope}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(read["complete"], true);
+    assert_eq!(read["buckets"][0]["values"]["requests"], 10000);
+    let response: Value = app
+        .increment(scope, json!({"deltas": {"requests": 1}}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(response["totals"]["requests"], 10001);
+    assert_eq!(response["complete"], true);
+}
+
+fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&Rfc3339).unwrap()
+}
+
+async fn read(app: &TestApp, scope: &str, query: &str) -> Value {
+    let response = app
+        .admin(
+            reqwest::Method::GET,
+            &format!("/v1/counters/{scope}?{query}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn late_events_land_in_their_buckets_and_expired_buckets_leave_reads() {
+    let now = OffsetDateTime::now_utc();
+    let hour_ago = now - time::Duration::HOUR;
+    // Hour buckets expire 3 s from now if they ended an hour ago or more.
+    let last_hour_end = Granularity::Hour
+        .bucket_end(Granularity::Hour.bucket_start(hour_ago))
+        .unwrap();
+    let retention = (now + time::Duration::seconds(3) - last_hour_end).whole_seconds();
+    let app = TestApp::builder()
+        .config("counters.hour_retention_secs", retention)
+        .spawn()
+        .await;
+    let scope = "usage:late";
+    let two_days_ago = now - time::Duration::days(2);
+    for (at, requests) in [(now, 1), (hour_ago, 10), (two_days_ago, 100)] {
+        let body = json!({"deltas": {"requests": requests}, "at": rfc3339(at)});
+        assert_eq!(app.increment(scope, body).await.status(), StatusCode::OK);
+    }
+
+    let hours = read(&app, scope, "granularity=hour").await;
+    let labels: Vec<(&str, i64)> = hours["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["bucket"].as_str().unwrap(),
+                b["values"]["requests"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let hour_label = |at| Granularity::Hour.label(Granularity::Hour.bucket_start(at));
+    assert_eq!(
+        labels,
+        vec![
+            (hour_label(hour_ago).as_str(), 10),
+            (hour_label(now).as_str(), 1)
+        ],
+        "two days ago was past the hour retention already: not written"
+    );
+    let days = read(&app, scope, "granularity=day").await;
+    let day_values: Vec<i64> = days["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["values"]["requests"].as_i64().unwrap())
+        .collect();
+    let same_day = Granularity::Day.bucket_start(hour_ago) == Granularity::Day.bucket_start(now);
+    assert_eq!(
+        day_values,
+        if same_day {
+            vec![100, 11]
+        } else {
+            vec![100, 10, 1]
+        }
+    );
+    let total = read(&app, scope, "granularity=total").await;
+    assert_eq!(total["buckets"][0]["values"]["requests"], 111);
+    let from = rfc3339(Granularity::Day.bucket_start(now));
+    let today = read(&app, scope, &format!("granularity=day&from={from}")).await;
+    assert_eq!(
+        today["buckets"].as_array().unwrap().len(),
+        1,
+        "from narrows the range"
+    );
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let hours = read(&app, scope, "granularity=hour").await;
+    let remaining: Vec<&str> = hours["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["bucket"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        remaining,
+        vec![hour_label(now).as_str()],
+        "the old hour expired"
+    );
+    assert!(
+        until(Duration::from_secs(10), || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM counters WHERE scope = $1 AND granularity = 'hour'",
+            )
+            .bind(scope)
+            .fetch_one(&app.db)
+            .await
+            .unwrap()
+                == 1
+        })
+        .await,
+        "the purge removed the expired row"
+    );
+}
+
+#[tokio::test]
+async fn bad_increments_are_refused_and_apply_nothing() {
+    let app = TestApp::builder().spawn().await;
+    let scope = "usage:bad";
+    let many: serde_json::Map<String, Value> =
+        (0..33).map(|i| (format!("f{i}"), json!(1))).collect();
+    let future = rfc3339(OffsetDateTime::now_utc() + time::Duration::HOUR);
+    let cases: Vec<(&str, String, &str, StatusCode)> = vec![
+        (
+            scope,
+            r#"{"deltas": {"requests": "1"}}"#.into(),
+            "invalid_request",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            scope,
+            r#"{"deltas": {"requests": NaN}}"#.into(),
+            "invalid_json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            scope,
+            r#"{"deltas": {"requests": 1e400}}"#.into(),
+            "invalid_json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            scope,
+            r#"{"deltas": {"requests": null}}"#.into(),
+            "invalid_request",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            scope,
+            r#"{"deltas": {}}"#.into(),
+            "invalid_request",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            scope,
+            json!({"deltas": many}).to_string(),
+            "invalid_request",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            scope,
+            r#"{"deltas": {"Cost": 1}}"#.into(),
+            "invalid_name",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            scope,
+            r#"{"deltas": {"cost": 0.0000000001}}"#.into(),
+            "invalid_request",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            scope,
+            r#"{"deltas": {"cost": 1e16}}"#.into(),
+            "invalid_request",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            scope,
+            format!(r#"{{"deltas": {{"requests": 1}}, "at": "{future}"}}"#),
+            "invalid_request",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            scope,
+            r#"{"deltas": {"requests": 1}, "at": "yesterday"}"#.into(),
+            "invalid_request",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            scope,
+            r#"{"deltas": {"requests": 1}, "extra": true}"#.into(),
+            "invalid_json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            scope,
+            r#"[1]"#.into(),
+            "invalid_json",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "bad%20scope",
+            r#"{"deltas": {"requests": 1}}"#.into(),
+            "invalid_name",
+            StatusCode::BAD_REQUEST,
+        ),
+    ];
+    for (scope, body, code, status) in &cases {
+        let response = app
+            .admin(
+                reqwest::Method::POST,
+                &format!("/v1/counters/{scope}/increment"),
+            )
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), *status, "{body}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], *code, "{body}: {problem}");
+    }
+    let denied = app
+        .http
+        .post(app.url(&format!("/v1/counters/{scope}/increment")))
+        .bearer_auth(READER_TOKEN)
+        .json(&json!({"deltas": {"requests": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), StatusCode::FORBIDDEN);
+    let (status, _) = app
+        .admin_call(
+            reqwest::Method::GET,
+            &format!("/v1/counters/{scope}?granularity=week"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    assert!(app.postgres_counters(scope, "total").await.is_empty());
+    assert!(app.redis_totals(scope).await.is_empty());
+    assert_eq!(app.counter_backlog().await, 0);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM counters")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "nothing applied");
+}
