@@ -354,15 +354,6 @@ async fn drift_is_found_in_its_class_and_repaired() {
     );
 }
 
-/// Waits for the durable tier's breaker to reach `state`.
-async fn durable_state(app: &TestApp, state: &str) -> bool {
-    until(Duration::from_secs(10), || async {
-        let (_, health) = app.admin_call(Method::GET, "/admin/database/health").await;
-        health["tiers"]["durable"]["state"] == state
-    })
-    .await
-}
-
 #[tokio::test]
 async fn sync_after_a_postgres_outage_under_redis_only_brings_every_record_over() {
     let postgres = Arc::new(blocking(Postgres::start).await);
@@ -378,7 +369,7 @@ async fn sync_after_a_postgres_outage_under_redis_only_brings_every_record_over(
     }
     let pg = postgres.clone();
     blocking(move || pg.kill()).await;
-    assert!(durable_state(&app, "open").await);
+    assert!(app.wait_for_tier("durable", "open").await);
     let mut acked = Vec::new();
     for i in 0..40 {
         let id = format!("outage{i}");
@@ -394,7 +385,7 @@ async fn sync_after_a_postgres_outage_under_redis_only_brings_every_record_over(
     assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
     let pg = postgres.clone();
     blocking(move || pg.restart()).await;
-    assert!(durable_state(&app, "closed").await);
+    assert!(app.wait_for_tier("durable", "closed").await);
 
     // A copy PostgreSQL cannot store (jsonb refuses \u0000): counted as
     // failed, and the rest of its page still goes over.

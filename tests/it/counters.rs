@@ -1,133 +1,17 @@
-//! Usage counters against real servers: exact sums in both tiers, buckets,
-//! retention, bad input, and faults.
+//! Usage counters against real servers: buckets, retention, bad input. (The
+//! load and fault tests are in the `load` test binary.)
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hybridstore_core::{Amount, Granularity};
+use hybridstore_core::Granularity;
 use hybridstore_testkit::{READER_TOKEN, TestApp, until};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-/// What was acknowledged, summed exactly per field.
-#[derive(Default)]
-struct Acked(BTreeMap<String, Amount>);
-
-impl Acked {
-    fn add(&mut self, deltas: &Value) {
-        for (field, delta) in deltas.as_object().unwrap() {
-            let delta = Amount::parse_decimal(&delta.to_string()).unwrap();
-            let sum = self.0.entry(field.clone()).or_default();
-            *sum = sum.checked_add(delta).unwrap();
-        }
-    }
-
-    fn texts(&self) -> BTreeMap<String, String> {
-        self.0
-            .iter()
-            .map(|(field, sum)| (field.clone(), sum.to_string()))
-            .collect()
-    }
-}
-
-/// The deltas of increment `n` of client `client`: integers, micro-dollars
-/// and a negative adjustment now and then.
-fn deltas(client: u64, n: u64) -> Value {
-    let mut deltas = json!({
-        "requests": 1,
-        "input_tokens": (client * 7 + n) % 1000,
-        "cost_usd": format!("0.{:06}", (n * 37 + client) % 1_000_000).parse::<f64>().unwrap(),
-    });
-    if n.is_multiple_of(10) {
-        deltas["credit_usd"] = json!(-0.000001);
-    }
-    deltas
-}
-
-/// PostgreSQL's total bucket once the journal has drained.
-async fn drained_postgres_totals(app: &TestApp, scope: &str) -> BTreeMap<String, String> {
-    assert!(
-        until(Duration::from_secs(30), || async {
-            app.counter_backlog().await == 0
-        })
-        .await,
-        "the counter journal drains"
-    );
-    app.postgres_counters(scope, "total").await
-}
-
-#[tokio::test]
-async fn twenty_clients_ten_thousand_increments_sum_exactly_in_both_tiers() {
-    let app = Arc::new(TestApp::builder().spawn().await);
-    let scope = "usage:key_1:model:sonnet";
-    let acked = Arc::new(Mutex::new(Acked::default()));
-    let clients: Vec<_> = (0..20u64)
-        .map(|client| {
-            let (app, acked) = (app.clone(), acked.clone());
-            tokio::spawn(async move {
-                for n in 0..500 {
-                    let deltas = deltas(client, n);
-                    let response = app.increment(scope, json!({ "deltas": deltas })).await;
-                    assert_eq!(response.status(), StatusCode::OK);
-                    acked.lock().unwrap().add(&deltas);
-                }
-            })
-        })
-        .collect();
-    for client in clients {
-        client.await.unwrap();
-    }
-    let expected = acked.lock().unwrap().texts();
-    assert_eq!(expected["requests"], "10000");
-    assert_eq!(app.redis_totals(scope).await, expected, "Redis");
-    assert_eq!(
-        drained_postgres_totals(&app, scope).await,
-        expected,
-        "PostgreSQL"
-    );
-    // Every granularity got the same sums (all increments are "now").
-    let day = app.postgres_counters(scope, "day").await;
-    assert_eq!(day["requests"], "10000");
-
-    // The read API agrees, and so does the increment's answer.
-    let read: Value = app
-        .admin(reqwest::Method::GET, &format!("/v1/counters/{scope}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(read["complete"], true);
-    assert_eq!(read["buckets"][0]["values"]["requests"], 10000);
-    let response: Value = app
-        .increment(scope, json!({"deltas": {"requests": 1}}))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(response["totals"]["requests"], 10001);
-    assert_eq!(response["complete"], true);
-}
-
 fn rfc3339(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).unwrap()
-}
-
-async fn read(app: &TestApp, scope: &str, query: &str) -> Value {
-    let response = app
-        .admin(
-            reqwest::Method::GET,
-            &format!("/v1/counters/{scope}?{query}"),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    response.json().await.unwrap()
 }
 
 #[tokio::test]
@@ -150,7 +34,7 @@ async fn late_events_land_in_their_buckets_and_expired_buckets_leave_reads() {
         assert_eq!(app.increment(scope, body).await.status(), StatusCode::OK);
     }
 
-    let hours = read(&app, scope, "granularity=hour").await;
+    let hours = app.read_counters(scope, "granularity=hour").await;
     let labels: Vec<(&str, i64)> = hours["buckets"]
         .as_array()
         .unwrap()
@@ -171,7 +55,7 @@ async fn late_events_land_in_their_buckets_and_expired_buckets_leave_reads() {
         ],
         "two days ago was past the hour retention already: not written"
     );
-    let days = read(&app, scope, "granularity=day").await;
+    let days = app.read_counters(scope, "granularity=day").await;
     let day_values: Vec<i64> = days["buckets"]
         .as_array()
         .unwrap()
@@ -187,10 +71,12 @@ async fn late_events_land_in_their_buckets_and_expired_buckets_leave_reads() {
             vec![100, 10, 1]
         }
     );
-    let total = read(&app, scope, "granularity=total").await;
+    let total = app.read_counters(scope, "granularity=total").await;
     assert_eq!(total["buckets"][0]["values"]["requests"], 111);
     let from = rfc3339(Granularity::Day.bucket_start(now));
-    let today = read(&app, scope, &format!("granularity=day&from={from}")).await;
+    let today = app
+        .read_counters(scope, &format!("granularity=day&from={from}"))
+        .await;
     assert_eq!(
         today["buckets"].as_array().unwrap().len(),
         1,
@@ -198,7 +84,7 @@ async fn late_events_land_in_their_buckets_and_expired_buckets_leave_reads() {
     );
 
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let hours = read(&app, scope, "granularity=hour").await;
+    let hours = app.read_counters(scope, "granularity=hour").await;
     let remaining: Vec<&str> = hours["buckets"]
         .as_array()
         .unwrap()

@@ -321,8 +321,14 @@ pub trait CacheStore: Send + Sync + 'static {
     /// How many increments wait to be replayed.
     async fn counter_backlog(&self) -> StoreResult<u64>;
 
-    /// The journaled increments of `scope` not yet replayed.
-    async fn pending_increments(&self, scope: &CounterScope) -> StoreResult<Vec<CounterIncrement>>;
+    /// The journaled increments of `scope` not yet replayed; `None` when more
+    /// than `limit` increments (of any scope in its shard) wait, which would
+    /// make reading them too slow.
+    async fn pending_increments(
+        &self,
+        scope: &CounterScope,
+        limit: usize,
+    ) -> StoreResult<Option<Vec<CounterIncrement>>>;
 
     /// Drops these buckets (they are seeded again on their next increment).
     async fn forget_buckets(&self, scope: &CounterScope, buckets: &[Bucket]) -> StoreResult<()>;

@@ -30,6 +30,14 @@ use time::OffsetDateTime;
 
 use crate::engine::{Engine, now};
 
+/// Most journaled increments read to seed or answer exactly; with more
+/// waiting, values are marked incomplete until the replay has caught up.
+const MAX_PENDING_READ: usize = 5_000;
+
+/// How often an increment seeds cold buckets and tries again before it goes
+/// to the durable tier instead.
+const SEED_ATTEMPTS: usize = 3;
+
 /// How counters behave.
 #[derive(Clone, Debug)]
 pub struct CounterSettings {
@@ -196,10 +204,12 @@ impl Engine {
                 Ok(values) => return Ok(values),
                 // A timeout may still have run the script: the same id makes
                 // the durable tier count it once whichever way it arrives.
-                Err(err) if err.is_unavailable() => {
+                Err(err) => {
                     tracing::debug!(error = %err, "cache increment failed; going to the durable tier");
+                    if !self.durable.breaker.is_closed() {
+                        return Err(self.journal_failed(err));
+                    }
                 }
-                Err(err) => return Err(self.journal_failed(err)),
             }
         }
         self.increment_in_durable(&increment).await
@@ -209,13 +219,18 @@ impl Engine {
         &self,
         increment: &CounterIncrement,
     ) -> Result<CounterValues, StoreError> {
-        for _ in 0..3 {
+        for _ in 0..SEED_ATTEMPTS {
             match self.cache.increment(increment).await? {
                 CacheIncrementOutcome::Applied(applied) => {
                     self.counters.backlog.mark();
                     let complete = applied.iter().all(|(_, complete)| *complete);
-                    if !complete && self.durable.breaker.is_closed() {
-                        // Seeded while the durable tier was down: seed again.
+                    if !complete
+                        && self.durable.breaker.is_closed()
+                        && !self.counters.backlog.pending()
+                    {
+                        // Seeded without the durable tier's values (it was
+                        // down, or the journal was long): now that the
+                        // journal has drained, seed again.
                         let stale: Vec<Bucket> = applied
                             .iter()
                             .filter(|(_, complete)| !complete)
@@ -232,16 +247,29 @@ impl Engine {
                 CacheIncrementOutcome::Cold(cold) => self.seed(&increment.scope, &cold).await?,
             }
         }
+        // Buckets dropped again between seeding and incrementing (the cache
+        // is recovering): the durable tier takes it instead.
         Err(StoreError::internal(
             hybridstore_core::Tier::Cache,
-            "counter buckets vanished while being seeded, three times",
+            "counter buckets dropped while being seeded",
         ))
     }
 
     /// Installs exact values for buckets the cache does not hold: the
     /// durable tier's, plus journaled increments it has not applied yet.
     async fn seed(&self, scope: &CounterScope, buckets: &[Bucket]) -> Result<(), StoreError> {
-        let pending = self.cache.pending_increments(scope).await?;
+        let pending = if self.durable.breaker.is_closed() {
+            self.cache
+                .pending_increments(scope, MAX_PENDING_READ)
+                .await?
+        } else {
+            None
+        };
+        let Some(pending) = pending else {
+            // Keep accepting increments; the values count from here on and
+            // are seeded again once the durable tier is back and caught up.
+            return self.cache.seed_buckets(scope, buckets, &[], false).await;
+        };
         let op_ids: Vec<String> = pending.iter().map(|i| i.op_id.clone()).collect();
         match self.durable.counter_snapshot(scope, buckets, &op_ids).await {
             Ok((mut values, applied)) => {
@@ -253,7 +281,6 @@ impl Engine {
                 self.cache.seed_buckets(scope, buckets, &values, true).await
             }
             Err(err) if err.is_unavailable() => {
-                // Keep accepting increments; the values count from here on.
                 self.cache.seed_buckets(scope, buckets, &[], false).await
             }
             Err(err) => Err(err),
@@ -274,6 +301,21 @@ impl Engine {
             .apply_increments(std::slice::from_ref(increment))
             .await
             .map_err(|err| self.durable_failed(err))?;
+        if self.counters_journaled() {
+            // The cache may have come back meanwhile and seeded these buckets
+            // without this increment: drop them now if it is up (they are
+            // seeded again), and have its next probe drop every bucket in
+            // case a recovery raced with this write.
+            self.cache
+                .counters_dirty
+                .store(true, std::sync::atomic::Ordering::Release);
+            if self.cache.breaker.is_closed() {
+                let _ = self
+                    .cache
+                    .forget_buckets(&increment.scope, &increment.buckets)
+                    .await;
+            }
+        }
         let (values, _) = self
             .durable
             .counter_snapshot(&increment.scope, &increment.buckets, &[])
@@ -362,12 +404,15 @@ impl Engine {
         }
         let pending = if cache_up {
             self.cache
-                .pending_increments(&scope)
+                .pending_increments(&scope, MAX_PENDING_READ)
                 .await
                 .map_err(|err| self.journal_failed(err))?
         } else {
-            Vec::new()
+            Some(Vec::new())
         };
+        // Too many waiting to read: the durable tier's values, marked incomplete.
+        let exact = pending.is_some();
+        let pending = pending.unwrap_or_default();
         let op_ids: Vec<String> = pending.iter().map(|i| i.op_id.clone()).collect();
         let (mut values, applied) = self
             .durable
@@ -383,7 +428,7 @@ impl Engine {
         Ok(CounterValues {
             scope,
             buckets: values,
-            complete: !journaled || cache_up || !self.counters.backlog.pending(),
+            complete: exact && (!journaled || cache_up || !self.counters.backlog.pending()),
         })
     }
 

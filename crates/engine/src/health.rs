@@ -481,9 +481,11 @@ impl GuardedCache {
                 Cleanup::Nothing
             }
         };
-        if (recovering && self.counters_dirty.swap(false, Ordering::AcqRel)) || restarted {
+        // Also while closed: an increment that went around the cache just as
+        // it recovered is caught by the next heartbeat.
+        if self.counters_dirty.swap(false, Ordering::AcqRel) || restarted {
             // Taken down before the scan: an increment that goes around the
-            // cache meanwhile sets it again for the next recovery.
+            // cache meanwhile sets it again for the next probe.
             if let Err(err) = self.inner.forget_counters().await {
                 self.counters_dirty.store(true, Ordering::Release);
                 return Err(err);
@@ -801,8 +803,12 @@ impl CacheStore for GuardedCache {
             .call(self.timeout, self.inner.counter_backlog())
             .await
     }
-    async fn pending_increments(&self, scope: &CounterScope) -> StoreResult<Vec<CounterIncrement>> {
-        let call = self.inner.pending_increments(scope);
+    async fn pending_increments(
+        &self,
+        scope: &CounterScope,
+        limit: usize,
+    ) -> StoreResult<Option<Vec<CounterIncrement>>> {
+        let call = self.inner.pending_increments(scope, limit);
         self.breaker.call(self.timeout, call).await
     }
     async fn forget_buckets(&self, scope: &CounterScope, buckets: &[Bucket]) -> StoreResult<()> {

@@ -84,6 +84,12 @@ fn classify(err: RedisError) -> StoreError {
     }
 }
 
+/// The replay groups are gone (a Redis that restarted empty): also when the
+/// error comes from inside a pipeline, which reports its failures together.
+fn is_nogroup(err: &RedisError) -> bool {
+    err.code() == Some("NOGROUP") || err.to_string().contains("NOGROUP")
+}
+
 fn corrupt(what: String) -> StoreError {
     StoreError::internal(Tier::Cache, what)
 }
@@ -431,39 +437,41 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         let mut raw: Vec<(usize, StreamId)> = Vec::new();
         if let Some(claim_idle) = recover {
-            for (index, stream) in streams.iter().enumerate() {
-                if raw.len() >= max {
-                    break;
-                }
-                let want = max - raw.len();
-                let own: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            // Entries this consumer took but did not acknowledge (a replay
+            // that failed half-way), and those a crashed consumer left: one
+            // pipelined round trip for every stream.
+            let idle = u64::try_from(claim_idle.as_millis()).unwrap_or(u64::MAX);
+            let mut pipe = redis::pipe();
+            for stream in streams {
+                pipe.cmd("XREADGROUP")
                     .arg("GROUP")
                     .arg(REPLAY_GROUP)
                     .arg(consumer)
                     .arg("COUNT")
-                    .arg(want)
+                    .arg(max)
                     .arg("STREAMS")
                     .arg(stream)
-                    .arg("0")
-                    .query_async(&mut conn)
-                    .await?;
+                    .arg("0");
+                pipe.cmd("XAUTOCLAIM")
+                    .arg(stream)
+                    .arg(REPLAY_GROUP)
+                    .arg(consumer)
+                    .arg(idle)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(max);
+            }
+            let replies: Vec<(Option<StreamReadReply>, StreamAutoClaimReply)> =
+                pipe.query_async(&mut conn).await?;
+            for (index, (own, claimed)) in replies.into_iter().enumerate() {
                 let own = own
                     .into_iter()
                     .flat_map(|reply| reply.keys)
                     .flat_map(|key| key.ids);
                 raw.extend(own.map(|id| (index, id)));
-                let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                    .arg(stream)
-                    .arg(REPLAY_GROUP)
-                    .arg(consumer)
-                    .arg(u64::try_from(claim_idle.as_millis()).unwrap_or(u64::MAX))
-                    .arg("0-0")
-                    .arg("COUNT")
-                    .arg(want)
-                    .query_async(&mut conn)
-                    .await?;
                 raw.extend(claimed.claimed.into_iter().map(|id| (index, id)));
             }
+            raw.truncate(max);
         }
         if raw.len() < max {
             // New entries of every stream in one round trip.
@@ -743,7 +751,7 @@ impl CacheStore for RedisStore {
     ) -> StoreResult<Vec<JournalEntry>> {
         match self.read_journal_once(consumer, max, recover).await {
             // The groups vanish with a Redis that restarted empty: recreate.
-            Err(err) if err.code() == Some("NOGROUP") => {
+            Err(err) if is_nogroup(&err) => {
                 self.ensure_replay_groups().await?;
                 self.read_journal_once(consumer, max, recover)
                     .await
@@ -1120,7 +1128,7 @@ impl CacheStore for RedisStore {
     ) -> StoreResult<Vec<CounterJournalEntry>> {
         let streams = self.keys.counter_journals();
         let raw = match self.read_streams(consumer, &streams, max, recover).await {
-            Err(err) if err.code() == Some("NOGROUP") => {
+            Err(err) if is_nogroup(&err) => {
                 self.ensure_replay_groups().await?;
                 self.read_streams(consumer, &streams, max, recover).await
             }
@@ -1185,13 +1193,27 @@ impl CacheStore for RedisStore {
         Ok(lengths.iter().sum())
     }
 
-    async fn pending_increments(&self, scope: &CounterScope) -> StoreResult<Vec<CounterIncrement>> {
+    async fn pending_increments(
+        &self,
+        scope: &CounterScope,
+        limit: usize,
+    ) -> StoreResult<Option<Vec<CounterIncrement>>> {
+        let stream = self.keys.counter_journal_of(scope);
+        let mut conn = self.conn.clone();
+        let length: usize = redis::cmd("XLEN")
+            .arg(&stream)
+            .query_async(&mut conn)
+            .await
+            .map_err(classify)?;
+        if length > limit {
+            return Ok(None);
+        }
         let entries: Vec<StreamId> = {
             let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-                .arg(self.keys.counter_journal_of(scope))
+                .arg(&stream)
                 .arg("-")
                 .arg("+")
-                .query_async(&mut self.conn.clone())
+                .query_async(&mut conn)
                 .await
                 .map_err(classify)?;
             reply.ids
@@ -1212,7 +1234,7 @@ impl CacheStore for RedisStore {
                 }
             }
         }
-        Ok(pending)
+        Ok(Some(pending))
     }
 
     async fn forget_buckets(&self, scope: &CounterScope, buckets: &[Bucket]) -> StoreResult<()> {

@@ -387,6 +387,24 @@ impl TestApp {
             .collect()
     }
 
+    /// `GET /v1/counters/{scope}?{query}` as the admin (must answer 200).
+    pub async fn read_counters(&self, scope: &str, query: &str) -> Value {
+        let path = format!("/v1/counters/{scope}?{query}");
+        let response = self.admin(Method::GET, &path).send().await.expect("read");
+        assert_eq!(response.status(), reqwest::StatusCode::OK, "{path}");
+        response.json().await.expect("JSON")
+    }
+
+    /// Waits (up to 20 s) until the admin health shows `tier` (`durable` or
+    /// `cache`) in `state`; returns whether it did.
+    pub async fn wait_for_tier(&self, tier: &str, state: &str) -> bool {
+        crate::until(std::time::Duration::from_secs(20), || async {
+            let (_, health) = self.admin_call(Method::GET, "/admin/database/health").await;
+            health["tiers"][tier]["state"] == state
+        })
+        .await
+    }
+
     /// Increments waiting in the counter journal.
     pub async fn counter_backlog(&self) -> u64 {
         let mut total = 0;
