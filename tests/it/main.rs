@@ -11,6 +11,7 @@ mod counters;
 mod degradation;
 mod deployment;
 mod faults;
+mod idempotency;
 mod indexes_and_ttl;
 mod journal;
 mod observability;

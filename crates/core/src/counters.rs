@@ -273,6 +273,8 @@ pub enum CacheIncrementOutcome {
     Applied(Vec<(BucketValues, bool)>),
     /// These buckets are not in the cache: seed them and try again.
     Cold(Vec<Bucket>),
+    /// This increment (its id) was applied before; nothing changed.
+    Duplicate,
 }
 
 /// A journaled increment, as read for replay.

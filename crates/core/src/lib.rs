@@ -37,6 +37,7 @@ pub use record::{
     IndexEntry, JsonObject, ListQuery, Precondition, Record, RecordKey, RecordWrite, WriteOutcome,
 };
 pub use store::{
-    ApplyMode, CacheEntry, CacheStore, CachedState, CopyOutcome, DurableStore, StoreResult,
+    ApplyMode, CacheEntry, CacheStore, CachedState, CopyOutcome, DurableStore, IdempotencyClaim,
+    StoreResult,
 };
 pub use version::Version;

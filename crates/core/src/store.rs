@@ -42,6 +42,19 @@ pub struct CachedState {
     pub authoritative: bool,
 }
 
+/// What [`CacheStore::claim_idempotency`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdempotencyClaim {
+    /// First use of the key: go ahead, then complete or release it.
+    Claimed,
+    /// Already answered: the stored response.
+    Done(Vec<u8>),
+    /// A first attempt is still running (or died less than a minute ago).
+    InProgress,
+    /// The key was used for a different request.
+    Mismatch,
+}
+
 /// What [`CacheStore::copy_in`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CopyOutcome {
@@ -335,4 +348,26 @@ pub trait CacheStore: Send + Sync + 'static {
 
     /// Drops every counter bucket of this service; returns how many.
     async fn forget_counters(&self) -> StoreResult<u64>;
+
+    /// Claims an idempotency key (already scoped to its caller) for the
+    /// request with this fingerprint; an unfinished claim lapses after
+    /// `pending_ttl`.
+    async fn claim_idempotency(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        pending_ttl: Duration,
+    ) -> StoreResult<IdempotencyClaim>;
+
+    /// Stores the response of a claimed key for `ttl`.
+    async fn complete_idempotency(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        response: &[u8],
+        ttl: Duration,
+    ) -> StoreResult<()>;
+
+    /// Gives a claimed key up (the request failed inside; a retry may run).
+    async fn release_idempotency(&self, key: &str) -> StoreResult<()>;
 }

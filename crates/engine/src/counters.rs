@@ -151,11 +151,15 @@ impl Engine {
 
     /// Adds `deltas` to every bucket `at` (default: now) falls into.
     #[tracing::instrument(level = "debug", skip(self, deltas), fields(%scope, fields = deltas.len()))]
+    /// `op_id`: the increment's identity when the client gave one (from its
+    /// Idempotency-Key): an increment with an id applied before is not
+    /// applied again, in either tier.
     pub async fn increment_counters(
         &self,
         scope: CounterScope,
         deltas: Vec<(FieldName, Amount)>,
         at: Option<OffsetDateTime>,
+        op_id: Option<String>,
     ) -> Result<CounterValues, Error> {
         let settings = &self.counter_settings;
         if deltas.is_empty() {
@@ -188,12 +192,15 @@ impl Engine {
             .map(|g| settings.bucket(g, at))
             .filter(|b| b.expires_at.is_none_or(|expiry| expiry > now))
             .collect();
-        let increment = CounterIncrement {
-            op_id: format!(
+        let op_id = op_id.unwrap_or_else(|| {
+            format!(
                 "{}-{}",
                 self.instance_id,
                 self.counters.next_op.fetch_add(1, Ordering::Relaxed)
-            ),
+            )
+        });
+        let increment = CounterIncrement {
+            op_id,
             scope,
             deltas,
             at,
@@ -245,6 +252,28 @@ impl Engine {
                     });
                 }
                 CacheIncrementOutcome::Cold(cold) => self.seed(&increment.scope, &cold).await?,
+                // Applied before (a retry with the same key): today's values.
+                CacheIncrementOutcome::Duplicate => {
+                    let held = self
+                        .cache
+                        .counter_buckets(&increment.scope, &increment.buckets)
+                        .await?;
+                    let complete = held.iter().all(|h| h.as_ref().is_some_and(|(_, ok)| *ok));
+                    let fields: Vec<&FieldName> = increment.deltas.iter().map(|(f, _)| f).collect();
+                    let buckets = held
+                        .into_iter()
+                        .flatten()
+                        .map(|(mut values, _)| {
+                            values.values.retain(|(f, _)| fields.contains(&f));
+                            values
+                        })
+                        .collect();
+                    return Ok(CounterValues {
+                        scope: increment.scope.clone(),
+                        buckets,
+                        complete,
+                    });
+                }
             }
         }
         // Buckets dropped again between seeding and incrementing (the cache

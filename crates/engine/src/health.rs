@@ -34,9 +34,9 @@ use std::collections::HashSet;
 use hybridstore_core::{
     ApplyMode, Bucket, BucketValues, CacheEntry, CacheIncrementOutcome, CacheStore, CacheWrite,
     CacheWriteOutcome, CachedState, Change, CollectionName, ControlState, CopyOutcome,
-    CounterIncrement, CounterJournalEntry, CounterScope, DurableStore, IndexName, JournalAck,
-    JournalEntry, JournalKind, JournalPosition, ListQuery, Precondition, Record, RecordId,
-    RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome,
+    CounterIncrement, CounterJournalEntry, CounterScope, DurableStore, IdempotencyClaim, IndexName,
+    JournalAck, JournalEntry, JournalKind, JournalPosition, ListQuery, Precondition, Record,
+    RecordId, RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome,
 };
 use serde::Serialize;
 
@@ -819,6 +819,31 @@ impl CacheStore for GuardedCache {
         self.breaker
             .call(self.timeout, self.inner.forget_counters())
             .await
+    }
+    async fn claim_idempotency(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        pending_ttl: Duration,
+    ) -> StoreResult<IdempotencyClaim> {
+        let call = self.inner.claim_idempotency(key, fingerprint, pending_ttl);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn complete_idempotency(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        response: &[u8],
+        ttl: Duration,
+    ) -> StoreResult<()> {
+        let call = self
+            .inner
+            .complete_idempotency(key, fingerprint, response, ttl);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn release_idempotency(&self, key: &str) -> StoreResult<()> {
+        let call = self.inner.release_idempotency(key);
+        self.breaker.call(self.timeout, call).await
     }
 }
 

@@ -11,6 +11,7 @@ mod control;
 mod counters;
 mod engine;
 mod health;
+mod idempotency;
 mod jobs;
 mod journal;
 mod maintenance;

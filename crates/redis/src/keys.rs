@@ -135,6 +135,18 @@ impl KeySpace {
         )
     }
 
+    /// The marker of an applied increment id (in its scope's shard).
+    pub fn counter_op(&self, scope: &CounterScope, op_id: &str) -> String {
+        let shard = shard_of(&[scope.as_str()]);
+        format!("{}:{{{shard}}}:op:{op_id}", self.prefix)
+    }
+
+    /// An idempotency key's record (`key` is already a digest).
+    pub fn idempotency(&self, key: &str) -> String {
+        let shard = shard_of(&[key]);
+        format!("{}:{{{shard}}}:idem:{key}", self.prefix)
+    }
+
     /// A `SCAN MATCH` pattern for every counter bucket.
     pub fn counter_pattern(&self) -> String {
         format!("{}:{{*}}:c:*", glob_escape(&self.prefix))

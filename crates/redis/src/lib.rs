@@ -18,9 +18,9 @@ use futures_util::stream::BoxStream;
 use hybridstore_core::{
     Amount, Bucket, BucketValues, CacheEntry, CacheIncrementOutcome, CacheStore, CacheWrite,
     CacheWriteOutcome, CachedState, Change, CollectionName, ControlState, CopyOutcome,
-    CounterIncrement, CounterJournalEntry, CounterScope, FieldName, IndexName, JournalAck,
-    JournalEntry, JournalKind, JournalPosition, JsonObject, ListQuery, Precondition, Record,
-    RecordId, RecordKey, StoreError, StoreResult, Tier, Version, WriteChange,
+    CounterIncrement, CounterJournalEntry, CounterScope, FieldName, IdempotencyClaim, IndexName,
+    JournalAck, JournalEntry, JournalKind, JournalPosition, JsonObject, ListQuery, Precondition,
+    Record, RecordId, RecordKey, StoreError, StoreResult, Tier, Version, WriteChange,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
@@ -28,6 +28,9 @@ use redis::{RedisError, Script, ServerErrorKind};
 use time::OffsetDateTime;
 
 pub use keys::{KeySpace, SHARDS};
+
+/// How long an applied increment id is remembered (a retry comes sooner).
+const OP_MARKER_TTL: Duration = Duration::from_secs(2 * 86_400);
 
 /// The consumer group that replays journals into the durable tier.
 const REPLAY_GROUP: &str = "replay";
@@ -60,6 +63,7 @@ struct Scripts {
     copy_in: Script,
     counter_increment: Script,
     counter_seed: Script,
+    idempotency_claim: Script,
 }
 
 /// Sorts a driver error into "Redis is unavailable" or an internal error.
@@ -328,6 +332,7 @@ impl RedisStore {
                 copy_in: Script::new(include_str!("lua/copy_in.lua")),
                 counter_increment: Script::new(include_str!("lua/counter_increment.lua")),
                 counter_seed: Script::new(include_str!("lua/counter_seed.lua")),
+                idempotency_claim: Script::new(include_str!("lua/idempotency_claim.lua")),
             },
         })
     }
@@ -1010,6 +1015,7 @@ impl CacheStore for RedisStore {
         }
         invocation
             .key(self.keys.counter_journal_of(&increment.scope))
+            .key(self.keys.counter_op(&increment.scope, &increment.op_id))
             .arg(increment.buckets.len())
             .arg(payload)
             .arg(increment.deltas.len());
@@ -1023,6 +1029,7 @@ impl CacheStore for RedisStore {
         for bucket in &increment.buckets {
             invocation.arg(expiry_arg(bucket));
         }
+        invocation.arg(ttl_millis(OP_MARKER_TTL));
         let reply: Vec<redis::Value> = invocation
             .invoke_async(&mut self.conn.clone())
             .await
@@ -1032,6 +1039,7 @@ impl CacheStore for RedisStore {
         };
         let mut reply = reply.iter();
         match reply.next().map(text).transpose()?.as_deref() {
+            Some("dup") => Ok(CacheIncrementOutcome::Duplicate),
             Some("cold") => {
                 let mut cold = Vec::new();
                 for index in reply {
@@ -1280,6 +1288,66 @@ impl CacheStore for RedisStore {
             }
             cursor = next;
         }
+    }
+
+    async fn claim_idempotency(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        pending_ttl: Duration,
+    ) -> StoreResult<IdempotencyClaim> {
+        let reply: Vec<Vec<u8>> = self
+            .scripts
+            .idempotency_claim
+            .key(self.keys.idempotency(key))
+            .arg(fingerprint)
+            .arg(ttl_millis(pending_ttl))
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        let mut reply = reply.into_iter();
+        match reply.next().as_deref() {
+            Some(b"claimed") => Ok(IdempotencyClaim::Claimed),
+            Some(b"done") => Ok(IdempotencyClaim::Done(reply.next().unwrap_or_default())),
+            Some(b"pending") => Ok(IdempotencyClaim::InProgress),
+            Some(b"mismatch") => Ok(IdempotencyClaim::Mismatch),
+            _ => Err(corrupt("idempotency_claim answered nothing known".into())),
+        }
+    }
+
+    async fn complete_idempotency(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        response: &[u8],
+        ttl: Duration,
+    ) -> StoreResult<()> {
+        let key = self.keys.idempotency(key);
+        redis::pipe()
+            .cmd("HSET")
+            .arg(&key)
+            .arg("f")
+            .arg(fingerprint)
+            .arg("s")
+            .arg("done")
+            .arg("r")
+            .arg(response)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(ttl_millis(ttl))
+            .ignore()
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(classify)
+    }
+
+    async fn release_idempotency(&self, key: &str) -> StoreResult<()> {
+        redis::cmd("DEL")
+            .arg(self.keys.idempotency(key))
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(classify)
     }
 
     async fn journal_backlog(&self, kind: JournalKind) -> StoreResult<u64> {

@@ -107,10 +107,19 @@ impl ServerProcess {
     /// group alone does not reach them: the tree is found through /proc.)
     fn signal_tree(&self, signal: libc::c_int) {
         if let Some(child) = self.child.lock().expect("child lock").as_ref() {
-            for pid in process_tree(child.id()) {
-                // SAFETY: kill(2) on processes of the server we started.
-                unsafe {
-                    libc::kill(pid as libc::pid_t, signal);
+            // A process forked while the tree was being read (a connection
+            // the server was opening) would miss a single sweep: a stop is
+            // swept a few times, the root first so it forks no more.
+            let sweeps = if signal == libc::SIGSTOP { 3 } else { 1 };
+            for sweep in 0..sweeps {
+                if sweep > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                for pid in process_tree(child.id()) {
+                    // SAFETY: kill(2) on processes of the server we started.
+                    unsafe {
+                        libc::kill(pid as libc::pid_t, signal);
+                    }
                 }
             }
         }

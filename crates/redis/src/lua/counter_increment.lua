@@ -7,11 +7,16 @@
 -- the remainder carries into the units. Units arrive as decimal strings and
 -- only ever meet HINCRBY, so no Lua double touches a large value.
 --
+-- An increment applied before (its id marked, e.g. a client retry with the
+-- same Idempotency-Key) is not applied again: {'dup'}.
+--
 -- KEYS[1..B] bucket hashes   KEYS[B+1] the scope's counter journal stream
+-- KEYS[B+2] the increment id's marker (same shard)
 -- ARGV[1] B   ARGV[2] journal payload (JSON)   ARGV[3] F (number of fields)
 -- ARGV[4 .. 3+3F] per field: name, units, nanos
 -- ARGV[4+3F .. 3+3F+B] per bucket: expiry (ms since the epoch) or ''
--- Returns {'cold', i...} (1-based bucket indexes) or
+-- ARGV[4+3F+B] lifetime of the id marker (ms)
+-- Returns {'dup'}, {'cold', i...} (1-based bucket indexes) or
 -- {'ok', per bucket: complete flag, then per field: units, nanos}.
 local buckets = tonumber(ARGV[1])
 local fields = tonumber(ARGV[3])
@@ -23,6 +28,9 @@ for i = 1, buckets do
 end
 if #cold > 0 then
   return {'cold', unpack(cold)}
+end
+if not redis.call('SET', KEYS[buckets + 2], '1', 'NX', 'PX', ARGV[4 + 3 * fields + buckets]) then
+  return {'dup'}
 end
 local out = {'ok'}
 for i = 1, buckets do

@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::extract::{ApiQuery, Caller, JsonBody};
+use super::idempotency::IdempotencyKey;
 use super::problem::ApiError;
 use super::{AppState, openapi};
 
@@ -93,6 +94,7 @@ pub async fn increment(
     State(state): State<AppState>,
     caller: Caller,
     ScopePath(scope): ScopePath,
+    key: Option<axum::Extension<IdempotencyKey>>,
     body: JsonBody,
 ) -> Result<Response, ApiError> {
     authorize(&caller)?;
@@ -103,7 +105,12 @@ pub async fn increment(
         .map(|at| timestamp("at", at))
         .transpose()?;
     let deltas = deltas(body.deltas)?;
-    let result = state.engine.increment_counters(scope, deltas, at).await?;
+    // A retry with the same key is the same increment, counted once.
+    let op_id = key.map(|axum::Extension(IdempotencyKey(digest))| format!("key-{digest}"));
+    let result = state
+        .engine
+        .increment_counters(scope, deltas, at, op_id)
+        .await?;
     let totals = result
         .buckets
         .iter()

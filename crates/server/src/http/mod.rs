@@ -5,6 +5,7 @@ mod admin;
 mod conditional;
 mod counters;
 mod extract;
+mod idempotency;
 pub mod openapi;
 pub mod problem;
 mod records;
@@ -167,6 +168,10 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(Extension(openapi::Spec::new(&spec)))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::idempotency,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(Extension(BodyLimit(body_limit)))
         .layer(middleware::from_fn_with_state(

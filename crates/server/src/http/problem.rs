@@ -28,6 +28,10 @@ pub enum ApiError {
     RouteNotFound,
     #[error("method not allowed on this route")]
     MethodNotAllowed,
+    #[error("this Idempotency-Key was used for a different request")]
+    IdempotencyKeyReused,
+    #[error("a request with this Idempotency-Key is still in progress; retry shortly")]
+    IdempotencyInProgress,
 }
 
 /// One problem document, before it becomes a response.
@@ -171,6 +175,21 @@ impl ApiError {
                 "Method not allowed",
                 self.to_string(),
             ),
+            ApiError::IdempotencyKeyReused => plain(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "Idempotency key reused",
+                self.to_string(),
+            ),
+            ApiError::IdempotencyInProgress => Problem {
+                retry_after_secs: Some(1),
+                ..plain(
+                    StatusCode::CONFLICT,
+                    "idempotency_in_progress",
+                    "Idempotent request in progress",
+                    self.to_string(),
+                )
+            },
         }
     }
 }

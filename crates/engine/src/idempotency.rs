@@ -1,0 +1,57 @@
+//! `Idempotency-Key`: a retried mutating call answers with the first
+//! response instead of running again.
+//!
+//! The cache keeps one record per key (scoped to the caller by the HTTP
+//! layer): the request's fingerprint, and the response once there is one. A
+//! first attempt holds the key for a minute; a retry meanwhile is told it is
+//! in progress, a retry after a failure inside runs again. Counter increments
+//! also take their id from the key, so even a retry that runs again (the
+//! response was never stored) is applied once, in both tiers.
+
+use std::time::Duration;
+
+use hybridstore_core::{CacheStore, IdempotencyClaim};
+
+use crate::engine::Engine;
+
+/// How long an answered Idempotency-Key replays its response.
+const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long a first attempt holds its key before a retry may run again.
+const IDEMPOTENCY_PENDING: Duration = Duration::from_secs(60);
+
+impl Engine {
+    /// Claims an idempotency key; `None` when the cache (which keeps them)
+    /// cannot be asked: the request then runs without replay protection.
+    pub async fn claim_idempotency(
+        &self,
+        key: &str,
+        fingerprint: &str,
+    ) -> Option<IdempotencyClaim> {
+        if !self.cache.breaker.is_closed() {
+            return None;
+        }
+        self.cache
+            .claim_idempotency(key, fingerprint, IDEMPOTENCY_PENDING)
+            .await
+            .inspect_err(|err| tracing::warn!(error = %err, "idempotency key not claimed"))
+            .ok()
+    }
+
+    /// Stores the response of a claimed key (best effort: logged).
+    pub async fn complete_idempotency(&self, key: &str, fingerprint: &str, response: &[u8]) {
+        let stored = self
+            .cache
+            .complete_idempotency(key, fingerprint, response, IDEMPOTENCY_TTL)
+            .await;
+        if let Err(err) = stored {
+            tracing::warn!(error = %err, "idempotent response not stored");
+        }
+    }
+
+    /// Gives a claimed key up.
+    pub async fn release_idempotency(&self, key: &str) {
+        if let Err(err) = self.cache.release_idempotency(key).await {
+            tracing::warn!(error = %err, "idempotency key not released");
+        }
+    }
+}
