@@ -145,10 +145,23 @@ async fn killing_postgres_then_redis_under_load_loses_and_doubles_nothing() {
                 while running.load(std::sync::atomic::Ordering::Relaxed) {
                     let deltas = deltas(client, n);
                     n += 1;
-                    let response = app.increment(scope, json!({ "deltas": deltas })).await;
-                    if response.status() == StatusCode::OK {
-                        acked.lock().unwrap().add(&deltas);
-                    } else {
+                    // As a relay does: a failed call (its effect unknown) is
+                    // retried with the same Idempotency-Key until answered.
+                    let key = format!("c{client}-{n}");
+                    loop {
+                        let response = app
+                            .admin(
+                                reqwest::Method::POST,
+                                &format!("/v1/counters/{scope}/increment"),
+                            )
+                            .header("idempotency-key", &key)
+                            .json(&json!({ "deltas": deltas }))
+                            .send()
+                            .await;
+                        if response.is_ok_and(|r| r.status() == StatusCode::OK) {
+                            acked.lock().unwrap().add(&deltas);
+                            break;
+                        }
                         refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
@@ -196,7 +209,7 @@ async fn killing_postgres_then_redis_under_load_loses_and_doubles_nothing() {
     assert_eq!(
         stored,
         expected,
-        "PostgreSQL holds exactly the acknowledged increments ({} refused during the faults)",
+        "PostgreSQL holds exactly the acknowledged increments ({} attempts retried during the faults)",
         refused.load(std::sync::atomic::Ordering::Relaxed)
     );
     // A fresh read (Redis reseeds from PostgreSQL) agrees too.
