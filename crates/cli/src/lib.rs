@@ -320,8 +320,8 @@ impl Client {
         }
         match body["journal_backlog"].as_object() {
             Some(backlog) => println!(
-                "journal    write-behind {}, outage {}",
-                backlog["write_behind"], backlog["outage"]
+                "journal    write-behind {}, outage {}, counters {}",
+                backlog["write_behind"], backlog["outage"], backlog["counters"]
             ),
             None => println!("journal    unknown (Redis unavailable)"),
         }

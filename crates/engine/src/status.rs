@@ -35,6 +35,8 @@ pub struct HealthReport {
 pub struct JournalBacklog {
     pub write_behind: u64,
     pub outage: u64,
+    /// Counter increments not yet in the durable tier.
+    pub counters: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -209,14 +211,14 @@ impl Engine {
             },
             collections,
             tiers: self.tiers(),
-            journal_backlog: self
-                .journal_backlog()
-                .await
-                .ok()
-                .map(|(write_behind, outage)| JournalBacklog {
+            journal_backlog: match (self.journal_backlog().await, self.counter_backlog().await) {
+                (Ok((write_behind, outage)), Ok(counters)) => Some(JournalBacklog {
                     write_behind,
                     outage,
+                    counters,
                 }),
+                _ => None,
+            },
             replay: self.replay_stats(),
             cache_generation: applied.map_or(0, |state| state.cache_generation),
         }

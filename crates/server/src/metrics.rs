@@ -298,11 +298,12 @@ async fn render_engine(out: &mut String, engine: &Engine) {
             out,
             "hybridstore_journal_backlog",
             "gauge",
-            "Journaled writes waiting to be replayed into the durable tier",
+            "Journaled writes and counter increments waiting to be replayed into the durable tier",
         );
         for (journal, value) in [
             ("write_behind", backlog.write_behind),
             ("outage", backlog.outage),
+            ("counters", backlog.counters),
         ] {
             sample(
                 out,
