@@ -13,39 +13,13 @@
 #
 # Needs: initdb/pg_ctl/psql (PostgreSQL 15), redis-server, redis-cli.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/lib.sh"
 SIZES=${SIZES:-"10000 100000"}
-PGBIN=$(dirname "$(command -v initdb || ls /usr/lib/postgresql/*/bin/initdb | head -1)")
-WORK=$(mktemp -d)
-chmod 755 "$WORK"
-RUN_AS=()
-if [ "$(id -u)" = 0 ]; then RUN_AS=(runuser -u postgres --); chown postgres "$WORK"; fi
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PG_PORT=$(free_port); REDIS_PORT=$(free_port)
-cleanup() {
-  [ -n "${SERVER_PID:-}" ] && kill "$SERVER_PID" 2>/dev/null || true
-  "${RUN_AS[@]}" "$PGBIN/pg_ctl" -D "$WORK/pg" -m immediate stop >/dev/null 2>&1 || true
-  redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 
 cargo build --release --quiet
-BIN=$PWD/target/release/hybridstore
+start_postgres fsync=off
+start_redis --save '' --appendonly no
 
-"${RUN_AS[@]}" "$PGBIN/initdb" -D "$WORK/pg" -U postgres -A trust >/dev/null
-"${RUN_AS[@]}" "$PGBIN/pg_ctl" -D "$WORK/pg" -l "$WORK/pg.log" -w \
-  -o "-p $PG_PORT -k $WORK -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
-redis-server --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
-  --logfile "$WORK/redis.log" >/dev/null
-PSQL=(psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qAt)
-
-export ADMIN_TOKEN=bench-admin-token-0123456789
-export HYBRIDSTORE_ADMIN_TOKEN=$ADMIN_TOKEN
-export RUST_LOG=warn
-now() { date +%s.%N; }
-secs() { python3 -c "print($2-$1)"; }
-rate() { python3 -c "print(f'{$1/($3-$2):,.0f}')"; }
 peak_rss_mib() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 rss_mib() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 
@@ -53,13 +27,7 @@ printf '\n%-9s %-34s %12s %10s\n' records step records/s seconds
 for n in $SIZES; do
   db="bench_$n"
   "${PSQL[@]}" -d postgres -c "CREATE DATABASE $db"
-  port=$(free_port)
-  PORT=$port DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/$db" \
-    REDIS_URL="redis://127.0.0.1:$REDIS_PORT" HYBRIDSTORE_REDIS__KEY_PREFIX="b$n" \
-    "$BIN" serve >"$WORK/server-$n.log" 2>&1 &
-  SERVER_PID=$!
-  export HYBRIDSTORE_URL="http://127.0.0.1:$port"
-  for _ in $(seq 100); do "$BIN" health >/dev/null 2>&1 && break; sleep 0.1; done
+  start_server "$db" "b$n"
   start_rss=$(rss_mib "$SERVER_PID")
 
   # The data set: n records of ~250 bytes, written straight into PostgreSQL.
@@ -85,5 +53,5 @@ for n in $SIZES; do
   printf '%-9s %-34s %12s %10.2f\n' "$n" "sync redis -> postgres (no-op)" "$(rate "$n" "$t0" "$t1")" "$(secs "$t0" "$t1")"
 
   printf '%-9s %-34s %12s\n' "$n" "server RSS at start / peak (MiB)" "$start_rss / $(peak_rss_mib "$SERVER_PID")"
-  kill "$SERVER_PID"; wait "$SERVER_PID" || true; SERVER_PID=
+  stop_server
 done

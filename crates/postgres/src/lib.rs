@@ -440,6 +440,24 @@ impl PostgresStore {
     }
 
     /// Replaces the record's index entries with `entries`, inside `tx`.
+    /// Runs a query taking (collection, ids, now), like [`GET_MANY_LIVE`].
+    async fn rows_by_ids(
+        &self,
+        sql: &'static str,
+        collection: &CollectionName,
+        ids: &[RecordId],
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<PgRow>> {
+        let ids: Vec<&str> = ids.iter().map(RecordId::as_str).collect();
+        sqlx::query(sql)
+            .bind(collection.as_str())
+            .bind(&ids)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)
+    }
+
     async fn claim_index_entries(
         tx: &mut sqlx::PgConnection,
         write: &RecordWrite,
@@ -582,14 +600,9 @@ impl DurableStore for PostgresStore {
         ids: &[RecordId],
         now: OffsetDateTime,
     ) -> StoreResult<Vec<Record>> {
-        let ids: Vec<&str> = ids.iter().map(RecordId::as_str).collect();
-        let rows = sqlx::query(GET_MANY_LIVE)
-            .bind(collection.as_str())
-            .bind(&ids)
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)?;
+        let rows = self
+            .rows_by_ids(GET_MANY_LIVE, collection, ids, now)
+            .await?;
         rows.iter()
             .map(|row| record_from_row(collection, row))
             .collect()
@@ -747,14 +760,7 @@ impl DurableStore for PostgresStore {
         ids: &[RecordId],
         now: OffsetDateTime,
     ) -> StoreResult<Vec<Change>> {
-        let ids: Vec<&str> = ids.iter().map(RecordId::as_str).collect();
-        let rows = sqlx::query(GET_STATES)
-            .bind(collection.as_str())
-            .bind(&ids)
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(classify)?;
+        let rows = self.rows_by_ids(GET_STATES, collection, ids, now).await?;
         rows.iter()
             .map(|row| state_from_row(collection, row))
             .collect()

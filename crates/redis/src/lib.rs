@@ -253,6 +253,32 @@ fn decode_journal_entry(
     })
 }
 
+/// The arguments the copy scripts take after the version: data JSON,
+/// created, updated, expires; for a deletion marker (`None`) empty data and
+/// `deleted_at` as the update time.
+fn copy_args(
+    invocation: &mut redis::ScriptInvocation<'_>,
+    record: Option<&Record>,
+    deleted_at: OffsetDateTime,
+) -> StoreResult<()> {
+    match record {
+        Some(record) => {
+            let data = serde_json::to_vec(&record.data)
+                .map_err(|err| StoreError::internal(Tier::Cache, err))?;
+            let expires = record.expires_at.map(micros).map(|x| x.to_string());
+            invocation
+                .arg(data)
+                .arg(micros(record.created_at))
+                .arg(micros(record.updated_at))
+                .arg(expires.unwrap_or_default());
+        }
+        None => {
+            invocation.arg("").arg("").arg(micros(deleted_at)).arg("");
+        }
+    }
+    Ok(())
+}
+
 /// A bucket's expiry as the scripts take it (ms since the epoch, or '').
 fn expiry_arg(bucket: &Bucket) -> String {
     bucket
@@ -350,30 +376,7 @@ impl RedisStore {
     ) -> StoreResult<bool> {
         let mut invocation = self.scripts.store_if_newer.key(self.keys.record(key));
         invocation.arg(version.to_padded());
-        match record {
-            Some(record) => {
-                let data = serde_json::to_vec(&record.data)
-                    .map_err(|err| StoreError::internal(Tier::Cache, err))?;
-                invocation
-                    .arg(data)
-                    .arg(micros(record.created_at))
-                    .arg(micros(record.updated_at))
-                    .arg(
-                        record
-                            .expires_at
-                            .map(micros)
-                            .map(|x| x.to_string())
-                            .unwrap_or_default(),
-                    );
-            }
-            None => {
-                invocation
-                    .arg("")
-                    .arg("")
-                    .arg(micros(OffsetDateTime::now_utc()))
-                    .arg("");
-            }
-        }
+        copy_args(&mut invocation, record, OffsetDateTime::now_utc())?;
         let stored: i64 = invocation
             .arg(ttl_millis(ttl))
             .invoke_async(&mut self.conn.clone())
@@ -910,24 +913,8 @@ impl CacheStore for RedisStore {
             .key(self.keys.ids_of(&key))
             .arg(state.version().to_padded());
         match state {
-            Change::Put(record) => {
-                let data = serde_json::to_vec(&record.data)
-                    .map_err(|err| StoreError::internal(Tier::Cache, err))?;
-                invocation
-                    .arg(data)
-                    .arg(micros(record.created_at))
-                    .arg(micros(record.updated_at))
-                    .arg(
-                        record
-                            .expires_at
-                            .map(micros)
-                            .map(|x| x.to_string())
-                            .unwrap_or_default(),
-                    );
-            }
-            Change::Delete { at, .. } => {
-                invocation.arg("").arg("").arg(micros(*at)).arg("");
-            }
+            Change::Put(record) => copy_args(&mut invocation, Some(record), record.updated_at)?,
+            Change::Delete { at, .. } => copy_args(&mut invocation, None, *at)?,
         }
         let outcome: String = invocation
             .arg(ttl_millis(lifetime))
