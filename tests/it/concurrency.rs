@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hybridstore_core::{
     ApplyMode, Bucket, BucketValues, Change, CollectionName, ControlState, CounterIncrement,
-    CounterScope, DurableStore, IndexName, ListQuery, Precondition, Record, RecordId, RecordKey,
-    RecordWrite, StoreResult, Version, WriteOutcome,
+    CounterScope, CounterValue, DurableStore, IndexName, ListQuery, Precondition, Record, RecordId,
+    RecordKey, RecordWrite, StoreResult, Version, WriteOutcome,
 };
 use hybridstore_testkit::{TestApp, etag_version, spawn_app};
 use reqwest::StatusCode;
@@ -176,6 +176,21 @@ impl DurableStore for GatedReads {
         op_ids: &[String],
     ) -> StoreResult<(Vec<BucketValues>, std::collections::HashSet<String>)> {
         self.inner.counter_snapshot(scope, buckets, op_ids).await
+    }
+    async fn scan_counters(
+        &self,
+        after: Option<&CounterValue>,
+        limit: usize,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<CounterValue>> {
+        self.inner.scan_counters(after, limit, now).await
+    }
+    async fn restore_counters(
+        &self,
+        values: &[CounterValue],
+        force: bool,
+    ) -> StoreResult<Vec<bool>> {
+        self.inner.restore_counters(values, force).await
     }
     async fn purge_expired(&self, now: OffsetDateTime, retention: Duration) -> StoreResult<u64> {
         self.inner.purge_expired(now, retention).await

@@ -102,7 +102,7 @@ async fn late_events_land_in_their_buckets_and_expired_buckets_leave_reads() {
                 "SELECT count(*) FROM counters WHERE scope = $1 AND granularity = 'hour'",
             )
             .bind(scope)
-            .fetch_one(&app.db)
+            .fetch_one(&app.pg().db)
             .await
             .unwrap()
                 == 1
@@ -245,7 +245,7 @@ async fn bad_increments_are_refused_and_apply_nothing() {
     assert!(app.redis_totals(scope).await.is_empty());
     assert_eq!(app.counter_backlog().await, 0);
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM counters")
-        .fetch_one(&app.db)
+        .fetch_one(&app.pg().db)
         .await
         .unwrap();
     assert_eq!(rows, 0, "nothing applied");

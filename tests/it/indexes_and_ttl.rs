@@ -107,7 +107,7 @@ async fn concurrent_claims_of_one_value_leave_exactly_one_winner() {
             "SELECT count(*) FROM records WHERE collection = 'users' AND NOT deleted AND data->>'username' = $1",
         )
         .bind(&username)
-        .fetch_one(&app.db)
+        .fetch_one(&app.pg().db)
         .await
         .unwrap();
         assert_eq!(live, 1, "exactly one live record holds {username}");

@@ -10,6 +10,7 @@ mod concurrency;
 mod counters;
 mod degradation;
 mod deployment;
+mod engine_suite;
 mod faults;
 mod idempotency;
 mod indexes_and_ttl;

@@ -39,7 +39,7 @@ async fn a_redis_restart_that_reloads_an_old_snapshot_never_serves_it() {
     let app = app_on(redis.clone()).await;
     let v1 = etag_version(&app.put("accounts", "a", json!({"n": 1})).await);
     redis::cmd("SAVE")
-        .query_async::<()>(&mut app.redis.clone())
+        .query_async::<()>(&mut app.pg().redis.clone())
         .await
         .unwrap();
     // v2 reaches the cache normally: nothing marks it dirty.

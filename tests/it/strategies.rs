@@ -20,7 +20,7 @@ async fn rewrite_in_postgres(app: &TestApp, id: &str, data: Value) {
     sqlx::query("UPDATE records SET data = $1 WHERE collection = 'items' AND id = $2")
         .bind(sqlx::types::Json(data))
         .bind(id)
-        .execute(&app.db)
+        .execute(&app.pg().db)
         .await
         .unwrap();
 }

@@ -277,6 +277,24 @@ pub enum CacheIncrementOutcome {
     Duplicate,
 }
 
+/// One stored counter value: a field of one bucket of one scope, as export
+/// and import carry it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterValue {
+    pub scope: CounterScope,
+    pub granularity: Granularity,
+    #[serde(with = "time::serde::rfc3339")]
+    pub bucket_start: OffsetDateTime,
+    pub field: FieldName,
+    pub value: Amount,
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub expires_at: Option<OffsetDateTime>,
+}
+
 /// A journaled increment, as read for replay.
 #[derive(Clone, Debug)]
 pub struct CounterJournalEntry {

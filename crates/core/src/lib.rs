@@ -22,7 +22,7 @@ pub use collection::{CollectionSpec, Strategy};
 pub use control::ControlState;
 pub use counters::{
     Amount, Bucket, BucketValues, CacheIncrementOutcome, CounterIncrement, CounterJournalEntry,
-    Granularity, MAX_DELTA_UNITS,
+    CounterValue, Granularity, MAX_DELTA_UNITS,
 };
 pub use error::{Error, StoreError, Tier};
 pub use journal::{
@@ -35,6 +35,7 @@ pub use names::{
 };
 pub use record::{
     IndexEntry, JsonObject, ListQuery, Precondition, Record, RecordKey, RecordWrite, WriteOutcome,
+    prefix_upper_bound,
 };
 pub use store::{
     ApplyMode, CacheEntry, CacheStore, CachedState, CopyOutcome, DurableStore, IdempotencyClaim,

@@ -122,3 +122,32 @@ pub struct ListQuery {
     pub limit: u32,
     pub now: OffsetDateTime,
 }
+
+/// Every id sorts below this (ids are printable ASCII, all below 0x7f).
+pub const ID_UPPER_BOUND: &str = "\u{7f}";
+
+/// The smallest string greater than every string starting with `prefix`
+/// (`prefix` is a validated id prefix: ASCII below 0x7f). Tiers list a prefix
+/// as the id range `[prefix, prefix_upper_bound(prefix))`.
+pub fn prefix_upper_bound(prefix: &str) -> String {
+    let mut bytes = prefix.as_bytes().to_vec();
+    match bytes.last_mut() {
+        Some(last) => {
+            *last += 1;
+            String::from_utf8(bytes).expect("ASCII stays ASCII")
+        }
+        None => ID_UPPER_BOUND.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod prefix_tests {
+    use super::*;
+
+    #[test]
+    fn prefix_bounds() {
+        assert_eq!(prefix_upper_bound("user:"), "user;");
+        assert_eq!(prefix_upper_bound("abz"), "ab{");
+        assert_eq!(prefix_upper_bound(""), ID_UPPER_BOUND);
+    }
+}

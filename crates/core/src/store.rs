@@ -13,9 +13,9 @@ use time::OffsetDateTime;
 
 use crate::{
     Bucket, BucketValues, CacheIncrementOutcome, CacheWrite, CacheWriteOutcome, Change,
-    CollectionName, ControlState, CounterIncrement, CounterJournalEntry, CounterScope, IndexName,
-    JournalAck, JournalEntry, JournalKind, JournalPosition, ListQuery, Precondition, Record,
-    RecordId, RecordKey, RecordWrite, StoreError, Version, WriteOutcome,
+    CollectionName, ControlState, CounterIncrement, CounterJournalEntry, CounterScope,
+    CounterValue, IndexName, JournalAck, JournalEntry, JournalKind, JournalPosition, ListQuery,
+    Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError, Version, WriteOutcome,
 };
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -161,6 +161,26 @@ pub trait DurableStore: Send + Sync + 'static {
         buckets: &[Bucket],
         op_ids: &[String],
     ) -> StoreResult<(Vec<BucketValues>, std::collections::HashSet<String>)>;
+
+    /// Up to `limit` stored counter values ordered by (scope, granularity,
+    /// bucket start, field), after `after`, leaving out expired buckets:
+    /// export walks every counter with it in bounded memory.
+    async fn scan_counters(
+        &self,
+        after: Option<&CounterValue>,
+        limit: usize,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<CounterValue>>;
+
+    /// Sets counter values carried in by an import, in one transaction: each
+    /// only where the tier holds no value for that field of that bucket,
+    /// unless `force`. Returns, per value, whether it was written. Setting
+    /// (never adding) is what makes an import idempotent.
+    async fn restore_counters(
+        &self,
+        values: &[CounterValue],
+        force: bool,
+    ) -> StoreResult<Vec<bool>>;
 
     /// Physically removes expired records and deletion markers older than
     /// `tombstone_retention`; returns how many rows went.

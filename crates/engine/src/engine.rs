@@ -169,6 +169,22 @@ impl Engine {
         [self.durable.breaker.health(), self.cache.breaker.health()]
     }
 
+    /// The tiers themselves, without breakers (tools and tests that look
+    /// into them behind the service's back).
+    pub fn raw_tiers(&self) -> (Arc<dyn DurableStore>, Arc<dyn CacheStore>) {
+        (self.durable.inner.clone(), self.cache.inner.clone())
+    }
+
+    /// Makes every call to `tier` fail as if it were unreachable (`down`),
+    /// or ends that: a fault drill that works for any tier, including the
+    /// in-process cache, which cannot be stopped from outside.
+    pub fn simulate_outage(&self, tier: Tier, down: bool) {
+        match tier {
+            Tier::Durable => self.durable.breaker.simulate_outage(down),
+            Tier::Cache => self.cache.breaker.simulate_outage(down),
+        }
+    }
+
     /// Pings both tiers once and opens the breaker of each that does not
     /// answer, so a service started during an outage routes around it at once.
     pub async fn check_tiers_at_start(&self) {

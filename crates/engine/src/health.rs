@@ -24,7 +24,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -34,9 +34,10 @@ use std::collections::HashSet;
 use hybridstore_core::{
     ApplyMode, Bucket, BucketValues, CacheEntry, CacheIncrementOutcome, CacheStore, CacheWrite,
     CacheWriteOutcome, CachedState, Change, CollectionName, ControlState, CopyOutcome,
-    CounterIncrement, CounterJournalEntry, CounterScope, DurableStore, IdempotencyClaim, IndexName,
-    JournalAck, JournalEntry, JournalKind, JournalPosition, ListQuery, Precondition, Record,
-    RecordId, RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome,
+    CounterIncrement, CounterJournalEntry, CounterScope, CounterValue, DurableStore,
+    IdempotencyClaim, IndexName, JournalAck, JournalEntry, JournalKind, JournalPosition, ListQuery,
+    Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version,
+    WriteOutcome,
 };
 use serde::Serialize;
 
@@ -110,6 +111,10 @@ pub struct Breaker {
     pub(crate) stats: TierStats,
     /// How long the last successful probe took.
     last_probe: Mutex<Option<Duration>>,
+    /// Every call fails as if the tier were unreachable (fault drills and
+    /// tests of tiers that cannot be killed from outside, like the
+    /// in-process cache).
+    simulated_outage: AtomicBool,
 }
 
 /// A snapshot of one tier's health, for status pages and metrics.
@@ -145,6 +150,7 @@ impl Breaker {
             failure_epoch: AtomicU64::new(0),
             stats: TierStats::default(),
             last_probe: Mutex::new(None),
+            simulated_outage: AtomicBool::new(false),
         }
     }
 
@@ -280,6 +286,33 @@ impl Breaker {
         }
     }
 
+    /// Starts or ends a simulated outage of the tier.
+    pub fn simulate_outage(&self, down: bool) {
+        tracing::warn!(tier = %self.tier, backend = self.backend, down, "simulated outage");
+        self.simulated_outage.store(down, Ordering::SeqCst);
+    }
+
+    /// Runs `call` under `timeout`, or fails it at once during a simulated outage.
+    async fn attempt<T>(
+        &self,
+        timeout: Duration,
+        call: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        if self.simulated_outage.load(Ordering::SeqCst) {
+            return Err(StoreError::unavailable(
+                self.tier,
+                format!("{} is down (simulated outage)", self.backend),
+            ));
+        }
+        match tokio::time::timeout(timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::unavailable(
+                self.tier,
+                format!("{} did not answer within {timeout:?}", self.backend),
+            )),
+        }
+    }
+
     /// Remembers the round trip of a successful probe.
     fn probe_took(&self, elapsed: Duration) {
         *self.last_probe.lock().unwrap_or_else(|e| e.into_inner()) = Some(elapsed);
@@ -298,13 +331,7 @@ impl Breaker {
             ));
         }
         let started = Instant::now();
-        let result = match tokio::time::timeout(timeout, call).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::unavailable(
-                self.tier,
-                format!("{} did not answer within {timeout:?}", self.backend),
-            )),
-        };
+        let result = self.attempt(timeout, call).await;
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         self.stats.latency.record(started.elapsed());
         match &result {
@@ -323,13 +350,7 @@ impl Breaker {
         self.begin_trial();
         let epoch = self.failure_epoch();
         let started = Instant::now();
-        let result = match tokio::time::timeout(timeout, ping).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::unavailable(
-                self.tier,
-                format!("{} probe timed out", self.backend),
-            )),
-        };
+        let result = self.attempt(timeout, ping).await;
         match result {
             Ok(()) => {
                 self.probe_took(started.elapsed());
@@ -622,6 +643,23 @@ impl DurableStore for GuardedDurable {
         op_ids: &[String],
     ) -> StoreResult<(Vec<BucketValues>, HashSet<String>)> {
         let call = self.inner.counter_snapshot(scope, buckets, op_ids);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn scan_counters(
+        &self,
+        after: Option<&CounterValue>,
+        limit: usize,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<CounterValue>> {
+        let call = self.inner.scan_counters(after, limit, now);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn restore_counters(
+        &self,
+        values: &[CounterValue],
+        force: bool,
+    ) -> StoreResult<Vec<bool>> {
+        let call = self.inner.restore_counters(values, force);
         self.breaker.call(self.timeout, call).await
     }
     async fn purge_expired(

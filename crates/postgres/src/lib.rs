@@ -16,9 +16,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use hybridstore_core::{
     Amount, ApplyMode, Bucket, BucketValues, Change, CollectionName, ControlState,
-    CounterIncrement, CounterScope, DurableStore, FieldName, Granularity, IndexEntry, IndexName,
-    JsonObject, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError,
-    StoreResult, Tier, Version, WriteOutcome,
+    CounterIncrement, CounterScope, CounterValue, DurableStore, FieldName, Granularity, IndexEntry,
+    IndexName, JsonObject, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite,
+    StoreError, StoreResult, Tier, Version, WriteOutcome, prefix_upper_bound,
 };
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::types::Json;
@@ -338,6 +338,39 @@ const COUNTER_BUCKETS: &str = "SELECT granularity, bucket_start, field, value::t
 const PURGE_COUNTERS: &str = "DELETE FROM counters WHERE ctid IN (\
     SELECT ctid FROM counters WHERE expires_at <= $1 LIMIT $2)";
 
+/// Counter values after a (scope, granularity, start, field) position
+/// (`$1` NULL: from the start), not expired at `$5`.
+const SCAN_COUNTERS: &str = "SELECT scope, granularity, bucket_start, field, \
+    value::text AS value, expires_at FROM counters \
+    WHERE ($1::text IS NULL OR (scope, granularity, bucket_start, field) > ($1, $2, $3, $4)) \
+    AND (expires_at IS NULL OR expires_at > $5) \
+    ORDER BY scope, granularity, bucket_start, field LIMIT $6";
+
+/// Sets one counter value where none is held (or over it, `$7` forcing).
+const RESTORE_COUNTER: &str = "INSERT INTO counters AS c \
+    (scope, granularity, bucket_start, field, value, expires_at) \
+    VALUES ($1, $2, $3, $4, $5::numeric, $6) \
+    ON CONFLICT (scope, granularity, bucket_start, field) \
+    DO UPDATE SET value = EXCLUDED.value, expires_at = EXCLUDED.expires_at WHERE $7 \
+    RETURNING 1";
+
+fn counter_value_from_row(row: &PgRow) -> StoreResult<CounterValue> {
+    let bad = |err: String| StoreError::internal(Tier::Durable, err);
+    let scope: String = row.try_get("scope").map_err(classify)?;
+    let granularity: String = row.try_get("granularity").map_err(classify)?;
+    let field: String = row.try_get("field").map_err(classify)?;
+    let value: String = row.try_get("value").map_err(classify)?;
+    Ok(CounterValue {
+        scope: CounterScope::parse(&scope).map_err(|err| bad(err.to_string()))?,
+        granularity: Granularity::parse(&granularity)
+            .ok_or_else(|| bad(format!("unknown granularity {granularity:?}")))?,
+        bucket_start: row.try_get("bucket_start").map_err(classify)?,
+        field: FieldName::parse(&field).map_err(|err| bad(err.to_string()))?,
+        value: Amount::parse_decimal(&value).map_err(bad)?,
+        expires_at: row.try_get("expires_at").map_err(classify)?,
+    })
+}
+
 /// Applied-increment ids are kept this long (replays come within seconds).
 const COUNTER_OPS_RETENTION: time::Duration = time::Duration::days(2);
 
@@ -380,22 +413,6 @@ const PURGE_BATCH: &str = "DELETE FROM records WHERE ctid IN (\
     LIMIT $3)";
 
 const PURGE_BATCH_SIZE: i64 = 1000;
-
-/// Every id sorts below this (ids are printable ASCII, all below 0x7f).
-const ID_UPPER_BOUND: &str = "\u{7f}";
-
-/// The smallest string greater than every string starting with `prefix`
-/// (`prefix` is a validated id prefix: ASCII below 0x7f).
-fn prefix_upper_bound(prefix: &str) -> String {
-    let mut bytes = prefix.as_bytes().to_vec();
-    match bytes.last_mut() {
-        Some(last) => {
-            *last += 1;
-            String::from_utf8(bytes).expect("ASCII stays ASCII")
-        }
-        None => ID_UPPER_BOUND.to_owned(),
-    }
-}
 
 impl PostgresStore {
     async fn write_record<'e>(
@@ -898,6 +915,51 @@ impl DurableStore for PostgresStore {
         Ok((bucket_values(&rows)?, applied))
     }
 
+    async fn scan_counters(
+        &self,
+        after: Option<&CounterValue>,
+        limit: usize,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<CounterValue>> {
+        let rows = sqlx::query(SCAN_COUNTERS)
+            .bind(after.map(|a| a.scope.as_str()))
+            .bind(after.map(|a| a.granularity.as_str()))
+            .bind(after.map(|a| a.bucket_start))
+            .bind(after.map(|a| a.field.as_str()))
+            .bind(now)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows.iter().map(counter_value_from_row).collect()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(count = values.len()))]
+    async fn restore_counters(
+        &self,
+        values: &[CounterValue],
+        force: bool,
+    ) -> StoreResult<Vec<bool>> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let mut written = Vec::with_capacity(values.len());
+        for value in values {
+            let row = sqlx::query(RESTORE_COUNTER)
+                .bind(value.scope.as_str())
+                .bind(value.granularity.as_str())
+                .bind(value.bucket_start)
+                .bind(value.field.as_str())
+                .bind(value.value.to_string())
+                .bind(value.expires_at)
+                .bind(force)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(classify)?;
+            written.push(row.is_some());
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(written)
+    }
+
     #[tracing::instrument(level = "debug", skip_all)]
     async fn purge_expired(
         &self,
@@ -945,13 +1007,6 @@ impl DurableStore for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefix_bounds() {
-        assert_eq!(prefix_upper_bound("user:"), "user;");
-        assert_eq!(prefix_upper_bound("abz"), "ab{");
-        assert_eq!(prefix_upper_bound(""), ID_UPPER_BOUND);
-    }
 
     #[test]
     fn statements_mention_every_parameter() {

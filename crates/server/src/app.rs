@@ -7,16 +7,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hybridstore_core::{DurableStore, StoreError};
+use hybridstore_core::{CacheStore, DurableStore, StoreError};
 use hybridstore_engine::{
     Catalog, CounterSettings, Engine, EngineSettings, HealthSettings, JournalSettings,
 };
+use hybridstore_memory::MemoryCache;
 use hybridstore_postgres::{PgConnectOptions, PostgresOptions, PostgresStore};
 use hybridstore_redis::{RedisOptions, RedisStore};
+use hybridstore_sqlite::{SqliteOptions, SqliteStore};
 use tokio::net::TcpListener;
 
 use crate::auth::Authenticator;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Mode, Secret};
 use crate::http::{self, AppState};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,14 @@ pub enum StartError {
     Migrate(#[source] StoreError),
     #[error("cannot set up the Redis connection: {0}")]
     Redis(#[source] StoreError),
+    #[error("cannot open the embedded database: {0}")]
+    Embedded(#[source] StoreError),
+    #[error("cannot keep the admin token in {path}: {source}")]
+    AdminToken {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: String,
@@ -81,6 +91,81 @@ fn redis_options(config: &Config) -> RedisOptions {
     }
 }
 
+type Tiers = (Arc<dyn DurableStore>, Arc<dyn CacheStore>);
+
+/// PostgreSQL and Redis, both connected lazily: either may be down at start.
+async fn production_tiers(config: &Config) -> Result<Tiers, StartError> {
+    let postgres = PostgresStore::new_lazy(postgres_options(config)?);
+    match postgres.migrate().await {
+        Ok(()) => {}
+        // Down at start: serve degraded; the first successful probe
+        // applies the migrations.
+        Err(err) if err.is_unavailable() => {
+            tracing::warn!(error = %err, "PostgreSQL unavailable at start; starting degraded")
+        }
+        Err(err) => return Err(StartError::Migrate(err)),
+    }
+    let redis = RedisStore::new_lazy(&redis_options(config)).map_err(StartError::Redis)?;
+    tracing::info!(
+        mode = "production",
+        durable = "postgres",
+        cache = "redis",
+        "hybridstore mode: PostgreSQL holds the data, Redis the hot copies"
+    );
+    Ok((Arc::new(postgres), Arc::new(redis)))
+}
+
+/// The SQLite file and the in-process cache.
+fn embedded_tiers(config: &Config) -> Result<Tiers, StartError> {
+    let path = config.embedded.database_path();
+    let sqlite =
+        SqliteStore::open(&SqliteOptions { path: path.clone() }).map_err(StartError::Embedded)?;
+    let shown = std::path::absolute(&path).unwrap_or(path);
+    tracing::info!(
+        mode = "embedded",
+        data = %shown.display(),
+        cache_max_records = config.embedded.cache_max_records,
+        "hybridstore mode: embedded; data in SQLite (WAL, synchronous=FULL), cache in process"
+    );
+    let cache = MemoryCache::new(config.embedded.cache_max_records);
+    Ok((Arc::new(sqlite), Arc::new(cache)))
+}
+
+/// The admin token of an embedded server started without one: read from
+/// the data directory, or made (random, 0600) on the first start.
+fn embedded_admin_token(config: &Config) -> Result<Secret, StartError> {
+    let path = config.embedded.admin_token_path();
+    let failed = |source| StartError::AdminToken {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(token) if token.trim().len() >= 16 => return Ok(Secret::new(token.trim())),
+        Ok(_) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(failed(err)),
+    }
+    let token: String = (0..32)
+        .map(|_| format!("{:x}", rand::random::<u8>() & 0x0f))
+        .collect();
+    std::fs::create_dir_all(&config.embedded.data_dir).map_err(failed)?;
+    write_private(&path, &token).map_err(failed)?;
+    tracing::info!(path = %path.display(), "made an admin token (no ADMIN_TOKEN set)");
+    Ok(Secret::new(token))
+}
+
+/// Writes `content` to a file only its owner can read.
+fn write_private(path: &std::path::Path, content: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::File::options();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(content.as_bytes())?;
+    file.sync_all()
+}
+
 impl ServerBuilder {
     pub fn new(config: Config) -> Self {
         Self {
@@ -100,21 +185,17 @@ impl ServerBuilder {
 
     /// Connects the tiers, applies migrations and binds the listener.
     pub async fn bind(self) -> Result<Server, StartError> {
-        let config = self.config;
+        let mut config = self.config;
         config.validate()?;
-        let postgres = PostgresStore::new_lazy(postgres_options(&config)?);
-        match postgres.migrate().await {
-            Ok(()) => {}
-            // Down at start: serve degraded; the first successful probe
-            // applies the migrations.
-            Err(err) if err.is_unavailable() => {
-                tracing::warn!(error = %err, "PostgreSQL unavailable at start; starting degraded")
+        let (mut durable, cache) = match config.mode() {
+            Mode::Production => production_tiers(&config).await?,
+            Mode::Embedded => {
+                if config.admin_token.is_none() {
+                    config.admin_token = Some(embedded_admin_token(&config)?);
+                }
+                embedded_tiers(&config)?
             }
-            Err(err) => return Err(StartError::Migrate(err)),
-        }
-        let redis = RedisStore::new_lazy(&redis_options(&config)).map_err(StartError::Redis)?;
-
-        let mut durable: Arc<dyn DurableStore> = Arc::new(postgres);
+        };
         if let Some(layer) = self.durable_layer {
             durable = layer(durable);
         }
@@ -136,7 +217,7 @@ impl ServerBuilder {
                 cache_call_timeout: Duration::from_millis(config.redis.call_timeout_ms),
             },
             counters: CounterSettings {
-                strategy: config.counters.strategy,
+                strategy: config.counters_strategy(),
                 hour_retention: Duration::from_secs(config.counters.hour_retention_secs),
                 day_retention: Duration::from_secs(config.counters.day_retention_secs),
                 month_retention: Duration::from_secs(config.counters.month_retention_secs),
@@ -150,7 +231,7 @@ impl ServerBuilder {
             },
             ..EngineSettings::default()
         };
-        let engine = Arc::new(Engine::new(durable, Arc::new(redis), catalog, settings));
+        let engine = Arc::new(Engine::new(durable, cache, catalog, settings));
         engine.check_tiers_at_start().await;
         engine.load_control_state().await;
         for tier in engine.health() {
@@ -189,6 +270,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// The engine behind the API (tests look into its tiers).
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.clone()
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()

@@ -50,6 +50,10 @@ pub const LEGACY_ENV: &[(&str, &str)] = &[
     ("LOG_FORMAT", "log.format"),
     ("LOG_DIR", "log.dir"),
     ("LOG_RETENTION_DAYS", "log.retention_days"),
+    ("DATA_DIR", "embedded.data_dir"),
+    ("BACKUP_INTERVAL", "backup.interval"),
+    ("BACKUP_DIR", "backup.dir"),
+    ("BACKUP_KEEP", "backup.keep"),
 ];
 
 /// A configuration problem, naming the key.
@@ -166,6 +170,8 @@ pub struct Config {
     pub counters: CountersConfig,
     pub sync: SyncConfig,
     pub log: LogConfig,
+    pub embedded: EmbeddedConfig,
+    pub backup: BackupConfig,
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
     #[serde(default)]
@@ -286,7 +292,11 @@ pub struct JournalConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CountersConfig {
-    pub strategy: Strategy,
+    /// `None`: `cache_first` in production (Redis journals increments),
+    /// `dual_write` in embedded mode (the in-process journal would not
+    /// survive a crash).
+    #[serde(default)]
+    pub strategy: Option<Strategy>,
     pub hour_retention_secs: u64,
     pub day_retention_secs: u64,
     pub month_retention_secs: u64,
@@ -300,6 +310,82 @@ pub struct SyncConfig {
     pub enabled: bool,
     pub interval_ms: u64,
     pub on_startup: bool,
+}
+
+/// Where the tiers run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Redis and PostgreSQL.
+    Production,
+    /// An in-process cache and a SQLite file: nothing else to run.
+    Embedded,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Production => "production",
+            Mode::Embedded => "embedded",
+        }
+    }
+}
+
+/// Embedded mode: where the data lives and how much the cache holds.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    /// Holds `hybridstore.db` (and, when no ADMIN_TOKEN is set, `admin-token`).
+    pub data_dir: std::path::PathBuf,
+    /// Record copies and markers the in-process cache keeps at most.
+    pub cache_max_records: usize,
+}
+
+impl EmbeddedConfig {
+    pub fn database_path(&self) -> std::path::PathBuf {
+        self.data_dir.join("hybridstore.db")
+    }
+
+    pub fn admin_token_path(&self) -> std::path::PathBuf {
+        self.data_dir.join("admin-token")
+    }
+}
+
+/// Scheduled backups made by the server itself.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupConfig {
+    /// How often (`90m`, `6h`, `1d`, or seconds); `0`: never.
+    #[serde(deserialize_with = "interval_secs")]
+    pub interval: u64,
+    pub dir: std::path::PathBuf,
+    /// Backups kept in `dir` (older ones are removed after each new one).
+    pub keep: usize,
+}
+
+/// A duration as seconds (`3600`) or with a unit: `s`, `m`, `h`, `d`.
+fn interval_secs<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let text = scalar_string(deserializer)?;
+    parse_interval(&text).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an interval: use seconds or a number with s, m, h or d (\"6h\")"
+        ))
+    })
+}
+
+fn parse_interval(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let factor = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    number.parse::<u64>().ok()?.checked_mul(factor)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -381,9 +467,28 @@ impl Config {
         Ok(config)
     }
 
+    /// Embedded when no server is named at all.
+    pub fn mode(&self) -> Mode {
+        if self.postgres.is_configured() || self.redis.is_configured() {
+            Mode::Production
+        } else {
+            Mode::Embedded
+        }
+    }
+
+    /// The strategy of counters, filled in for the mode.
+    pub fn counters_strategy(&self) -> Strategy {
+        self.counters.strategy.unwrap_or(match self.mode() {
+            Mode::Production => Strategy::CacheFirst,
+            Mode::Embedded => Strategy::DualWrite,
+        })
+    }
+
     /// Checks what the types cannot. Every error names its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         match &self.admin_token {
+            // Embedded mode makes one and keeps it in the data directory.
+            None if self.mode() == Mode::Embedded => {}
             None => {
                 return Err(invalid(
                     "admin_token (ADMIN_TOKEN)",
@@ -401,7 +506,7 @@ impl Config {
         if self.body_limit_bytes < 1024 {
             return Err(invalid("body_limit_bytes", "must be at least 1024"));
         }
-        if self.counters.strategy == Strategy::RedisOnly {
+        if self.counters.strategy == Some(Strategy::RedisOnly) {
             return Err(invalid(
                 "counters.strategy",
                 "counters need the durable tier: use cache_first or a durable-first strategy",
@@ -426,20 +531,27 @@ impl Config {
                 "single-tier deployments are not available yet: both PostgreSQL and Redis are required",
             ));
         }
-        if !self.postgres.is_configured() && !self.redis.is_configured() {
-            return Err(invalid(
-                "postgres.url (DATABASE_URL), redis.url (REDIS_URL)",
-                "embedded mode is not available yet: set DATABASE_URL and REDIS_URL \
-                 (or POSTGRES_HOST and REDIS_HOST)",
-            ));
+        if self.mode() == Mode::Embedded {
+            if self.embedded.cache_max_records < 100 {
+                return Err(invalid(
+                    "embedded.cache_max_records",
+                    "must be at least 100",
+                ));
+            }
+            if self.embedded.data_dir.as_os_str().is_empty() {
+                return Err(invalid("embedded.data_dir (DATA_DIR)", "must not be empty"));
+            }
         }
-        if !self.postgres.is_configured() {
+        if self.backup.interval > 0 && self.backup.keep == 0 {
+            return Err(invalid("backup.keep (BACKUP_KEEP)", "must be at least 1"));
+        }
+        if self.mode() == Mode::Production && !self.postgres.is_configured() {
             return Err(invalid(
                 "postgres.url (DATABASE_URL)",
                 "required: set DATABASE_URL or POSTGRES_HOST",
             ));
         }
-        if !self.redis.is_configured() {
+        if self.mode() == Mode::Production && !self.redis.is_configured() {
             return Err(invalid(
                 "redis.url (REDIS_URL)",
                 "required: set REDIS_URL or REDIS_HOST",
@@ -561,6 +673,8 @@ impl Config {
 }
 
 #[cfg(test)]
+// `Jail::expect_with` takes closures returning figment's own (large) error.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;
@@ -672,13 +786,29 @@ mod tests {
     }
 
     #[test]
-    fn no_servers_named_is_explained() {
+    fn no_servers_named_is_embedded_mode_and_one_alone_is_explained() {
         Jail::expect_with(|jail| {
+            let config = load_in(jail).expect("embedded needs nothing");
+            assert_eq!(config.mode(), Mode::Embedded);
+            assert_eq!(config.counters_strategy(), Strategy::DualWrite);
+            assert!(config.admin_token.is_none(), "made at start");
             jail.set_env("ADMIN_TOKEN", "0123456789abcdef0123");
+            jail.set_env("REDIS_URL", "redis://localhost:6379");
             let message = load_in(jail).expect_err("invalid").to_string();
             assert!(message.contains("DATABASE_URL"), "{message}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn backup_intervals_take_units() {
+        assert_eq!(parse_interval("90"), Some(90));
+        assert_eq!(parse_interval("90m"), Some(5400));
+        assert_eq!(parse_interval("6h"), Some(21_600));
+        assert_eq!(parse_interval("1d"), Some(86_400));
+        assert_eq!(parse_interval("0"), Some(0));
+        assert_eq!(parse_interval("6 hours"), None);
+        assert!(error_of(&[("BACKUP_INTERVAL", "soon")]).contains("BACKUP_INTERVAL"));
     }
 
     #[test]

@@ -1,11 +1,18 @@
 //! `spawn_app()`: the real service on port 0, over its own database and key
-//! prefix, with handles to inspect both tiers directly.
+//! prefix, with handles to inspect both tiers directly. `.embedded()` runs it
+//! in embedded mode instead (SQLite in a temporary directory, in-process
+//! cache); the tier-neutral helpers (`durable_row`, `cached_entry`, ...) look
+//! into whichever tiers the app runs on.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use hybridstore_core::{CollectionName, DurableStore, RecordId, RecordKey};
+use hybridstore_core::{
+    ApplyMode, CacheEntry, CacheStore, Change, CollectionName, DurableStore, JournalKind, RecordId,
+    RecordKey, Tier,
+};
+use hybridstore_engine::Engine;
 use hybridstore_redis::KeySpace;
 use hybridstore_server::{Config, ServerBuilder};
 use reqwest::Method;
@@ -46,9 +53,17 @@ pub struct TestAppBuilder {
     servers: Option<(Arc<Postgres>, Arc<Redis>)>,
     database: Option<String>,
     key_prefix: Option<String>,
+    embedded: bool,
 }
 
 impl TestAppBuilder {
+    /// Embedded mode: SQLite in a temporary directory and the in-process
+    /// cache; no server is needed.
+    pub fn embedded(mut self) -> Self {
+        self.embedded = true;
+        self
+    }
+
     /// Sets a configuration key (dotted path, e.g. `collections.widgets.schema`).
     pub fn config(mut self, key: &str, value: impl Into<Value>) -> Self {
         self.overrides.push((key.to_owned(), value.into()));
@@ -89,33 +104,9 @@ impl TestAppBuilder {
         init_logging();
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let (postgres, redis) = match self.servers {
-            Some(servers) => servers,
-            None => {
-                let shared = tokio::task::spawn_blocking(shared)
-                    .await
-                    .expect("start servers");
-                (shared.postgres.clone(), shared.redis.clone())
-            }
-        };
-        let database = match self.database {
-            Some(name) => name,
-            None => create_database(&postgres).await,
-        };
-        let key_prefix = self
-            .key_prefix
-            .unwrap_or_else(|| format!("t{}n{n}", std::process::id()));
-
         let mut figment = Config::builtin_figment()
             .merge(("admin_token", ADMIN_TOKEN))
             .merge(("port", 0))
-            .merge(("postgres.url", postgres.url(&database)))
-            .merge(("postgres.pool_size", 8))
-            // A dead server is noticed in well under a second.
-            .merge(("postgres.acquire_timeout_ms", 300))
-            .merge(("postgres.call_timeout_ms", 1000))
-            .merge(("redis.url", redis.url()))
-            .merge(("redis.key_prefix", &key_prefix))
             .merge(("records.purge_interval_ms", 200))
             .merge(("journal.claim_idle_ms", 1000))
             .merge((
@@ -126,6 +117,54 @@ impl TestAppBuilder {
                       "scopes": ["read:api_keys", "write:api_keys"] },
                 ]),
             ));
+        let (production, data_dir) = if self.embedded {
+            let dir = tempfile::tempdir().expect("a data directory");
+            figment = figment.merge(("embedded.data_dir", dir.path()));
+            (None, Some(dir))
+        } else {
+            let (postgres, redis) = match self.servers {
+                Some(servers) => servers,
+                None => {
+                    let shared = tokio::task::spawn_blocking(shared)
+                        .await
+                        .expect("start servers");
+                    (shared.postgres.clone(), shared.redis.clone())
+                }
+            };
+            let database = match self.database {
+                Some(name) => name,
+                None => create_database(&postgres).await,
+            };
+            let key_prefix = self
+                .key_prefix
+                .unwrap_or_else(|| format!("t{}n{n}", std::process::id()));
+            figment = figment
+                .merge(("postgres.url", postgres.url(&database)))
+                .merge(("postgres.pool_size", 8))
+                // A dead server is noticed in well under a second.
+                .merge(("postgres.acquire_timeout_ms", 300))
+                .merge(("postgres.call_timeout_ms", 1000))
+                .merge(("redis.url", redis.url()))
+                .merge(("redis.key_prefix", &key_prefix));
+            // Lazy: either server may be down while the test starts.
+            let db = PgPoolOptions::new()
+                .max_connections(4)
+                .connect_lazy(&postgres.url(&database))
+                .expect("test database URL");
+            let redis_conn = redis::aio::ConnectionManager::new_lazy_with_config(
+                redis::Client::open(redis.url()).expect("redis url"),
+                redis::aio::ConnectionManagerConfig::new(),
+            )
+            .expect("redis connection manager");
+            let production = Production {
+                db,
+                redis: redis_conn,
+                keys: KeySpace::new(key_prefix),
+                postgres_server: postgres,
+                redis_server: redis,
+            };
+            (Some(production), None)
+        };
         for (key, value) in self.overrides {
             figment = figment.merge((key, value));
         }
@@ -137,38 +176,24 @@ impl TestAppBuilder {
         }
         let server = builder.bind().await.expect("start the service");
         let addr = server.local_addr();
+        let engine = server.engine();
         let (shutdown, stop) = oneshot::channel::<()>();
         tokio::spawn(server.run(async {
             let _ = stop.await;
         }));
-
-        // Lazy: either server may be down while the test starts.
-        let db = PgPoolOptions::new()
-            .max_connections(4)
-            .connect_lazy(&postgres.url(&database))
-            .expect("test database URL");
-        let redis_conn = redis::aio::ConnectionManager::new_lazy_with_config(
-            redis::Client::open(redis.url()).expect("redis url"),
-            redis::aio::ConnectionManagerConfig::new(),
-        )
-        .expect("redis connection manager");
         TestApp {
             addr,
             http: reqwest::Client::new(),
-            db,
-            redis: redis_conn,
-            keys: KeySpace::new(key_prefix),
-            postgres_server: postgres,
-            redis_server: redis,
+            engine,
+            production,
+            data_dir,
             _shutdown: shutdown,
         }
     }
 }
 
-/// A running service and direct handles on its two tiers.
-pub struct TestApp {
-    pub addr: SocketAddr,
-    pub http: reqwest::Client,
+/// Direct handles on the servers of a production-mode app.
+pub struct Production {
     /// The test's own PostgreSQL database.
     pub db: PgPool,
     /// The Redis server (keys of this app start with `keys.prefix()`);
@@ -178,6 +203,16 @@ pub struct TestApp {
     /// The servers behind this app (kept alive as long as it runs).
     pub postgres_server: Arc<Postgres>,
     pub redis_server: Arc<Redis>,
+}
+
+/// A running service and direct handles on its two tiers.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    engine: Arc<Engine>,
+    production: Option<Production>,
+    /// Embedded mode: the data directory (removed when the app goes).
+    data_dir: Option<tempfile::TempDir>,
     _shutdown: oneshot::Sender<()>,
 }
 
@@ -213,7 +248,152 @@ impl TestApp {
             servers: None,
             database: None,
             key_prefix: None,
+            embedded: false,
         }
+    }
+
+    /// The PostgreSQL and Redis handles (production mode only).
+    pub fn pg(&self) -> &Production {
+        self.production
+            .as_ref()
+            .expect("a production-mode app (this one is embedded)")
+    }
+
+    pub fn is_embedded(&self) -> bool {
+        self.production.is_none()
+    }
+
+    /// The embedded app's data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.data_dir.as_ref().expect("an embedded app").path()
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Makes the tier fail every call as if unreachable, or ends that.
+    pub fn simulate_outage(&self, tier: Tier, down: bool) {
+        self.engine.simulate_outage(tier, down);
+    }
+
+    fn durable(&self) -> Arc<dyn DurableStore> {
+        self.engine.raw_tiers().0
+    }
+
+    fn cache(&self) -> Arc<dyn CacheStore> {
+        self.engine.raw_tiers().1
+    }
+
+    /// What the durable tier holds for a record, whatever it is (live or
+    /// deleted; `None`: nothing, or expired).
+    pub async fn durable_row(&self, collection: &str, id: &str) -> Option<(StoredCopy, bool)> {
+        let key = record_key(collection, id);
+        let states = self
+            .durable()
+            .get_states(
+                &key.collection,
+                std::slice::from_ref(&key.id),
+                time::OffsetDateTime::now_utc(),
+            )
+            .await
+            .expect("read the durable tier");
+        states.into_iter().next().map(|state| match state {
+            Change::Put(record) => (
+                StoredCopy {
+                    version: record.version.get(),
+                    data: Value::Object(record.data),
+                },
+                false,
+            ),
+            Change::Delete { version, .. } => (
+                StoredCopy {
+                    version: version.get(),
+                    data: Value::Object(Default::default()),
+                },
+                true,
+            ),
+        })
+    }
+
+    /// The live record the durable tier holds.
+    pub async fn durable_copy(&self, collection: &str, id: &str) -> Option<StoredCopy> {
+        self.durable_row(collection, id)
+            .await
+            .and_then(|(copy, deleted)| (!deleted).then_some(copy))
+    }
+
+    /// Replaces a record's data in the durable tier behind the service's
+    /// back (same version: only the data differs).
+    pub async fn rewrite_durable(&self, collection: &str, id: &str, data: Value) {
+        let key = record_key(collection, id);
+        let now = time::OffsetDateTime::now_utc();
+        let durable = self.durable();
+        let states = durable
+            .get_states(&key.collection, std::slice::from_ref(&key.id), now)
+            .await
+            .expect("read the durable tier");
+        let Some(Change::Put(mut record)) = states.into_iter().next() else {
+            panic!("{collection}/{id} is not live in the durable tier");
+        };
+        record.data = data.as_object().expect("an object").clone();
+        durable
+            .apply_changes(&[Change::Put(record)], ApplyMode::Force)
+            .await
+            .expect("rewrite the durable tier");
+    }
+
+    /// What the cache tier holds for a record: its version, and its data if
+    /// not a deletion marker. `None`: nothing.
+    pub async fn cached_entry(&self, collection: &str, id: &str) -> Option<(u64, Option<Value>)> {
+        let entry = self
+            .cache()
+            .get(&record_key(collection, id))
+            .await
+            .expect("read the cache tier");
+        match entry {
+            CacheEntry::Miss => None,
+            CacheEntry::Present(record) => {
+                Some((record.version.get(), Some(Value::Object(record.data))))
+            }
+            CacheEntry::Deleted(version) => Some((version.get(), None)),
+        }
+    }
+
+    /// The record copy the cache tier holds (not a deletion marker).
+    pub async fn cached_copy(&self, collection: &str, id: &str) -> Option<StoredCopy> {
+        match self.cached_entry(collection, id).await? {
+            (version, Some(data)) => Some(StoredCopy { version, data }),
+            (_, None) => None,
+        }
+    }
+
+    /// How many entries (copies and markers) the cache holds for a collection.
+    pub async fn cached_count(&self, collection: &str) -> usize {
+        let collection = CollectionName::parse(collection).expect("collection name");
+        let cache = self.cache();
+        let (mut cursor, mut ids) = (0, std::collections::HashSet::new());
+        loop {
+            let (next, page) = cache
+                .scan(&collection, cursor, 100)
+                .await
+                .expect("scan the cache tier");
+            ids.extend(page.into_iter().map(|state| state.state.key().id));
+            if next == 0 {
+                return ids.len();
+            }
+            cursor = next;
+        }
+    }
+
+    /// Entries waiting in the journals (write-behind and outage), in either mode.
+    pub async fn journal_backlog(&self) -> u64 {
+        let cache = self.cache();
+        let mut total = 0;
+        for kind in JournalKind::ALL {
+            total += cache.journal_backlog(kind).await.expect("journal backlog");
+        }
+        total
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -298,7 +478,7 @@ impl TestApp {
         let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000;
         self.redis_query::<()>(
             redis::cmd("HSET")
-                .arg(self.keys.record(&record_key(collection, id)))
+                .arg(self.pg().keys.record(&record_key(collection, id)))
                 .arg("v")
                 .arg(format!("{version:020}"))
                 .arg("d")
@@ -323,7 +503,7 @@ impl TestApp {
         .bind(id)
         .bind(version as i64)
         .bind(sqlx::types::Json(data))
-        .execute(&self.db)
+        .execute(&self.pg().db)
         .await
         .expect("write a row");
     }
@@ -347,7 +527,7 @@ impl TestApp {
         )
         .bind(scope)
         .bind(granularity)
-        .fetch_all(&self.db)
+        .fetch_all(&self.pg().db)
         .await
         .expect("query counters")
         .iter()
@@ -368,7 +548,7 @@ impl TestApp {
             expires_at: None,
         };
         let fields: Vec<(String, String)> = self
-            .redis_query(redis::cmd("HGETALL").arg(self.keys.counter_bucket(&scope, &bucket)))
+            .redis_query(redis::cmd("HGETALL").arg(self.pg().keys.counter_bucket(&scope, &bucket)))
             .await;
         let mut parts: std::collections::BTreeMap<String, (i128, i64)> = Default::default();
         for (name, value) in fields {
@@ -411,7 +591,7 @@ impl TestApp {
     /// Increments waiting in the counter journal.
     pub async fn counter_backlog(&self) -> u64 {
         let mut total = 0;
-        for stream in self.keys.counter_journals() {
+        for stream in self.pg().keys.counter_journals() {
             let length: u64 = self.redis_query(redis::cmd("XLEN").arg(stream)).await;
             total += length;
         }
@@ -421,7 +601,7 @@ impl TestApp {
     /// Removes a record's copy from Redis behind the service's back.
     pub async fn drop_cached_copy(&self, collection: &str, id: &str) {
         self.redis_query::<()>(
-            redis::cmd("DEL").arg(self.keys.record(&record_key(collection, id))),
+            redis::cmd("DEL").arg(self.pg().keys.record(&record_key(collection, id))),
         )
         .await;
     }
@@ -433,7 +613,7 @@ impl TestApp {
         )
         .bind(collection)
         .bind(id)
-        .fetch_optional(&self.db)
+        .fetch_optional(&self.pg().db)
         .await
         .expect("query records")?;
         let version: i64 = row.get("version");
@@ -457,7 +637,7 @@ impl TestApp {
     /// The Redis hash of a record: its version, and its data if not a deletion
     /// marker. `None` when the key does not exist.
     pub async fn redis_entry(&self, collection: &str, id: &str) -> Option<(u64, Option<Value>)> {
-        let key = self.keys.record(&record_key(collection, id));
+        let key = self.pg().keys.record(&record_key(collection, id));
         let (version, data) = self
             .redis_query::<(Option<String>, Option<Vec<u8>>)>(
                 redis::cmd("HMGET").arg(&key).arg("v").arg("d"),
@@ -474,7 +654,7 @@ impl TestApp {
     async fn redis_query<T: redis::FromRedisValue>(&self, command: &redis::Cmd) -> T {
         let mut attempts = 0;
         loop {
-            match command.query_async(&mut self.redis.clone()).await {
+            match command.query_async(&mut self.pg().redis.clone()).await {
                 Ok(value) => return value,
                 Err(err) if attempts < 5 && (err.is_io_error() || err.is_connection_dropped()) => {
                     attempts += 1;
@@ -495,7 +675,7 @@ impl TestApp {
 
     /// Milliseconds the Redis key of a record has left (-2: no key, -1: no TTL).
     pub async fn redis_pttl(&self, collection: &str, id: &str) -> i64 {
-        self.redis_query(redis::cmd("PTTL").arg(self.keys.record(&record_key(collection, id))))
+        self.redis_query(redis::cmd("PTTL").arg(self.pg().keys.record(&record_key(collection, id))))
             .await
     }
 
@@ -503,29 +683,17 @@ impl TestApp {
     /// journal streams).
     pub async fn redis_keys(&self) -> Vec<String> {
         let keys: Vec<String> = self
-            .redis_query(redis::cmd("KEYS").arg(format!("{}:*", self.keys.prefix())))
+            .redis_query(redis::cmd("KEYS").arg(format!("{}:*", self.pg().keys.prefix())))
             .await;
         keys.into_iter()
-            .filter(|key| self.keys.is_copy(key))
+            .filter(|key| self.pg().keys.is_copy(key))
             .collect()
-    }
-
-    /// Entries waiting in this app's journals (write-behind and outage).
-    pub async fn journal_backlog(&self) -> u64 {
-        let mut total = 0;
-        for kind in hybridstore_core::JournalKind::ALL {
-            for stream in self.keys.journals(kind) {
-                let length: u64 = self.redis_query(redis::cmd("XLEN").arg(stream)).await;
-                total += length;
-            }
-        }
-        total
     }
 
     /// Number of rows in `records` for this app (live or not).
     pub async fn postgres_row_count(&self) -> i64 {
         sqlx::query("SELECT count(*) AS n FROM records")
-            .fetch_one(&self.db)
+            .fetch_one(&self.pg().db)
             .await
             .expect("count")
             .get("n")

@@ -12,8 +12,8 @@ mod servers;
 mod wait;
 
 pub use app::{
-    ADMIN_TOKEN, API_KEYS_WRITER_TOKEN, READER_TOKEN, StoredCopy, TestApp, TestAppBuilder,
-    etag_version, spawn_app,
+    ADMIN_TOKEN, API_KEYS_WRITER_TOKEN, Production, READER_TOKEN, StoredCopy, TestApp,
+    TestAppBuilder, etag_version, spawn_app,
 };
 pub use process::free_port;
 pub use servers::{Postgres, Redis, RedisPersistence, SharedServers, create_database, shared};

@@ -1,0 +1,586 @@
+//! The engine suite: one set of behaviour tests run on both tier pairs,
+//! (Redis + PostgreSQL) and embedded (in-process cache + SQLite), so the
+//! embedded mode cannot drift from production. Each test below is written
+//! once against tier-neutral helpers and instantiated for each pair by
+//! `on_both_tier_pairs!` (`engine_suite::production::*`,
+//! `engine_suite::embedded::*`).
+//!
+//! Outages here are simulated in-process (every call to the tier fails as
+//! if it were unreachable), which works for both pairs; the production pair
+//! is also tested with real kills in `faults`, `outages` and `degradation`.
+
+use std::time::Duration;
+
+use hybridstore_core::Tier;
+use hybridstore_testkit::{TestApp, TestAppBuilder, etag_version, until};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+#[derive(Clone, Copy, Debug)]
+pub enum Pair {
+    Production,
+    Embedded,
+}
+
+impl Pair {
+    fn builder(self) -> TestAppBuilder {
+        match self {
+            Pair::Production => TestApp::builder(),
+            Pair::Embedded => TestApp::builder().embedded(),
+        }
+    }
+
+    /// An app whose `items` collection follows `strategy`.
+    async fn app_with(self, strategy: &str) -> TestApp {
+        self.builder()
+            .config("collections.items.strategy", strategy)
+            .spawn()
+            .await
+    }
+}
+
+macro_rules! on_both_tier_pairs {
+    ($($name:ident),* $(,)?) => {
+        mod production {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Pair::Production).await
+                }
+            )*
+        }
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Pair::Embedded).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_tier_pairs!(
+    dual_write_commits_durably_then_caches_and_reads_the_cache,
+    database_first_reads_the_durable_tier_and_keeps_the_cache_warm,
+    postgres_only_never_touches_the_cache,
+    cache_first_acknowledges_from_the_cache_and_writes_behind,
+    redis_only_keeps_records_in_the_cache_alone,
+    conditional_writes_and_reads,
+    listing_and_batch_get,
+    unique_indexes_hold_across_writers_and_free_on_delete,
+    record_ttl_expires_records,
+    counters_are_exact_and_reach_the_durable_tier,
+    idempotency_keys_answer_retries_once,
+    a_durable_outage_is_served_from_the_cache_and_replayed,
+    a_cache_outage_is_served_durably_and_leaves_nothing_stale,
+    both_tiers_down_answer_503_with_retry_after,
+    consistency_check_is_clean_and_strategy_switches_apply,
+);
+
+async fn read_data(app: &TestApp, id: &str) -> Value {
+    let body: Value = app.get("items", id).await.json().await.unwrap();
+    body["data"].clone()
+}
+
+async fn eventually_durable(app: &TestApp, id: &str, version: u64) -> bool {
+    until(Duration::from_secs(10), || async {
+        app.durable_copy("items", id).await.map(|c| c.version) == Some(version)
+    })
+    .await
+}
+
+async fn drained(app: &TestApp) -> bool {
+    until(Duration::from_secs(10), || async {
+        app.journal_backlog().await == 0
+    })
+    .await
+}
+
+async fn dual_write_commits_durably_then_caches_and_reads_the_cache(pair: Pair) {
+    let app = pair.app_with("dual_write").await;
+    let v = etag_version(&app.put("items", "a", json!({"n": 1})).await);
+    assert_eq!(
+        app.durable_copy("items", "a").await.map(|c| c.version),
+        Some(v)
+    );
+    assert_eq!(
+        app.cached_copy("items", "a").await.map(|c| c.version),
+        Some(v)
+    );
+    assert_eq!(app.journal_backlog().await, 0, "nothing journaled");
+    app.rewrite_durable("items", "a", json!({"n": "changed behind"}))
+        .await;
+    assert_eq!(
+        read_data(&app, "a").await,
+        json!({"n": 1}),
+        "read from the cache"
+    );
+}
+
+async fn database_first_reads_the_durable_tier_and_keeps_the_cache_warm(pair: Pair) {
+    let app = pair.app_with("database_first").await;
+    let v = etag_version(&app.put("items", "a", json!({"n": 1})).await);
+    assert_eq!(
+        app.durable_copy("items", "a").await.map(|c| c.version),
+        Some(v)
+    );
+    assert_eq!(
+        app.cached_copy("items", "a").await.map(|c| c.version),
+        Some(v),
+        "kept warm"
+    );
+    app.rewrite_durable("items", "a", json!({"n": "durable"}))
+        .await;
+    assert_eq!(read_data(&app, "a").await, json!({"n": "durable"}));
+}
+
+async fn postgres_only_never_touches_the_cache(pair: Pair) {
+    let app = pair.app_with("postgres_only").await;
+    let v = etag_version(&app.put("items", "a", json!({"n": 1})).await);
+    assert_eq!(
+        app.durable_copy("items", "a").await.map(|c| c.version),
+        Some(v)
+    );
+    assert_eq!(app.get("items", "a").await.status(), StatusCode::OK);
+    assert_eq!(
+        app.delete("items", "a").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(app.cached_count("items").await, 0);
+    assert_eq!(app.journal_backlog().await, 0);
+}
+
+async fn cache_first_acknowledges_from_the_cache_and_writes_behind(pair: Pair) {
+    let app = pair.app_with("cache_first").await;
+    let created = app.put("items", "a", json!({"n": 1})).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let v1 = etag_version(&created);
+    assert_eq!(
+        app.cached_copy("items", "a").await.map(|c| c.version),
+        Some(v1)
+    );
+    assert!(eventually_durable(&app, "a", v1).await, "written behind");
+
+    let mut last = v1;
+    for n in 2..=30 {
+        let response = app.put("items", "a", json!({"n": n})).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let v = etag_version(&response);
+        assert!(v > last, "versions grow");
+        last = v;
+        assert_eq!(
+            etag_version(&app.get("items", "a").await),
+            v,
+            "read-your-writes"
+        );
+    }
+    assert!(eventually_durable(&app, "a", last).await);
+    assert_eq!(
+        app.durable_copy("items", "a").await.unwrap().data,
+        json!({"n": 30})
+    );
+    assert!(drained(&app).await, "the journal drained");
+
+    assert_eq!(
+        app.delete("items", "a").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(app.get("items", "a").await.status(), StatusCode::NOT_FOUND);
+    assert!(
+        until(Duration::from_secs(10), || async {
+            matches!(app.durable_row("items", "a").await, Some((_, true)))
+        })
+        .await,
+        "the delete was written behind"
+    );
+    let stale = app
+        .admin(Method::PUT, "/v1/collections/items/records/b")
+        .header("if-match", "\"1\"")
+        .json(&json!({"n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+}
+
+async fn redis_only_keeps_records_in_the_cache_alone(pair: Pair) {
+    let app = pair.app_with("redis_only").await;
+    for id in ["a", "b", "c"] {
+        let response = app.put("items", id, json!({"id": id})).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    assert_eq!(
+        app.durable_row("items", "a").await,
+        None,
+        "never written durably"
+    );
+    let v = etag_version(&app.get("items", "b").await);
+    assert_eq!(
+        app.cached_copy("items", "b").await.map(|c| c.version),
+        Some(v)
+    );
+    assert_eq!(
+        app.delete("items", "b").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let page: Value = app
+        .admin(Method::GET, "/v1/collections/items/records")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a", "c"]);
+    assert_eq!(app.journal_backlog().await, 0);
+}
+
+async fn conditional_writes_and_reads(pair: Pair) {
+    let app = pair.builder().spawn().await;
+    let path = "/v1/collections/accounts/records/c1";
+    let create_only = |body: Value| {
+        app.admin(Method::PUT, path)
+            .header("if-none-match", "*")
+            .json(&body)
+            .send()
+    };
+    let created = create_only(json!({"n": 1})).await.unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let v1 = etag_version(&created);
+    assert_eq!(
+        create_only(json!({"n": 2})).await.unwrap().status(),
+        StatusCode::PRECONDITION_FAILED
+    );
+    let not_modified = app
+        .admin(Method::GET, path)
+        .header("if-none-match", format!("\"{v1}\""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(not_modified.status(), StatusCode::NOT_MODIFIED);
+    let patched = app
+        .admin(Method::PATCH, path)
+        .header("if-match", format!("\"{v1}\""))
+        .json(&json!({"extra": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), StatusCode::OK);
+    let v2 = etag_version(&patched);
+    let body: Value = app.get("accounts", "c1").await.json().await.unwrap();
+    assert_eq!(body["data"], json!({"n": 1, "extra": true}));
+    let stale_delete = app
+        .admin(Method::DELETE, path)
+        .header("if-match", format!("\"{v1}\""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale_delete.status(), StatusCode::PRECONDITION_FAILED);
+    let deleted = app
+        .admin(Method::DELETE, path)
+        .header("if-match", format!("\"{v2}\""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        app.get("accounts", "c1").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let recreated = etag_version(&app.put("accounts", "c1", json!({"n": 3})).await);
+    assert!(recreated > v2, "a re-created record continues the versions");
+}
+
+async fn listing_and_batch_get(pair: Pair) {
+    let app = pair.builder().spawn().await;
+    for id in ["user:1", "user:2", "user:3", "team:1"] {
+        app.put("accounts", id, json!({"id": id})).await;
+    }
+    let page = |query: &'static str| {
+        let app = &app;
+        async move {
+            let body: Value = app
+                .admin(
+                    Method::GET,
+                    &format!("/v1/collections/accounts/records?{query}"),
+                )
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let ids: Vec<String> = body["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().to_owned())
+                .collect();
+            (ids, body["next"].clone())
+        }
+    };
+    let (first, next) = page("prefix=user:&limit=2").await;
+    assert_eq!(first, ["user:1", "user:2"]);
+    assert_eq!(next, "user:2");
+    let (rest, next) = page("prefix=user:&limit=2&after=user:2").await;
+    assert_eq!(rest, ["user:3"]);
+    assert_eq!(next, Value::Null);
+
+    let found: Value = app
+        .admin(Method::POST, "/v1/collections/accounts/batch-get")
+        .json(&json!({"ids": ["team:1", "nobody", "user:3"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = found["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["team:1", "user:3"]);
+    assert_eq!(found["missing"], json!(["nobody"]));
+}
+
+async fn unique_indexes_hold_across_writers_and_free_on_delete(pair: Pair) {
+    let app = pair.builder().spawn().await;
+    assert_eq!(
+        app.put("users", "u1", json!({"username": "ada"}))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    let taken = app.put("users", "u2", json!({"username": "ada"})).await;
+    assert_eq!(taken.status(), StatusCode::CONFLICT);
+    let problem: Value = taken.json().await.unwrap();
+    assert_eq!(problem["code"], "unique_violation");
+    assert_eq!(
+        app.durable_row("users", "u2").await,
+        None,
+        "nothing written"
+    );
+
+    let found: Value = app
+        .lookup("users", "username", "ada")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["id"], "u1");
+    app.put("users", "u1", json!({"username": "grace"})).await;
+    assert_eq!(
+        app.lookup("users", "username", "ada").await.status(),
+        StatusCode::NOT_FOUND,
+        "the old value is free"
+    );
+    assert_eq!(
+        app.put("users", "u2", json!({"username": "ada"}))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    app.delete("users", "u1").await;
+    assert_eq!(
+        app.put("users", "u3", json!({"username": "grace"}))
+            .await
+            .status(),
+        StatusCode::CREATED,
+        "a deleted record's value is free"
+    );
+}
+
+async fn record_ttl_expires_records(pair: Pair) {
+    let app = pair.builder().spawn().await;
+    let response = app
+        .admin(Method::PUT, "/v1/collections/accounts/records/short?ttl=1")
+        .json(&json!({"n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["expires_at"].is_string(), "{body}");
+    assert_eq!(app.get("accounts", "short").await.status(), StatusCode::OK);
+    assert!(
+        until(Duration::from_secs(5), || async {
+            app.get("accounts", "short").await.status() == StatusCode::NOT_FOUND
+        })
+        .await,
+        "expired"
+    );
+}
+
+async fn counters_are_exact_and_reach_the_durable_tier(pair: Pair) {
+    let app = pair.builder().spawn().await;
+    for _ in 0..10 {
+        let response = app
+            .increment("usage:k1", json!({"deltas": {"requests": 1, "cost": 0.1}}))
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let totals = app.read_counters("usage:k1", "granularity=total").await;
+    let values = &totals["buckets"][0]["values"];
+    assert_eq!(values["requests"], json!(10));
+    assert_eq!(values["cost"], json!(1), "exact: ten times 0.1 is 1");
+    let hours = app.read_counters("usage:k1", "granularity=hour").await;
+    assert_eq!(hours["buckets"][0]["values"]["requests"], json!(10));
+
+    // The durable tier holds them too (written behind under cache_first).
+    let engine = app.engine().clone();
+    let scope = hybridstore_core::CounterScope::parse("usage:k1").unwrap();
+    let durable = engine.raw_tiers().0;
+    assert!(
+        until(Duration::from_secs(10), || async {
+            let values = durable
+                .scan_counters(None, 100, time::OffsetDateTime::now_utc())
+                .await
+                .unwrap();
+            values
+                .iter()
+                .filter(|v| v.scope == scope && v.granularity.as_str() == "total")
+                .map(|v| (v.field.to_string(), v.value.to_string()))
+                .collect::<Vec<_>>()
+                == [
+                    ("cost".to_owned(), "1".to_owned()),
+                    ("requests".to_owned(), "10".to_owned()),
+                ]
+        })
+        .await,
+        "durable totals"
+    );
+}
+
+async fn idempotency_keys_answer_retries_once(pair: Pair) {
+    let app = pair.builder().spawn().await;
+    let send = || {
+        app.admin(Method::POST, "/v1/counters/usage:idem/increment")
+            .header("idempotency-key", "retry-1")
+            .json(&json!({"deltas": {"requests": 1}}))
+            .send()
+    };
+    let first: Value = send().await.unwrap().json().await.unwrap();
+    let again = send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(first, again, "the first answer, replayed");
+    let totals = app.read_counters("usage:idem", "granularity=total").await;
+    assert_eq!(totals["buckets"][0]["values"]["requests"], json!(1));
+}
+
+async fn a_durable_outage_is_served_from_the_cache_and_replayed(pair: Pair) {
+    let app = pair.builder().spawn().await;
+    app.put("accounts", "before", json!({"n": 0})).await;
+    app.get("accounts", "before").await;
+    app.simulate_outage(Tier::Durable, true);
+    assert!(app.wait_for_tier("durable", "open").await);
+
+    let mut acknowledged = Vec::new();
+    for n in 0..20 {
+        let id = format!("out{n}");
+        let response = app.put("accounts", &id, json!({"n": n})).await;
+        assert!(response.status().is_success(), "{}", response.status());
+        acknowledged.push((id, etag_version(&response)));
+    }
+    assert_eq!(app.get("accounts", "out3").await.status(), StatusCode::OK);
+    assert_eq!(app.get("accounts", "before").await.status(), StatusCode::OK);
+    assert!(app.journal_backlog().await > 0, "journaled while down");
+
+    app.simulate_outage(Tier::Durable, false);
+    assert!(app.wait_for_tier("durable", "closed").await);
+    assert!(drained(&app).await, "replayed");
+    for (id, version) in &acknowledged {
+        assert_eq!(
+            app.durable_copy("accounts", id).await.map(|c| c.version),
+            Some(*version),
+            "{id} reached the durable tier"
+        );
+    }
+}
+
+async fn a_cache_outage_is_served_durably_and_leaves_nothing_stale(pair: Pair) {
+    let app = pair.builder().spawn().await;
+    let v1 = etag_version(&app.put("accounts", "a", json!({"n": 1})).await);
+    assert_eq!(etag_version(&app.get("accounts", "a").await), v1);
+    app.simulate_outage(Tier::Cache, true);
+    assert!(app.wait_for_tier("cache", "open").await);
+
+    let v2 = etag_version(&app.put("accounts", "a", json!({"n": 2})).await);
+    assert_eq!(
+        app.durable_copy("accounts", "a").await.map(|c| c.version),
+        Some(v2)
+    );
+    assert_eq!(etag_version(&app.get("accounts", "a").await), v2);
+
+    app.simulate_outage(Tier::Cache, false);
+    assert!(app.wait_for_tier("cache", "closed").await);
+    let body: Value = app.get("accounts", "a").await.json().await.unwrap();
+    assert_eq!(
+        body["data"],
+        json!({"n": 2}),
+        "the copy from before is not served"
+    );
+    assert_eq!(body["version"], json!(v2));
+}
+
+async fn both_tiers_down_answer_503_with_retry_after(pair: Pair) {
+    let app = pair.builder().spawn().await;
+    app.simulate_outage(Tier::Durable, true);
+    app.simulate_outage(Tier::Cache, true);
+    assert!(app.wait_for_tier("durable", "open").await);
+    assert!(app.wait_for_tier("cache", "open").await);
+    let response = app.put("accounts", "a", json!({"n": 1})).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], "backends_unavailable");
+
+    app.simulate_outage(Tier::Durable, false);
+    app.simulate_outage(Tier::Cache, false);
+    assert!(app.wait_for_tier("durable", "closed").await);
+    assert!(app.wait_for_tier("cache", "closed").await);
+    assert_eq!(
+        app.put("accounts", "a", json!({"n": 1})).await.status(),
+        StatusCode::CREATED
+    );
+}
+
+async fn consistency_check_is_clean_and_strategy_switches_apply(pair: Pair) {
+    let app = pair.builder().spawn().await;
+    for n in 0..10 {
+        app.put("accounts", &format!("r{n}"), json!({"n": n})).await;
+    }
+    let (status, report) = app
+        .admin_call(Method::GET, "/admin/database/consistency-check")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["consistent"], json!(true), "{report}");
+
+    let (status, body) = app
+        .admin_call(Method::POST, "/admin/database/strategy/database-first")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, status_report) = app.admin_call(Method::GET, "/admin/database/status").await;
+    let accounts = status_report["collections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "accounts")
+        .unwrap()
+        .clone();
+    assert_eq!(accounts["strategy"], "database_first", "{accounts}");
+    // database_first reads the durable tier.
+    app.rewrite_durable("accounts", "r1", json!({"n": "durable"}))
+        .await;
+    let body: Value = app.get("accounts", "r1").await.json().await.unwrap();
+    assert_eq!(body["data"], json!({"n": "durable"}));
+}
