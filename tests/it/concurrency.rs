@@ -7,8 +7,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hybridstore_core::{
     ApplyMode, Bucket, BucketValues, Change, CollectionName, ControlState, CounterIncrement,
-    CounterScope, CounterValue, DurableStore, IndexName, ListQuery, Precondition, Record, RecordId,
-    RecordKey, RecordWrite, StoreResult, Version, WriteOutcome,
+    CounterScope, CounterValue, DurableStore, IndexEntry, IndexName, ListQuery, Precondition,
+    Record, RecordId, RecordKey, RecordWrite, StoreResult, Version, WriteOutcome,
 };
 use hybridstore_testkit::{TestApp, etag_version, spawn_app};
 use reqwest::StatusCode;
@@ -176,6 +176,14 @@ impl DurableStore for GatedReads {
         op_ids: &[String],
     ) -> StoreResult<(Vec<BucketValues>, std::collections::HashSet<String>)> {
         self.inner.counter_snapshot(scope, buckets, op_ids).await
+    }
+    async fn set_index_entries(
+        &self,
+        key: &RecordKey,
+        entries: &[IndexEntry],
+        now: OffsetDateTime,
+    ) -> StoreResult<()> {
+        self.inner.set_index_entries(key, entries, now).await
     }
     async fn scan_counters(
         &self,

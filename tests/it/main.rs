@@ -21,3 +21,4 @@ mod outages;
 mod records;
 mod stale_cache;
 mod strategies;
+mod transfer;

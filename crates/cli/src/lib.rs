@@ -9,6 +9,9 @@
 //! a failed job); 2 wrong usage; 3 the server could not be asked or refused
 //! the request (unreachable, 401/403, 409 ...).
 
+mod transfer;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -101,6 +104,57 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Write every record and counter as NDJSON (to stdout, or a file).
+    Export {
+        /// Write here (atomically) instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Gzip the file (also when its name ends in .gz).
+        #[arg(long)]
+        gzip: bool,
+    },
+    /// Upsert an export's records and counters (version-guarded, idempotent).
+    Import {
+        /// An export, plain or gzipped.
+        file: PathBuf,
+        /// Overwrite newer versions and counter values already held.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create, verify and restore backups.
+    Backup {
+        #[command(subcommand)]
+        action: BackupAction,
+    },
+    /// Import an MCP hub's mcp_settings.json (mcpServers, users, groups,
+    /// systemConfig) into mcp_servers, users, groups and settings.
+    ImportMcphub {
+        file: PathBuf,
+        /// Only report what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupAction {
+    /// Export into DIR as a gzipped file plus a manifest (counts, sha256).
+    Create {
+        #[arg(long, env = "BACKUP_DIR", default_value = "./backups")]
+        dir: PathBuf,
+        /// Then keep only the newest N backups in DIR.
+        #[arg(long, env = "BACKUP_KEEP")]
+        keep: Option<usize>,
+    },
+    /// Check a backup (manifest or data file): size, sha256, every line, counts.
+    Verify { file: PathBuf },
+    /// Verify a backup, then import it.
+    Restore {
+        file: PathBuf,
+        /// Overwrite newer versions and counter values already held.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -154,9 +208,16 @@ impl Client {
             let port = std::env::var("PORT").unwrap_or_else(|_| "8080".into());
             format!("http://127.0.0.1:{port}")
         });
+        // An embedded server started without ADMIN_TOKEN keeps the one it
+        // made in its data directory.
         let token = remote
             .admin_token
-            .or_else(|| std::env::var("ADMIN_TOKEN").ok());
+            .or_else(|| std::env::var("ADMIN_TOKEN").ok())
+            .or_else(|| {
+                let dir = std::env::var("DATA_DIR").unwrap_or_else(|_| "./data".into());
+                let token = std::fs::read_to_string(PathBuf::from(dir).join("admin-token")).ok()?;
+                Some(token.trim().to_owned())
+            });
         Self {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(600))
@@ -168,12 +229,29 @@ impl Client {
         }
     }
 
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
     /// Sends a request; answers with the status and the JSON body.
     async fn call(&self, method: reqwest::Method, path: &str) -> Result<(u16, Value), Failure> {
+        self.call_with(method, path, None).await
+    }
+
+    /// [`Self::call`] with a JSON body.
+    async fn call_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), Failure> {
         let url = format!("{}{path}", self.base);
-        let mut request = self.http.request(method, &url);
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
+        let mut request = self.authorized(self.http.request(method, &url));
+        if let Some(body) = body {
+            request = request.json(body);
         }
         let response = request
             .send()
@@ -187,7 +265,26 @@ impl Client {
 
     /// A call that must succeed (2xx); a problem document becomes the message.
     async fn expect(&self, method: reqwest::Method, path: &str) -> Result<Value, Failure> {
-        let (status, body) = self.call(method, path).await?;
+        self.expect_call(method, path, None).await
+    }
+
+    /// [`Self::expect`] with a JSON body.
+    async fn expect_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Value,
+    ) -> Result<Value, Failure> {
+        self.expect_call(method, path, Some(body)).await
+    }
+
+    async fn expect_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, Failure> {
+        let (status, body) = self.call_with(method, path, body).await?;
         if (200..300).contains(&status) {
             return Ok(body);
         }
@@ -222,6 +319,14 @@ impl Client {
                 self.check(repair, collection).await
             }
             Command::SwitchStrategy { name, force } => self.switch(&name, force).await,
+            Command::Export { output, gzip } => self.export(output, gzip).await,
+            Command::Import { file, force } => self.import(&file, force).await,
+            Command::Backup { action } => match action {
+                BackupAction::Create { dir, keep } => self.backup_create(&dir, keep).await,
+                BackupAction::Verify { file } => self.backup_verify(&file),
+                BackupAction::Restore { file, force } => self.backup_restore(&file, force).await,
+            },
+            Command::ImportMcphub { file, dry_run } => self.import_mcphub(&file, dry_run).await,
         }
     }
 

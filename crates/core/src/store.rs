@@ -14,8 +14,9 @@ use time::OffsetDateTime;
 use crate::{
     Bucket, BucketValues, CacheIncrementOutcome, CacheWrite, CacheWriteOutcome, Change,
     CollectionName, ControlState, CounterIncrement, CounterJournalEntry, CounterScope,
-    CounterValue, IndexName, JournalAck, JournalEntry, JournalKind, JournalPosition, ListQuery,
-    Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError, Version, WriteOutcome,
+    CounterValue, IndexEntry, IndexName, JournalAck, JournalEntry, JournalKind, JournalPosition,
+    ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError, Version,
+    WriteOutcome,
 };
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -161,6 +162,17 @@ pub trait DurableStore: Send + Sync + 'static {
         buckets: &[Bucket],
         op_ids: &[String],
     ) -> StoreResult<(Vec<BucketValues>, std::collections::HashSet<String>)>;
+
+    /// Points a record's unique index entries at it (replacing the ones it
+    /// had), as a write would; fails with `UniqueViolation`, changing
+    /// nothing, when a live record holds one of the values. Imports use it
+    /// after `apply_changes`, which carries records but not their entries.
+    async fn set_index_entries(
+        &self,
+        key: &RecordKey,
+        entries: &[IndexEntry],
+        now: OffsetDateTime,
+    ) -> StoreResult<()>;
 
     /// Up to `limit` stored counter values ordered by (scope, granularity,
     /// bucket start, field), after `after`, leaving out expired buckets:

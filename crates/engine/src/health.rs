@@ -35,9 +35,9 @@ use hybridstore_core::{
     ApplyMode, Bucket, BucketValues, CacheEntry, CacheIncrementOutcome, CacheStore, CacheWrite,
     CacheWriteOutcome, CachedState, Change, CollectionName, ControlState, CopyOutcome,
     CounterIncrement, CounterJournalEntry, CounterScope, CounterValue, DurableStore,
-    IdempotencyClaim, IndexName, JournalAck, JournalEntry, JournalKind, JournalPosition, ListQuery,
-    Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version,
-    WriteOutcome,
+    IdempotencyClaim, IndexEntry, IndexName, JournalAck, JournalEntry, JournalKind,
+    JournalPosition, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError,
+    StoreResult, Tier, Version, WriteOutcome,
 };
 use serde::Serialize;
 
@@ -643,6 +643,15 @@ impl DurableStore for GuardedDurable {
         op_ids: &[String],
     ) -> StoreResult<(Vec<BucketValues>, HashSet<String>)> {
         let call = self.inner.counter_snapshot(scope, buckets, op_ids);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn set_index_entries(
+        &self,
+        key: &RecordKey,
+        entries: &[IndexEntry],
+        now: OffsetDateTime,
+    ) -> StoreResult<()> {
+        let call = self.inner.set_index_entries(key, entries, now);
         self.breaker.call(self.timeout, call).await
     }
     async fn scan_counters(

@@ -18,6 +18,7 @@ mod maintenance;
 mod stats;
 mod status;
 mod strategy;
+mod transfer;
 
 pub use catalog::{Catalog, CatalogError, Collection};
 pub use control::SwitchOutcome;
@@ -34,3 +35,4 @@ pub use stats::{
 };
 pub use status::{HealthReport, MetricsReport, Overall, StatusReport};
 pub use strategy::{Plan, ReadPath, WritePath};
+pub use transfer::ImportReport;

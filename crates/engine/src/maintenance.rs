@@ -392,7 +392,7 @@ impl Engine {
     /// Copies a durable state into the cache, as the collection keeps it
     /// there: the truth of a `redis_only` collection, a copy otherwise.
     /// `None` when there is nothing to copy (the record expired).
-    async fn copy_to_cache(
+    pub(crate) async fn copy_to_cache(
         &self,
         collection: &Collection,
         state: &Change,

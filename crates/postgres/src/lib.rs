@@ -477,17 +477,18 @@ impl PostgresStore {
 
     async fn claim_index_entries(
         tx: &mut sqlx::PgConnection,
-        write: &RecordWrite,
+        key: &RecordKey,
+        now: OffsetDateTime,
         entries: &[IndexEntry],
     ) -> StoreResult<()> {
         sqlx::query("DELETE FROM record_index WHERE collection = $1 AND record_id = $2")
-            .bind(write.key.collection.as_str())
-            .bind(write.key.id.as_str())
+            .bind(key.collection.as_str())
+            .bind(key.id.as_str())
             .execute(&mut *tx)
             .await
             .map_err(classify)?;
         for entry in entries {
-            if !Self::claim_index_entry(tx, write, entry).await? {
+            if !Self::claim_index_entry(tx, key, now, entry).await? {
                 return Err(StoreError::UniqueViolation {
                     index: entry.index.to_string(),
                     value: entry.value.clone(),
@@ -507,10 +508,11 @@ impl PostgresStore {
     /// whose snapshot includes every transaction that touched the entry before.
     async fn claim_index_entry(
         tx: &mut sqlx::PgConnection,
-        write: &RecordWrite,
+        key: &RecordKey,
+        now: OffsetDateTime,
         entry: &IndexEntry,
     ) -> StoreResult<bool> {
-        let (collection, id) = (write.key.collection.as_str(), write.key.id.as_str());
+        let (collection, id) = (key.collection.as_str(), key.id.as_str());
         // The entry may vanish between the insert and the lock (its holder
         // changed value); then the insert is tried again.
         for _ in 0..3 {
@@ -539,7 +541,7 @@ impl PostgresStore {
             let live: bool = sqlx::query_scalar(HOLDER_IS_LIVE)
                 .bind(collection)
                 .bind(&holder)
-                .bind(write.now)
+                .bind(now)
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(classify)?;
@@ -633,7 +635,7 @@ impl DurableStore for PostgresStore {
                 let mut tx = self.pool.begin().await.map_err(classify)?;
                 let row = Self::write_record(&mut *tx, write).await?;
                 if row.is_some() {
-                    Self::claim_index_entries(&mut tx, write, entries).await?;
+                    Self::claim_index_entries(&mut tx, &write.key, write.now, entries).await?;
                     tx.commit().await.map_err(classify)?;
                 }
                 row
@@ -913,6 +915,17 @@ impl DurableStore for PostgresStore {
         };
         tx.commit().await.map_err(classify)?;
         Ok((bucket_values(&rows)?, applied))
+    }
+
+    async fn set_index_entries(
+        &self,
+        key: &RecordKey,
+        entries: &[IndexEntry],
+        now: OffsetDateTime,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        Self::claim_index_entries(&mut tx, key, now, entries).await?;
+        tx.commit().await.map_err(classify)
     }
 
     async fn scan_counters(

@@ -537,7 +537,7 @@ fn put_in(tx: &Connection, write: &RecordWrite) -> StoreResult<WriteOutcome> {
     }
     .write(tx)?;
     if let Some(entries) = &write.index_entries {
-        claim_index_entries(tx, write, entries)?;
+        claim_index_entries(tx, &write.key, write.now, entries)?;
     }
     Ok(WriteOutcome {
         created: version == created_version,
@@ -557,10 +557,11 @@ fn put_in(tx: &Connection, write: &RecordWrite) -> StoreResult<WriteOutcome> {
 /// holds one of the values (then the whole write is rolled back).
 fn claim_index_entries(
     tx: &Connection,
-    write: &RecordWrite,
+    key: &RecordKey,
+    now: OffsetDateTime,
     entries: &[IndexEntry],
 ) -> StoreResult<()> {
-    let (collection, id) = (write.key.collection.as_str(), write.key.id.as_str());
+    let (collection, id) = (key.collection.as_str(), key.id.as_str());
     tx.prepare_cached("DELETE FROM record_index WHERE collection = ?1 AND record_id = ?2")
         .and_then(|mut statement| statement.execute(params![collection, id]))
         .map_err(classify)?;
@@ -586,10 +587,10 @@ fn claim_index_entries(
             }
             Some(holder) => {
                 let holder_key = RecordKey::new(
-                    write.key.collection.clone(),
+                    key.collection.clone(),
                     RecordId::parse(&holder).map_err(|err| corrupt(err.to_string()))?,
                 );
-                if Current::of(tx, &holder_key)?.is_some_and(|row| row.is_live(micros(write.now))) {
+                if Current::of(tx, &holder_key)?.is_some_and(|row| row.is_live(micros(now))) {
                     return Err(StoreError::UniqueViolation {
                         index: entry.index.to_string(),
                         value: entry.value.clone(),
@@ -1112,6 +1113,17 @@ impl DurableStore for SqliteStore {
             Ok((values, applied))
         })
         .await
+    }
+
+    async fn set_index_entries(
+        &self,
+        key: &RecordKey,
+        entries: &[IndexEntry],
+        now: OffsetDateTime,
+    ) -> StoreResult<()> {
+        let (key, entries) = (key.clone(), entries.to_vec());
+        self.write(move |tx| claim_index_entries(tx, &key, now, &entries))
+            .await
     }
 
     async fn scan_counters(

@@ -9,6 +9,7 @@ mod idempotency;
 pub mod openapi;
 pub mod problem;
 mod records;
+mod transfer;
 
 use std::sync::Arc;
 
@@ -163,6 +164,8 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .routes(routes!(admin::jobs))
         .routes(routes!(admin::job))
         .routes(routes!(admin::switch_strategy))
+        .routes(routes!(transfer::export))
+        .routes(routes!(transfer::import))
         .split_for_parts();
     router
         .fallback(|| async { ApiError::RouteNotFound })

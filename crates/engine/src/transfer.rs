@@ -1,0 +1,324 @@
+//! Export and import: every record and counter, in the lines of
+//! `hybridstore-transfer`.
+//!
+//! Export walks the durable tier (the truth) collection by collection in id
+//! pages, then the counters, in bounded memory; it is not one snapshot, so a
+//! write during the export may or may not be in it (each record is whole).
+//! Import applies records with the same version rule as journal replay and
+//! sync (an older version never replaces a newer one unless forced), so it
+//! is idempotent; it rebuilds unique index entries, drops cache copies that
+//! could now be stale, and sets counter values only where the target holds
+//! none (unless forced): importing twice changes nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures_util::Stream;
+use hybridstore_core::{
+    ApplyMode, Bucket, CacheStore as _, Change, CollectionName, CopyOutcome, CounterScope,
+    CounterValue, DurableStore as _, Error, RecordId, RecordKey, StoreError, Strategy,
+};
+use hybridstore_transfer::{Counts, Deletion, Header, Line, Source};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::Engine;
+
+/// Records or counter values read per durable call.
+const PAGE: usize = 1000;
+
+/// Where an export stands.
+enum Stage {
+    Header,
+    Records {
+        collection: usize,
+        after: Option<RecordId>,
+    },
+    Counters {
+        after: Option<CounterValue>,
+    },
+    End,
+    Done,
+}
+
+/// What an import did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ImportReport {
+    /// Records (and deletions) written, per collection.
+    pub applied: BTreeMap<String, u64>,
+    /// Left alone: the target held the same or a newer version.
+    pub skipped: BTreeMap<String, u64>,
+    pub counters_applied: u64,
+    /// Left alone: the target held a value for that field of that bucket.
+    pub counters_skipped: u64,
+}
+
+fn count(map: &mut BTreeMap<String, u64>, collection: &CollectionName) {
+    *map.entry(collection.to_string()).or_default() += 1;
+}
+
+impl Engine {
+    fn export_failed(&self, err: StoreError) -> Error {
+        tracing::error!(error = %err, "export stopped");
+        match err {
+            StoreError::Unavailable { tier, .. } => Error::Internal(format!(
+                "the {tier} tier became unavailable; the export stopped (safe to run again)"
+            )),
+            other => Error::Internal(other.to_string()),
+        }
+    }
+
+    /// Every record, deletion marker and counter value the durable tier
+    /// holds, as export lines in pages: a header first and an end line
+    /// with the counts last.
+    pub fn export(self: Arc<Self>) -> impl Stream<Item = Result<Vec<Line>, Error>> + Send {
+        let collections: Vec<CollectionName> = self
+            .catalog
+            .iter()
+            .map(|collection| collection.spec.name.clone())
+            .collect();
+        let state = (self, Stage::Header, Counts::default());
+        futures_util::stream::try_unfold(state, move |(engine, stage, mut counts)| {
+            let collections = collections.clone();
+            async move {
+                let now = OffsetDateTime::now_utc();
+                let (lines, next) = match stage {
+                    Stage::Done => return Ok(None),
+                    Stage::Header => {
+                        let source = Source {
+                            backend: engine.durable.backend().to_owned(),
+                            instance: engine.instance_id.clone(),
+                            service_version: env!("CARGO_PKG_VERSION").to_owned(),
+                        };
+                        let next = Stage::Records {
+                            collection: 0,
+                            after: None,
+                        };
+                        (vec![Line::Header(Header::new(source))], next)
+                    }
+                    Stage::Records { collection, after } => {
+                        let Some(name) = collections.get(collection) else {
+                            return Ok(Some((
+                                Vec::new(),
+                                (engine, Stage::Counters { after: None }, counts),
+                            )));
+                        };
+                        let page = engine
+                            .durable
+                            .scan(name, after.as_ref(), PAGE, now)
+                            .await
+                            .map_err(|err| engine.export_failed(err))?;
+                        let next = match page.last() {
+                            Some(last) if page.len() == PAGE => Stage::Records {
+                                collection,
+                                after: Some(last.key().id),
+                            },
+                            _ => Stage::Records {
+                                collection: collection + 1,
+                                after: None,
+                            },
+                        };
+                        let lines = page.into_iter().map(line_of).collect();
+                        (lines, next)
+                    }
+                    Stage::Counters { after } => {
+                        let page = engine
+                            .durable
+                            .scan_counters(after.as_ref(), PAGE, now)
+                            .await
+                            .map_err(|err| engine.export_failed(err))?;
+                        let next = match page.last() {
+                            Some(last) if page.len() == PAGE => Stage::Counters {
+                                after: Some(last.clone()),
+                            },
+                            _ => Stage::End,
+                        };
+                        (page.into_iter().map(Line::Counter).collect(), next)
+                    }
+                    Stage::End => (vec![Line::End(counts.clone())], Stage::Done),
+                };
+                for line in &lines {
+                    counts.add(line);
+                }
+                Ok(Some((lines, (engine, next, counts))))
+            }
+        })
+    }
+
+    /// Why `line` cannot be imported here, if it cannot.
+    pub fn check_import_line(&self, line: &Line) -> Result<(), String> {
+        let collection = match line {
+            Line::Record(record) => &record.collection,
+            Line::Deletion(deletion) => &deletion.collection,
+            Line::Counter(_) => return Ok(()),
+            Line::Header(_) | Line::End(_) => return Ok(()),
+        };
+        self.catalog
+            .get(collection)
+            .map(drop)
+            .map_err(|_| format!("collection {collection} is not declared here"))
+    }
+
+    /// Applies a batch of checked export lines (see the module comment).
+    pub async fn import_batch(
+        &self,
+        lines: Vec<Line>,
+        force: bool,
+        report: &mut ImportReport,
+    ) -> Result<(), Error> {
+        let mut changes: BTreeMap<CollectionName, Vec<Change>> = BTreeMap::new();
+        let mut counters = Vec::new();
+        for line in lines {
+            match line {
+                Line::Record(record) => changes
+                    .entry(record.collection.clone())
+                    .or_default()
+                    .push(Change::Put(record)),
+                Line::Deletion(Deletion {
+                    collection,
+                    id,
+                    version,
+                    at,
+                }) => changes
+                    .entry(collection.clone())
+                    .or_default()
+                    .push(Change::Delete {
+                        key: RecordKey::new(collection, id),
+                        version,
+                        at,
+                    }),
+                Line::Counter(value) => counters.push(value),
+                Line::Header(_) | Line::End(_) => {}
+            }
+        }
+        for (name, changes) in changes {
+            self.import_changes(&name, changes, force, report).await?;
+        }
+        if !counters.is_empty() {
+            self.import_counters(counters, force, report).await?;
+        }
+        Ok(())
+    }
+
+    async fn import_changes(
+        &self,
+        name: &CollectionName,
+        changes: Vec<Change>,
+        force: bool,
+        report: &mut ImportReport,
+    ) -> Result<(), Error> {
+        let collection = self.catalog.get(name)?;
+        if self.strategy_of(collection) == Strategy::RedisOnly {
+            // The cache is this collection's truth.
+            for change in &changes {
+                let outcome = self
+                    .copy_to_cache(collection, change, force)
+                    .await
+                    .map_err(|err| self.export_failed(err))?;
+                let written = outcome == Some(CopyOutcome::Written);
+                count(
+                    if written {
+                        &mut report.applied
+                    } else {
+                        &mut report.skipped
+                    },
+                    name,
+                );
+            }
+            return Ok(());
+        }
+        let mode = if force {
+            ApplyMode::Force
+        } else {
+            ApplyMode::IfNewer
+        };
+        let keys: Vec<RecordKey> = changes.iter().map(Change::key).collect();
+        if !self.cache.breaker.is_closed() {
+            // A copy the cache keeps through its outage goes when it returns.
+            for key in &keys {
+                self.cache.mark_dirty(key);
+            }
+        }
+        let applied = self
+            .durable
+            .apply_changes(&changes, mode)
+            .await
+            .map_err(|err| self.export_failed(err))?;
+        let now = OffsetDateTime::now_utc();
+        let mut written = Vec::new();
+        for (change, applied) in changes.iter().zip(applied) {
+            if !applied {
+                count(&mut report.skipped, name);
+                continue;
+            }
+            count(&mut report.applied, name);
+            written.push(change.key());
+            if let Change::Put(record) = change
+                && let Some(entries) = collection.index_entries(&record.data)?
+            {
+                self.durable
+                    .set_index_entries(&record.key(), &entries, now)
+                    .await
+                    .map_err(|err| match err {
+                        StoreError::UniqueViolation { index, value } => {
+                            Error::UniqueViolation { index, value }
+                        }
+                        other => self.export_failed(other),
+                    })?;
+            }
+        }
+        if self.configured_plan(collection).uses_cache()
+            && !written.is_empty()
+            && let Err(err) = self.cache.invalidate(&written).await
+        {
+            tracing::warn!(error = %err, "imported records: cache copies left to the recovery");
+        }
+        Ok(())
+    }
+
+    async fn import_counters(
+        &self,
+        values: Vec<CounterValue>,
+        force: bool,
+        report: &mut ImportReport,
+    ) -> Result<(), Error> {
+        let written = self
+            .durable
+            .restore_counters(&values, force)
+            .await
+            .map_err(|err| self.export_failed(err))?;
+        let mut scopes: BTreeMap<CounterScope, Vec<Bucket>> = BTreeMap::new();
+        for (value, written) in values.iter().zip(written) {
+            if written {
+                report.counters_applied += 1;
+                scopes.entry(value.scope.clone()).or_default().push(Bucket {
+                    granularity: value.granularity,
+                    start: value.bucket_start,
+                    expires_at: value.expires_at,
+                });
+            } else {
+                report.counters_skipped += 1;
+            }
+        }
+        // Cached buckets were seeded from the old values: seed them again.
+        for (scope, buckets) in scopes {
+            if self.cache.forget_buckets(&scope, &buckets).await.is_err() {
+                self.cache.counters_dirty.store(true, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn line_of(state: Change) -> Line {
+    match state {
+        Change::Put(record) => Line::Record(record),
+        Change::Delete { key, version, at } => Line::Deletion(Deletion {
+            collection: key.collection,
+            id: key.id,
+            version,
+            at,
+        }),
+    }
+}
