@@ -479,3 +479,96 @@ async fn kill_9_of_the_embedded_server_loses_no_acknowledged_write() {
         "acknowledged {acked} increments, {attempted} attempted, {total} counted"
     );
 }
+
+#[tokio::test]
+async fn the_server_makes_scheduled_backups_and_keeps_the_newest() {
+    let backups = tempfile::tempdir().unwrap();
+    let app = TestApp::builder()
+        .embedded()
+        .config("backup.interval", "1")
+        .config("backup.dir", backups.path().to_str().unwrap())
+        .config("backup.keep", 2)
+        .spawn()
+        .await;
+    app.put("accounts", "a", json!({"n": 1})).await;
+    let manifests = || {
+        std::fs::read_dir(backups.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.to_string_lossy().ends_with(".manifest.json"))
+            .collect::<Vec<_>>()
+    };
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let kept = manifests();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    for manifest in kept {
+        let verify = cli(&app, &["backup", "verify", manifest.to_str().unwrap()]).await;
+        assert!(verify.status.success(), "{}", text(&verify));
+        let stated: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+        assert_eq!(stated["records"]["accounts"], 1);
+    }
+}
+
+#[tokio::test]
+async fn a_hub_settings_file_is_imported_once_and_a_malformed_one_changes_nothing() {
+    let app = spawn(Mode::Embedded).await;
+    let files = tempfile::tempdir().unwrap();
+    let settings = files.path().join("mcp_settings.json");
+    std::fs::write(
+        &settings,
+        json!({
+            "mcpServers": {
+                "fetch": {"command": "uvx", "args": ["mcp-server-fetch"]},
+                "time": {"command": "uvx", "args": ["mcp-server-time"], "enabled": false}
+            },
+            "users": [{"username": "admin", "password": "$2b$10$hash", "isAdmin": true}],
+            "groups": [{"id": "g1", "name": "dev", "servers": ["fetch"]}],
+            "systemConfig": {"routing": {"enableGlobalRoute": true}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let path = settings.to_str().unwrap();
+    let first = cli(&app, &["--json", "import-mcphub", path]).await;
+    assert!(first.status.success(), "{}", text(&first));
+    let report: Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(
+        report["collections"]["mcp_servers"]["created"], 2,
+        "{report}"
+    );
+    let fetch: Value = app
+        .lookup("mcp_servers", "name", "fetch")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fetch["data"]["command"], "uvx");
+    let admin: Value = app.get("users", "admin").await.json().await.unwrap();
+    assert_eq!(admin["data"]["isAdmin"], true);
+    assert_eq!(
+        app.get("settings", "systemConfig").await.status(),
+        StatusCode::OK
+    );
+
+    let second = cli(&app, &["--json", "import-mcphub", path]).await;
+    let report: Value = serde_json::from_slice(&second.stdout).unwrap();
+    for collection in ["mcp_servers", "users", "groups", "settings"] {
+        assert_eq!(report["collections"][collection]["created"], 0, "{report}");
+        assert_eq!(report["collections"][collection]["updated"], 0, "{report}");
+    }
+
+    let malformed = files.path().join("broken.json");
+    std::fs::write(
+        &malformed,
+        json!({"mcpServers": {"new-one": {"command": "x"}}, "users": [{"name": "no username"}]})
+            .to_string(),
+    )
+    .unwrap();
+    let refused = cli(&app, &["import-mcphub", malformed.to_str().unwrap()]).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(text(&refused).contains("users[0]"), "{}", text(&refused));
+    assert_eq!(
+        app.get("mcp_servers", "new-one").await.status(),
+        StatusCode::NOT_FOUND
+    );
+}

@@ -18,7 +18,7 @@ use hybridstore_sqlite::{SqliteOptions, SqliteStore};
 use tokio::net::TcpListener;
 
 use crate::auth::Authenticator;
-use crate::config::{Config, ConfigError, Mode, Secret};
+use crate::config::{BackupConfig, Config, ConfigError, Mode, Secret};
 use crate::http::{self, AppState};
 
 #[derive(Debug, thiserror::Error)]
@@ -257,6 +257,7 @@ impl ServerBuilder {
             router: http::router(state, config.body_limit_bytes),
             engine,
             purge_interval: Duration::from_millis(config.records.purge_interval_ms),
+            backup: config.backup.clone(),
         })
     }
 }
@@ -267,6 +268,7 @@ pub struct Server {
     router: Router,
     engine: Arc<Engine>,
     purge_interval: Duration,
+    backup: BackupConfig,
 }
 
 impl Server {
@@ -287,7 +289,9 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), "hybridstore listening");
+        let backups = tokio::spawn(scheduled_backups(self.engine.clone(), self.backup));
         let background = [
+            backups,
             tokio::spawn(self.engine.clone().run_health_probes()),
             tokio::spawn(self.engine.clone().run_journal_replay()),
             tokio::spawn(self.engine.clone().run_control_sync()),
@@ -316,4 +320,62 @@ async fn purge_expired_records(engine: Arc<Engine>, every: Duration) {
             Err(err) => tracing::warn!(error = %err, "purging expired records failed"),
         }
     }
+}
+
+/// Makes a backup every `interval` (when set), keeping the newest `keep`.
+async fn scheduled_backups(engine: Arc<Engine>, config: BackupConfig) {
+    if config.interval == 0 {
+        return;
+    }
+    let every = Duration::from_secs(config.interval);
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!(dir = %config.dir.display(), every = ?every, keep = config.keep, "scheduled backups");
+    loop {
+        ticks.tick().await;
+        match backup_once(&engine, &config).await {
+            Ok(path) => tracing::info!(manifest = %path.display(), "backup made"),
+            Err(err) => {
+                tracing::error!(error = %err, dir = %config.dir.display(), "scheduled backup failed")
+            }
+        }
+    }
+}
+
+/// One backup: the engine's export pages into a [`BackupWriter`] (file work
+/// on the blocking pool), then retention.
+async fn backup_once(
+    engine: &Arc<Engine>,
+    config: &BackupConfig,
+) -> Result<std::path::PathBuf, String> {
+    use futures_util::StreamExt;
+    use hybridstore_transfer::BackupWriter;
+    async fn blocking<T: Send + 'static>(
+        work: impl FnOnce() -> Result<T, hybridstore_transfer::TransferError> + Send + 'static,
+    ) -> Result<T, String> {
+        match tokio::task::spawn_blocking(work).await {
+            Ok(result) => result.map_err(|err| err.to_string()),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+    let dir = config.dir.clone();
+    let mut writer = blocking(move || BackupWriter::create(&dir)).await?;
+    let mut pages = std::pin::pin!(engine.clone().export());
+    while let Some(page) = pages.next().await {
+        let lines = page.map_err(|err| err.to_string())?;
+        writer = blocking(move || {
+            for line in &lines {
+                writer.write(line)?;
+            }
+            Ok(writer)
+        })
+        .await?;
+    }
+    let (dir, keep) = (config.dir.clone(), config.keep);
+    blocking(move || {
+        let (path, _) = writer.finish()?;
+        hybridstore_transfer::prune(&dir, keep.max(1))?;
+        Ok(path)
+    })
+    .await
 }
