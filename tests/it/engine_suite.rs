@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use hybridstore_core::Tier;
-use hybridstore_testkit::{TestApp, TestAppBuilder, etag_version, until};
+use hybridstore_testkit::{StoredCopy, TestApp, TestAppBuilder, etag_version, record_ids, until};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -67,7 +67,8 @@ on_both_tier_pairs!(
     cache_first_acknowledges_from_the_cache_and_writes_behind,
     redis_only_keeps_records_in_the_cache_alone,
     conditional_writes_and_reads,
-    listing_and_batch_get,
+    keyset_listing_with_prefix_and_cursor,
+    batch_get_returns_found_records_in_order_and_the_missing_ids,
     unique_indexes_hold_across_writers_and_free_on_delete,
     record_ttl_expires_records,
     counters_are_exact_and_reach_the_durable_tier,
@@ -202,154 +203,6 @@ async fn cache_first_acknowledges_from_the_cache_and_writes_behind(pair: Pair) {
         .await
         .unwrap();
     assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
-}
-
-async fn redis_only_keeps_records_in_the_cache_alone(pair: Pair) {
-    let app = pair.app_with("redis_only").await;
-    for id in ["a", "b", "c"] {
-        let response = app.put("items", id, json!({"id": id})).await;
-        assert_eq!(response.status(), StatusCode::CREATED);
-    }
-    assert_eq!(
-        app.durable_row("items", "a").await,
-        None,
-        "never written durably"
-    );
-    let v = etag_version(&app.get("items", "b").await);
-    assert_eq!(
-        app.cached_copy("items", "b").await.map(|c| c.version),
-        Some(v)
-    );
-    assert_eq!(
-        app.delete("items", "b").await.status(),
-        StatusCode::NO_CONTENT
-    );
-    let page: Value = app
-        .admin(Method::GET, "/v1/collections/items/records")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ids: Vec<&str> = page["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["a", "c"]);
-    assert_eq!(app.journal_backlog().await, 0);
-}
-
-async fn conditional_writes_and_reads(pair: Pair) {
-    let app = pair.builder().spawn().await;
-    let path = "/v1/collections/accounts/records/c1";
-    let create_only = |body: Value| {
-        app.admin(Method::PUT, path)
-            .header("if-none-match", "*")
-            .json(&body)
-            .send()
-    };
-    let created = create_only(json!({"n": 1})).await.unwrap();
-    assert_eq!(created.status(), StatusCode::CREATED);
-    let v1 = etag_version(&created);
-    assert_eq!(
-        create_only(json!({"n": 2})).await.unwrap().status(),
-        StatusCode::PRECONDITION_FAILED
-    );
-    let not_modified = app
-        .admin(Method::GET, path)
-        .header("if-none-match", format!("\"{v1}\""))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(not_modified.status(), StatusCode::NOT_MODIFIED);
-    let patched = app
-        .admin(Method::PATCH, path)
-        .header("if-match", format!("\"{v1}\""))
-        .json(&json!({"extra": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(patched.status(), StatusCode::OK);
-    let v2 = etag_version(&patched);
-    let body: Value = app.get("accounts", "c1").await.json().await.unwrap();
-    assert_eq!(body["data"], json!({"n": 1, "extra": true}));
-    let stale_delete = app
-        .admin(Method::DELETE, path)
-        .header("if-match", format!("\"{v1}\""))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(stale_delete.status(), StatusCode::PRECONDITION_FAILED);
-    let deleted = app
-        .admin(Method::DELETE, path)
-        .header("if-match", format!("\"{v2}\""))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
-    assert_eq!(
-        app.get("accounts", "c1").await.status(),
-        StatusCode::NOT_FOUND
-    );
-    let recreated = etag_version(&app.put("accounts", "c1", json!({"n": 3})).await);
-    assert!(recreated > v2, "a re-created record continues the versions");
-}
-
-async fn listing_and_batch_get(pair: Pair) {
-    let app = pair.builder().spawn().await;
-    for id in ["user:1", "user:2", "user:3", "team:1"] {
-        app.put("accounts", id, json!({"id": id})).await;
-    }
-    let page = |query: &'static str| {
-        let app = &app;
-        async move {
-            let body: Value = app
-                .admin(
-                    Method::GET,
-                    &format!("/v1/collections/accounts/records?{query}"),
-                )
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let ids: Vec<String> = body["records"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|r| r["id"].as_str().unwrap().to_owned())
-                .collect();
-            (ids, body["next"].clone())
-        }
-    };
-    let (first, next) = page("prefix=user:&limit=2").await;
-    assert_eq!(first, ["user:1", "user:2"]);
-    assert_eq!(next, "user:2");
-    let (rest, next) = page("prefix=user:&limit=2&after=user:2").await;
-    assert_eq!(rest, ["user:3"]);
-    assert_eq!(next, Value::Null);
-
-    let found: Value = app
-        .admin(Method::POST, "/v1/collections/accounts/batch-get")
-        .json(&json!({"ids": ["team:1", "nobody", "user:3"]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let ids: Vec<&str> = found["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["team:1", "user:3"]);
-    assert_eq!(found["missing"], json!(["nobody"]));
 }
 
 async fn unique_indexes_hold_across_writers_and_free_on_delete(pair: Pair) {
@@ -583,4 +436,236 @@ async fn consistency_check_is_clean_and_strategy_switches_apply(pair: Pair) {
         .await;
     let body: Value = app.get("accounts", "r1").await.json().await.unwrap();
     assert_eq!(body["data"], json!({"n": "durable"}));
+}
+
+async fn conditional_writes_and_reads(pair: Pair) {
+    let app = pair.builder().spawn().await;
+    let path = "/v1/collections/settings/records/theme";
+    let v1 = etag_version(&app.put("settings", "theme", json!({"color": "blue"})).await);
+
+    // If-Match with a stale version: 412, nothing changes.
+    let stale = app
+        .admin(Method::PUT, path)
+        .header("if-match", format!("\"{}\"", v1 - 1))
+        .json(&json!({"color": "red"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+    assert_eq!(stale.headers()["content-type"], "application/problem+json");
+    let problem: Value = stale.json().await.unwrap();
+    assert_eq!(problem["code"], "version_conflict");
+    let unchanged = StoredCopy {
+        version: v1,
+        data: json!({"color": "blue"}),
+    };
+    assert_eq!(
+        app.durable_copy("settings", "theme").await,
+        Some(unchanged.clone())
+    );
+    assert_eq!(app.cached_copy("settings", "theme").await, Some(unchanged));
+
+    // The same through PATCH and DELETE.
+    for method in [Method::PATCH, Method::DELETE] {
+        let response = app
+            .admin(method.clone(), path)
+            .header("if-match", "\"1\"")
+            .json(&json!({"color": "red"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::PRECONDITION_FAILED,
+            "{method}"
+        );
+    }
+    assert_eq!(
+        app.durable_copy("settings", "theme").await.unwrap().version,
+        v1
+    );
+
+    // DELETE "only if absent" of a record that exists: 412, still there.
+    let absent_only = app
+        .admin(Method::DELETE, path)
+        .header("if-none-match", "*")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(absent_only.status(), StatusCode::PRECONDITION_FAILED);
+    assert_eq!(app.get("settings", "theme").await.status(), StatusCode::OK);
+
+    // If-None-Match: * on an existing id: 412.
+    let exists = app
+        .admin(Method::PUT, path)
+        .header("if-none-match", "*")
+        .json(&json!({"color": "green"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(exists.status(), StatusCode::PRECONDITION_FAILED);
+    assert_eq!(
+        app.durable_copy("settings", "theme").await.unwrap().version,
+        v1
+    );
+
+    // ...and on a new id it creates.
+    let fresh = app
+        .admin(Method::PUT, "/v1/collections/settings/records/lang")
+        .header("if-none-match", "*")
+        .json(&json!({"lang": "en"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fresh.status(), StatusCode::CREATED);
+
+    // If-Match with the current version applies.
+    let current = app
+        .admin(Method::PUT, path)
+        .header("if-match", format!("\"{v1}\""))
+        .json(&json!({"color": "red"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(current.status(), StatusCode::OK);
+    let v2 = etag_version(&current);
+
+    // GET with If-None-Match: 304 for the current version, 200 for an old one.
+    let cached = app
+        .admin(Method::GET, path)
+        .header("if-none-match", format!("\"{v2}\""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cached.status(), StatusCode::NOT_MODIFIED);
+    let changed = app
+        .admin(Method::GET, path)
+        .header("if-none-match", format!("\"{v1}\""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(changed.status(), StatusCode::OK);
+
+    // Deleted and created again: the versions go on growing.
+    assert_eq!(
+        app.delete("settings", "theme").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let recreated = etag_version(&app.put("settings", "theme", json!({"color": "blue"})).await);
+    assert!(recreated > v2, "a re-created record continues the versions");
+}
+
+async fn keyset_listing_with_prefix_and_cursor(pair: Pair) {
+    let app = pair.builder().spawn().await;
+    for id in ["user:3", "user:1", "team:1", "user:2", "user:10"] {
+        assert_eq!(
+            app.put("accounts", id, json!({"id": id})).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    app.delete("accounts", "user:2").await;
+
+    let mut seen = Vec::new();
+    let mut query = "prefix=user:&limit=2".to_owned();
+    loop {
+        let (ids, next) = app.list_page("accounts", &query).await;
+        assert!(ids.len() <= 2);
+        seen.extend(ids);
+        match next.as_str() {
+            Some(next) => query = format!("prefix=user:&limit=2&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        ["user:1", "user:10", "user:3"],
+        "byte order, deleted record left out"
+    );
+
+    let (all, next) = app.list_page("accounts", "").await;
+    assert_eq!(all.len(), 4);
+    assert_eq!(next, Value::Null);
+}
+
+async fn batch_get_returns_found_records_in_order_and_the_missing_ids(pair: Pair) {
+    let app = pair.builder().spawn().await;
+    for id in ["a", "b", "c"] {
+        app.put("groups", id, json!({"name": id})).await;
+    }
+    // "b" only in PostgreSQL (cache copy dropped), "a" and "c" in both.
+    app.drop_cached_copy("groups", "b").await;
+    app.delete("groups", "c").await;
+
+    let response = app
+        .admin(Method::POST, "/v1/collections/groups/batch-get")
+        .json(&json!({"ids": ["c", "b", "nope", "a", "b"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(record_ids(&body), ["b", "a"]);
+    assert_eq!(body["missing"], json!(["c", "nope"]));
+    assert!(
+        app.cached_copy("groups", "b").await.is_some(),
+        "the miss was filled"
+    );
+}
+
+async fn redis_only_keeps_records_in_the_cache_alone(pair: Pair) {
+    let app = pair.app_with("redis_only").await;
+    let created = app.put("items", "a", json!({"n": 1})).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let v1 = etag_version(&created);
+    assert_eq!(
+        app.cached_copy("items", "a").await.map(|c| c.version),
+        Some(v1)
+    );
+    assert_eq!(
+        app.durable_row("items", "a").await,
+        None,
+        "PostgreSQL is never written"
+    );
+    assert_eq!(app.journal_backlog().await, 0, "nothing journaled");
+    assert_eq!(
+        app.get("items", "missing").await.status(),
+        StatusCode::NOT_FOUND,
+        "a miss is a 404"
+    );
+
+    let replaced = app.put("items", "a", json!({"n": 2})).await;
+    assert_eq!(replaced.status(), StatusCode::OK);
+    assert!(etag_version(&replaced) > v1);
+    for id in ["b", "c", "d"] {
+        app.put("items", id, json!({"id": id})).await;
+    }
+    assert_eq!(
+        app.delete("items", "c").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(app.get("items", "c").await.status(), StatusCode::NOT_FOUND);
+
+    let (ids, next) = app.list_page("items", "limit=2").await;
+    assert_eq!(
+        (ids, next),
+        (vec!["a".to_owned(), "b".to_owned()], json!("b"))
+    );
+    let (ids, next) = app.list_page("items", "limit=2&after=b").await;
+    assert_eq!(ids, ["d"], "deleted records are not listed");
+    assert_eq!(next, Value::Null);
+
+    // Record TTL: the key expires with the record.
+    let temp = app
+        .admin(Method::PUT, "/v1/collections/items/records/temp?ttl=1")
+        .json(&json!({"n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(temp.status(), StatusCode::CREATED);
+    assert_eq!(app.get("items", "temp").await.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        app.get("items", "temp").await.status(),
+        StatusCode::NOT_FOUND
+    );
 }

@@ -9,7 +9,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use hybridstore_transfer::{BackupWriter, Line, TransferError, parse_line, read_export};
+use hybridstore_transfer::{
+    AtomicFile, BackupWriter, Line, TransferError, parse_line, read_export,
+};
 use serde_json::{Map, Value, json};
 
 use crate::{Client, Failure, Outcome};
@@ -102,36 +104,43 @@ impl Client {
 
     pub(crate) async fn export(&self, output: Option<PathBuf>, gzip: bool) -> Outcome {
         let Some(path) = output else {
-            let mut stdout = std::io::stdout().lock();
-            self.fetch_export(|_, raw| {
-                stdout
-                    .write_all(raw)
-                    .map_err(|err| Failure(format!("stdout: {err}")))
-            })
-            .await?;
+            self.export_into(&mut std::io::stdout().lock()).await?;
             return Ok(ExitCode::SUCCESS);
         };
         let gzip = gzip || path.extension().is_some_and(|ext| ext == "gz");
-        let mut bytes = Vec::new();
-        let mut lines = 0u64;
-        self.fetch_export(|_, raw| {
-            bytes.extend_from_slice(raw);
-            lines += 1;
-            Ok(())
-        })
-        .await?;
-        if gzip {
-            let mut encoder =
-                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        // Streamed to a temporary file, renamed into place only once the end
+        // line came: a broken export never stands under the final name.
+        let file = AtomicFile::create(&path).map_err(failed)?;
+        let write_failed = |err: std::io::Error| Failure(format!("{}: {err}", path.display()));
+        let lines = if gzip {
+            let mut encoder = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+            let lines = self.export_into(&mut encoder).await?;
             encoder
-                .write_all(&bytes)
-                .and_then(|()| encoder.finish())
-                .map(|compressed| bytes = compressed)
-                .map_err(|err| Failure(format!("compressing: {err}")))?;
-        }
-        hybridstore_transfer::write_atomically(&path, &bytes).map_err(failed)?;
+                .finish()
+                .map_err(write_failed)?
+                .commit()
+                .map_err(failed)?;
+            lines
+        } else {
+            let mut file = file;
+            let lines = self.export_into(&mut file).await?;
+            file.commit().map_err(failed)?;
+            lines
+        };
         eprintln!("exported {lines} lines to {}", path.display());
         Ok(ExitCode::SUCCESS)
+    }
+
+    /// Writes the whole export into `out`; returns how many lines.
+    async fn export_into(&self, out: &mut impl Write) -> Result<u64, Failure> {
+        let mut lines = 0;
+        self.fetch_export(|_, raw| {
+            lines += 1;
+            out.write_all(raw)
+                .map_err(|err| Failure(format!("writing the export: {err}")))
+        })
+        .await?;
+        Ok(lines)
     }
 
     /// Sends a checked export to `/admin/database/import`.

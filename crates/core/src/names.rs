@@ -105,6 +105,14 @@ macro_rules! validated_name {
             }
         }
 
+        /// Ordered and hashed as its text, so maps keyed by it can be
+        /// looked up and ranged by `&str`.
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
                 &self.0

@@ -249,10 +249,12 @@ impl Engine {
     }
 
     /// A tier failure inside a job.
-    fn job_failed(&self, err: StoreError) -> Error {
+    /// A tier failure that stopped long work (a job, an export or import),
+    /// saying whether running it again helps. The caller logs it.
+    pub(crate) fn work_stopped(&self, what: &str, err: StoreError) -> Error {
         match err {
             StoreError::Unavailable { tier, .. } => Error::Internal(format!(
-                "the {tier} tier became unavailable; the job stopped (safe to run again)"
+                "the {tier} tier became unavailable; the {what} stopped (safe to run again)"
             )),
             other => Error::Internal(other.to_string()),
         }
@@ -298,13 +300,13 @@ impl Engine {
                 .cache
                 .scan(collection, cursor, PAGE)
                 .await
-                .map_err(|err| self.job_failed(err))?;
+                .map_err(|err| self.work_stopped("job", err))?;
             let changes: Vec<Change> = states.into_iter().map(|s| s.state).collect();
             Progress::add(&job.progress.scanned, changes.len() as u64);
             if !changes.is_empty() {
                 let applied = match self.durable.apply_changes(&changes, mode).await {
                     Ok(applied) => applied.into_iter().map(Some).collect(),
-                    Err(err) if err.is_unavailable() => return Err(self.job_failed(err)),
+                    Err(err) if err.is_unavailable() => return Err(self.work_stopped("job", err)),
                     // One bad record fails its page's transaction: apply the
                     // page record by record to find it and keep the rest.
                     Err(_) => self.apply_one_by_one(&changes, mode).await?,
@@ -339,7 +341,7 @@ impl Engine {
                 .await
             {
                 Ok(applied) => outcomes.push(applied.first().copied()),
-                Err(err) if err.is_unavailable() => return Err(self.job_failed(err)),
+                Err(err) if err.is_unavailable() => return Err(self.work_stopped("job", err)),
                 Err(err) => {
                     let key = change.key();
                     tracing::warn!(error = %err, collection = %key.collection, id = %key.id, "sync could not apply a record");
@@ -363,7 +365,7 @@ impl Engine {
                 .durable
                 .scan(name, after.as_ref(), PAGE, now())
                 .await
-                .map_err(|err| self.job_failed(err))?;
+                .map_err(|err| self.work_stopped("job", err))?;
             Progress::add(&job.progress.scanned, states.len() as u64);
             let copies = states
                 .iter()
@@ -373,7 +375,7 @@ impl Engine {
                     Ok(Some(CopyOutcome::Written)) => &job.progress.written,
                     Ok(Some(CopyOutcome::Kept) | None) => &job.progress.skipped_older,
                     Ok(Some(CopyOutcome::Pinned)) => &job.progress.skipped_pinned,
-                    Err(err) if err.is_unavailable() => return Err(self.job_failed(err)),
+                    Err(err) if err.is_unavailable() => return Err(self.work_stopped("job", err)),
                     Err(err) => {
                         let key = state.key();
                         tracing::warn!(error = %err, collection = %key.collection, id = %key.id, "sync could not copy a record");
@@ -463,7 +465,7 @@ impl Engine {
                 .durable
                 .scan(name, after.as_ref(), PAGE, now())
                 .await
-                .map_err(|err| self.job_failed(err))?;
+                .map_err(|err| self.work_stopped("job", err))?;
             report.scanned_postgres += states.len() as u64;
             Progress::add(&job.progress.scanned, states.len() as u64);
             let keys: Vec<RecordKey> = states.iter().map(Change::key).collect();
@@ -471,7 +473,7 @@ impl Engine {
                 .cache
                 .get_many(&keys)
                 .await
-                .map_err(|err| self.job_failed(err))?;
+                .map_err(|err| self.work_stopped("job", err))?;
             for (state, cache) in states.iter().zip(entries) {
                 let pair = Pair {
                     durable: Some(state.clone()),
@@ -495,14 +497,14 @@ impl Engine {
                 .cache
                 .scan(name, cursor, PAGE)
                 .await
-                .map_err(|err| self.job_failed(err))?;
+                .map_err(|err| self.work_stopped("job", err))?;
             report.scanned_redis += cached.len() as u64;
             let ids: Vec<_> = cached.iter().map(|c| c.state.key().id).collect();
             let held = self
                 .durable
                 .get_states(name, &ids, now())
                 .await
-                .map_err(|err| self.job_failed(err))?;
+                .map_err(|err| self.work_stopped("job", err))?;
             for entry in &cached {
                 let key = entry.state.key();
                 let in_durable = held.iter().any(|state| state.key().id == key.id);
@@ -525,13 +527,13 @@ impl Engine {
             .durable
             .get_states(&key.collection, std::slice::from_ref(&key.id), now())
             .await
-            .map_err(|err| self.job_failed(err))?
+            .map_err(|err| self.work_stopped("job", err))?
             .pop();
         let cache = self
             .cache
             .get(key)
             .await
-            .map_err(|err| self.job_failed(err))?;
+            .map_err(|err| self.work_stopped("job", err))?;
         Ok(Pair { durable, cache })
     }
 
@@ -579,7 +581,7 @@ impl Engine {
                 .apply_changes(std::slice::from_ref(&change), mode)
                 .await
                 .map(|applied| applied.first().copied().unwrap_or(false))
-                .map_err(|err| self.job_failed(err))
+                .map_err(|err| self.work_stopped("job", err))
         };
         let to_cache = |force| async move {
             let Some(state) = &pair.durable else {
@@ -588,7 +590,7 @@ impl Engine {
             let outcome = self
                 .copy_to_cache(collection, state, force)
                 .await
-                .map_err(|err| self.job_failed(err))?;
+                .map_err(|err| self.work_stopped("job", err))?;
             Ok(outcome == Some(CopyOutcome::Written))
         };
         match class {

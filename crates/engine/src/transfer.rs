@@ -59,16 +59,6 @@ fn count(map: &mut BTreeMap<String, u64>, collection: &CollectionName) {
 }
 
 impl Engine {
-    fn export_failed(&self, err: StoreError) -> Error {
-        tracing::error!(error = %err, "export stopped");
-        match err {
-            StoreError::Unavailable { tier, .. } => Error::Internal(format!(
-                "the {tier} tier became unavailable; the export stopped (safe to run again)"
-            )),
-            other => Error::Internal(other.to_string()),
-        }
-    }
-
     /// Every record, deletion marker and counter value the durable tier
     /// holds, as export lines in pages: a header first and an end line
     /// with the counts last.
@@ -108,7 +98,7 @@ impl Engine {
                             .durable
                             .scan(name, after.as_ref(), PAGE, now)
                             .await
-                            .map_err(|err| engine.export_failed(err))?;
+                            .map_err(|err| engine.work_stopped("export", err))?;
                         let next = match page.last() {
                             Some(last) if page.len() == PAGE => Stage::Records {
                                 collection,
@@ -127,7 +117,7 @@ impl Engine {
                             .durable
                             .scan_counters(after.as_ref(), PAGE, now)
                             .await
-                            .map_err(|err| engine.export_failed(err))?;
+                            .map_err(|err| engine.work_stopped("export", err))?;
                         let next = match page.last() {
                             Some(last) if page.len() == PAGE => Stage::Counters {
                                 after: Some(last.clone()),
@@ -215,7 +205,7 @@ impl Engine {
                 let outcome = self
                     .copy_to_cache(collection, change, force)
                     .await
-                    .map_err(|err| self.export_failed(err))?;
+                    .map_err(|err| self.work_stopped("import", err))?;
                 let written = outcome == Some(CopyOutcome::Written);
                 count(
                     if written {
@@ -244,7 +234,7 @@ impl Engine {
             .durable
             .apply_changes(&changes, mode)
             .await
-            .map_err(|err| self.export_failed(err))?;
+            .map_err(|err| self.work_stopped("import", err))?;
         let now = OffsetDateTime::now_utc();
         let mut written = Vec::new();
         for (change, applied) in changes.iter().zip(applied) {
@@ -264,7 +254,7 @@ impl Engine {
                         StoreError::UniqueViolation { index, value } => {
                             Error::UniqueViolation { index, value }
                         }
-                        other => self.export_failed(other),
+                        other => self.work_stopped("import", other),
                     })?;
             }
         }
@@ -287,7 +277,7 @@ impl Engine {
             .durable
             .restore_counters(&values, force)
             .await
-            .map_err(|err| self.export_failed(err))?;
+            .map_err(|err| self.work_stopped("import", err))?;
         let mut scopes: BTreeMap<CounterScope, Vec<Bucket>> = BTreeMap::new();
         for (value, written) in values.iter().zip(written) {
             if written {

@@ -647,15 +647,14 @@ impl CacheStore for MemoryCache {
         let Some(copies) = state.records.get_mut(&query.collection) else {
             return Ok(Vec::new());
         };
-        let in_range = |id: &RecordId| {
-            let id = id.as_str();
-            id >= prefix
-                && id < upper.as_str()
-                && query.after.as_ref().is_none_or(|after| id > after.as_str())
+        // Ids after the cursor and within the prefix, straight from the ordered map.
+        let lower = match query.after.as_ref().map(RecordId::as_str) {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
         };
         let records = copies
-            .iter()
-            .filter(|(id, _)| in_range(id))
+            .range::<str, _>((lower, Bound::Unbounded))
+            .take_while(|(id, _)| id.as_str() < upper.as_str())
             .filter(|(_, copy)| copy.authoritative && !expired(copy.expires, now))
             .filter_map(|(_, copy)| copy.record.clone())
             .filter(|record| !record.is_expired(query.now))

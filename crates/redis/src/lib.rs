@@ -280,6 +280,25 @@ fn copy_args(
 }
 
 /// A bucket's expiry as the scripts take it (ms since the epoch, or '').
+/// One step of `SCAN cursor MATCH pattern COUNT count`: the next cursor
+/// (0 when done) and the keys of this step.
+async fn scan_step(
+    conn: &mut ConnectionManager,
+    cursor: u64,
+    pattern: &str,
+    count: usize,
+) -> StoreResult<(u64, Vec<String>)> {
+    redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(count)
+        .query_async(conn)
+        .await
+        .map_err(classify)
+}
+
 fn expiry_arg(bucket: &Bucket) -> String {
     bucket
         .expires_at
@@ -582,15 +601,7 @@ impl CacheStore for RedisStore {
         let mut cursor: u64 = 0;
         let mut removed = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(classify)?;
+            let (next, keys) = scan_step(&mut conn, cursor, &pattern, 1000).await?;
             let copies: Vec<String> = keys
                 .into_iter()
                 .filter(|key| self.keys.is_copy(key))
@@ -865,15 +876,8 @@ impl CacheStore for RedisStore {
         count: usize,
     ) -> StoreResult<(u64, Vec<CachedState>)> {
         let mut conn = self.conn.clone();
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(self.keys.record_pattern(collection))
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut conn)
-            .await
-            .map_err(classify)?;
+        let pattern = self.keys.record_pattern(collection);
+        let (next, keys) = scan_step(&mut conn, cursor, &pattern, count).await?;
         let record_keys: Vec<RecordKey> = keys
             .iter()
             .filter_map(|key| self.keys.record_id(key, collection))
@@ -1253,15 +1257,7 @@ impl CacheStore for RedisStore {
         let mut cursor: u64 = 0;
         let mut removed = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .map_err(classify)?;
+            let (next, keys) = scan_step(&mut conn, cursor, &pattern, 1000).await?;
             if !keys.is_empty() {
                 removed += keys.len() as u64;
                 redis::cmd("UNLINK")

@@ -223,6 +223,16 @@ pub struct StoredCopy {
     pub data: Value,
 }
 
+/// The ids of the records in an answer holding `{"records": [...]}`.
+pub fn record_ids(body: &Value) -> Vec<String> {
+    body["records"]
+        .as_array()
+        .expect("a records array")
+        .iter()
+        .map(|record| record["id"].as_str().expect("an id").to_owned())
+        .collect()
+}
+
 /// The version in a response's `ETag` header.
 pub fn etag_version(response: &reqwest::Response) -> u64 {
     let etag = response.headers()["etag"].to_str().expect("ETag is text");
@@ -443,6 +453,15 @@ impl TestApp {
         self.admin(Method::GET, &path).send().await.expect("lookup")
     }
 
+    /// One page of `GET /v1/collections/{collection}/records?{query}` as the
+    /// admin: the ids and the `next` cursor.
+    pub async fn list_page(&self, collection: &str, query: &str) -> (Vec<String>, Value) {
+        let path = format!("/v1/collections/{collection}/records?{query}");
+        let (status, page) = self.admin_call(Method::GET, &path).await;
+        assert_eq!(status, reqwest::StatusCode::OK, "{path}: {page}");
+        (record_ids(&page), page["next"].clone())
+    }
+
     /// An admin API call: the status and the JSON body.
     pub async fn admin_call(&self, method: Method, path: &str) -> (reqwest::StatusCode, Value) {
         let response = self.admin(method, path).send().await.expect("admin call");
@@ -598,12 +617,12 @@ impl TestApp {
         total
     }
 
-    /// Removes a record's copy from Redis behind the service's back.
+    /// Removes a record's copy from the cache tier behind the service's back.
     pub async fn drop_cached_copy(&self, collection: &str, id: &str) {
-        self.redis_query::<()>(
-            redis::cmd("DEL").arg(self.pg().keys.record(&record_key(collection, id))),
-        )
-        .await;
+        self.cache()
+            .invalidate(&[record_key(collection, id)])
+            .await
+            .expect("drop a cached copy");
     }
 
     /// The row PostgreSQL holds (live or not): `None` when there is no row.

@@ -13,7 +13,7 @@ mod wait;
 
 pub use app::{
     ADMIN_TOKEN, API_KEYS_WRITER_TOKEN, Production, READER_TOKEN, StoredCopy, TestApp,
-    TestAppBuilder, etag_version, spawn_app,
+    TestAppBuilder, etag_version, record_ids, spawn_app,
 };
 pub use process::free_port;
 pub use servers::{Postgres, Redis, RedisPersistence, SharedServers, create_database, shared};

@@ -269,12 +269,84 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
+/// A file written under a temporary name beside its final one (`.{name}.tmp`)
+/// and moved into place only by [`AtomicFile::commit`], after its content and
+/// the rename reached the disk. Dropped uncommitted, it removes the
+/// temporary file: the final name never holds a half-written file.
+pub struct AtomicFile {
+    path: PathBuf,
+    temp: PathBuf,
+    out: Option<io::BufWriter<File>>,
+}
+
+impl AtomicFile {
+    pub fn create(path: &Path) -> Result<Self, TransferError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = path.with_file_name(format!(".{name}{TEMP_SUFFIX}"));
+        let file = File::create(&temp).map_err(io_error(&temp))?;
+        Ok(Self {
+            path: path.to_owned(),
+            temp,
+            out: Some(io::BufWriter::new(file)),
+        })
+    }
+
+    pub fn commit(mut self) -> Result<(), TransferError> {
+        let out = self.out.take().expect("committed once");
+        let file = out.into_inner().map_err(|err| TransferError::Io {
+            path: self.temp.display().to_string(),
+            source: err.into_error(),
+        })?;
+        file.sync_all().map_err(io_error(&self.temp))?;
+        drop(file);
+        std::fs::rename(&self.temp, &self.path).map_err(io_error(&self.path))?;
+        match self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(dir) => sync_dir(dir),
+            None => sync_dir(Path::new(".")),
+        }
+    }
+}
+
+impl Write for AtomicFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.as_mut().expect("not yet committed").write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.as_mut().expect("not yet committed").flush()
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            let _ = std::fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// Writes `content` to `path` through an [`AtomicFile`].
+pub fn write_atomically(path: &Path, content: &[u8]) -> Result<(), TransferError> {
+    let mut file = AtomicFile::create(path)?;
+    file.write_all(content).map_err(io_error(path))?;
+    file.commit()
+}
+
+/// Makes renames in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), TransferError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))
+}
+
 /// Writes one backup: feed it the export's lines, then `finish`.
 pub struct BackupWriter {
     dir: PathBuf,
     name: String,
-    temp: PathBuf,
-    out: flate2::write::GzEncoder<Hashing<io::BufWriter<File>>>,
+    out: flate2::write::GzEncoder<Hashing<AtomicFile>>,
     header: Option<Header>,
     counts: Counts,
     ended: bool,
@@ -298,6 +370,7 @@ pub fn backup_stem(at: OffsetDateTime) -> String {
 
 const DATA_SUFFIX: &str = ".ndjson.gz";
 const MANIFEST_SUFFIX: &str = ".manifest.json";
+/// Temporary files are `.{final name}.tmp`.
 const TEMP_SUFFIX: &str = ".tmp";
 /// A temporary file this old was left by a crash, not by a backup running now.
 const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -307,11 +380,10 @@ impl BackupWriter {
     pub fn create(dir: &Path) -> Result<Self, TransferError> {
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
         let name = format!("{}{DATA_SUFFIX}", backup_stem(OffsetDateTime::now_utc()));
-        let temp = dir.join(format!("{name}{TEMP_SUFFIX}"));
-        let file = File::create(&temp).map_err(io_error(&temp))?;
+        let file = AtomicFile::create(&dir.join(&name))?;
         let out = flate2::write::GzEncoder::new(
             Hashing {
-                inner: io::BufWriter::new(file),
+                inner: file,
                 hasher: Sha256::new(),
                 bytes: 0,
             },
@@ -320,7 +392,6 @@ impl BackupWriter {
         Ok(Self {
             dir: dir.to_owned(),
             name,
-            temp,
             out,
             header: None,
             counts: Counts::default(),
@@ -343,13 +414,14 @@ impl BackupWriter {
             }
             line => self.counts.add(line),
         }
+        let data = self.dir.join(&self.name);
         self.out
             .write_all(&encode_line(line))
-            .map_err(io_error(&self.temp))
+            .map_err(io_error(&data))
     }
 
-    /// Completes the backup: data file, then manifest, each flushed to disk
-    /// and renamed into place. Returns the manifest's path.
+    /// Completes the backup: the data file, then the manifest, each made
+    /// durable and renamed into place. Returns the manifest's path.
     pub fn finish(self) -> Result<(PathBuf, Manifest), TransferError> {
         let header = self
             .header
@@ -359,22 +431,13 @@ impl BackupWriter {
                 "the export ended early (no end line)".into(),
             ));
         }
-        let temp = self.temp;
-        let hashing = self.out.finish().map_err(io_error(&temp))?;
+        let data = self.dir.join(&self.name);
         let Hashing {
             inner,
             hasher,
             bytes,
-        } = hashing;
-        let file = inner.into_inner().map_err(|err| TransferError::Io {
-            path: temp.display().to_string(),
-            source: err.into_error(),
-        })?;
-        file.sync_all().map_err(io_error(&temp))?;
-        drop(file);
-        let data_path = self.dir.join(&self.name);
-        std::fs::rename(&temp, &data_path).map_err(io_error(&data_path))?;
-
+        } = self.out.finish().map_err(io_error(&data))?;
+        inner.commit()?;
         let manifest = Manifest {
             format: MANIFEST_FORMAT.to_owned(),
             format_version: FORMAT_VERSION,
@@ -388,7 +451,6 @@ impl BackupWriter {
         let manifest_path = self.dir.join(manifest_name(&self.name));
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
         write_atomically(&manifest_path, &json)?;
-        sync_dir(&self.dir)?;
         Ok((manifest_path, manifest))
     }
 }
@@ -400,32 +462,6 @@ fn manifest_name(data_name: &str) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Writes `content` to a temporary file beside `path`, flushes it to disk
-/// and renames it over `path`.
-pub fn write_atomically(path: &Path, content: &[u8]) -> Result<(), TransferError> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = path.with_file_name(format!(".{name}{TEMP_SUFFIX}"));
-    let mut file = File::create(&temp).map_err(io_error(&temp))?;
-    file.write_all(content).map_err(io_error(&temp))?;
-    file.sync_all().map_err(io_error(&temp))?;
-    drop(file);
-    std::fs::rename(&temp, path).map_err(io_error(path))?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        sync_dir(dir)?;
-    }
-    Ok(())
-}
-
-/// Makes renames in `dir` durable.
-fn sync_dir(dir: &Path) -> Result<(), TransferError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(dir))
 }
 
 /// The manifest and data file of a backup named by either path.
@@ -514,6 +550,7 @@ pub fn prune(dir: &Path, keep: usize) -> Result<Vec<PathBuf>, TransferError> {
         if !name.starts_with("hybridstore-") && !name.starts_with(".hybridstore-") {
             continue;
         }
+        // Temporary files are removed by their writer unless it crashed.
         if name.ends_with(TEMP_SUFFIX) {
             // Only a crash's leftovers: a backup being written now is recent.
             let modified = std::fs::metadata(&path).and_then(|m| m.modified());

@@ -41,7 +41,11 @@ pub async fn export(State(state): State<AppState>, _: AdminCaller) -> Response {
     });
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(pages.map_err(std::io::Error::other)),
+        Body::from_stream(pages.map_err(|err| {
+            // The client sees the body break off (no end line); the why is here.
+            tracing::error!(error = %err, "export stopped");
+            std::io::Error::other(err)
+        })),
     )
         .into_response()
 }
