@@ -74,6 +74,24 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, StoreError::Unavailable { .. })
     }
+
+    /// True when the tier's server refused the connection: nothing listens
+    /// there, so the tier is down for certain, not merely slow.
+    pub fn is_refused(&self) -> bool {
+        let StoreError::Unavailable { source, .. } = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+        while let Some(err) = cause {
+            if let Some(io) = err.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::ConnectionRefused
+            {
+                return true;
+            }
+            cause = err.source();
+        }
+        false
+    }
 }
 
 /// A failure reported by the engine; each variant is one stable API error code.

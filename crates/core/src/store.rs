@@ -304,6 +304,11 @@ pub trait CacheStore: Send + Sync + 'static {
         count: usize,
     ) -> StoreResult<(u64, Vec<CachedState>)>;
 
+    /// What the cache holds for each key (`None`: nothing), with the pin:
+    /// recovery asks this before the durable tier answers for a key whose
+    /// newest version may still wait in a journal.
+    async fn get_states(&self, keys: &[RecordKey]) -> StoreResult<Vec<Option<CachedState>>>;
+
     /// Stores a state carried over from the durable tier (sync, repair): a
     /// copy that lives for `lifetime`, or, `authoritative`, the truth of a
     /// cache-only collection (no expiry but the record's own); a deletion

@@ -142,6 +142,11 @@ impl Engine {
         }
         let strategy = state.strategy.unwrap_or(self.control.configured);
         let previous = self.control.strategy();
+        if previous == Strategy::CacheFirst {
+            // Its write-behind entries may still wait; set before the switch
+            // is visible, so no request misses them.
+            self.wrote_behind.store(true, Ordering::Release);
+        }
         self.control
             .strategy
             .store(index_of(strategy), Ordering::Release);

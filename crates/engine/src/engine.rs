@@ -24,6 +24,7 @@ use crate::counters::{CounterSettings, CounterState};
 use crate::health::{Breaker, GuardedCache, GuardedDurable, HealthSettings, TierHealth};
 use crate::jobs::Jobs;
 use crate::journal::{Backlog, JournalSettings, ReplayProgress};
+use crate::pending::{Access, Unreplayed, above};
 use crate::stats::{EngineStats, Operation, Outcome};
 use crate::strategy::{Plan, ReadPath, WritePath};
 
@@ -99,6 +100,15 @@ pub struct Engine {
     pub(crate) outage_backlog: Backlog,
     /// Whether write-behind (`cache_first`) writes may still wait.
     pub(crate) write_behind_backlog: Backlog,
+    /// Keys whose journaled version this instance has not seen reach the
+    /// durable tier (consulted while the cache is unreachable).
+    pub(crate) unreplayed: Unreplayed,
+    /// Whether the service-wide strategy was `cache_first` since the
+    /// write-behind journal was last seen empty (so collections that follow
+    /// it may have write-behind entries). A process starts with the strategy
+    /// it loads, without history: a switch away from `cache_first` followed
+    /// at once by a restart while the cache is unreachable is not covered.
+    pub(crate) wrote_behind: std::sync::atomic::AtomicBool,
     /// This instance's name as a journal consumer.
     pub(crate) instance_id: String,
     pub(crate) replay: std::sync::Mutex<ReplayProgress>,
@@ -115,6 +125,11 @@ pub struct Engine {
 fn instance_id() -> String {
     let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
     format!("hs-{}-{:x}", std::process::id(), nanos)
+}
+
+/// Whether a collection keeps cache copies under its configured strategy.
+fn spec_uses_cache(engine: &Engine, collection: &Collection) -> bool {
+    engine.configured_plan(collection).uses_cache()
 }
 
 /// Wall-clock time at the precision both tiers store (microseconds).
@@ -152,6 +167,8 @@ impl Engine {
             catalog,
             outage_backlog: Backlog::default(),
             write_behind_backlog: Backlog::default(),
+            unreplayed: Unreplayed::default(),
+            wrote_behind: std::sync::atomic::AtomicBool::new(false),
             instance_id: instance_id(),
             replay: std::sync::Mutex::new(ReplayProgress::default()),
             control: Control::new(settings.strategy),
@@ -201,7 +218,13 @@ impl Engine {
         let mut ticks = tokio::time::interval(self.settings.health.probe_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticks.tick().await;
+            // A failed live call asks for a probe at once: a refused
+            // connection then opens the breaker within milliseconds.
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = self.durable.breaker.probe_wanted.notified() => {}
+                () = self.cache.breaker.probe_wanted.notified() => {}
+            }
             tokio::join!(self.durable.probe(), self.cache.probe());
         }
     }
@@ -227,17 +250,15 @@ impl Engine {
     pub(crate) fn plan_for(&self, collection: &Collection) -> Result<Plan, Error> {
         let durable_up = self.durable.breaker.is_closed();
         let cache_up = self.cache.breaker.is_closed();
-        let plan = self.configured_plan(collection);
-        let backlog = match plan.write {
-            // Write-behind entries wait too after a switch away from cache_first.
-            WritePath::DurableThenCache => {
-                self.outage_backlog.pending() || self.write_behind_backlog.pending()
-            }
-            WritePath::CacheJournaled => self.write_behind_backlog.pending(),
-            WritePath::DurableOnly | WritePath::CacheOnly => false,
-        };
-        plan.degraded(durable_up, cache_up, backlog)
+        self.configured_plan(collection)
+            .degraded(durable_up, cache_up)
             .ok_or_else(|| self.unavailable())
+    }
+
+    /// Whether the service-wide strategy may have left write-behind entries.
+    pub(crate) fn service_wrote_behind(&self) -> bool {
+        self.control.strategy() == Strategy::CacheFirst
+            || self.wrote_behind.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The current state of a record, from where the newest version lives:
@@ -260,6 +281,11 @@ impl Engine {
                 Ok(CacheEntry::Miss) => {}
                 Err(_) => return Err(self.unavailable()),
             }
+        } else {
+            // Read to be written back guarded by its version: a conditional write.
+            let access = Access::Write(Precondition::IfMatch(Version::new(0)));
+            self.settle(collection, std::slice::from_ref(key), access)
+                .await?;
         }
         self.durable
             .get(key, now)
@@ -309,7 +335,7 @@ impl Engine {
     }
 
     /// A cache failure is not the request's failure: log it and go on.
-    fn cache_failed(&self, operation: &'static str, err: &StoreError) {
+    pub(crate) fn cache_failed(&self, operation: &'static str, err: &StoreError) {
         tracing::warn!(error = %err, backend = self.cache.backend(), operation, "cache tier call failed; bypassing cache");
     }
 
@@ -402,12 +428,17 @@ impl Engine {
     async fn apply_write(
         &self,
         collection: &Collection,
-        write: RecordWrite,
+        mut write: RecordWrite,
     ) -> Result<WriteOutcome, Error> {
         let plan = self.plan_for(collection)?;
         if plan.write.through_cache() {
             return self.put_journaled(collection, write).await;
         }
+        let access = Access::Write(write.precondition);
+        let settled = self
+            .settle(collection, std::slice::from_ref(&write.key), access)
+            .await?;
+        write.now = above(write.now, settled.floor);
         self.before_commit(collection, plan, &write.key);
         let outcome = self
             .durable
@@ -526,6 +557,9 @@ impl Engine {
                 ReadPath::CacheOnly => return Err(self.unavailable()),
                 _ => {}
             }
+        } else {
+            self.settle(collection, std::slice::from_ref(key), Access::Read)
+                .await?;
         }
         let record = self
             .durable
@@ -553,6 +587,11 @@ impl Engine {
                 .delete_journaled(collection, key, precondition, now)
                 .await;
         }
+        let access = Access::Write(precondition);
+        let settled = self
+            .settle(collection, std::slice::from_ref(key), access)
+            .await?;
+        let now = above(now, settled.floor);
         self.before_commit(collection, plan, key);
         let version = self
             .durable
@@ -574,7 +613,8 @@ impl Engine {
         prefix: Option<String>,
         limit: u32,
     ) -> Result<Page, Error> {
-        let plan = self.plan_for(self.catalog.get(collection)?)?;
+        let spec = self.catalog.get(collection)?;
+        let plan = self.plan_for(spec)?;
         let query = ListQuery {
             collection: collection.clone(),
             after,
@@ -595,6 +635,25 @@ impl Engine {
         };
         let more = records.len() > limit as usize;
         records.truncate(limit as usize);
+        if plan.read == ReadPath::DurableOnly
+            && spec_uses_cache(self, spec)
+            && !self.cache.breaker.is_closed()
+        {
+            // Ids in this page's range whose newest version waits in the
+            // unreachable journal: the page would show an older state.
+            let until = if more {
+                records.last().map(|r| &r.id)
+            } else {
+                None
+            };
+            let wrote_behind = self.wrote_behind(spec);
+            if self
+                .unreplayed
+                .any_held_in(collection, wrote_behind, query.after.as_ref(), until)
+            {
+                return Err(self.unavailable());
+            }
+        }
         let next = if more {
             records.last().map(|record| record.id.clone())
         } else {
@@ -655,6 +714,13 @@ impl Engine {
         }
         if !unknown.is_empty() && plan.read == ReadPath::CacheOnly {
             return Err(self.unavailable());
+        }
+        if !unknown.is_empty() && plan.read == ReadPath::DurableOnly {
+            let keys: Vec<RecordKey> = unknown
+                .iter()
+                .map(|id| RecordKey::new(collection_name.clone(), id.clone()))
+                .collect();
+            self.settle(collection, &keys, Access::Read).await?;
         }
         if !unknown.is_empty() && plan.read != ReadPath::CacheAuthoritative {
             let mut fetched = self
@@ -725,11 +791,28 @@ impl Engine {
             return Err(self.unavailable());
         }
         let cached = plan.read == ReadPath::CacheThenDurable;
-        let record = self
+        let mut record = self
             .durable
             .lookup(collection_name, index, value, now)
             .await
             .map_err(|err| self.durable_failed(err))?;
+        if let (Some(found), ReadPath::DurableOnly) = (&record, plan.read) {
+            let key = found.key();
+            let settled = self
+                .settle(collection, std::slice::from_ref(&key), Access::Read)
+                .await?;
+            if settled.applied {
+                // A newer version (or a deletion) of the record was applied.
+                record = self
+                    .durable
+                    .get(&key, now)
+                    .await
+                    .map_err(|err| self.durable_failed(err))?
+                    .filter(|newer| {
+                        index_value(&newer.data, index).ok().flatten().as_deref() == Some(value)
+                    });
+            }
+        }
         // With writes journaled, the cache may hold a newer version of the
         // record PostgreSQL found (indexed values cannot change meanwhile).
         let record = match (plan.write, record) {

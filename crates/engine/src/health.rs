@@ -115,6 +115,13 @@ pub struct Breaker {
     /// tests of tiers that cannot be killed from outside, like the
     /// in-process cache).
     simulated_outage: AtomicBool,
+    /// Wakes the calls in flight when the breaker opens: a call waiting on
+    /// a dead tier (for a connection, say) fails then instead of at its
+    /// timeout.
+    opened: tokio::sync::Notify,
+    /// Asks for a probe now: a live call failed, and the probe can tell a
+    /// dead tier (connection refused) from a slow one at once.
+    pub(crate) probe_wanted: tokio::sync::Notify,
 }
 
 /// A snapshot of one tier's health, for status pages and metrics.
@@ -151,6 +158,8 @@ impl Breaker {
             stats: TierStats::default(),
             last_probe: Mutex::new(None),
             simulated_outage: AtomicBool::new(false),
+            opened: tokio::sync::Notify::new(),
+            probe_wanted: tokio::sync::Notify::new(),
         }
     }
 
@@ -178,6 +187,7 @@ impl Breaker {
         inner.since = OffsetDateTime::now_utc();
         match to {
             BreakerState::Open if from == BreakerState::Closed => {
+                self.opened.notify_waiters();
                 self.degradations.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     tier = %self.tier,
@@ -241,7 +251,10 @@ impl Breaker {
         inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
         inner.last_error = Some(error.to_string());
         let opens = match inner.state {
-            BreakerState::Closed => inner.consecutive_failures >= self.threshold,
+            // A refused connection is certain: nothing listens there.
+            BreakerState::Closed => {
+                inner.consecutive_failures >= self.threshold || error.is_refused()
+            }
             BreakerState::HalfOpen | BreakerState::Open => true,
         };
         if opens {
@@ -324,6 +337,11 @@ impl Breaker {
         timeout: Duration,
         call: impl Future<Output = StoreResult<T>>,
     ) -> StoreResult<T> {
+        // Registered before the state is read, so an opening in between is
+        // not missed.
+        let opened = self.opened.notified();
+        tokio::pin!(opened);
+        opened.as_mut().enable();
         if !self.is_closed() {
             return Err(StoreError::unavailable(
                 self.tier,
@@ -331,13 +349,26 @@ impl Breaker {
             ));
         }
         let started = Instant::now();
-        let result = self.attempt(timeout, call).await;
+        let result = tokio::select! {
+            result = self.attempt(timeout, call) => result,
+            () = opened => {
+                // Another call or the probe found the tier down; this one
+                // may or may not have reached it, like a timeout.
+                self.stats.calls.fetch_add(1, Ordering::Relaxed);
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                return Err(StoreError::unavailable(
+                    self.tier,
+                    format!("{} went down while the call waited", self.backend),
+                ));
+            }
+        };
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         self.stats.latency.record(started.elapsed());
         match &result {
             Err(err) if err.is_unavailable() => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 self.record_failure(err);
+                self.probe_wanted.notify_one();
             }
             // An answer, even an error about the request, means the tier is up.
             _ => self.record_call_success(),
@@ -458,17 +489,13 @@ impl GuardedCache {
     pub async fn probe(&self) {
         self.breaker.begin_trial();
         let started = Instant::now();
-        let outcome = tokio::time::timeout(self.timeout * 4, self.check()).await;
-        match outcome {
-            Ok(Ok(epoch)) => {
+        // Under `attempt`, so a simulated outage fails the probe too.
+        match self.breaker.attempt(self.timeout * 4, self.check()).await {
+            Ok(epoch) => {
                 self.breaker.probe_took(started.elapsed());
                 self.breaker.close_unless_failed_since(epoch);
             }
-            Ok(Err(err)) => self.breaker.force_open(&err),
-            Err(_) => self.breaker.force_open(&StoreError::unavailable(
-                Tier::Cache,
-                format!("{} probe timed out", self.inner.backend()),
-            )),
+            Err(err) => self.breaker.force_open(&err),
         }
     }
 
@@ -786,6 +813,10 @@ impl CacheStore for GuardedCache {
         let call = self.inner.scan(collection, cursor, count);
         self.breaker.call(self.timeout, call).await
     }
+    async fn get_states(&self, keys: &[RecordKey]) -> StoreResult<Vec<Option<CachedState>>> {
+        let call = self.inner.get_states(keys);
+        self.breaker.call(self.timeout, call).await
+    }
     async fn copy_in(
         &self,
         state: &Change,
@@ -925,22 +956,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_call_that_succeeds_after_the_breaker_opened_does_not_close_it() {
+    async fn a_call_in_flight_when_the_breaker_opens_fails_then_and_does_not_close_it() {
         let breaker = Breaker::new(Tier::Cache, "redis", 1);
-        let slow_success = breaker.call(Duration::from_secs(1), async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        let slow_success = breaker.call(Duration::from_secs(5), async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
             Ok(())
         });
         let failure = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
             breaker.record_failure(&down());
         };
         let (result, ()) = tokio::join!(slow_success, failure);
-        assert!(result.is_ok());
+        assert!(
+            result.is_err_and(|err| err.is_unavailable()),
+            "released as unavailable"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "released when the breaker opened, not at the end of the call: {:?}",
+            started.elapsed()
+        );
         assert_eq!(
             breaker.state(),
             BreakerState::Open,
             "only a probe closes it"
         );
+    }
+
+    #[test]
+    fn a_refused_connection_opens_the_breaker_at_once() {
+        let breaker = Breaker::new(Tier::Durable, "postgres", 3);
+        let refused = StoreError::unavailable(
+            Tier::Durable,
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        );
+        assert!(refused.is_refused());
+        assert!(!down().is_refused());
+        breaker.record_failure(&down());
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Closed,
+            "one timeout is not certain"
+        );
+        breaker.record_failure(&refused);
+        assert_eq!(breaker.state(), BreakerState::Open);
     }
 
     #[test]

@@ -18,14 +18,18 @@ use std::time::Duration;
 
 use hybridstore_core::{
     ApplyMode, CacheEntry, CacheStore, CacheWrite, CacheWriteOutcome, Change, DurableStore, Error,
-    JournalAck, JournalKind, Precondition, Record, RecordKey, RecordWrite, StoreError, Version,
-    WriteChange, WriteOutcome,
+    IndexEntry, JournalAck, JournalKind, Precondition, Record, RecordKey, RecordWrite, StoreError,
+    Version, WriteChange, WriteOutcome,
 };
 use time::OffsetDateTime;
 
 use crate::catalog::Collection;
 use crate::engine::Engine;
 use crate::strategy::WritePath;
+
+/// How often a write guarded by a version it read itself (not by the
+/// client) reads again after a concurrent writer got in between.
+const GUARDED_ATTEMPTS: usize = 8;
 
 /// How the replay loop works.
 #[derive(Clone, Debug)]
@@ -197,9 +201,10 @@ impl Engine {
                         return Err(self.unavailable());
                     }
                 }
-                CacheWriteOutcome::Written { .. } => {
+                CacheWriteOutcome::Written { version, .. } => {
                     if let Some(kind) = write.journal {
                         self.backlog(kind).mark();
+                        self.unreplayed.journaled(&write.key, version);
                     }
                     return Ok(outcome);
                 }
@@ -216,35 +221,16 @@ impl Engine {
 
     /// A put through the journal. A collection with unique indexes can only
     /// be written this way (during an outage) if the write keeps every indexed
-    /// value as it is: only the durable tier can check a new value.
+    /// value as it is: only the durable tier can check a new value. The check
+    /// is made against the copy the write replaces, so the write is guarded
+    /// by that copy's version; if a concurrent write got in between, a write
+    /// without `If-Match` checks again rather than failing with 412, which is
+    /// only ever the answer to a precondition the client gave.
     pub(crate) async fn put_journaled(
         &self,
         collection: &Collection,
         write: RecordWrite,
     ) -> Result<WriteOutcome, Error> {
-        let mut precondition = write.precondition;
-        if let Some(entries) = &write.index_entries {
-            let current = match self.cache.get(&write.key).await {
-                Ok(CacheEntry::Present(record)) if !record.is_expired(write.now) => record,
-                _ => return Err(self.unavailable()),
-            };
-            if collection.index_entries(&current.data)?.as_ref() != Some(entries) {
-                return Err(self.unavailable());
-            }
-            precondition = match precondition {
-                Precondition::IfMatch(v) if v != current.version => {
-                    return Err(Error::VersionConflict {
-                        current: Some(current.version),
-                    });
-                }
-                Precondition::Absent => {
-                    return Err(Error::VersionConflict {
-                        current: Some(current.version),
-                    });
-                }
-                _ => Precondition::IfMatch(current.version),
-            };
-        }
         let mut journaled = CacheWrite {
             journal: self.journal_kind(collection),
             deleted_marker_ttl: self.settings.deleted_marker_ttl,
@@ -253,11 +239,38 @@ impl Engine {
                 data: write.data,
                 expires_at: write.expires_at,
             },
-            precondition,
+            precondition: write.precondition,
             now: write.now,
             unknown_state_ok: false,
         };
-        let outcome = self.journal(collection, &mut journaled).await?;
+        let mut outcome = None;
+        for _ in 0..GUARDED_ATTEMPTS {
+            if let Some(entries) = &write.index_entries {
+                journaled.precondition = self
+                    .index_guard(
+                        collection,
+                        &write.key,
+                        entries,
+                        write.precondition,
+                        write.now,
+                    )
+                    .await?;
+            }
+            match self.journal(collection, &mut journaled).await {
+                Err(Error::VersionConflict { .. })
+                    if write.index_entries.is_some()
+                        && !matches!(write.precondition, Precondition::IfMatch(_)) =>
+                {
+                    continue;
+                }
+                result => {
+                    outcome = Some(result?);
+                    break;
+                }
+            }
+        }
+        // Every attempt lost to a concurrent writer: busy, not a conflict.
+        let outcome = outcome.ok_or_else(|| self.unavailable())?;
         // The data moves back out of the write rather than being copied.
         let WriteChange::Put { data, .. } = journaled.change else {
             unreachable!("built as a put above")
@@ -282,6 +295,36 @@ impl Engine {
             other => Err(Error::Internal(format!(
                 "unexpected journal outcome {other:?}"
             ))),
+        }
+    }
+
+    /// For a journaled put in a collection with unique indexes: the
+    /// precondition that makes it safe. The copy it replaces must be cached
+    /// and carry the same indexed values; the write is then guarded by that
+    /// copy's version. A client's own precondition is checked here.
+    async fn index_guard(
+        &self,
+        collection: &Collection,
+        key: &RecordKey,
+        entries: &[IndexEntry],
+        asked: Precondition,
+        now: OffsetDateTime,
+    ) -> Result<Precondition, Error> {
+        let current = match self.cache.get(key).await {
+            Ok(CacheEntry::Present(record)) if !record.is_expired(now) => record,
+            _ => return Err(self.unavailable()),
+        };
+        if collection.index_entries(&current.data)?.as_deref() != Some(entries) {
+            return Err(self.unavailable());
+        }
+        match asked {
+            Precondition::IfMatch(v) if v != current.version => Err(Error::VersionConflict {
+                current: Some(current.version),
+            }),
+            Precondition::Absent => Err(Error::VersionConflict {
+                current: Some(current.version),
+            }),
+            _ => Ok(Precondition::IfMatch(current.version)),
         }
     }
 
@@ -319,15 +362,25 @@ impl Engine {
 
     /// Re-reads whether journaled writes still wait, per journal.
     pub(crate) async fn refresh_backlogs(&self) {
-        for kind in JournalKind::ALL {
+        let unreplayed = self.unreplayed.epoch();
+        let mut empty = [false; 2];
+        for (kind, empty) in JournalKind::ALL.into_iter().zip(&mut empty) {
             let epoch = self.backlog(kind).epoch();
             if let Ok(length) = self.cache.journal_backlog(kind).await {
                 let cleared = self.backlog(kind).settle(epoch, length);
                 if cleared && kind == JournalKind::Outage {
-                    tracing::info!("outage journal replayed; configured strategies resume");
+                    tracing::info!("outage journal replayed");
                 }
+                *empty = length == 0;
             }
         }
+        let [write_behind, outage] = empty;
+        if write_behind && self.control.strategy() != hybridstore_core::Strategy::CacheFirst {
+            self.wrote_behind
+                .store(false, std::sync::atomic::Ordering::Release);
+        }
+        self.unreplayed
+            .journals_empty(unreplayed, outage, write_behind);
     }
 
     /// How many entries wait in each journal (for status and metrics).
@@ -421,6 +474,10 @@ impl Engine {
         }
         for entry in &entries {
             self.backlog(entry.kind).mark();
+            // Held until applied: if the cache fails before that, this
+            // instance knows the durable tier lacks the version.
+            self.unreplayed
+                .journaled(&entry.change.key(), entry.change.version());
         }
 
         // The newest change per record is the one that counts; older entries
@@ -440,6 +497,9 @@ impl Engine {
             .durable
             .apply_changes(&changes, ApplyMode::IfNewer)
             .await?;
+        for change in &changes {
+            self.unreplayed.replayed(&change.key(), change.version());
+        }
         let superseded: HashMap<(RecordKey, Version), bool> = changes
             .iter()
             .zip(&applied)

@@ -15,6 +15,7 @@ mod idempotency;
 mod jobs;
 mod journal;
 mod maintenance;
+mod pending;
 mod stats;
 mod status;
 mod strategy;

@@ -86,7 +86,20 @@ pub struct StatusReport {
     /// `None` when the cache cannot be asked.
     pub journal_backlog: Option<JournalBacklog>,
     pub replay: ReplayStats,
+    /// What this instance would refuse to read from the durable tier while
+    /// the cache is unreachable.
+    pub unreplayed: Unreplayed,
     pub cache_generation: u64,
+}
+
+/// Keys this instance journaled (or took to replay) whose version it has not
+/// seen reach the durable tier.
+#[derive(Clone, Debug, Serialize)]
+pub struct Unreplayed {
+    pub keys: usize,
+    /// Any key may be held: the process started, or remembered too many
+    /// keys, since the journals were last seen empty.
+    pub unknown: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -159,10 +172,8 @@ impl Engine {
                 }
                 (false, true) => "PostgreSQL is unavailable and this strategy keeps no Redis copies",
                 (true, false) if effective.is_some() => "Redis is unavailable: PostgreSQL only",
-                (true, false) => {
-                    "Redis is unavailable and holds writes PostgreSQL lacks (or is the only tier)"
-                }
-                (true, true) => "journaled writes are being replayed into PostgreSQL first",
+                (true, false) => "Redis is unavailable and is the only tier of this collection",
+                (true, true) => "the configured plan is in force",
             }
             .to_owned(),
         )
@@ -220,6 +231,10 @@ impl Engine {
                 _ => None,
             },
             replay: self.replay_stats(),
+            unreplayed: {
+                let (keys, unknown) = self.unreplayed.summary();
+                Unreplayed { keys, unknown }
+            },
             cache_generation: applied.map_or(0, |state| state.cache_generation),
         }
     }

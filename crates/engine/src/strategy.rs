@@ -14,9 +14,10 @@
 //! Health narrows the configured plan ([`Plan::degraded`]): while the durable
 //! tier is down, collections that keep cache copies are written through the
 //! cache and its outage journal and read from the cache only; while the cache is
-//! down, everything goes to the durable tier; after an outage, writes stay on
-//! the journal until its backlog is replayed, so that no write is checked or
-//! merged against an older durable copy.
+//! down, everything goes to the durable tier. Nothing else narrows it: once a
+//! tier is back, requests take their configured path at once, and journaled
+//! versions the durable tier still lacks are settled key by key
+//! (`pending.rs`), never by holding a whole collection or service back.
 
 use hybridstore_core::Strategy;
 
@@ -101,30 +102,21 @@ impl Plan {
         read: ReadPath::DurableOnly,
     };
 
-    /// The plan in force given which tiers are usable and whether journaled
-    /// writes of this collection may still wait to be replayed (`backlog`);
-    /// `None` when nothing can serve correctly.
-    pub fn degraded(self, durable_up: bool, cache_up: bool, backlog: bool) -> Option<Plan> {
-        let journaled = |read| Plan {
-            write: WritePath::CacheJournaled,
-            read,
-        };
+    /// The plan in force given which tiers are usable; `None` when nothing
+    /// can serve correctly.
+    pub fn degraded(self, durable_up: bool, cache_up: bool) -> Option<Plan> {
         if self.write == WritePath::CacheOnly {
             return cache_up.then_some(self);
         }
         match (durable_up, cache_up) {
-            // Replay first: the cache holds versions the durable tier lacks.
-            (true, true) if backlog && self.write == WritePath::DurableThenCache => {
-                Some(journaled(ReadPath::CacheThenDurable))
-            }
             (true, true) => Some(self),
-            // The newest versions wait in the unreachable cache's journal: the
-            // durable tier would answer with older ones.
-            (true, false) if backlog => None,
             (true, false) => Some(Plan::DURABLE_ONLY),
             // Only collections whose cache copies are kept current can be
             // served, and written, through the cache alone.
-            (false, true) if self.uses_cache() => Some(journaled(ReadPath::CacheOnly)),
+            (false, true) if self.uses_cache() => Some(Plan {
+                write: WritePath::CacheJournaled,
+                read: ReadPath::CacheOnly,
+            }),
             (false, _) => None,
         }
     }
@@ -170,40 +162,30 @@ mod tests {
         let dual = Plan::of(Strategy::DualWrite);
         let write_behind = Plan::of(Strategy::CacheFirst);
         let durable_only = Plan::of(Strategy::PostgresOnly);
-        assert_eq!(dual.degraded(true, true, false), Some(dual));
-        assert_eq!(dual.degraded(true, false, false), Some(Plan::DURABLE_ONLY));
-        let outage = dual.degraded(false, true, false).unwrap();
+        assert_eq!(dual.degraded(true, true), Some(dual));
+        assert_eq!(dual.degraded(true, false), Some(Plan::DURABLE_ONLY));
+        let outage = dual.degraded(false, true).unwrap();
         assert_eq!(
             (outage.write, outage.read),
             (WritePath::CacheJournaled, ReadPath::CacheOnly)
         );
-        assert_eq!(dual.degraded(false, false, false), None);
-        let draining = dual.degraded(true, true, true).unwrap();
+        assert_eq!(dual.degraded(false, false), None);
+        assert_eq!(write_behind.degraded(true, true), Some(write_behind));
+        assert_eq!(durable_only.degraded(true, true), Some(durable_only));
         assert_eq!(
-            (draining.write, draining.read),
-            (WritePath::CacheJournaled, ReadPath::CacheThenDurable),
-            "after an outage, writes stay journaled until the backlog is replayed"
-        );
-        assert_eq!(write_behind.degraded(true, true, true), Some(write_behind));
-        assert_eq!(durable_only.degraded(true, true, true), Some(durable_only));
-        assert_eq!(
-            dual.degraded(true, false, true),
-            None,
-            "with writes waiting in an unreachable journal, the durable tier is not the truth"
-        );
-        assert_eq!(
-            write_behind.degraded(true, false, false),
-            Some(Plan::DURABLE_ONLY)
+            write_behind.degraded(true, false),
+            Some(Plan::DURABLE_ONLY),
+            "keys whose newest version waits in the unreachable journal are refused key by key"
         );
         let cache_only = Plan::of(Strategy::RedisOnly);
-        assert_eq!(cache_only.degraded(false, true, false), Some(cache_only));
+        assert_eq!(cache_only.degraded(false, true), Some(cache_only));
         assert_eq!(
-            cache_only.degraded(true, false, false),
+            cache_only.degraded(true, false),
             None,
             "no other copy exists"
         );
         assert_eq!(
-            durable_only.degraded(false, true, false),
+            durable_only.degraded(false, true),
             None,
             "a collection without cache copies cannot be served from the cache"
         );

@@ -714,6 +714,20 @@ impl CacheStore for MemoryCache {
         Ok((token, page))
     }
 
+    async fn get_states(&self, keys: &[RecordKey]) -> StoreResult<Vec<Option<CachedState>>> {
+        let mut state = self.lock();
+        Ok(keys
+            .iter()
+            .map(|key| {
+                state.copy(key).map(|copy| CachedState {
+                    state: copy.state(key),
+                    pinned: copy.pinned.is_some(),
+                    authoritative: copy.authoritative,
+                })
+            })
+            .collect())
+    }
+
     async fn copy_in(
         &self,
         change: &Change,

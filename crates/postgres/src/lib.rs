@@ -589,6 +589,18 @@ impl DurableStore for PostgresStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
+        // The pool retries a refused connection until its acquire timeout,
+        // as if the server were starting: a dead server would look slow for
+        // that long. A connection of our own tells refused apart at once.
+        let options = self.pool.connect_options();
+        if options.get_socket().is_none() {
+            let address = (options.get_host(), options.get_port());
+            if let Err(err) = tokio::net::TcpStream::connect(address).await
+                && err.kind() == std::io::ErrorKind::ConnectionRefused
+            {
+                return Err(StoreError::unavailable(Tier::Durable, err));
+            }
+        }
         if !self.migrated.load(Ordering::Acquire) {
             self.migrate().await?;
         }

@@ -903,6 +903,26 @@ impl CacheStore for RedisStore {
         Ok((next, states))
     }
 
+    async fn get_states(&self, keys: &[RecordKey]) -> StoreResult<Vec<Option<CachedState>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("HMGET")
+                .arg(self.keys.record(key))
+                .arg(&SCAN_FIELDS[..]);
+        }
+        let raw: Vec<RawScanned> = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        keys.iter()
+            .zip(raw)
+            .map(|(key, raw)| decode_scanned(key.clone(), raw))
+            .collect()
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(version = %state.version()))]
     async fn copy_in(
         &self,

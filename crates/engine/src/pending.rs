@@ -1,0 +1,361 @@
+//! Journaled writes the durable tier does not hold yet, and what a request
+//! that goes to the durable tier meanwhile must do about them.
+//!
+//! After a durable-tier outage, and beside `cache_first` collections, the
+//! cache's journals hold versions the durable tier lacks until replay has
+//! applied them. Requests do not wait for replay: once the durable tier is
+//! back, every request takes its configured path at once. A request that
+//! would have the durable tier answer for a key first *settles* it: if the
+//! cache holds a pinned copy (a journaled version not yet replayed), that
+//! version is applied to the durable tier, guarded by version exactly as
+//! replay applies it, and only then is the request checked and served there.
+//! So a pinned version is always the base of what follows it: no write is
+//! checked or merged against an older durable copy, no read returns one. The
+//! cost is one cache round trip per request, paid only while a journal may
+//! hold entries of the collection.
+//!
+//! While the cache is unreachable its journals cannot be read. Each instance
+//! therefore remembers the keys it journaled (or took from the journal to
+//! replay) and has not seen reach the durable tier ([`Unreplayed`]). For
+//! those keys, and only those, the durable tier is behind: reads answer 503,
+//! never an older version; unconditional writes are given a version above the
+//! journaled one (its replay then finds itself superseded); conditional
+//! writes, which would be checked against the older base, answer 503.
+//! Everything else is served by the durable tier as usual. An instance cannot
+//! know what another instance journaled: see README, "Several instances".
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use hybridstore_core::{
+    ApplyMode, CacheStore, CollectionName, DurableStore, Error, Precondition, RecordId, RecordKey,
+    Strategy, Version,
+};
+use time::OffsetDateTime;
+
+use crate::catalog::Collection;
+use crate::engine::Engine;
+
+/// Most keys remembered one by one; past this, any key may be unreplayed
+/// until the journals are seen empty.
+const MAX_UNREPLAYED: usize = 100_000;
+
+/// What this instance knows of one key's journaled versions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Held {
+    /// Nothing of it waits in a journal (as far as this instance knows).
+    No,
+    /// A journaled version, possibly not replayed yet.
+    At(Version),
+    /// Not known: the process started, or remembered too many keys, since
+    /// the journals were last seen empty.
+    Unknown,
+}
+
+/// The keys this instance journaled, or read from a journal, whose version
+/// it has not yet seen reach the durable tier.
+pub(crate) struct Unreplayed {
+    state: Mutex<UnreplayedState>,
+}
+
+struct UnreplayedState {
+    keys: HashMap<RecordKey, Version>,
+    /// Any key may be held (see [`Held::Unknown`]) by the outage journal,
+    /// or by the write-behind journal.
+    unknown_outage: bool,
+    unknown_write_behind: bool,
+    /// Counts every note, so that clearing after an empty journal was seen
+    /// does not drop a key journaled while the journal was being looked at.
+    epoch: u64,
+}
+
+impl Default for Unreplayed {
+    /// A new process knows nothing of what an earlier one wrote behind until
+    /// it has seen that journal empty: `cache_first` always has entries on
+    /// the way. The outage journal is assumed replayed: an earlier process
+    /// that saw the durable tier back drained it within moments (a process
+    /// killed during that drain, and started again while the cache is
+    /// unreachable, is the case this misses; see README).
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(UnreplayedState {
+                keys: HashMap::new(),
+                unknown_outage: false,
+                unknown_write_behind: true,
+                epoch: 0,
+            }),
+        }
+    }
+}
+
+impl Unreplayed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, UnreplayedState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `key` has a journaled `version` the durable tier may lack.
+    pub(crate) fn journaled(&self, key: &RecordKey, version: Version) {
+        let mut state = self.lock();
+        state.epoch += 1;
+        if state.keys.len() >= MAX_UNREPLAYED && !state.keys.contains_key(key) {
+            state.keys.clear();
+            state.unknown_outage = true;
+            state.unknown_write_behind = true;
+            return;
+        }
+        let held = state.keys.entry(key.clone()).or_insert(version);
+        *held = (*held).max(version);
+    }
+
+    /// The durable tier holds `version` of `key`, or a newer one.
+    pub(crate) fn replayed(&self, key: &RecordKey, version: Version) {
+        let mut state = self.lock();
+        if state.keys.get(key).is_some_and(|held| *held <= version) {
+            state.keys.remove(key);
+        }
+    }
+
+    /// What is known of `key`; `wrote_behind`: whether its collection may
+    /// have write-behind entries.
+    pub(crate) fn held(&self, key: &RecordKey, wrote_behind: bool) -> Held {
+        let state = self.lock();
+        if state.unknown(wrote_behind) {
+            return Held::Unknown;
+        }
+        state
+            .keys
+            .get(key)
+            .map_or(Held::No, |version| Held::At(*version))
+    }
+
+    /// Whether a key of `collection` whose id lies in `(after, until]`
+    /// (`until: None`: no upper end) may be held.
+    pub(crate) fn any_held_in(
+        &self,
+        collection: &CollectionName,
+        wrote_behind: bool,
+        after: Option<&RecordId>,
+        until: Option<&RecordId>,
+    ) -> bool {
+        let state = self.lock();
+        state.unknown(wrote_behind)
+            || state.keys.keys().any(|key| {
+                &key.collection == collection
+                    && after.is_none_or(|after| &key.id > after)
+                    && until.is_none_or(|until| &key.id <= until)
+            })
+    }
+
+    pub(crate) fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    /// Journals were seen empty after `epoch` was taken (`outage`,
+    /// `write_behind`: which): what they held is replayed, unless something
+    /// was journaled since.
+    pub(crate) fn journals_empty(&self, epoch: u64, outage: bool, write_behind: bool) {
+        let mut state = self.lock();
+        if state.epoch != epoch {
+            return;
+        }
+        if outage {
+            state.unknown_outage = false;
+        }
+        if write_behind {
+            state.unknown_write_behind = false;
+        }
+        if outage && write_behind {
+            state.keys.clear();
+        }
+    }
+
+    /// How many keys are remembered, and whether any key may be held.
+    pub(crate) fn summary(&self) -> (usize, bool) {
+        let state = self.lock();
+        (
+            state.keys.len(),
+            state.unknown_outage || state.unknown_write_behind,
+        )
+    }
+}
+
+impl UnreplayedState {
+    fn unknown(&self, wrote_behind: bool) -> bool {
+        self.unknown_outage || (wrote_behind && self.unknown_write_behind)
+    }
+}
+
+/// What a request that the durable tier will answer is about to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Access {
+    Read,
+    Write(Precondition),
+}
+
+/// What settling found.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Settled {
+    /// The version an unconditional write must exceed: the durable tier
+    /// could not be brought up to date for its key.
+    pub floor: Option<Version>,
+    /// Journaled versions were applied to the durable tier just now.
+    pub applied: bool,
+}
+
+/// The time a write must carry so that its clock-based version lies above
+/// `floor`: `now`, or just past `floor` when the clock is not there yet.
+pub(crate) fn above(now: OffsetDateTime, floor: Option<Version>) -> OffsetDateTime {
+    let Some(floor) = floor else { return now };
+    if Version::clock(now) > floor.get() {
+        return now;
+    }
+    let nanos = i128::from(floor.get().saturating_add(1)) * 1_000;
+    OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(now)
+}
+
+impl Engine {
+    /// Whether a journal may hold entries of `collection` that the durable
+    /// tier lacks.
+    pub(crate) fn journals_may_hold(&self, collection: &Collection) -> bool {
+        self.outage_backlog.pending()
+            || (self.write_behind_backlog.pending() && self.wrote_behind(collection))
+    }
+
+    /// Whether `collection` may have write-behind entries: its own strategy
+    /// is cache_first, or it follows a service-wide strategy that was
+    /// cache_first since that journal was last seen empty.
+    pub(crate) fn wrote_behind(&self, collection: &Collection) -> bool {
+        match collection.spec.strategy {
+            Some(own) => own == Strategy::CacheFirst,
+            None => self.service_wrote_behind(),
+        }
+    }
+
+    /// Makes sure the durable tier holds the newest journaled version of
+    /// every key in `keys` before it answers for them (see the module docs).
+    pub(crate) async fn settle(
+        &self,
+        collection: &Collection,
+        keys: &[RecordKey],
+        access: Access,
+    ) -> Result<Settled, Error> {
+        if keys.is_empty() || !self.configured_plan(collection).uses_cache() {
+            return Ok(Settled::default());
+        }
+        if self.cache.breaker.is_closed() {
+            if !self.journals_may_hold(collection) {
+                return Ok(Settled::default());
+            }
+            match self.cache.get_states(keys).await {
+                Ok(states) => {
+                    let pinned: Vec<_> = states
+                        .into_iter()
+                        .flatten()
+                        .filter(|held| held.pinned)
+                        .map(|held| held.state)
+                        .collect();
+                    if !pinned.is_empty() {
+                        self.durable
+                            .apply_changes(&pinned, ApplyMode::IfNewer)
+                            .await
+                            .map_err(|err| self.durable_failed(err))?;
+                        for change in &pinned {
+                            self.unreplayed.replayed(&change.key(), change.version());
+                        }
+                    }
+                    return Ok(Settled {
+                        floor: None,
+                        applied: !pinned.is_empty(),
+                    });
+                }
+                // The breaker is open now: decide as without a cache.
+                Err(err) => self.cache_failed("get_states", &err),
+            }
+        }
+        let mut floor = None;
+        let wrote_behind = self.wrote_behind(collection);
+        for key in keys {
+            match (self.unreplayed.held(key, wrote_behind), access) {
+                (Held::No, _) => {}
+                // A version by the clock lies above anything journaled
+                // before; a known one is exceeded explicitly.
+                (Held::Unknown, Access::Write(Precondition::None)) => {}
+                (Held::At(version), Access::Write(Precondition::None)) => {
+                    floor = floor.max(Some(version));
+                }
+                _ => return Err(self.unavailable()),
+            }
+        }
+        Ok(Settled {
+            floor,
+            applied: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str) -> RecordKey {
+        RecordKey::new(
+            CollectionName::parse("c").unwrap(),
+            RecordId::parse(id).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_new_process_knows_nothing_of_write_behind_until_its_journal_is_seen_empty() {
+        let unreplayed = Unreplayed::default();
+        assert_eq!(unreplayed.held(&key("a"), true), Held::Unknown);
+        assert_eq!(unreplayed.held(&key("a"), false), Held::No);
+        unreplayed.journals_empty(unreplayed.epoch(), false, true);
+        assert_eq!(unreplayed.held(&key("a"), true), Held::No);
+    }
+
+    #[test]
+    fn past_the_bound_any_key_may_be_held() {
+        let unreplayed = Unreplayed::default();
+        unreplayed.journals_empty(unreplayed.epoch(), true, true);
+        for n in 0..=MAX_UNREPLAYED {
+            unreplayed.journaled(&key(&format!("k{n}")), Version::new(1));
+        }
+        assert_eq!(unreplayed.held(&key("other"), false), Held::Unknown);
+        unreplayed.journals_empty(unreplayed.epoch(), true, true);
+        assert_eq!(unreplayed.held(&key("other"), false), Held::No);
+    }
+
+    #[test]
+    fn a_key_is_held_until_its_version_is_replayed() {
+        let unreplayed = Unreplayed::default();
+        unreplayed.journals_empty(unreplayed.epoch(), true, true);
+        unreplayed.journaled(&key("a"), Version::new(5));
+        unreplayed.journaled(&key("a"), Version::new(7));
+        unreplayed.replayed(&key("a"), Version::new(5));
+        assert_eq!(unreplayed.held(&key("a"), false), Held::At(Version::new(7)));
+        let collection = key("a").collection;
+        assert!(unreplayed.any_held_in(&collection, false, None, None));
+        assert!(!unreplayed.any_held_in(&collection, false, Some(&key("a").id), None));
+        unreplayed.replayed(&key("a"), Version::new(7));
+        assert_eq!(unreplayed.held(&key("a"), false), Held::No);
+    }
+
+    #[test]
+    fn a_write_while_the_journal_was_looked_at_stays_held() {
+        let unreplayed = Unreplayed::default();
+        unreplayed.journals_empty(unreplayed.epoch(), true, true);
+        let epoch = unreplayed.epoch();
+        unreplayed.journaled(&key("a"), Version::new(5));
+        unreplayed.journals_empty(epoch, true, true);
+        assert_eq!(unreplayed.held(&key("a"), false), Held::At(Version::new(5)));
+    }
+
+    #[test]
+    fn a_write_gets_a_version_above_the_floor() {
+        let now = OffsetDateTime::now_utc();
+        let clock = Version::clock(now);
+        assert_eq!(above(now, Some(Version::new(clock - 10))), now);
+        let later = above(now, Some(Version::new(clock + 10)));
+        assert_eq!(Version::clock(later), clock + 11);
+    }
+}
