@@ -6,6 +6,7 @@ mod admin;
 mod bad_input;
 mod binary;
 mod cli;
+mod compound;
 mod concurrency;
 mod counters;
 mod degradation;

@@ -445,6 +445,8 @@ impl Engine {
             .put(&write)
             .await
             .map_err(|err| self.durable_failed(err))?;
+        // The durable tier now holds a version above any journaled one.
+        self.unreplayed.replayed(&write.key, outcome.record.version);
         let update = CacheUpdate::Record(&outcome.record);
         self.after_commit(collection, &write.key, update, write.now)
             .await;
@@ -598,6 +600,7 @@ impl Engine {
             .delete(key, precondition, now)
             .await
             .map_err(|err| self.durable_failed(err))?;
+        self.unreplayed.replayed(key, version);
         self.after_commit(collection, key, CacheUpdate::Deleted(version), now)
             .await;
         Ok(version)

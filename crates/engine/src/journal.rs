@@ -29,7 +29,15 @@ use crate::strategy::WritePath;
 
 /// How often a write guarded by a version it read itself (not by the
 /// client) reads again after a concurrent writer got in between.
-const GUARDED_ATTEMPTS: usize = 8;
+const GUARDED_ATTEMPTS: u32 = 16;
+
+/// A short random pause before another attempt, so that writers racing on
+/// one record stop meeting in lockstep.
+async fn backoff(attempt: u32) {
+    let nanos = u64::from(OffsetDateTime::now_utc().nanosecond());
+    let ceiling = 200 * u64::from(attempt.min(10));
+    tokio::time::sleep(Duration::from_micros(nanos % ceiling)).await;
+}
 
 /// How the replay loop works.
 #[derive(Clone, Debug)]
@@ -244,7 +252,10 @@ impl Engine {
             unknown_state_ok: false,
         };
         let mut outcome = None;
-        for _ in 0..GUARDED_ATTEMPTS {
+        for attempt in 0..GUARDED_ATTEMPTS {
+            if attempt > 0 {
+                backoff(attempt).await;
+            }
             if let Some(entries) = &write.index_entries {
                 journaled.precondition = self
                     .index_guard(

@@ -79,6 +79,18 @@ impl TestAppBuilder {
         self
     }
 
+    /// Puts the durable tier behind a [`HookedDurable`], returned with the
+    /// builder, to hold chosen calls.
+    pub fn hooked(self) -> (Self, Arc<crate::HookedDurable>) {
+        let hooked = Arc::new(crate::HookedDurable::new());
+        let layer = hooked.clone();
+        let builder = self.wrap_durable(move |real| {
+            layer.attach(real);
+            layer
+        });
+        (builder, hooked)
+    }
+
     /// Runs against these servers instead of the shared ones (a test that
     /// kills a server starts its own).
     pub fn servers(mut self, postgres: Arc<Postgres>, redis: Arc<Redis>) -> Self {

@@ -7,6 +7,7 @@
 //! No Docker and no mocks: what the tests talk to is what production talks to.
 
 mod app;
+mod hooked;
 mod process;
 mod servers;
 mod wait;
@@ -15,6 +16,7 @@ pub use app::{
     ADMIN_TOKEN, API_KEYS_WRITER_TOKEN, Production, READER_TOKEN, StoredCopy, TestApp,
     TestAppBuilder, etag_version, record_ids, spawn_app,
 };
+pub use hooked::HookedDurable;
 pub use process::free_port;
 pub use servers::{Postgres, Redis, RedisPersistence, SharedServers, create_database, shared};
 pub use wait::{blocking, until};

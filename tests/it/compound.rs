@@ -1,0 +1,359 @@
+//! Faults in sequence: a tier failing while the other is still recovering,
+//! replay held back while requests go on, concurrent writers during an
+//! outage. Each test pins one guarantee that single outages never exercised.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hybridstore_core::{CollectionName, RecordId, RecordKey};
+use hybridstore_testkit::{
+    Postgres, Redis, RedisPersistence, TestApp, blocking, etag_version, shared, until,
+};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+fn key(collection: &str, id: &str) -> RecordKey {
+    RecordKey::new(
+        CollectionName::parse(collection).unwrap(),
+        RecordId::parse(id).unwrap(),
+    )
+}
+
+async fn wait_tier(app: &TestApp, tier: &str, state: &str) {
+    assert!(
+        app.wait_for_tier(tier, state).await,
+        "{tier} tier never became {state}"
+    );
+}
+
+/// After PostgreSQL returns, replay of the outage journal is held back (its
+/// batch waits on one record). Requests do not wait for it: writes commit in
+/// PostgreSQL at once, on top of the journaled version of their key, and a
+/// Redis outage in that window refuses only the keys whose newest version
+/// is still in Redis alone.
+#[tokio::test]
+async fn requests_take_their_configured_path_while_replay_is_held_and_then_redis_dies() {
+    let postgres = Arc::new(blocking(Postgres::start).await);
+    let redis = Arc::new(blocking(|| Redis::start(RedisPersistence::AppendOnly)).await);
+    let (builder, hooked) = TestApp::builder().hooked();
+    let app = builder
+        .servers(postgres.clone(), redis.clone())
+        .spawn()
+        .await;
+    for id in ["blocker", "j1", "j2"] {
+        let created = app.put("accounts", id, json!({"n": 0})).await;
+        assert_eq!(created.status(), StatusCode::CREATED);
+    }
+
+    let pg = postgres.clone();
+    blocking(move || pg.kill()).await;
+    wait_tier(&app, "durable", "open").await;
+    let mut outage_versions = std::collections::HashMap::new();
+    for id in ["blocker", "j1", "j2"] {
+        let written = app.put("accounts", id, json!({"n": 1})).await;
+        assert_eq!(
+            written.status(),
+            StatusCode::OK,
+            "journaled during the outage"
+        );
+        outage_versions.insert(id, etag_version(&written));
+    }
+
+    // Replay will be stuck on the batch holding "blocker".
+    hooked.hold_applies_of(key("accounts", "blocker"));
+    let pg = postgres.clone();
+    blocking(move || pg.restart()).await;
+    wait_tier(&app, "durable", "closed").await;
+    assert!(
+        until(Duration::from_secs(10), || async {
+            hooked.applies_held() > 0
+        })
+        .await,
+        "replay reached the held batch"
+    );
+
+    // A patch merges onto the journaled version, not PostgreSQL's older one.
+    let patched = app
+        .admin(Method::PATCH, "/v1/collections/accounts/records/j1")
+        .json(&json!({"m": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), StatusCode::OK);
+    let patched_version = etag_version(&patched);
+    assert!(patched_version > outage_versions["j1"]);
+    let in_postgres = app.postgres_copy("accounts", "j1").await.unwrap();
+    assert_eq!(
+        (in_postgres.version, in_postgres.data),
+        (patched_version, json!({"n": 1, "m": 1})),
+        "committed in PostgreSQL before it was acknowledged, on top of the journaled version"
+    );
+
+    // A precondition is checked against the journaled version.
+    let matched = app
+        .admin(Method::PUT, "/v1/collections/accounts/records/j2")
+        .header("if-match", format!("\"{}\"", outage_versions["j2"]))
+        .json(&json!({"n": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(matched.status(), StatusCode::OK);
+    assert_eq!(
+        app.postgres_copy("accounts", "j2").await.map(|c| c.version),
+        Some(etag_version(&matched))
+    );
+
+    // New records, also in a collection with a unique index.
+    let fresh = app.put("accounts", "fresh", json!({"n": 1})).await;
+    assert_eq!(fresh.status(), StatusCode::CREATED);
+    assert_eq!(
+        app.postgres_copy("accounts", "fresh")
+            .await
+            .map(|c| c.version),
+        Some(etag_version(&fresh))
+    );
+    let api_key = app.put("api_keys", "k1", json!({"key_hash": "h1"})).await;
+    assert_eq!(api_key.status(), StatusCode::CREATED);
+
+    // Redis dies while "blocker" still waits to be replayed.
+    let rd = redis.clone();
+    blocking(move || rd.kill()).await;
+    wait_tier(&app, "cache", "open").await;
+    for id in ["fresh", "j1", "j2"] {
+        let read = app.get("accounts", id).await;
+        assert_eq!(read.status(), StatusCode::OK, "{id} is in PostgreSQL");
+    }
+    assert_eq!(
+        app.lookup("api_keys", "key_hash", "h1").await.status(),
+        StatusCode::OK
+    );
+    let created = app.put("accounts", "fresh2", json!({"n": 1})).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let held = app.get("accounts", "blocker").await;
+    assert_eq!(
+        held.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "its newest version is in Redis only: refused, never answered older"
+    );
+    let listed = app
+        .admin(Method::GET, "/v1/collections/accounts/records")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a page that would show blocker's older state is refused"
+    );
+    let after_blocker = app
+        .admin(
+            Method::GET,
+            "/v1/collections/accounts/records?after=blocker",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after_blocker.status(), StatusCode::OK);
+
+    // An unconditional write to it goes above the journaled version.
+    let overwritten = app.put("accounts", "blocker", json!({"n": 9})).await;
+    assert_eq!(overwritten.status(), StatusCode::OK);
+    let overwritten = etag_version(&overwritten);
+    assert!(overwritten > outage_versions["blocker"]);
+    assert_eq!(
+        etag_version(&app.get("accounts", "blocker").await),
+        overwritten,
+        "PostgreSQL now holds its newest version"
+    );
+
+    // Redis returns with its journal; the old entry finds itself superseded.
+    hooked.release_applies();
+    let rd = redis.clone();
+    blocking(move || rd.restart()).await;
+    wait_tier(&app, "cache", "closed").await;
+    assert!(
+        until(Duration::from_secs(10), || async {
+            app.journal_backlog().await == 0
+        })
+        .await,
+        "the journal drains"
+    );
+    let blocker = app.postgres_copy("accounts", "blocker").await.unwrap();
+    assert_eq!(
+        (blocker.version, blocker.data),
+        (overwritten, json!({"n": 9}))
+    );
+    let read: Value = app.get("accounts", "blocker").await.json().await.unwrap();
+    assert_eq!(read["version"], json!(overwritten));
+}
+
+/// During a PostgreSQL outage, writers race on the same records of a
+/// collection with a unique index. None of them gave a precondition, so none
+/// is answered 412.
+#[tokio::test]
+async fn racing_unconditional_writes_to_unique_indexed_records_never_get_412() {
+    let postgres = Arc::new(blocking(Postgres::start).await);
+    let redis = blocking(|| shared().redis.clone()).await;
+    let app = Arc::new(
+        TestApp::builder()
+            .servers(postgres.clone(), redis)
+            .spawn()
+            .await,
+    );
+    for n in 0..3 {
+        let created = app
+            .put(
+                "api_keys",
+                &format!("k{n}"),
+                json!({"key_hash": format!("h{n}")}),
+            )
+            .await;
+        assert_eq!(created.status(), StatusCode::CREATED);
+    }
+    let pg = postgres.clone();
+    blocking(move || pg.kill()).await;
+    wait_tier(&app, "durable", "open").await;
+
+    let mut writers = Vec::new();
+    for writer in 0..8 {
+        let app = app.clone();
+        writers.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for round in 0..30 {
+                let n = (writer + round) % 3;
+                let body = json!({"key_hash": format!("h{n}"), "writer": writer, "round": round});
+                statuses.push(app.put("api_keys", &format!("k{n}"), body).await.status());
+            }
+            statuses
+        }));
+    }
+    let mut statuses = Vec::new();
+    for writer in writers {
+        statuses.extend(writer.await.unwrap());
+    }
+    let conflicts = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::PRECONDITION_FAILED)
+        .count();
+    let ok = statuses.iter().filter(|s| s.is_success()).count();
+    assert_eq!(conflicts, 0, "412 without a precondition: {statuses:?}");
+    assert_eq!(ok, statuses.len(), "every write was taken: {statuses:?}");
+    let pg = postgres.clone();
+    blocking(move || pg.restart()).await;
+}
+
+/// PostgreSQL killed under write load: the refused connection is noticed at
+/// once, no request waits for the pool's timeout (the production default of
+/// two seconds here), and writes go to the outage journal within a second.
+#[tokio::test]
+async fn a_killed_postgres_is_routed_around_within_a_second() {
+    let postgres = Arc::new(blocking(Postgres::start).await);
+    let redis = blocking(|| shared().redis.clone()).await;
+    let app = Arc::new(
+        TestApp::builder()
+            .servers(postgres.clone(), redis)
+            .config("postgres.acquire_timeout_ms", 2000)
+            .config("postgres.call_timeout_ms", 2000)
+            .spawn()
+            .await,
+    );
+    for n in 0..8 {
+        app.put("accounts", &format!("a{n}"), json!({"n": 0})).await;
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // One writer: a busy pool would see its connections fail at once; a
+    // quiet one finds them dead only when it needs a new one.
+    let mut writers = Vec::new();
+    for writer in 0..1 {
+        let (app, stop) = (app.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut round = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let started = Instant::now();
+                let id = format!("a{}", (writer + round) % 8);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let status = app
+                    .put("accounts", &id, json!({"round": round}))
+                    .await
+                    .status();
+                seen.push((started, started.elapsed(), status));
+                round += 1;
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed = Instant::now();
+    let pg = postgres.clone();
+    blocking(move || pg.kill()).await;
+    assert!(
+        until(Duration::from_secs(1), || async {
+            let (_, health) = app.admin_call(Method::GET, "/admin/database/health").await;
+            health["tiers"]["durable"]["state"] != "closed"
+        })
+        .await,
+        "the breaker opened within a second of the kill"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut requests = Vec::new();
+    for writer in writers {
+        requests.extend(writer.await.unwrap());
+    }
+    let after: Vec<_> = requests.iter().filter(|(at, _, _)| *at >= killed).collect();
+    let slowest = after.iter().map(|(_, took, _)| *took).max().unwrap();
+    assert!(
+        slowest < Duration::from_millis(1000),
+        "a request waited {slowest:?} on the dead server"
+    );
+    let settled: Vec<_> = after
+        .iter()
+        .filter(|(at, _, _)| *at >= killed + Duration::from_secs(1))
+        .collect();
+    let ok = settled.iter().filter(|(_, _, s)| s.is_success()).count();
+    assert!(!settled.is_empty());
+    assert_eq!(ok, settled.len(), "from a second on, writes are journaled");
+    let pg = postgres.clone();
+    blocking(move || pg.restart()).await;
+}
+
+/// Write-behind entries of a cache_first collection wait (their replay is
+/// held); other collections keep their own strategy: dual_write writes commit
+/// in PostgreSQL, and creates in a unique-indexed collection succeed.
+#[tokio::test]
+async fn one_collections_write_behind_leaves_the_others_on_their_strategy() {
+    let (builder, hooked) = TestApp::builder()
+        .config("collections.groups.strategy", "cache_first")
+        .hooked();
+    let app = builder.spawn().await;
+    hooked.hold_applies_of(key("groups", "g1"));
+    let written = app.put("groups", "g1", json!({"n": 1})).await;
+    assert_eq!(written.status(), StatusCode::CREATED);
+    assert!(
+        until(Duration::from_secs(10), || async {
+            hooked.applies_held() > 0
+        })
+        .await,
+        "replay reached the held batch"
+    );
+
+    let account = app.put("accounts", "a1", json!({"n": 1})).await;
+    assert_eq!(account.status(), StatusCode::CREATED);
+    assert_eq!(
+        app.postgres_copy("accounts", "a1").await.map(|c| c.version),
+        Some(etag_version(&account)),
+        "dual_write commits in PostgreSQL before acknowledging"
+    );
+    let api_key = app.put("api_keys", "k1", json!({"key_hash": "h1"})).await;
+    assert_eq!(api_key.status(), StatusCode::CREATED);
+    assert!(app.postgres_copy("api_keys", "k1").await.is_some());
+
+    hooked.release_applies();
+    assert!(
+        until(Duration::from_secs(10), || async {
+            app.postgres_copy("groups", "g1").await.is_some()
+        })
+        .await
+    );
+}
