@@ -396,3 +396,57 @@ async fn scoped_tokens_can_do_what_their_scopes_say() {
     let health = app.http.get(app.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK, "health needs no token");
 }
+
+/// U+0000 in a string is valid JSON, and Redis and SQLite would take it, but
+/// PostgreSQL's jsonb refuses it: accepted once, it could never reach the
+/// durable tier (and would stop the journal's replay). Refused in every
+/// strategy, for puts and for what a patch would make, and nothing is written.
+#[tokio::test]
+async fn a_nul_character_is_refused_before_any_tier_sees_it() {
+    let app = TestApp::builder()
+        .config("collections.groups.strategy", "cache_first")
+        .spawn()
+        .await;
+    for collection in ["accounts", "groups"] {
+        let existing = app.put(collection, "g", json!({"n": 1})).await;
+        assert_eq!(existing.status(), StatusCode::CREATED);
+    }
+    let bodies = [
+        r#"{"name": "a\u0000b"}"#,
+        r#"{"nested": {"list": [1, "x\u0000"]}}"#,
+        r#"{"key\u0000": 1}"#,
+    ];
+    for collection in ["accounts", "groups"] {
+        for body in bodies {
+            for (method, id) in [(Method::PUT, "nul"), (Method::PATCH, "g")] {
+                let response = app
+                    .admin(
+                        method.clone(),
+                        &format!("/v1/collections/{collection}/records/{id}"),
+                    )
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status();
+                let problem: Value = response.json().await.unwrap();
+                assert_eq!(
+                    (status, problem["code"].as_str()),
+                    (StatusCode::BAD_REQUEST, Some("invalid_json")),
+                    "{method} {collection} {body}: {problem}"
+                );
+                assert!(
+                    problem["detail"].as_str().unwrap().contains("U+0000"),
+                    "{problem}"
+                );
+            }
+        }
+        assert!(app.redis_copy(collection, "nul").await.is_none());
+        assert!(app.postgres_copy(collection, "nul").await.is_none());
+    }
+    for collection in ["accounts", "groups"] {
+        let read: Value = app.get(collection, "g").await.json().await.unwrap();
+        assert_eq!(read["data"], json!({"n": 1}), "the patches wrote nothing");
+    }
+}

@@ -105,6 +105,9 @@ pub enum Error {
     UnknownCollection(String),
     #[error("{0}")]
     NotFound(String),
+    /// Data that is valid JSON but that some tier cannot store.
+    #[error("{0}")]
+    InvalidData(String),
     #[error("data does not match the collection's schema")]
     SchemaViolation(Vec<String>),
     #[error("data is {size} bytes, the limit is {limit}")]

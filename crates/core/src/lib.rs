@@ -35,7 +35,7 @@ pub use names::{
 };
 pub use record::{
     IndexEntry, JsonObject, ListQuery, Precondition, Record, RecordKey, RecordWrite, WriteOutcome,
-    prefix_upper_bound,
+    prefix_upper_bound, unstorable,
 };
 pub use store::{
     ApplyMode, CacheEntry, CacheStore, CachedState, CopyOutcome, DurableStore, IdempotencyClaim,

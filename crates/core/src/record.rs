@@ -10,6 +10,50 @@ use crate::{CollectionName, IndexName, RecordId, Version};
 /// The data of a record: always a JSON object.
 pub type JsonObject = serde_json::Map<String, serde_json::Value>;
 
+/// Why `data` cannot be stored in every tier, if it cannot: what the service
+/// accepts, each tier must hold, replay and export. PostgreSQL's `jsonb`
+/// refuses the character U+0000 in any string (key or value), while Redis
+/// and SQLite take it; accepting it would let one tier hold what another
+/// never can.
+pub fn unstorable(data: &JsonObject) -> Option<String> {
+    fn walk(value: &serde_json::Value, path: &mut String) -> Option<String> {
+        match value {
+            serde_json::Value::String(text) if text.contains('\0') => {
+                let at = if path.is_empty() { "/" } else { path.as_str() };
+                Some(format!(
+                    "the string at {at} contains U+0000, which cannot be stored"
+                ))
+            }
+            serde_json::Value::Array(items) => items.iter().enumerate().find_map(|(n, item)| {
+                let len = path.len();
+                path.push_str(&format!("/{n}"));
+                let found = walk(item, path);
+                path.truncate(len);
+                found
+            }),
+            serde_json::Value::Object(fields) => object(fields, path),
+            _ => None,
+        }
+    }
+    fn object(fields: &JsonObject, path: &mut String) -> Option<String> {
+        fields.iter().find_map(|(name, value)| {
+            if name.contains('\0') {
+                let at = if path.is_empty() { "/" } else { path.as_str() };
+                return Some(format!(
+                    "a field name in {at} contains U+0000, which cannot be stored"
+                ));
+            }
+            let len = path.len();
+            path.push('/');
+            path.push_str(&name.replace('~', "~0").replace('/', "~1"));
+            let found = walk(value, path);
+            path.truncate(len);
+            found
+        })
+    }
+    object(data, &mut String::new())
+}
+
 /// Where a record lives: its collection and id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RecordKey {
@@ -149,5 +193,28 @@ mod prefix_tests {
         assert_eq!(prefix_upper_bound("user:"), "user;");
         assert_eq!(prefix_upper_bound("abz"), "ab{");
         assert_eq!(prefix_upper_bound(""), ID_UPPER_BOUND);
+    }
+}
+
+#[cfg(test)]
+mod storable_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn object(value: serde_json::Value) -> JsonObject {
+        value.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn a_nul_anywhere_is_named_by_its_path() {
+        assert_eq!(
+            unstorable(&object(json!({"a": "fine", "b": [1, {"c": "é"}]}))),
+            None
+        );
+        assert_eq!(
+            unstorable(&object(json!({"a": {"b/c": ["x", "y\u{0}"]}}))).as_deref(),
+            Some("the string at /a/b~1c/1 contains U+0000, which cannot be stored")
+        );
+        assert!(unstorable(&object(json!({"k\u{0}": 1}))).is_some());
     }
 }

@@ -413,6 +413,9 @@ impl Engine {
         expires_at: Option<OffsetDateTime>,
         now: OffsetDateTime,
     ) -> Result<RecordWrite, Error> {
+        if let Some(problem) = hybridstore_core::unstorable(&data) {
+            return Err(Error::InvalidData(problem));
+        }
         collection.validate(&data)?;
         let index_entries = collection.index_entries(&data)?;
         Ok(RecordWrite {

@@ -68,6 +68,12 @@ impl ApiError {
                     "Invalid request",
                     m.clone(),
                 ),
+                Error::InvalidData(m) => plain(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_json",
+                    "Invalid JSON",
+                    m.clone(),
+                ),
                 Error::UnknownCollection(_) => plain(
                     StatusCode::NOT_FOUND,
                     "unknown_collection",
