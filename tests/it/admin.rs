@@ -87,7 +87,7 @@ async fn health_status_and_metrics_describe_the_service() {
     assert_eq!(report["strategy"]["service"], "dual_write");
     assert_eq!(
         report["journal_backlog"],
-        json!({"write_behind": 0, "outage": 0, "counters": 0})
+        json!({"write_behind": 0, "outage": 0, "counters": 0, "dead_letters": 0})
     );
     assert_eq!(report["cache_generation"], 0);
     assert!(report["instance_id"].as_str().unwrap().starts_with("hs-"));

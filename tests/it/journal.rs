@@ -120,3 +120,84 @@ async fn entries_a_dead_consumer_took_are_taken_over_and_replayed_once() {
         .unwrap();
     assert!(ttl > 0, "unpinned copy has a TTL, got {ttl}");
 }
+
+/// An entry PostgreSQL refuses for good (here a string with U+0000, which
+/// older versions accepted and Redis stores) sits in the journal ahead of
+/// good ones. Replay sets it aside, says so in status and metrics, and goes
+/// on: everything journaled after it reaches PostgreSQL.
+#[tokio::test]
+async fn an_entry_the_durable_tier_refuses_is_set_aside_and_replay_goes_on() {
+    let app = hybridstore_testkit::TestApp::builder()
+        .config("collections.groups.strategy", "cache_first")
+        .spawn()
+        .await;
+    let before = app.put("groups", "bad", json!({"n": 0})).await;
+    assert_eq!(before.status(), reqwest::StatusCode::CREATED);
+    assert!(
+        hybridstore_testkit::until(Duration::from_secs(10), || async {
+            app.postgres_copy("groups", "bad").await.is_some()
+        })
+        .await
+    );
+    let (_, cache) = app.engine().raw_tiers();
+    let unstorable = CacheWrite {
+        journal: Some(JournalKind::WriteBehind),
+        key: RecordKey::new(
+            CollectionName::parse("groups").unwrap(),
+            RecordId::parse("bad").unwrap(),
+        ),
+        change: WriteChange::Put {
+            data: json!({"text": "a\u{0}b"}).as_object().unwrap().clone(),
+            expires_at: None,
+        },
+        precondition: Precondition::None,
+        now: OffsetDateTime::now_utc(),
+        deleted_marker_ttl: Duration::from_secs(60),
+        unknown_state_ok: false,
+    };
+    assert!(matches!(
+        cache.accept_write(&unstorable).await.unwrap(),
+        CacheWriteOutcome::Written { .. }
+    ));
+    let mut good = Vec::new();
+    for n in 0..20 {
+        let written = app.put("groups", &format!("g{n}"), json!({"n": n})).await;
+        assert_eq!(written.status(), reqwest::StatusCode::CREATED);
+        good.push(hybridstore_testkit::etag_version(&written));
+    }
+    assert!(
+        hybridstore_testkit::until(Duration::from_secs(10), || async {
+            app.journal_backlog().await == 0
+        })
+        .await,
+        "the journal drains past the refused entry"
+    );
+    for (n, version) in good.iter().enumerate() {
+        assert_eq!(
+            app.postgres_copy("groups", &format!("g{n}"))
+                .await
+                .map(|c| c.version),
+            Some(*version)
+        );
+    }
+    let (_, status) = app
+        .admin_call(reqwest::Method::GET, "/admin/database/status")
+        .await;
+    assert_eq!(status["journal_backlog"]["dead_letters"], json!(1));
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("hybridstore_journal_dead_letters 1"),
+        "{metrics}"
+    );
+    // The durable tier stays the truth: the refused copy is not served.
+    let read: serde_json::Value = app.get("groups", "bad").await.json().await.unwrap();
+    assert_eq!(read["data"], json!({"n": 0}));
+}

@@ -425,8 +425,11 @@ impl Client {
         }
         match body["journal_backlog"].as_object() {
             Some(backlog) => println!(
-                "journal    write-behind {}, outage {}, counters {}",
-                backlog["write_behind"], backlog["outage"], backlog["counters"]
+                "journal    write-behind {}, outage {}, counters {}, set aside {}",
+                backlog["write_behind"],
+                backlog["outage"],
+                backlog["counters"],
+                backlog["dead_letters"]
             ),
             None => println!("journal    unknown (Redis unavailable)"),
         }

@@ -113,6 +113,10 @@ pub struct JournalPosition {
     pub pinned_key: String,
 }
 
+/// How many entries the durable tier refused a cache tier keeps for an
+/// operator (per Redis shard); older ones go first.
+pub const MAX_DEAD_LETTERS: u64 = 10_000;
+
 /// The acknowledgement of a replayed entry.
 #[derive(Clone, Debug)]
 pub struct JournalAck {

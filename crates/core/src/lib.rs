@@ -27,7 +27,7 @@ pub use counters::{
 pub use error::{Error, StoreError, Tier};
 pub use journal::{
     CacheWrite, CacheWriteOutcome, Change, JournalAck, JournalEntry, JournalKind, JournalPosition,
-    WriteChange,
+    MAX_DEAD_LETTERS, WriteChange,
 };
 pub use merge_patch::merge_patch;
 pub use names::{

@@ -287,6 +287,15 @@ pub trait CacheStore: Send + Sync + 'static {
     /// Removes replayed entries and unpins their copies.
     async fn ack_journal(&self, acks: &[JournalAck]) -> StoreResult<()>;
 
+    /// Moves entries the durable tier refuses for good out of the journal,
+    /// with the reason, into a bounded dead-letter journal an operator can
+    /// inspect, so that replay goes on with the rest. The copy an entry
+    /// pinned is dropped: the durable tier stays the truth.
+    async fn set_aside(&self, refused: &[(JournalEntry, String)]) -> StoreResult<()>;
+
+    /// How many entries were set aside and are still kept.
+    async fn dead_letters(&self) -> StoreResult<u64>;
+
     /// One page of a collection the cache holds as the only tier
     /// (`redis_only`), ordered by id.
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>>;

@@ -813,6 +813,14 @@ impl CacheStore for GuardedCache {
         let call = self.inner.scan(collection, cursor, count);
         self.breaker.call(self.timeout, call).await
     }
+    async fn set_aside(&self, refused: &[(JournalEntry, String)]) -> StoreResult<()> {
+        let call = self.inner.set_aside(refused);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn dead_letters(&self) -> StoreResult<u64> {
+        let call = self.inner.dead_letters();
+        self.breaker.call(self.timeout, call).await
+    }
     async fn get_states(&self, keys: &[RecordKey]) -> StoreResult<Vec<Option<CachedState>>> {
         let call = self.inner.get_states(keys);
         self.breaker.call(self.timeout, call).await

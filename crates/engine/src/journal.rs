@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use hybridstore_core::{
     ApplyMode, CacheEntry, CacheStore, CacheWrite, CacheWriteOutcome, Change, DurableStore, Error,
-    IndexEntry, JournalAck, JournalKind, Precondition, Record, RecordKey, RecordWrite, StoreError,
-    Version, WriteChange, WriteOutcome,
+    IndexEntry, JournalAck, JournalEntry, JournalKind, Precondition, Record, RecordKey,
+    RecordWrite, StoreError, Version, WriteChange, WriteOutcome,
 };
 use time::OffsetDateTime;
 
@@ -504,12 +504,36 @@ impl Engine {
             }
         }
         let changes: Vec<Change> = newest.values().map(|change| (*change).clone()).collect();
-        let applied = self
-            .durable
-            .apply_changes(&changes, ApplyMode::IfNewer)
-            .await?;
-        for change in &changes {
-            self.unreplayed.replayed(&change.key(), change.version());
+        let read = entries.len();
+        let (applied, refused) = self.apply_batch(&changes).await?;
+        for (change, _) in changes.iter().zip(&applied) {
+            if !refused.contains_key(&change.key()) {
+                self.unreplayed.replayed(&change.key(), change.version());
+            }
+        }
+        let (entries, set_aside): (Vec<JournalEntry>, Vec<JournalEntry>) = entries
+            .into_iter()
+            .partition(|entry| !refused.contains_key(&entry.change.key()));
+        if !set_aside.is_empty() {
+            let reasons: Vec<(JournalEntry, String)> = set_aside
+                .into_iter()
+                .map(|entry| {
+                    let reason = refused[&entry.change.key()].clone();
+                    (entry, reason)
+                })
+                .collect();
+            self.cache.set_aside(&reasons).await?;
+            for (entry, _) in &reasons {
+                // Not coming: what the durable tier holds is the truth.
+                self.unreplayed
+                    .replayed(&entry.change.key(), entry.change.version());
+            }
+            tracing::error!(
+                entries = reasons.len(),
+                records = refused.len(),
+                reason = %reasons[0].1,
+                "the durable tier refused journaled writes; set aside as dead letters, replay goes on"
+            );
         }
         let superseded: HashMap<(RecordKey, Version), bool> = changes
             .iter()
@@ -557,7 +581,45 @@ impl Engine {
             applied = batch.applied,
             "journal batch replayed"
         );
-        Ok(entries.len())
+        Ok(read)
+    }
+
+    /// Applies one batch, version-guarded. A change the durable tier refuses
+    /// (not: cannot be reached) must not hold back the others, so a refused
+    /// batch is applied change by change, and what is refused comes back
+    /// with its reason, by record.
+    async fn apply_batch(
+        &self,
+        changes: &[Change],
+    ) -> Result<(Vec<bool>, HashMap<RecordKey, String>), StoreError> {
+        match self
+            .durable
+            .apply_changes(changes, ApplyMode::IfNewer)
+            .await
+        {
+            Ok(applied) => return Ok((applied, HashMap::new())),
+            Err(err) if err.is_unavailable() => return Err(err),
+            Err(err) => {
+                tracing::warn!(error = %err, changes = changes.len(), "a replay batch was refused; applying it change by change");
+            }
+        }
+        let mut applied = Vec::with_capacity(changes.len());
+        let mut refused = HashMap::new();
+        for change in changes {
+            match self
+                .durable
+                .apply_changes(std::slice::from_ref(change), ApplyMode::IfNewer)
+                .await
+            {
+                Ok(one) => applied.push(one.first().copied().unwrap_or(false)),
+                Err(err) if err.is_unavailable() => return Err(err),
+                Err(err) => {
+                    applied.push(false);
+                    refused.insert(change.key(), err.to_string());
+                }
+            }
+        }
+        Ok((applied, refused))
     }
 }
 

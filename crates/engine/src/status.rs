@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use hybridstore_core::Strategy;
+use hybridstore_core::{CacheStore, Strategy};
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -37,6 +37,8 @@ pub struct JournalBacklog {
     pub outage: u64,
     /// Counter increments not yet in the durable tier.
     pub counters: u64,
+    /// Journaled writes the durable tier refused, set aside for an operator.
+    pub dead_letters: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -222,12 +224,19 @@ impl Engine {
             },
             collections,
             tiers: self.tiers(),
-            journal_backlog: match (self.journal_backlog().await, self.counter_backlog().await) {
-                (Ok((write_behind, outage)), Ok(counters)) => Some(JournalBacklog {
-                    write_behind,
-                    outage,
-                    counters,
-                }),
+            journal_backlog: match (
+                self.journal_backlog().await,
+                self.counter_backlog().await,
+                self.cache.dead_letters().await,
+            ) {
+                (Ok((write_behind, outage)), Ok(counters), Ok(dead_letters)) => {
+                    Some(JournalBacklog {
+                        write_behind,
+                        outage,
+                        counters,
+                        dead_letters,
+                    })
+                }
                 _ => None,
             },
             replay: self.replay_stats(),

@@ -254,6 +254,8 @@ struct State {
     scan_cursors: BTreeMap<u64, RecordId>,
     next_cursor: u64,
     last_sweep: Option<Instant>,
+    /// Entries the durable tier refused, with the reason (oldest first).
+    dead_letters: std::collections::VecDeque<(Change, String)>,
 }
 
 impl State {
@@ -637,6 +639,32 @@ impl CacheStore for MemoryCache {
             }
         }
         Ok(())
+    }
+
+    async fn set_aside(&self, refused: &[(JournalEntry, String)]) -> StoreResult<()> {
+        for (entry, reason) in refused {
+            {
+                let mut state = self.lock();
+                if state.dead_letters.len() as u64 >= hybridstore_core::MAX_DEAD_LETTERS {
+                    state.dead_letters.pop_front();
+                }
+                state
+                    .dead_letters
+                    .push_back((entry.change.clone(), reason.clone()));
+            }
+            self.ack_journal(&[JournalAck {
+                position: entry.position.clone(),
+                version: entry.change.version(),
+                ttl: Duration::from_secs(1),
+                superseded: true,
+            }])
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn dead_letters(&self) -> StoreResult<u64> {
+        Ok(self.lock().dead_letters.len() as u64)
     }
 
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>> {

@@ -90,6 +90,22 @@ impl KeySpace {
         format!("{}:{{{shard}}}:{name}", self.prefix)
     }
 
+    /// The dead-letter journal of the shard of `key`: entries the durable
+    /// tier refused (same hash tag as the record and its journal).
+    pub fn dead_letters_of(&self, key: &RecordKey) -> String {
+        let shard = shard_of(&[key.collection.as_str(), key.id.as_str()]);
+        self.dead_letters(shard)
+    }
+
+    pub fn dead_letters(&self, shard: u64) -> String {
+        format!("{}:{{{shard}}}:dead", self.prefix)
+    }
+
+    /// Every shard's dead-letter journal.
+    pub fn all_dead_letters(&self) -> Vec<String> {
+        (0..SHARDS).map(|shard| self.dead_letters(shard)).collect()
+    }
+
     /// The ids of a cache-only collection held in the shard of `key`, for
     /// listing (same hash tag as the record).
     pub fn ids_of(&self, key: &RecordKey) -> String {

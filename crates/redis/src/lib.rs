@@ -19,8 +19,9 @@ use hybridstore_core::{
     Amount, Bucket, BucketValues, CacheEntry, CacheIncrementOutcome, CacheStore, CacheWrite,
     CacheWriteOutcome, CachedState, Change, CollectionName, ControlState, CopyOutcome,
     CounterIncrement, CounterJournalEntry, CounterScope, FieldName, IdempotencyClaim, IndexName,
-    JournalAck, JournalEntry, JournalKind, JournalPosition, JsonObject, ListQuery, Precondition,
-    Record, RecordId, RecordKey, StoreError, StoreResult, Tier, Version, WriteChange,
+    JournalAck, JournalEntry, JournalKind, JournalPosition, JsonObject, ListQuery,
+    MAX_DEAD_LETTERS, Precondition, Record, RecordId, RecordKey, StoreError, StoreResult, Tier,
+    Version, WriteChange,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
@@ -810,6 +811,61 @@ impl CacheStore for RedisStore {
                 .map_err(classify)?;
         }
         Ok(())
+    }
+
+    async fn set_aside(&self, refused: &[(JournalEntry, String)]) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        for (entry, reason) in refused {
+            let key = entry.change.key();
+            let (op, data) = match &entry.change {
+                Change::Put(record) => (
+                    "put",
+                    serde_json::to_string(&record.data)
+                        .map_err(|err| StoreError::internal(Tier::Cache, err))?,
+                ),
+                Change::Delete { .. } => ("delete", String::new()),
+            };
+            // Kept first, dropped from the journal after: a failure in
+            // between sets it aside twice rather than losing it.
+            redis::cmd("XADD")
+                .arg(self.keys.dead_letters_of(&key))
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(MAX_DEAD_LETTERS)
+                .arg("*")
+                .arg(&[
+                    ("collection", key.collection.as_str()),
+                    ("id", key.id.as_str()),
+                    ("op", op),
+                    ("v", &entry.change.version().to_padded()),
+                    ("d", &data),
+                    ("reason", reason),
+                    ("journal", &entry.position.stream),
+                ])
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(classify)?;
+            self.ack_journal(&[JournalAck {
+                position: entry.position.clone(),
+                version: entry.change.version(),
+                ttl: Duration::from_secs(1),
+                superseded: true,
+            }])
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn dead_letters(&self) -> StoreResult<u64> {
+        let mut pipe = redis::pipe();
+        for stream in self.keys.all_dead_letters() {
+            pipe.cmd("XLEN").arg(stream);
+        }
+        let lengths: Vec<u64> = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        Ok(lengths.iter().sum())
     }
 
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>> {

@@ -312,6 +312,18 @@ async fn render_engine(out: &mut String, engine: &Engine) {
                 value,
             );
         }
+        family(
+            out,
+            "hybridstore_journal_dead_letters",
+            "gauge",
+            "Journaled writes the durable tier refused, set aside for an operator",
+        );
+        sample(
+            out,
+            "hybridstore_journal_dead_letters",
+            &[],
+            backlog.dead_letters,
+        );
     }
     family(
         out,
