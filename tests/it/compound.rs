@@ -357,3 +357,54 @@ async fn one_collections_write_behind_leaves_the_others_on_their_strategy() {
         .await
     );
 }
+
+/// A list is answered by PostgreSQL; journaled writes it does not hold yet
+/// (replay held back here) show in it as they show in a read of their key.
+#[tokio::test]
+async fn a_list_shows_journaled_creates_and_deletes_before_replay() {
+    let (builder, hooked) = TestApp::builder()
+        .config("collections.groups.strategy", "cache_first")
+        .config("collections.accounts.strategy", "cache_first")
+        .hooked();
+    let app = builder.spawn().await;
+    let old = app.put("groups", "old", json!({"n": 0})).await;
+    assert_eq!(old.status(), StatusCode::CREATED);
+    assert!(
+        until(Duration::from_secs(10), || async {
+            app.postgres_copy("groups", "old").await.is_some()
+        })
+        .await
+    );
+    hooked.hold_applies_of(key("accounts", "blocker"));
+    app.put("accounts", "blocker", json!({"n": 1})).await;
+    assert!(
+        until(Duration::from_secs(10), || async {
+            hooked.applies_held() > 0
+        })
+        .await,
+        "replay reached the held batch"
+    );
+    for id in ["new1", "new2", "zzz"] {
+        let created = app.put("groups", id, json!({"n": 1})).await;
+        assert_eq!(created.status(), StatusCode::CREATED);
+    }
+    assert_eq!(
+        app.delete("groups", "old").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert!(
+        app.postgres_copy("groups", "new1").await.is_none(),
+        "replay is held: PostgreSQL does not have it yet"
+    );
+
+    let (ids, _) = app.list_page("groups", "").await;
+    assert_eq!(ids, ["new1", "new2", "zzz"]);
+    let (ids, next) = app.list_page("groups", "prefix=new&limit=1").await;
+    assert_eq!(ids, ["new1"]);
+    let next = next.as_str().expect("a next cursor").to_owned();
+    let (ids, _) = app
+        .list_page("groups", &format!("prefix=new&limit=1&after={next}"))
+        .await;
+    assert_eq!(ids, ["new2"]);
+    hooked.release_applies();
+}

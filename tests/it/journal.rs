@@ -83,6 +83,7 @@ async fn entries_a_dead_consumer_took_are_taken_over_and_replayed_once() {
     let acks: Vec<JournalAck> = claimed
         .iter()
         .map(|entry| JournalAck {
+            key: entry.change.key(),
             position: entry.position.clone(),
             version: entry.change.version(),
             ttl: Duration::from_secs(60),

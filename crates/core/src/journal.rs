@@ -120,6 +120,8 @@ pub const MAX_DEAD_LETTERS: u64 = 10_000;
 /// The acknowledgement of a replayed entry.
 #[derive(Clone, Debug)]
 pub struct JournalAck {
+    /// The record the entry changed.
+    pub key: RecordKey,
     pub position: JournalPosition,
     pub version: Version,
     /// How long the copy may stay cached once unpinned.

@@ -300,6 +300,11 @@ pub trait CacheStore: Send + Sync + 'static {
     /// (`redis_only`), ordered by id.
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>>;
 
+    /// The states of `query.collection` pinned by journal entries not yet
+    /// replayed (versions the durable tier may lack), in id order: after
+    /// the query's cursor, within its prefix, at most `query.limit`.
+    async fn pinned(&self, query: &ListQuery) -> StoreResult<Vec<Change>>;
+
     /// How many entries of one journal wait to be replayed.
     async fn journal_backlog(&self, kind: JournalKind) -> StoreResult<u64>;
 

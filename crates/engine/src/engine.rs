@@ -628,6 +628,9 @@ impl Engine {
             limit: limit + 1,
             now: now(),
         };
+        if plan.read != ReadPath::CacheAuthoritative {
+            self.settle_range(spec, &query).await?;
+        }
         let mut records = if plan.read == ReadPath::CacheAuthoritative {
             self.cache
                 .list(&query)

@@ -813,6 +813,10 @@ impl CacheStore for GuardedCache {
         let call = self.inner.scan(collection, cursor, count);
         self.breaker.call(self.timeout, call).await
     }
+    async fn pinned(&self, query: &ListQuery) -> StoreResult<Vec<Change>> {
+        let call = self.inner.pinned(query);
+        self.breaker.call(self.timeout, call).await
+    }
     async fn set_aside(&self, refused: &[(JournalEntry, String)]) -> StoreResult<()> {
         let call = self.inner.set_aside(refused);
         self.breaker.call(self.timeout, call).await

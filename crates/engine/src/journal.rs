@@ -551,6 +551,7 @@ impl Engine {
                     _ => self.settings.deleted_marker_ttl,
                 };
                 JournalAck {
+                    key: key.clone(),
                     position: entry.position.clone(),
                     version: entry.change.version(),
                     ttl,

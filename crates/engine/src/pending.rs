@@ -28,8 +28,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use hybridstore_core::{
-    ApplyMode, CacheStore, CollectionName, DurableStore, Error, Precondition, RecordId, RecordKey,
-    Strategy, Version,
+    ApplyMode, CacheStore, CollectionName, DurableStore, Error, ListQuery, Precondition, RecordId,
+    RecordKey, Strategy, Version,
 };
 use time::OffsetDateTime;
 
@@ -290,6 +290,43 @@ impl Engine {
             floor,
             applied: false,
         })
+    }
+}
+
+impl Engine {
+    /// Before the durable tier lists a page: applies the journaled versions
+    /// the cache holds in the page's range, so that a journaled create, change
+    /// or delete shows in the page as it shows in a read of its key. Any of
+    /// them that would land in the page is among the first `query.limit`
+    /// pinned ids after the cursor, so that many are enough.
+    pub(crate) async fn settle_range(
+        &self,
+        collection: &Collection,
+        query: &ListQuery,
+    ) -> Result<(), Error> {
+        if !self.cache.breaker.is_closed() || !self.journals_may_hold(collection) {
+            return Ok(());
+        }
+        let pinned = match self.cache.pinned(query).await {
+            Ok(pinned) => pinned,
+            Err(err) => {
+                // The breaker is open now; the caller's check of what this
+                // instance journaled decides.
+                self.cache_failed("pinned", &err);
+                return Ok(());
+            }
+        };
+        if pinned.is_empty() {
+            return Ok(());
+        }
+        self.durable
+            .apply_changes(&pinned, ApplyMode::IfNewer)
+            .await
+            .map_err(|err| self.durable_failed(err))?;
+        for change in &pinned {
+            self.unreplayed.replayed(&change.key(), change.version());
+        }
+        Ok(())
     }
 }
 

@@ -653,6 +653,7 @@ impl CacheStore for MemoryCache {
                     .push_back((entry.change.clone(), reason.clone()));
             }
             self.ack_journal(&[JournalAck {
+                key: entry.change.key(),
                 position: entry.position.clone(),
                 version: entry.change.version(),
                 ttl: Duration::from_secs(1),
@@ -689,6 +690,28 @@ impl CacheStore for MemoryCache {
             .take(query.limit as usize)
             .collect();
         Ok(records)
+    }
+
+    async fn pinned(&self, query: &ListQuery) -> StoreResult<Vec<Change>> {
+        let state = self.lock();
+        let prefix = query.prefix.as_deref().unwrap_or("");
+        let upper = prefix_upper_bound(prefix);
+        let Some(copies) = state.records.get(&query.collection) else {
+            return Ok(Vec::new());
+        };
+        let lower = match query.after.as_ref().map(RecordId::as_str) {
+            Some(after) if after >= prefix => Bound::Excluded(after),
+            _ => Bound::Included(prefix),
+        };
+        // Pinned copies never expire or get evicted; the walk is bounded by
+        // the cache's size.
+        Ok(copies
+            .range::<str, _>((lower, Bound::Unbounded))
+            .take_while(|(id, _)| id.as_str() < upper.as_str())
+            .filter(|(_, copy)| copy.pinned.is_some())
+            .take(query.limit as usize)
+            .map(|(id, copy)| copy.state(&RecordKey::new(query.collection.clone(), id.clone())))
+            .collect())
     }
 
     async fn journal_backlog(&self, kind: JournalKind) -> StoreResult<u64> {

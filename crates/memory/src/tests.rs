@@ -109,6 +109,7 @@ async fn a_journaled_write_stays_pinned_until_acknowledged_and_is_redelivered_if
 
     cache
         .ack_journal(&[JournalAck {
+            key: other[0].change.key(),
             position: other[0].position.clone(),
             version,
             ttl: Duration::from_secs(60),

@@ -90,6 +90,18 @@ impl KeySpace {
         format!("{}:{{{shard}}}:{name}", self.prefix)
     }
 
+    /// The ids of `key`'s collection with a pinned copy in `key`'s shard
+    /// (journaled, not yet replayed), for listing what the durable tier
+    /// still lacks.
+    pub fn pinned_of(&self, key: &RecordKey) -> String {
+        let shard = shard_of(&[key.collection.as_str(), key.id.as_str()]);
+        self.pinned(shard, &key.collection)
+    }
+
+    pub fn pinned(&self, shard: u64, collection: &CollectionName) -> String {
+        format!("{}:{{{shard}}}:pinned:{collection}", self.prefix)
+    }
+
     /// The dead-letter journal of the shard of `key`: entries the durable
     /// tier refused (same hash tag as the record and its journal).
     pub fn dead_letters_of(&self, key: &RecordKey) -> String {

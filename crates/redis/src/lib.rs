@@ -387,6 +387,52 @@ impl RedisStore {
         &self.keys
     }
 
+    /// The first `query.limit` ids of the per-shard sorted sets `set_of`
+    /// names, in id order, after the query's cursor and within its prefix.
+    async fn ids_in_range(
+        &self,
+        query: &ListQuery,
+        set_of: impl Fn(u64) -> String,
+    ) -> StoreResult<Vec<RecordKey>> {
+        let limit = query.limit as usize;
+        let prefix = query.prefix.as_deref().unwrap_or("");
+        // Lexicographic bounds: after the cursor, within the prefix.
+        let min = match &query.after {
+            Some(after) if after.as_str() >= prefix => format!("({after}"),
+            _ if prefix.is_empty() => "-".to_owned(),
+            _ => format!("[{prefix}"),
+        };
+        let max = match prefix.as_bytes().last() {
+            None => "+".to_owned(),
+            Some(last) => {
+                let mut upper = prefix.as_bytes().to_vec();
+                *upper.last_mut().expect("non-empty") = last + 1;
+                format!("({}", String::from_utf8(upper).expect("ids are ASCII"))
+            }
+        };
+        let mut pipe = redis::pipe();
+        for shard in 0..SHARDS {
+            pipe.cmd("ZRANGEBYLEX")
+                .arg(set_of(shard))
+                .arg(&min)
+                .arg(&max)
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit);
+        }
+        let per_shard: Vec<Vec<String>> = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        let mut ids: Vec<String> = per_shard.into_iter().flatten().collect();
+        ids.sort();
+        Ok(ids
+            .iter()
+            .filter_map(|id| RecordId::parse(id).ok())
+            .map(|id| RecordKey::new(query.collection.clone(), id))
+            .collect())
+    }
+
     async fn store_copy(
         &self,
         key: &RecordKey,
@@ -395,10 +441,12 @@ impl RedisStore {
         ttl: Duration,
     ) -> StoreResult<bool> {
         let mut invocation = self.scripts.store_if_newer.key(self.keys.record(key));
+        invocation.key(self.keys.pinned_of(key));
         invocation.arg(version.to_padded());
         copy_args(&mut invocation, record, OffsetDateTime::now_utc())?;
         let stored: i64 = invocation
             .arg(ttl_millis(ttl))
+            .arg(key.id.as_str())
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(classify)?;
@@ -723,6 +771,7 @@ impl CacheStore for RedisStore {
             .accept_write
             .key(self.keys.record(&write.key))
             .key(second)
+            .key(self.keys.pinned_of(&write.key))
             .arg(op)
             .arg(Version::next(None, write.now).to_padded())
             .arg(precondition)
@@ -790,9 +839,11 @@ impl CacheStore for RedisStore {
                 .scripts
                 .unpin
                 .key(&ack.position.pinned_key)
+                .key(self.keys.pinned_of(&ack.key))
                 .arg(ack.version.to_padded())
                 .arg(ttl_millis(ack.ttl))
                 .arg(if ack.superseded { "1" } else { "0" })
+                .arg(ack.key.id.as_str())
                 .invoke_async(&mut conn)
                 .await
                 .map_err(classify)?;
@@ -846,6 +897,7 @@ impl CacheStore for RedisStore {
                 .await
                 .map_err(classify)?;
             self.ack_journal(&[JournalAck {
+                key: key.clone(),
                 position: entry.position.clone(),
                 version: entry.change.version(),
                 ttl: Duration::from_secs(1),
@@ -870,42 +922,9 @@ impl CacheStore for RedisStore {
 
     async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>> {
         let limit = query.limit as usize;
-        let prefix = query.prefix.as_deref().unwrap_or("");
-        // Lexicographic bounds: after the cursor, within the prefix.
-        let min = match &query.after {
-            Some(after) if after.as_str() >= prefix => format!("({after}"),
-            _ if prefix.is_empty() => "-".to_owned(),
-            _ => format!("[{prefix}"),
-        };
-        let max = match prefix.as_bytes().last() {
-            None => "+".to_owned(),
-            Some(last) => {
-                let mut upper = prefix.as_bytes().to_vec();
-                *upper.last_mut().expect("non-empty") = last + 1;
-                format!("({}", String::from_utf8(upper).expect("ids are ASCII"))
-            }
-        };
-        let mut pipe = redis::pipe();
-        for shard in 0..SHARDS {
-            pipe.cmd("ZRANGEBYLEX")
-                .arg(self.keys.ids(shard, &query.collection))
-                .arg(&min)
-                .arg(&max)
-                .arg("LIMIT")
-                .arg(0)
-                .arg(limit);
-        }
-        let per_shard: Vec<Vec<String>> = pipe
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(classify)?;
-        let mut ids: Vec<String> = per_shard.into_iter().flatten().collect();
-        ids.sort();
-        let keys: Vec<RecordKey> = ids
-            .iter()
-            .filter_map(|id| RecordId::parse(id).ok())
-            .map(|id| RecordKey::new(query.collection.clone(), id))
-            .collect();
+        let keys = self
+            .ids_in_range(query, |shard| self.keys.ids(shard, &query.collection))
+            .await?;
         let mut records = Vec::with_capacity(limit);
         // Ids of expired records linger in the sets; they are skipped here.
         for chunk in keys.chunks(limit.max(1)) {
@@ -922,6 +941,22 @@ impl CacheStore for RedisStore {
         }
         records.truncate(limit);
         Ok(records)
+    }
+
+    async fn pinned(&self, query: &ListQuery) -> StoreResult<Vec<Change>> {
+        let keys = self
+            .ids_in_range(query, |shard| self.keys.pinned(shard, &query.collection))
+            .await?;
+        let mut pinned: Vec<Change> = self
+            .get_states(&keys)
+            .await?
+            .into_iter()
+            .flatten()
+            .filter(|held| held.pinned)
+            .map(|held| held.state)
+            .collect();
+        pinned.truncate(query.limit as usize);
+        Ok(pinned)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(%collection, cursor))]

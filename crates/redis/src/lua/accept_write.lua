@@ -8,6 +8,7 @@
 --
 -- KEYS[1] record key
 -- KEYS[2] journal stream (journaled) or id set (cache-only) of the shard
+-- KEYS[3] pinned ids of the collection in the shard (journaled)
 -- ARGV[1] 'put' | 'delete'
 -- ARGV[2] clock: the version to use if it is above the current one (20 digits)
 -- ARGV[3] precondition: 'none' | 'match' | 'exists' | 'absent'
@@ -60,6 +61,7 @@ end
 
 if journaled then
   redis.call('HSET', key, 'p', version)
+  redis.call('ZADD', KEYS[3], 0, ARGV[10])
   redis.call('XADD', second, '*', 'op', op, 'key', key, 'collection', ARGV[9], 'id', ARGV[10],
     'v', version, 'd', ARGV[5], 'c', created_at, 'u', now, 'x', expires)
 elseif op == 'put' then

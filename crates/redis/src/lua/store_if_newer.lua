@@ -8,14 +8,19 @@
 -- c created_at, u updated_at, x expires_at (microseconds since the epoch),
 -- p version of a journal entry not yet replayed (the key is then pinned).
 --
--- KEYS[1] record key
+-- KEYS[1] record key   KEYS[2] pinned ids of its collection and shard
 -- ARGV[1] version   ARGV[2] data JSON, '' for a deletion marker
 -- ARGV[3] created   ARGV[4] updated   ARGV[5] expires or ''
--- ARGV[6] time to live in milliseconds
+-- ARGV[6] time to live in milliseconds   ARGV[7] id
 -- Returns 1 when stored, 0 when the key held a version >= ARGV[1].
 local current = redis.call('HGET', KEYS[1], 'v')
 if current and current >= ARGV[1] then
   return 0
+end
+-- A pinned copy replaced by a newer committed version is no longer ahead
+-- of the durable tier.
+if redis.call('HEXISTS', KEYS[1], 'p') == 1 then
+  redis.call('ZREM', KEYS[2], ARGV[7])
 end
 redis.call('DEL', KEYS[1])
 if ARGV[2] == '' then
