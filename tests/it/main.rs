@@ -5,6 +5,7 @@
 mod admin;
 mod bad_input;
 mod binary;
+mod campaign;
 mod cli;
 mod compound;
 mod concurrency;

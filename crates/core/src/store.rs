@@ -153,6 +153,15 @@ pub trait DurableStore: Send + Sync + 'static {
     /// upsert); returns how many were new. Replaying an increment is a no-op.
     async fn apply_increments(&self, increments: &[CounterIncrement]) -> StoreResult<usize>;
 
+    /// How often a write went around the cache tier (it was unreachable):
+    /// each episode bumps it before its first such write. Kept here, it
+    /// survives a restart of the service and reaches every instance; a
+    /// cache reconciled to a lower generation may hold stale copies.
+    async fn cache_generation(&self) -> StoreResult<u64>;
+
+    /// Bumps [`DurableStore::cache_generation`]; returns the new value.
+    async fn bump_cache_generation(&self) -> StoreResult<u64>;
+
     /// Every field of these buckets of one scope (a bucket without values is
     /// left out), and which of `op_ids` it has applied, read in one snapshot:
     /// values plus the deltas of the unapplied ones are then exact.
@@ -229,9 +238,15 @@ pub trait CacheStore: Send + Sync + 'static {
     /// could not be updated).
     async fn invalidate(&self, keys: &[RecordKey]) -> StoreResult<()>;
 
-    /// Removes every record copy and lookup hint of this service; returns how
-    /// many keys went.
-    async fn invalidate_all(&self) -> StoreResult<u64>;
+    /// Removes every record copy and lookup hint of this service, but never
+    /// the truth of a cache-only collection, and pinned copies only with
+    /// `pinned_too` (their journal entries stay); returns how many keys went.
+    async fn invalidate_all(&self, pinned_too: bool) -> StoreResult<u64>;
+
+    /// Removes the copy of `key` if it is older than `version` (pinned or
+    /// not, never the truth of a cache-only collection): a write committed
+    /// `version` in the durable tier around the cache. Returns whether it did.
+    async fn invalidate_older(&self, key: &RecordKey, version: Version) -> StoreResult<bool>;
 
     async fn get(&self, key: &RecordKey) -> StoreResult<CacheEntry>;
 
@@ -292,6 +307,19 @@ pub trait CacheStore: Send + Sync + 'static {
     /// inspect, so that replay goes on with the rest. The copy an entry
     /// pinned is dropped: the durable tier stays the truth.
     async fn set_aside(&self, refused: &[(JournalEntry, String)]) -> StoreResult<()>;
+
+    /// Drops each copy still pinned at the version of the given state: the
+    /// durable tier holds a newer version, or the copy must not be served
+    /// meanwhile. Its journal entry stays and replays version-guarded.
+    async fn drop_pinned(&self, states: &[Change]) -> StoreResult<()>;
+
+    /// The durable tier's cache generation this cache was last reconciled
+    /// to (0 when never).
+    async fn reconciled_generation(&self) -> StoreResult<u64>;
+
+    /// Records that this cache was reconciled to `generation` (never lowers
+    /// it).
+    async fn set_reconciled_generation(&self, generation: u64) -> StoreResult<()>;
 
     /// How many entries were set aside and are still kept.
     async fn dead_letters(&self) -> StoreResult<u64>;

@@ -126,7 +126,7 @@ impl Engine {
         if flush {
             // The strategy in force stays the old one until the copies are
             // gone, so nothing reads a stale copy meanwhile.
-            match self.cache.inner.invalidate_all().await {
+            match self.cache.inner.invalidate_all(false).await {
                 Ok(removed) => {
                     tracing::info!(
                         removed,

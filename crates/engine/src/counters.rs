@@ -325,6 +325,7 @@ impl Engine {
             self.cache
                 .counters_dirty
                 .store(true, std::sync::atomic::Ordering::Release);
+            self.write_around().await?;
         }
         self.durable
             .apply_increments(std::slice::from_ref(increment))

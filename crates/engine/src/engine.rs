@@ -81,6 +81,7 @@ pub struct BatchGet {
 }
 
 /// What a committed write leaves in the cache.
+#[derive(Clone, Copy)]
 pub(crate) enum CacheUpdate<'a> {
     Record(&'a Record),
     Deleted(Version),
@@ -205,28 +206,54 @@ impl Engine {
     /// Pings both tiers once and opens the breaker of each that does not
     /// answer, so a service started during an outage routes around it at once.
     pub async fn check_tiers_at_start(&self) {
-        let (durable, ()) = tokio::join!(self.durable.inner.ping(), self.cache.probe());
-        match durable {
+        // The durable tier first: the cache's check compares its generation.
+        match self.durable.inner.ping().await {
             Ok(()) => self.durable.breaker.record_success(),
             Err(err) => self.durable.breaker.force_open(&err),
         }
+        let generation = self.durable_cache_generation().await;
+        self.cache
+            .probe(generation, |recovery| self.reconcile_cache(recovery))
+            .await;
         self.refresh_backlogs().await;
     }
 
-    /// Probes both tiers forever (the half-open trials that close breakers).
+    /// Probes both tiers forever (the half-open trials that close breakers),
+    /// each on its own: a cache recovery that replays a journal must not
+    /// keep the durable tier's failure from being noticed.
     pub async fn run_health_probes(self: Arc<Self>) {
+        let durable = async {
+            let mut ticks = self.probe_ticks();
+            loop {
+                // A failed live call asks for a probe at once: a refused
+                // connection then opens the breaker within milliseconds.
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    () = self.durable.breaker.probe_wanted.notified() => {}
+                }
+                self.durable.probe().await;
+            }
+        };
+        let cache = async {
+            let mut ticks = self.probe_ticks();
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    () = self.cache.breaker.probe_wanted.notified() => {}
+                }
+                let generation = self.durable_cache_generation().await;
+                self.cache
+                    .probe(generation, |recovery| self.reconcile_cache(recovery))
+                    .await;
+            }
+        };
+        tokio::join!(durable, cache);
+    }
+
+    fn probe_ticks(&self) -> tokio::time::Interval {
         let mut ticks = tokio::time::interval(self.settings.health.probe_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            // A failed live call asks for a probe at once: a refused
-            // connection then opens the breaker within milliseconds.
-            tokio::select! {
-                _ = ticks.tick() => {}
-                () = self.durable.breaker.probe_wanted.notified() => {}
-                () = self.cache.breaker.probe_wanted.notified() => {}
-            }
-            tokio::join!(self.durable.probe(), self.cache.probe());
-        }
+        ticks
     }
 
     pub(crate) fn unavailable(&self) -> Error {
@@ -343,10 +370,53 @@ impl Engine {
     /// the key, so the cache's recovery removes the copy it may still hold.
     /// (Marked before the commit, so a recovery that completes meanwhile
     /// cannot miss it; the update after the commit covers the other order.)
-    fn before_commit(&self, collection: &Collection, plan: Plan, key: &RecordKey) {
+    /// The memory of this process is not enough: the first such write of an
+    /// outage bumps the durable cache generation, which every instance, and
+    /// this one after a restart, checks before it trusts the cache again.
+    async fn before_commit(
+        &self,
+        collection: &Collection,
+        plan: Plan,
+        key: &RecordKey,
+    ) -> Result<(), Error> {
         if self.configured_plan(collection).uses_cache() && plan.write == WritePath::DurableOnly {
             self.cache.mark_dirty(key);
+            self.write_around().await?;
         }
+        Ok(())
+    }
+
+    /// Records durably, once per cache outage, that writes go around the
+    /// cache (see `before_commit`).
+    pub(crate) async fn write_around(&self) -> Result<(), Error> {
+        if self
+            .cache
+            .wrote_around
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(());
+        }
+        let generation = self
+            .durable
+            .bump_cache_generation()
+            .await
+            .map_err(|err| self.durable_failed(err))?;
+        self.cache
+            .wrote_around
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(
+            generation,
+            "writes go around the cache: cache generation bumped"
+        );
+        Ok(())
+    }
+
+    /// The durable tier's cache generation, when it can be read.
+    async fn durable_cache_generation(&self) -> Option<u64> {
+        if !self.durable.breaker.is_closed() {
+            return None;
+        }
+        self.durable.cache_generation().await.ok()
     }
 
     /// After a write committed: bring the cache copy up to date. If that
@@ -362,28 +432,71 @@ impl Engine {
         if !self.configured_plan(collection).uses_cache() {
             return;
         }
-        let result = match update {
+        // While the cache is out of service the key is only remembered: its
+        // recovery cleans it. Failing here would count as a new failure and
+        // hold the recovery back for as long as writes keep coming. Once the
+        // recovery is closing, writes remove their older copy themselves
+        // (directly: the breaker is still open), so that no key written
+        // around the cache escapes both the recovery and its writer.
+        let result = if self.cache.breaker.is_closed() {
+            self.update_copy(&*self.cache, collection, key, update, now)
+                .await
+        } else if self.cache.is_closing() {
+            // Only a removal: the recovery removes copies concurrently, and a
+            // store racing a removal could leave an older copy behind.
+            let version = match update {
+                CacheUpdate::Record(record) => record.version,
+                CacheUpdate::Deleted(version) => version,
+            };
+            let direct = self.cache.inner.invalidate_older(key, version);
+            tokio::time::timeout(self.cache.timeout, direct)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::unavailable(
+                        hybridstore_core::Tier::Cache,
+                        "the cache did not answer during its recovery",
+                    ))
+                })
+        } else {
+            self.cache.mark_dirty(key);
+            return;
+        };
+        if let Err(err) = result {
+            if self.cache.breaker.is_closed() {
+                tracing::warn!(error = %err, collection = %key.collection, "cache update after commit failed; cache suspended until recovery");
+            }
+            self.cache.write_failed(key, &err);
+            // The copy may be stale: recorded durably as well, in case this
+            // process dies before the cache recovers.
+            if let Err(err) = self.write_around().await {
+                tracing::warn!(error = %err, "could not record the write around the cache");
+            }
+        }
+    }
+
+    /// Brings the copy of `key` in `tier` up to date after a commit.
+    async fn update_copy(
+        &self,
+        tier: &dyn CacheStore,
+        collection: &Collection,
+        key: &RecordKey,
+        update: CacheUpdate<'_>,
+        now: OffsetDateTime,
+    ) -> Result<bool, StoreError> {
+        match update {
             CacheUpdate::Record(record) => {
                 match record.cache_lifetime(collection.spec.cache_ttl, now) {
-                    Some(ttl) => self.cache.store(record, ttl).await,
-                    None => self
-                        .cache
+                    Some(ttl) => tier.store(record, ttl).await,
+                    None => tier
                         .invalidate(std::slice::from_ref(key))
                         .await
                         .map(|()| true),
                 }
             }
             CacheUpdate::Deleted(version) => {
-                self.cache
-                    .store_deleted(key, version, self.settings.deleted_marker_ttl)
+                tier.store_deleted(key, version, self.settings.deleted_marker_ttl)
                     .await
             }
-        };
-        if let Err(err) = result {
-            if self.cache.breaker.is_closed() {
-                tracing::warn!(error = %err, collection = %key.collection, id = %key.id, "cache update after commit failed; cache suspended until recovery");
-            }
-            self.cache.write_failed(key, &err);
         }
     }
 
@@ -442,7 +555,7 @@ impl Engine {
             .settle(collection, std::slice::from_ref(&write.key), access)
             .await?;
         write.now = above(write.now, settled.floor);
-        self.before_commit(collection, plan, &write.key);
+        self.before_commit(collection, plan, &write.key).await?;
         let outcome = self
             .durable
             .put(&write)
@@ -539,6 +652,9 @@ impl Engine {
         let collection = self.catalog.get(&key.collection)?;
         let plan = self.plan_for(collection)?;
         let now = now();
+        // A cache that answered "miss" holds no pinned copy of the key; if
+        // it was not asked, or failed, the durable tier may be behind.
+        let mut cache_missed = false;
         if plan.read != ReadPath::DurableOnly {
             let entry = self.cache.get(key).await;
             self.stats.cache_lookup(
@@ -551,7 +667,7 @@ impl Engine {
                     return Ok(Some(record));
                 }
                 Ok(CacheEntry::Deleted(_)) => return Ok(None),
-                Ok(_) => {}
+                Ok(_) => cache_missed = true,
                 Err(err) => self.cache_read_failed(plan, "get", &err)?,
             }
             match plan.read {
@@ -562,7 +678,8 @@ impl Engine {
                 ReadPath::CacheOnly => return Err(self.unavailable()),
                 _ => {}
             }
-        } else {
+        }
+        if !cache_missed {
             self.settle(collection, std::slice::from_ref(key), Access::Read)
                 .await?;
         }
@@ -597,7 +714,7 @@ impl Engine {
             .settle(collection, std::slice::from_ref(key), access)
             .await?;
         let now = above(now, settled.floor);
-        self.before_commit(collection, plan, key);
+        self.before_commit(collection, plan, key).await?;
         let version = self
             .durable
             .delete(key, precondition, now)
@@ -689,6 +806,7 @@ impl Engine {
 
         // Per id: Some(found) / None (known missing), or still unknown.
         let mut answers: Vec<Option<Option<Record>>> = vec![None; ids.len()];
+        let mut cache_answered = false;
         if plan.read != ReadPath::DurableOnly {
             let keys: Vec<RecordKey> = ids
                 .iter()
@@ -696,6 +814,7 @@ impl Engine {
                 .collect();
             match self.cache.get_many(&keys).await {
                 Ok(entries) => {
+                    cache_answered = true;
                     for (answer, entry) in answers.iter_mut().zip(entries) {
                         *answer = match entry {
                             CacheEntry::Present(record) if !record.is_expired(now) => {
@@ -724,7 +843,7 @@ impl Engine {
         if !unknown.is_empty() && plan.read == ReadPath::CacheOnly {
             return Err(self.unavailable());
         }
-        if !unknown.is_empty() && plan.read == ReadPath::DurableOnly {
+        if !unknown.is_empty() && !cache_answered {
             let keys: Vec<RecordKey> = unknown
                 .iter()
                 .map(|id| RecordKey::new(collection_name.clone(), id.clone()))
@@ -784,14 +903,15 @@ impl Engine {
         let index = collection.index(index)?;
         let plan = self.plan_for(collection)?;
         let now = now();
-        if plan.read != ReadPath::DurableOnly
-            && let Some(record) = self
-                .lookup_cached(collection_name, index, value, now)
-                .await
-                .or_else(|err| self.cache_read_failed(plan, "lookup", &err).map(|()| None))?
-        {
-            self.stats.cache_lookup(true, 1);
-            return Ok(Some(record));
+        if plan.read != ReadPath::DurableOnly {
+            match self.lookup_cached(collection_name, index, value, now).await {
+                Ok(Some(record)) => {
+                    self.stats.cache_lookup(true, 1);
+                    return Ok(Some(record));
+                }
+                Ok(None) => {}
+                Err(err) => self.cache_read_failed(plan, "lookup", &err)?,
+            }
         }
         if plan.read != ReadPath::DurableOnly {
             self.stats.cache_lookup(false, 1);
@@ -805,7 +925,10 @@ impl Engine {
             .lookup(collection_name, index, value, now)
             .await
             .map_err(|err| self.durable_failed(err))?;
-        if let (Some(found), ReadPath::DurableOnly) = (&record, plan.read) {
+        // The hint said nothing of the record the durable tier found: a
+        // newer version of it may wait in a journal (settling costs nothing
+        // when no journal may hold one).
+        if let Some(found) = &record {
             let key = found.key();
             let settled = self
                 .settle(collection, std::slice::from_ref(&key), Access::Read)

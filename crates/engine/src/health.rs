@@ -414,7 +414,45 @@ pub(crate) struct GuardedCache {
     /// Counter increments went around the cache: its bucket values are
     /// behind, and recovery drops them (they are seeded again).
     pub counters_dirty: std::sync::atomic::AtomicBool,
+    /// A recovery trial is under way: writes update their copies again.
+    closing: AtomicBool,
+    /// This instance bumped the durable cache generation since the cache
+    /// last recovered (once per outage is enough).
+    pub(crate) wrote_around: AtomicBool,
 }
+
+/// Ends a recovery trial's closing phase however the probe ends.
+struct Closing<'a>(&'a AtomicBool);
+
+impl Drop for Closing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// What a cache probe found.
+struct Checked {
+    epoch: u64,
+    server_id: Option<String>,
+    /// Restarted, or written around by someone: replay before serving.
+    restarted: bool,
+    cleanup: Cleanup,
+    /// The durable cache generation to record once reconciled.
+    stale_below: Option<u64>,
+}
+
+/// What a cache's recovery found, for the engine to reconcile before the
+/// cache serves again.
+pub(crate) struct Recovery {
+    /// The server restarted: it may have reloaded an older snapshot.
+    pub restarted: bool,
+    /// Copies written around, or everything.
+    pub cleanup: Cleanup,
+}
+
+/// Longest a restarted cache's reconciliation may take before the probe
+/// gives up (the next one goes on from where it stopped).
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Most dirty keys remembered one by one; past this, recovery removes every
 /// copy instead.
@@ -428,7 +466,8 @@ pub(crate) struct DirtyKeys {
 }
 
 /// What recovery must remove from the cache before it is used again.
-enum Cleanup {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Cleanup {
     Nothing,
     Keys(Vec<RecordKey>),
     Everything,
@@ -449,7 +488,15 @@ impl GuardedCache {
             dirty: Mutex::new(DirtyKeys::default()),
             server_id: Mutex::new(None),
             counters_dirty: std::sync::atomic::AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            wrote_around: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a recovery trial is under way: a write that committed around
+    /// the cache then updates its copy itself, directly.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
     }
 
     /// Remembers that `key` was written without updating the cache.
@@ -485,28 +532,86 @@ impl GuardedCache {
     }
 
     /// The probe: a heartbeat while closed (which also notices a restart), the
-    /// recovery trial while open.
-    pub async fn probe(&self) {
+    /// recovery trial while open. `reconcile` runs after a restart, before
+    /// the cache serves again (the engine replays what the restarted server
+    /// holds in its journals); the new server is trusted only once it
+    /// succeeded.
+    pub async fn probe<F, R>(&self, durable_generation: Option<u64>, reconcile: F)
+    where
+        F: FnOnce(Recovery) -> R,
+        R: Future<Output = StoreResult<()>>,
+    {
         self.breaker.begin_trial();
+        // From here on writes update their own copies (see `is_closing`), so
+        // the dirty keys the check takes are all the keys written around.
+        let recovering = !self.breaker.is_closed();
+        self.closing.store(recovering, Ordering::SeqCst);
+        let _closed = Closing(&self.closing);
         let started = Instant::now();
         // Under `attempt`, so a simulated outage fails the probe too.
-        match self.breaker.attempt(self.timeout * 4, self.check()).await {
-            Ok(epoch) => {
-                self.breaker.probe_took(started.elapsed());
-                self.breaker.close_unless_failed_since(epoch);
+        let check = self.check(durable_generation);
+        let checked = match self.breaker.attempt(self.timeout * 4, check).await {
+            Ok(checked) => checked,
+            Err(err) => return self.breaker.force_open(&err),
+        };
+        if checked.restarted || checked.cleanup != Cleanup::Nothing {
+            let recovery = Recovery {
+                restarted: checked.restarted,
+                cleanup: checked.cleanup.clone(),
+            };
+            if let Err(err) = self
+                .breaker
+                .attempt(RECONCILE_TIMEOUT, reconcile(recovery))
+                .await
+            {
+                tracing::warn!(error = %err, "the cache could not be reconciled yet; it stays out of service");
+                return self.breaker.force_open(&err);
             }
-            Err(err) => self.breaker.force_open(&err),
         }
+        if let Some(generation) = checked.stale_below {
+            // Reconciled: no instance needs to clean for this generation.
+            let recorded = self.inner.set_reconciled_generation(generation);
+            if let Err(err) = self.breaker.attempt(self.timeout, recorded).await {
+                return self.breaker.force_open(&err);
+            }
+        }
+        self.forget_cleaned(checked.cleanup);
+        self.wrote_around.store(false, Ordering::SeqCst);
+        *self.server_id.lock().unwrap_or_else(|e| e.into_inner()) = checked.server_id;
+        self.breaker.probe_took(started.elapsed());
+        self.breaker.close_unless_failed_since(checked.epoch);
     }
 
     /// Checks the cache and cleans what may be stale; returns the failure
-    /// epoch up to which everything has been cleaned.
-    async fn check(&self) -> StoreResult<u64> {
+    /// epoch up to which everything has been cleaned, and whether the server
+    /// restarted (its journals then need replaying before it serves).
+    ///
+    /// `durable_generation` is the durable tier's cache generation, when it
+    /// could be read: above what this cache was reconciled to, some instance
+    /// (maybe one that died since, maybe another process) wrote around the
+    /// cache, and any copy may be stale. That is checked on every probe, so
+    /// an instance that never lost the cache stops serving it within one
+    /// probe interval.
+    async fn check(&self, durable_generation: Option<u64>) -> StoreResult<Checked> {
         let server_id = self.inner.server_id().await?;
         let restarted = {
             let last = self.server_id.lock().unwrap_or_else(|e| e.into_inner());
             last.is_some() && *last != server_id
         };
+        let stale_below = match durable_generation {
+            Some(generation) if generation > self.inner.reconciled_generation().await? => {
+                self.breaker.force_open(&StoreError::unavailable(
+                    Tier::Cache,
+                    format!(
+                        "{} was written around (cache generation {generation})",
+                        self.inner.backend()
+                    ),
+                ));
+                Some(generation)
+            }
+            _ => None,
+        };
+        let restarted = restarted || stale_below.is_some();
         if restarted {
             // Stop serving before cleaning: what the restarted server reloaded
             // may be older than what it had acknowledged.
@@ -552,26 +657,32 @@ impl GuardedCache {
                 );
             }
             Cleanup::Everything => {
-                let removed = self.inner.invalidate_all().await?;
+                let removed = self.inner.invalidate_all(false).await?;
                 tracing::warn!(removed, restarted, "cache recovery removed every copy");
             }
         }
-        {
-            // Forget what was cleaned; keys marked meanwhile stay for the next
-            // recovery (the breaker is still open for them).
-            let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-            match cleanup {
-                Cleanup::Nothing => {}
-                Cleanup::Keys(keys) => {
-                    for key in &keys {
-                        dirty.keys.remove(key);
-                    }
+        Ok(Checked {
+            epoch,
+            server_id,
+            restarted,
+            cleanup,
+            stale_below,
+        })
+    }
+
+    /// Forgets what a recovery cleaned; keys marked meanwhile stay for the
+    /// next recovery (the breaker is still open for them).
+    fn forget_cleaned(&self, cleanup: Cleanup) {
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        match cleanup {
+            Cleanup::Nothing => {}
+            Cleanup::Keys(keys) => {
+                for key in &keys {
+                    dirty.keys.remove(key);
                 }
-                Cleanup::Everything => *dirty = DirtyKeys::default(),
             }
+            Cleanup::Everything => *dirty = DirtyKeys::default(),
         }
-        *self.server_id.lock().unwrap_or_else(|e| e.into_inner()) = server_id;
-        Ok(epoch)
     }
 }
 
@@ -659,6 +770,14 @@ impl DurableStore for GuardedDurable {
         let call = self.inner.save_control(state);
         self.breaker.call(self.timeout, call).await
     }
+    async fn cache_generation(&self) -> StoreResult<u64> {
+        let call = self.inner.cache_generation();
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn bump_cache_generation(&self) -> StoreResult<u64> {
+        let call = self.inner.bump_cache_generation();
+        self.breaker.call(self.timeout, call).await
+    }
     async fn apply_increments(&self, increments: &[CounterIncrement]) -> StoreResult<usize> {
         let call = self.inner.apply_increments(increments);
         self.breaker.call(self.timeout, call).await
@@ -726,10 +845,14 @@ impl CacheStore for GuardedCache {
             .call(self.timeout, self.inner.invalidate(keys))
             .await
     }
-    async fn invalidate_all(&self) -> StoreResult<u64> {
+    async fn invalidate_all(&self, pinned_too: bool) -> StoreResult<u64> {
         self.breaker
-            .call(self.timeout, self.inner.invalidate_all())
+            .call(self.timeout, self.inner.invalidate_all(pinned_too))
             .await
+    }
+    async fn invalidate_older(&self, key: &RecordKey, version: Version) -> StoreResult<bool> {
+        let call = self.inner.invalidate_older(key, version);
+        self.breaker.call(self.timeout, call).await
     }
     async fn get(&self, key: &RecordKey) -> StoreResult<CacheEntry> {
         self.breaker.call(self.timeout, self.inner.get(key)).await
@@ -819,6 +942,18 @@ impl CacheStore for GuardedCache {
     }
     async fn set_aside(&self, refused: &[(JournalEntry, String)]) -> StoreResult<()> {
         let call = self.inner.set_aside(refused);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn reconciled_generation(&self) -> StoreResult<u64> {
+        let call = self.inner.reconciled_generation();
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn set_reconciled_generation(&self, generation: u64) -> StoreResult<()> {
+        let call = self.inner.set_reconciled_generation(generation);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn drop_pinned(&self, states: &[Change]) -> StoreResult<()> {
+        let call = self.inner.drop_pinned(states);
         self.breaker.call(self.timeout, call).await
     }
     async fn dead_letters(&self) -> StoreResult<u64> {

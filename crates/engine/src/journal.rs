@@ -25,11 +25,13 @@ use time::OffsetDateTime;
 
 use crate::catalog::Collection;
 use crate::engine::Engine;
+use crate::health::{Cleanup, Recovery};
 use crate::strategy::WritePath;
 
-/// How often a write guarded by a version it read itself (not by the
-/// client) reads again after a concurrent writer got in between.
-const GUARDED_ATTEMPTS: u32 = 16;
+/// How long a write guarded by a version it read itself (not by the
+/// client) keeps reading again after concurrent writers got in between,
+/// before it answers 503 (busy), never 412.
+const GUARDED_RETRY_FOR: Duration = Duration::from_secs(2);
 
 /// A short random pause before another attempt, so that writers racing on
 /// one record stop meeting in lockstep.
@@ -252,8 +254,12 @@ impl Engine {
             unknown_state_ok: false,
         };
         let mut outcome = None;
-        for attempt in 0..GUARDED_ATTEMPTS {
+        let started = std::time::Instant::now();
+        for attempt in 0.. {
             if attempt > 0 {
+                if started.elapsed() > GUARDED_RETRY_FOR {
+                    break;
+                }
                 backoff(attempt).await;
             }
             if let Some(entries) = &write.index_entries {
@@ -445,8 +451,103 @@ impl Engine {
 
     /// One batch: read, apply, acknowledge. Returns how many entries it took.
     pub async fn replay_once(&self, recover: Option<Duration>) -> Result<usize, StoreError> {
-        let entries = self
-            .cache
+        self.replay_from(&*self.cache, recover).await
+    }
+
+    /// Before a recovering cache serves again (its breaker is still open, so
+    /// this talks to the tier directly).
+    ///
+    /// A cache that restarted may have reloaded an older snapshot: copies
+    /// pinned then, whose versions the durable tier may have overtaken since,
+    /// and journal entries already replayed (or not). Every entry its
+    /// journals hold, whichever consumer took it, is replayed version-guarded:
+    /// a pinned copy is then confirmed (the durable tier has its version) or
+    /// dropped (it has a newer one). This needs the durable tier.
+    ///
+    /// Keys written around the cache were cleaned by the probe, but a pinned
+    /// copy is never dropped blindly: its version is applied to the durable
+    /// tier first, and the copy goes only if the durable tier holds a newer
+    /// one. With the durable tier down, pinned copies of those keys go (their
+    /// entries stay in the journal and replay later): the newest version may
+    /// be in the durable tier, so the cache must not answer for them.
+    pub(crate) async fn reconcile_cache(&self, recovery: Recovery) -> Result<(), StoreError> {
+        let raw = &*self.cache.inner;
+        let keys = match &recovery.cleanup {
+            Cleanup::Keys(keys) if !recovery.restarted => keys,
+            Cleanup::Nothing if !recovery.restarted => return Ok(()),
+            _ => return self.replay_everything(raw).await,
+        };
+        let pinned: Vec<Change> = raw
+            .get_states(keys)
+            .await?
+            .into_iter()
+            .flatten()
+            .filter(|held| held.pinned)
+            .map(|held| held.state)
+            .collect();
+        if pinned.is_empty() {
+            return Ok(());
+        }
+        let superseded: Vec<Change> = if self.durable.breaker.is_closed() {
+            let applied = self
+                .durable
+                .apply_changes(&pinned, ApplyMode::IfNewer)
+                .await?;
+            pinned
+                .into_iter()
+                .zip(applied)
+                .filter(|(_, applied)| !applied)
+                .map(|(change, _)| change)
+                .collect()
+        } else {
+            pinned
+        };
+        raw.drop_pinned(&superseded).await?;
+        tracing::info!(
+            copies = superseded.len(),
+            "cache recovery dropped pinned copies the durable tier has overtaken"
+        );
+        Ok(())
+    }
+
+    /// Replays every journal entry the cache holds (see `reconcile_cache`).
+    async fn replay_everything(&self, raw: &dyn CacheStore) -> Result<(), StoreError> {
+        if !self.durable.breaker.is_closed() {
+            // Nothing can tell which copies are stale: none is kept. The
+            // journal entries stay and replay once the durable tier is back;
+            // meanwhile the cache takes writes, and answers for what it is
+            // written from now on.
+            let removed = raw.invalidate_all(true).await?;
+            tracing::warn!(
+                removed,
+                "the durable tier is down: every copy of the recovering cache dropped, pinned ones too"
+            );
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let mut replayed = 0;
+        loop {
+            match self.replay_from(raw, Some(Duration::ZERO)).await? {
+                0 => break,
+                taken => replayed += taken,
+            }
+        }
+        tracing::info!(
+            entries = replayed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "journals of the recovering cache replayed before it serves"
+        );
+        Ok(())
+    }
+
+    /// One batch from `cache`: the guarded tier, or the raw one during a
+    /// restarted cache's reconciliation.
+    async fn replay_from(
+        &self,
+        cache: &dyn CacheStore,
+        recover: Option<Duration>,
+    ) -> Result<usize, StoreError> {
+        let entries = cache
             .read_journal(&self.instance_id, self.settings.journal.batch_size, recover)
             .await?;
         if entries.is_empty() {
@@ -522,7 +623,7 @@ impl Engine {
                     (entry, reason)
                 })
                 .collect();
-            self.cache.set_aside(&reasons).await?;
+            cache.set_aside(&reasons).await?;
             for (entry, _) in &reasons {
                 // Not coming: what the durable tier holds is the truth.
                 self.unreplayed
@@ -562,7 +663,7 @@ impl Engine {
                 }
             })
             .collect();
-        self.cache.ack_journal(&acks).await?;
+        cache.ack_journal(&acks).await?;
         let batch = ReplayStats {
             entries: entries.len() as u64,
             applied: applied_count as u64,

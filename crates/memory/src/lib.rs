@@ -256,6 +256,8 @@ struct State {
     last_sweep: Option<Instant>,
     /// Entries the durable tier refused, with the reason (oldest first).
     dead_letters: std::collections::VecDeque<(Change, String)>,
+    /// See `CacheStore::reconciled_generation`.
+    reconciled_generation: u64,
 }
 
 impl State {
@@ -443,14 +445,14 @@ impl CacheStore for MemoryCache {
         Ok(())
     }
 
-    async fn invalidate_all(&self) -> StoreResult<u64> {
+    async fn invalidate_all(&self, pinned_too: bool) -> StoreResult<u64> {
         let mut state = self.lock();
         let mut removed = state.hints.len();
         state.hints.clear();
         let mut copies_removed = 0;
         for copies in state.records.values_mut() {
             copies.retain(|_, copy| {
-                let keep = !copy.is_plain();
+                let keep = copy.authoritative || (!pinned_too && copy.pinned.is_some());
                 copies_removed += usize::from(!keep);
                 keep
             });
@@ -458,6 +460,17 @@ impl CacheStore for MemoryCache {
         state.record_count -= copies_removed;
         removed += copies_removed;
         Ok(removed as u64)
+    }
+
+    async fn invalidate_older(&self, key: &RecordKey, version: Version) -> StoreResult<bool> {
+        let mut state = self.lock();
+        let older = state
+            .copy(key)
+            .is_some_and(|copy| copy.version < version && !copy.authoritative);
+        if older {
+            state.remove_copy(key);
+        }
+        Ok(older)
     }
 
     async fn get(&self, key: &RecordKey) -> StoreResult<CacheEntry> {
@@ -661,6 +674,30 @@ impl CacheStore for MemoryCache {
             }])
             .await?;
         }
+        Ok(())
+    }
+
+    async fn drop_pinned(&self, states: &[Change]) -> StoreResult<()> {
+        let mut state = self.lock();
+        for change in states {
+            let key = change.key();
+            if state
+                .copy(&key)
+                .is_some_and(|copy| copy.pinned == Some(change.version()))
+            {
+                state.remove_copy(&key);
+            }
+        }
+        Ok(())
+    }
+
+    async fn reconciled_generation(&self) -> StoreResult<u64> {
+        Ok(self.lock().reconciled_generation)
+    }
+
+    async fn set_reconciled_generation(&self, generation: u64) -> StoreResult<()> {
+        let mut state = self.lock();
+        state.reconciled_generation = state.reconciled_generation.max(generation);
         Ok(())
     }
 

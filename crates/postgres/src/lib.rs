@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use hybridstore_core::{
     Amount, ApplyMode, Bucket, BucketValues, Change, CollectionName, ControlState,
@@ -268,31 +268,80 @@ const LOOKUP_LIVE: &str = concat!(
 
 /// Replays a journaled put: applied only over an older version, unless `$8`
 /// forces it.
-const REPLAY_PUT: &str = concat!(
+/// Applies states carried over from the cache tier (replay, sync, import),
+/// all in one statement: each only over an older version unless `$9`
+/// forces it. A deletion leaves a tombstone and keeps the incarnation's
+/// creation; a put over a dead row starts a new incarnation. Returns the
+/// keys it wrote.
+const APPLY_CHANGES: &str = concat!(
     "INSERT INTO records AS r ",
     "(collection, id, version, created_version, data, created_at, updated_at, expires_at, deleted) ",
-    "VALUES ($1, $2, $3, $3, $4, $5, $6, $7, false) ",
+    "SELECT c, i, v, v, d, ca, ua, xa, del FROM UNNEST(",
+    "$1::text[], $2::text[], $3::bigint[], $4::jsonb[], $5::timestamptz[], $6::timestamptz[], ",
+    "$7::timestamptz[], $8::bool[]) AS t(c, i, v, d, ca, ua, xa, del) ",
     "ON CONFLICT (collection, id) DO UPDATE SET ",
     "version = EXCLUDED.version, ",
-    "created_version = CASE WHEN ",
+    "created_version = CASE WHEN EXCLUDED.deleted OR ",
     live!("r", "EXCLUDED.updated_at"),
     " THEN r.created_version ELSE EXCLUDED.version END, ",
-    "created_at = CASE WHEN ",
+    "created_at = CASE WHEN EXCLUDED.deleted OR ",
     live!("r", "EXCLUDED.updated_at"),
     " THEN r.created_at ELSE EXCLUDED.created_at END, ",
     "data = EXCLUDED.data, updated_at = EXCLUDED.updated_at, ",
-    "expires_at = EXCLUDED.expires_at, deleted = false ",
-    "WHERE r.version < EXCLUDED.version OR $8 RETURNING 1"
+    "expires_at = EXCLUDED.expires_at, deleted = EXCLUDED.deleted ",
+    "WHERE r.version < EXCLUDED.version OR $9 RETURNING r.collection, r.id"
 );
 
-/// Replays a journaled delete: a tombstone, only over an older version unless
-/// `$5` forces it.
-const REPLAY_DELETE: &str = "INSERT INTO records AS r \
-    (collection, id, version, created_version, data, created_at, updated_at, expires_at, deleted) \
-    VALUES ($1, $2, $3, $3, '{}', $4, $4, NULL, true) \
-    ON CONFLICT (collection, id) DO UPDATE SET version = EXCLUDED.version, data = '{}', \
-    updated_at = EXCLUDED.updated_at, expires_at = NULL, deleted = true \
-    WHERE r.version < EXCLUDED.version OR $5 RETURNING 1";
+/// The columns of [`APPLY_CHANGES`], one entry per change.
+struct ApplyColumns {
+    collection: Vec<String>,
+    id: Vec<String>,
+    version: Vec<i64>,
+    data: Vec<Json<JsonObject>>,
+    created_at: Vec<OffsetDateTime>,
+    updated_at: Vec<OffsetDateTime>,
+    expires_at: Vec<Option<OffsetDateTime>>,
+    deleted: Vec<bool>,
+}
+
+impl ApplyColumns {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            collection: Vec::with_capacity(n),
+            id: Vec::with_capacity(n),
+            version: Vec::with_capacity(n),
+            data: Vec::with_capacity(n),
+            created_at: Vec::with_capacity(n),
+            updated_at: Vec::with_capacity(n),
+            expires_at: Vec::with_capacity(n),
+            deleted: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, change: &Change) -> StoreResult<()> {
+        let key = change.key();
+        self.collection.push(key.collection.to_string());
+        self.id.push(key.id.to_string());
+        self.version.push(version_param(change.version())?);
+        match change {
+            Change::Put(record) => {
+                self.data.push(Json(record.data.clone()));
+                self.created_at.push(record.created_at);
+                self.updated_at.push(record.updated_at);
+                self.expires_at.push(record.expires_at);
+                self.deleted.push(false);
+            }
+            Change::Delete { at, .. } => {
+                self.data.push(Json(JsonObject::new()));
+                self.created_at.push(*at);
+                self.updated_at.push(*at);
+                self.expires_at.push(None);
+                self.deleted.push(true);
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Live records and tombstones (not expired ones): `$3` after, ordered by id.
 const SCAN_STATES: &str = concat!(
@@ -311,6 +360,14 @@ const GET_STATES: &str = concat!(
 );
 
 const LOAD_CONTROL: &str = "SELECT value FROM control WHERE name = 'state'";
+
+/// The cache generation (see `DurableStore::cache_generation`): its own row
+/// of the control table, the generation in `revision`.
+const CACHE_GENERATION: &str = "SELECT revision FROM control WHERE name = 'cache'";
+
+const BUMP_CACHE_GENERATION: &str = "INSERT INTO control AS c (name, revision, value, updated_at) \
+    VALUES ('cache', 1, '{}', now()) ON CONFLICT (name) DO UPDATE \
+    SET revision = c.revision + 1, updated_at = now() RETURNING revision";
 
 /// Saves the state only over an older revision.
 const SAVE_CONTROL: &str = "INSERT INTO control AS c (name, revision, value, updated_at) \
@@ -733,34 +790,50 @@ impl DurableStore for PostgresStore {
 
     #[tracing::instrument(level = "debug", skip_all, fields(count = changes.len()))]
     async fn apply_changes(&self, changes: &[Change], mode: ApplyMode) -> StoreResult<Vec<bool>> {
-        let force = mode == ApplyMode::Force;
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        let mut applied = Vec::with_capacity(changes.len());
-        for change in changes {
-            let key = change.key();
-            let version = version_param(change.version())?;
-            let query = match change {
-                Change::Put(record) => sqlx::query(REPLAY_PUT)
-                    .bind(key.collection.as_str())
-                    .bind(key.id.as_str())
-                    .bind(version)
-                    .bind(Json(&record.data))
-                    .bind(record.created_at)
-                    .bind(record.updated_at)
-                    .bind(record.expires_at)
-                    .bind(force),
-                Change::Delete { at, .. } => sqlx::query(REPLAY_DELETE)
-                    .bind(key.collection.as_str())
-                    .bind(key.id.as_str())
-                    .bind(version)
-                    .bind(*at)
-                    .bind(force),
-            };
-            let row = query.fetch_optional(&mut *tx).await.map_err(classify)?;
-            applied.push(row.is_some());
+        if changes.is_empty() {
+            return Ok(Vec::new());
         }
-        tx.commit().await.map_err(classify)?;
-        Ok(applied)
+        // One row per record: a statement may not update a row twice, and
+        // of two changes of one record only the newest can win anyway.
+        let mut newest: HashMap<RecordKey, usize> = HashMap::new();
+        for (at, change) in changes.iter().enumerate() {
+            let held = newest.entry(change.key()).or_insert(at);
+            if changes[*held].version() < change.version() {
+                *held = at;
+            }
+        }
+        let mut columns = ApplyColumns::with_capacity(newest.len());
+        for &at in newest.values() {
+            columns.push(&changes[at])?;
+        }
+        let rows = sqlx::query(APPLY_CHANGES)
+            .bind(&columns.collection)
+            .bind(&columns.id)
+            .bind(&columns.version)
+            .bind(&columns.data)
+            .bind(&columns.created_at)
+            .bind(&columns.updated_at)
+            .bind(&columns.expires_at)
+            .bind(&columns.deleted)
+            .bind(mode == ApplyMode::Force)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        let mut written = HashSet::with_capacity(rows.len());
+        for row in &rows {
+            let collection: String = row.try_get("collection").map_err(classify)?;
+            let id: String = row.try_get("id").map_err(classify)?;
+            written.insert((collection, id));
+        }
+        Ok(changes
+            .iter()
+            .enumerate()
+            .map(|(at, change)| {
+                let key = change.key();
+                newest.get(&key) == Some(&at)
+                    && written.contains(&(key.collection.to_string(), key.id.to_string()))
+            })
+            .collect())
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(%collection, limit))]
@@ -824,6 +897,22 @@ impl DurableStore for PostgresStore {
             .await
             .map_err(classify)?;
         Ok(saved.is_some())
+    }
+
+    async fn cache_generation(&self) -> StoreResult<u64> {
+        let generation: Option<i64> = sqlx::query_scalar(CACHE_GENERATION)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(generation.map_or(0, |g| g.max(0) as u64))
+    }
+
+    async fn bump_cache_generation(&self) -> StoreResult<u64> {
+        let generation: i64 = sqlx::query_scalar(BUMP_CACHE_GENERATION)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(generation.max(0) as u64)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(count = increments.len()))]

@@ -102,6 +102,11 @@ impl KeySpace {
         format!("{}:{{{shard}}}:pinned:{collection}", self.prefix)
     }
 
+    /// The durable cache generation this cache was last reconciled to.
+    pub fn reconciled_generation(&self) -> String {
+        format!("{}:reconciled", self.prefix)
+    }
+
     /// The dead-letter journal of the shard of `key`: entries the durable
     /// tier refused (same hash tag as the record and its journal).
     pub fn dead_letters_of(&self, key: &RecordKey) -> String {

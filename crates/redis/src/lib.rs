@@ -59,7 +59,11 @@ pub struct RedisStore {
 struct Scripts {
     store_if_newer: Script,
     accept_write: Script,
-    unpin: Script,
+    ack: Script,
+    drop_pinned: Script,
+    unlink_older: Script,
+    /// Raises a number kept at a key, never lowers it.
+    raise: Script,
     unlink_unless_pinned: Script,
     copy_in: Script,
     counter_increment: Script,
@@ -373,7 +377,13 @@ impl RedisStore {
             scripts: Scripts {
                 store_if_newer: Script::new(include_str!("lua/store_if_newer.lua")),
                 accept_write: Script::new(include_str!("lua/accept_write.lua")),
-                unpin: Script::new(include_str!("lua/unpin.lua")),
+                ack: Script::new(include_str!("lua/ack.lua")),
+                drop_pinned: Script::new(include_str!("lua/drop_pinned.lua")),
+                unlink_older: Script::new(include_str!("lua/unlink_older.lua")),
+                raise: Script::new(
+                    "if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then \
+                     redis.call('SET', KEYS[1], ARGV[1]) end return 0",
+                ),
                 unlink_unless_pinned: Script::new(include_str!("lua/unlink_unless_pinned.lua")),
                 copy_in: Script::new(include_str!("lua/copy_in.lua")),
                 counter_increment: Script::new(include_str!("lua/counter_increment.lua")),
@@ -455,7 +465,7 @@ impl RedisStore {
 
     /// Removes keys (copies or hints) unless pinned by a pending journal entry.
     /// The calls go out concurrently: the multiplexed connection pipelines them.
-    async fn unlink_unpinned(&self, keys: Vec<String>) -> StoreResult<u64> {
+    async fn unlink_unpinned(&self, keys: Vec<String>, pinned_too: bool) -> StoreResult<u64> {
         let mut removed = 0;
         for chunk in keys.chunks(500) {
             let calls = chunk.iter().map(|key| {
@@ -464,6 +474,7 @@ impl RedisStore {
                 async move {
                     script
                         .key(key.as_str())
+                        .arg(if pinned_too { "1" } else { "0" })
                         .invoke_async::<i64>(&mut conn)
                         .await
                 }
@@ -641,10 +652,10 @@ impl CacheStore for RedisStore {
 
     async fn invalidate(&self, keys: &[RecordKey]) -> StoreResult<()> {
         let keys: Vec<String> = keys.iter().map(|key| self.keys.record(key)).collect();
-        self.unlink_unpinned(keys).await.map(drop)
+        self.unlink_unpinned(keys, false).await.map(drop)
     }
 
-    async fn invalidate_all(&self) -> StoreResult<u64> {
+    async fn invalidate_all(&self, pinned_too: bool) -> StoreResult<u64> {
         let mut conn = self.conn.clone();
         let pattern = format!("{}:*", self.keys.prefix());
         let mut cursor: u64 = 0;
@@ -655,12 +666,26 @@ impl CacheStore for RedisStore {
                 .into_iter()
                 .filter(|key| self.keys.is_copy(key))
                 .collect();
-            removed += self.unlink_unpinned(copies).await?;
+            removed += self.unlink_unpinned(copies, pinned_too).await?;
             if next == 0 {
                 return Ok(removed);
             }
             cursor = next;
         }
+    }
+
+    async fn invalidate_older(&self, key: &RecordKey, version: Version) -> StoreResult<bool> {
+        let removed: i64 = self
+            .scripts
+            .unlink_older
+            .key(self.keys.record(key))
+            .key(self.keys.pinned_of(key))
+            .arg(version.to_padded())
+            .arg(key.id.as_str())
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        Ok(removed == 1)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(collection = %key.collection, id = %key.id))]
@@ -831,35 +856,26 @@ impl CacheStore for RedisStore {
     }
 
     async fn ack_journal(&self, acks: &[JournalAck]) -> StoreResult<()> {
-        let mut conn = self.conn.clone();
-        for ack in acks {
-            // Unpin first: if the ack were lost, the entry is replayed again
-            // (a no-op) rather than the copy staying pinned for ever.
-            let _: i64 = self
-                .scripts
-                .unpin
-                .key(&ack.position.pinned_key)
-                .key(self.keys.pinned_of(&ack.key))
-                .arg(ack.version.to_padded())
-                .arg(ttl_millis(ack.ttl))
-                .arg(if ack.superseded { "1" } else { "0" })
-                .arg(ack.key.id.as_str())
-                .invoke_async(&mut conn)
-                .await
-                .map_err(classify)?;
-            redis::pipe()
-                .cmd("XACK")
-                .arg(&ack.position.stream)
-                .arg(REPLAY_GROUP)
-                .arg(&ack.position.id)
-                .ignore()
-                .cmd("XDEL")
-                .arg(&ack.position.stream)
-                .arg(&ack.position.id)
-                .ignore()
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(classify)?;
+        // One script call per entry (unpin, XACK, XDEL in one step), all
+        // sent at once: the multiplexed connection pipelines them.
+        for chunk in acks.chunks(1000) {
+            let calls = chunk.iter().map(|ack| {
+                let mut conn = self.conn.clone();
+                let mut invocation = self.scripts.ack.key(&ack.position.pinned_key);
+                invocation
+                    .key(self.keys.pinned_of(&ack.key))
+                    .key(&ack.position.stream)
+                    .arg(ack.version.to_padded())
+                    .arg(ttl_millis(ack.ttl))
+                    .arg(if ack.superseded { "1" } else { "0" })
+                    .arg(ack.key.id.as_str())
+                    .arg(REPLAY_GROUP)
+                    .arg(&ack.position.id);
+                async move { invocation.invoke_async::<i64>(&mut conn).await }
+            });
+            for acked in futures_util::future::join_all(calls).await {
+                acked.map_err(classify)?;
+            }
         }
         Ok(())
     }
@@ -906,6 +922,42 @@ impl CacheStore for RedisStore {
             .await?;
         }
         Ok(())
+    }
+
+    async fn drop_pinned(&self, states: &[Change]) -> StoreResult<()> {
+        let calls = states.iter().map(|state| {
+            let key = state.key();
+            let mut conn = self.conn.clone();
+            let mut invocation = self.scripts.drop_pinned.key(self.keys.record(&key));
+            invocation
+                .key(self.keys.pinned_of(&key))
+                .arg(state.version().to_padded())
+                .arg(key.id.as_str());
+            async move { invocation.invoke_async::<i64>(&mut conn).await }
+        });
+        for dropped in futures_util::future::join_all(calls).await {
+            dropped.map_err(classify)?;
+        }
+        Ok(())
+    }
+
+    async fn reconciled_generation(&self) -> StoreResult<u64> {
+        let generation: Option<u64> = redis::cmd("GET")
+            .arg(self.keys.reconciled_generation())
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        Ok(generation.unwrap_or(0))
+    }
+
+    async fn set_reconciled_generation(&self, generation: u64) -> StoreResult<()> {
+        self.scripts
+            .raise
+            .key(self.keys.reconciled_generation())
+            .arg(generation)
+            .invoke_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(classify)
     }
 
     async fn dead_letters(&self) -> StoreResult<u64> {

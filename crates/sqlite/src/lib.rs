@@ -1043,6 +1043,36 @@ impl DurableStore for SqliteStore {
         .await
     }
 
+    async fn cache_generation(&self) -> StoreResult<u64> {
+        self.read(|tx| {
+            tx.query_row(
+                "SELECT revision FROM control WHERE name = 'cache'",
+                [],
+                |row| row.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|generation| generation.map_or(0, |g| g.max(0) as u64))
+            .map_err(classify)
+        })
+        .await
+    }
+
+    async fn bump_cache_generation(&self) -> StoreResult<u64> {
+        let now = micros(OffsetDateTime::now_utc());
+        self.write(move |tx| {
+            tx.query_row(
+                "INSERT INTO control (name, revision, value, updated_at) VALUES ('cache', 1, '{}', ?1) \
+                 ON CONFLICT (name) DO UPDATE SET revision = control.revision + 1, updated_at = ?1 \
+                 RETURNING revision",
+                params![now],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|generation| generation.max(0) as u64)
+            .map_err(classify)
+        })
+        .await
+    }
+
     #[tracing::instrument(level = "debug", skip_all, fields(count = increments.len()))]
     async fn apply_increments(&self, increments: &[CounterIncrement]) -> StoreResult<usize> {
         if increments.is_empty() {

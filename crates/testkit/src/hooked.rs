@@ -167,6 +167,12 @@ impl DurableStore for HookedDurable {
     async fn save_control(&self, state: &ControlState) -> StoreResult<bool> {
         self.inner().save_control(state).await
     }
+    async fn cache_generation(&self) -> StoreResult<u64> {
+        self.inner().cache_generation().await
+    }
+    async fn bump_cache_generation(&self) -> StoreResult<u64> {
+        self.inner().bump_cache_generation().await
+    }
     async fn apply_increments(&self, increments: &[CounterIncrement]) -> StoreResult<usize> {
         self.inner().apply_increments(increments).await
     }

@@ -10,6 +10,7 @@ mod app;
 mod hooked;
 mod process;
 mod servers;
+mod service;
 mod wait;
 
 pub use app::{
@@ -19,4 +20,5 @@ pub use app::{
 pub use hooked::HookedDurable;
 pub use process::free_port;
 pub use servers::{Postgres, Redis, RedisPersistence, SharedServers, create_database, shared};
+pub use service::ServiceProcess;
 pub use wait::{blocking, until};

@@ -368,6 +368,10 @@ impl Redis {
     }
 
     fn launch(&self) {
+        self.launch_with(self.persistence);
+    }
+
+    fn launch_with(&self, persistence: RedisPersistence) {
         let log = self.process.dir.join("redis.log");
         let mut command = Command::new("redis-server");
         command
@@ -379,7 +383,7 @@ impl Redis {
             .args(["--save", ""])
             .stdout(log_file(&log))
             .stderr(log_file(&log));
-        match self.persistence {
+        match persistence {
             RedisPersistence::None | RedisPersistence::Snapshot => {
                 command.args(["--appendonly", "no"])
             }
@@ -425,6 +429,40 @@ impl Redis {
         self.stop();
         self.launch();
     }
+
+    /// `SAVE`: writes a snapshot (`dump.rdb`) of everything held now.
+    pub fn save(&self) {
+        let answer = redis_command(self.port(), b"SAVE\r\n");
+        assert!(answer.starts_with("+OK"), "SAVE answered {answer:?}");
+    }
+
+    /// `kill -9`, then a start from the last [`Redis::save`] alone, as after
+    /// a disk loss or a restore: the append-only file is removed, so every
+    /// write acknowledged after the snapshot is gone. Append-only
+    /// persistence is switched on again once the snapshot is loaded.
+    pub fn restart_from_snapshot(&self) {
+        self.kill();
+        let _ = fs::remove_dir_all(self.process.dir.join("appendonlydir"));
+        let _ = fs::remove_file(self.process.dir.join("appendonly.aof"));
+        self.launch_with(RedisPersistence::Snapshot);
+        if self.persistence == RedisPersistence::AppendOnly {
+            let answer = redis_command(self.port(), b"CONFIG SET appendonly yes\r\n");
+            assert!(answer.starts_with("+OK"), "CONFIG SET answered {answer:?}");
+        }
+    }
+}
+
+/// One command over a raw socket; the first line of the answer.
+fn redis_command(port: u16, command: &[u8]) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    stream.write_all(command).expect("send a command");
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+        answer.push(byte[0]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// PING over a raw socket: ready once the answer is `+PONG` (not `-LOADING`).
