@@ -608,35 +608,38 @@ async fn check(
             .filter_map(|w| w.version)
             .max();
         let got = read.version.unwrap_or(0);
+        let stale = match (read.status, deleted, floor) {
+            (200, true, _) | (404, false, Some(_)) => true,
+            (200, false, Some(floor)) => got < floor,
+            _ => false,
+        };
+        if stale && violations.len() < 3 {
+            for e in history.iter().filter(|e| {
+                e.key == read.key
+                    && e.invoked + Duration::from_secs(2) > read.invoked
+                    && e.invoked < read.invoked + Duration::from_millis(200)
+            }) {
+                eprintln!(
+                    "    {} {:?} {} ms..{} ms -> {} v{:?}",
+                    e.key,
+                    e.kind,
+                    at(e.invoked),
+                    at(e.completed),
+                    e.status,
+                    e.version
+                );
+            }
+        }
         match (read.status, deleted, floor) {
             (200, true, _) => violations.push(format!(
                 "read of {} returned v{got} after its delete was acknowledged",
                 read.key
             )),
-            (200, false, Some(floor)) if got < floor => {
-                if violations.len() < 3 {
-                    for e in history.iter().filter(|e| {
-                        e.key == read.key
-                            && e.invoked + Duration::from_secs(2) > read.invoked
-                            && e.invoked < read.invoked + Duration::from_millis(200)
-                    }) {
-                        eprintln!(
-                            "    {} {:?} {} ms..{} ms -> {} v{:?}",
-                            e.key,
-                            e.kind,
-                            at(e.invoked),
-                            at(e.completed),
-                            e.status,
-                            e.version
-                        );
-                    }
-                }
-                violations.push(format!(
-                    "read of {} at {} ms returned v{got} after v{floor} was acknowledged",
-                    read.key,
-                    at(read.invoked)
-                ))
-            }
+            (200, false, Some(floor)) if got < floor => violations.push(format!(
+                "read of {} at {} ms returned v{got} after v{floor} was acknowledged",
+                read.key,
+                at(read.invoked)
+            )),
             (404, false, Some(floor)) => violations.push(format!(
                 "read of {} at {} ms returned 404 after v{floor} was acknowledged",
                 read.key,

@@ -308,11 +308,6 @@ pub trait CacheStore: Send + Sync + 'static {
     /// pinned is dropped: the durable tier stays the truth.
     async fn set_aside(&self, refused: &[(JournalEntry, String)]) -> StoreResult<()>;
 
-    /// Drops each copy still pinned at the version of the given state: the
-    /// durable tier holds a newer version, or the copy must not be served
-    /// meanwhile. Its journal entry stays and replays version-guarded.
-    async fn drop_pinned(&self, states: &[Change]) -> StoreResult<()>;
-
     /// The durable tier's cache generation this cache was last reconciled
     /// to (0 when never).
     async fn reconciled_generation(&self) -> StoreResult<u64>;

@@ -401,6 +401,11 @@ impl Engine {
             .bump_cache_generation()
             .await
             .map_err(|err| self.durable_failed(err))?;
+        *self
+            .cache
+            .own_bump
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(generation);
         self.cache
             .wrote_around
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -432,40 +437,25 @@ impl Engine {
         if !self.configured_plan(collection).uses_cache() {
             return;
         }
-        // While the cache is out of service the key is only remembered: its
-        // recovery cleans it. Failing here would count as a new failure and
-        // hold the recovery back for as long as writes keep coming. Once the
-        // recovery is closing, writes remove their older copy themselves
-        // (directly: the breaker is still open), so that no key written
-        // around the cache escapes both the recovery and its writer.
-        let result = if self.cache.breaker.is_closed() {
-            self.update_copy(&*self.cache, collection, key, update, now)
-                .await
-        } else if self.cache.is_closing() {
-            // Only a removal: the recovery removes copies concurrently, and a
-            // store racing a removal could leave an older copy behind.
-            let version = match update {
-                CacheUpdate::Record(record) => record.version,
-                CacheUpdate::Deleted(version) => version,
-            };
-            let direct = self.cache.inner.invalidate_older(key, version);
-            tokio::time::timeout(self.cache.timeout, direct)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(StoreError::unavailable(
-                        hybridstore_core::Tier::Cache,
-                        "the cache did not answer during its recovery",
-                    ))
-                })
-        } else {
-            self.cache.mark_dirty(key);
-            return;
+        // While the cache is out of service the version is only remembered:
+        // its recovery removes older copies. Failing here would count as a
+        // new failure and hold the recovery back for as long as writes keep
+        // coming.
+        let version = match update {
+            CacheUpdate::Record(record) => record.version,
+            CacheUpdate::Deleted(version) => version,
         };
+        if self.cache.wrote_around(key, version).await {
+            return;
+        }
+        let result = self
+            .update_copy(&*self.cache, collection, key, update, now)
+            .await;
         if let Err(err) = result {
             if self.cache.breaker.is_closed() {
                 tracing::warn!(error = %err, collection = %key.collection, "cache update after commit failed; cache suspended until recovery");
             }
-            self.cache.write_failed(key, &err);
+            self.cache.write_failed(key, version, &err);
             // The copy may be stale: recorded durably as well, in case this
             // process dies before the cache recovers.
             if let Err(err) = self.write_around().await {

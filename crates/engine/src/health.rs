@@ -414,40 +414,17 @@ pub(crate) struct GuardedCache {
     /// Counter increments went around the cache: its bucket values are
     /// behind, and recovery drops them (they are seeded again).
     pub counters_dirty: std::sync::atomic::AtomicBool,
-    /// A recovery trial is under way: writes update their copies again.
-    closing: AtomicBool,
+    /// Held by a write that records its commit around the cache, and by the
+    /// recovery while it takes the last of those and closes the breaker: no
+    /// write can fall between the two (see [`GuardedCache::wrote_around`]).
+    gate: tokio::sync::Mutex<()>,
     /// This instance bumped the durable cache generation since the cache
     /// last recovered (once per outage is enough).
     pub(crate) wrote_around: AtomicBool,
-}
-
-/// Ends a recovery trial's closing phase however the probe ends.
-struct Closing<'a>(&'a AtomicBool);
-
-impl Drop for Closing<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::SeqCst);
-    }
-}
-
-/// What a cache probe found.
-struct Checked {
-    epoch: u64,
-    server_id: Option<String>,
-    /// Restarted, or written around by someone: replay before serving.
-    restarted: bool,
-    cleanup: Cleanup,
-    /// The durable cache generation to record once reconciled.
-    stale_below: Option<u64>,
-}
-
-/// What a cache's recovery found, for the engine to reconcile before the
-/// cache serves again.
-pub(crate) struct Recovery {
-    /// The server restarted: it may have reloaded an older snapshot.
-    pub restarted: bool,
-    /// Copies written around, or everything.
-    pub cleanup: Cleanup,
+    /// The generation this instance's last bump produced: when it is the
+    /// only one since the cache was reconciled, the keys this instance
+    /// remembers are all that was written around.
+    pub(crate) own_bump: Mutex<Option<u64>>,
 }
 
 /// Longest a restarted cache's reconciliation may take before the probe
@@ -458,19 +435,20 @@ const RECONCILE_TIMEOUT: Duration = Duration::from_secs(60);
 /// copy instead.
 const MAX_DIRTY_KEYS: usize = 100_000;
 
-/// Keys whose cache copy may be stale.
+/// Keys whose cache copy may be stale, with the newest version committed
+/// around the cache when known.
 #[derive(Default)]
 pub(crate) struct DirtyKeys {
-    keys: std::collections::HashSet<RecordKey>,
+    keys: std::collections::HashMap<RecordKey, Option<Version>>,
     overflowed: bool,
 }
 
-/// What recovery must remove from the cache before it is used again.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Cleanup {
-    Nothing,
-    Keys(Vec<RecordKey>),
-    Everything,
+/// What a cache's recovery found, for the engine to reconcile before the
+/// cache serves again.
+pub(crate) struct Recovery {
+    /// Any copy may be stale: the server restarted (maybe from an older
+    /// snapshot), someone wrote around it, or too many keys to remember.
+    pub everything: bool,
 }
 
 impl GuardedDurable {
@@ -488,35 +466,55 @@ impl GuardedCache {
             dirty: Mutex::new(DirtyKeys::default()),
             server_id: Mutex::new(None),
             counters_dirty: std::sync::atomic::AtomicBool::new(false),
-            closing: AtomicBool::new(false),
+            gate: tokio::sync::Mutex::new(()),
             wrote_around: AtomicBool::new(false),
+            own_bump: Mutex::new(None),
         }
     }
 
-    /// Whether a recovery trial is under way: a write that committed around
-    /// the cache then updates its copy itself, directly.
-    pub fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::SeqCst)
+    /// Remembers that `key` is being written without updating the cache.
+    pub fn mark_dirty(&self, key: &RecordKey) {
+        self.remember(key, None);
     }
 
-    /// Remembers that `key` was written without updating the cache.
-    pub fn mark_dirty(&self, key: &RecordKey) {
+    fn remember(&self, key: &RecordKey, committed: Option<Version>) {
         let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
         if dirty.overflowed {
             return;
         }
-        if dirty.keys.len() >= MAX_DIRTY_KEYS {
+        if dirty.keys.len() >= MAX_DIRTY_KEYS && !dirty.keys.contains_key(key) {
             dirty.keys.clear();
             dirty.overflowed = true;
-        } else {
-            dirty.keys.insert(key.clone());
+            return;
         }
+        let held = dirty.keys.entry(key.clone()).or_default();
+        *held = (*held).max(committed);
+    }
+
+    /// After a commit of `version` of `key`: unless the cache is in
+    /// service, the version is remembered for the recovery to remove older
+    /// copies, and true is returned; false means the cache is in service
+    /// and the writer updates its copy itself. Decided under the gate the
+    /// recovery closes the breaker under, so every write is either
+    /// remembered before the recovery's last pass or sees the breaker
+    /// closed. Nothing touches the cache meanwhile: a store racing the
+    /// recovery's removals could leave an older copy behind.
+    pub async fn wrote_around(&self, key: &RecordKey, version: Version) -> bool {
+        if self.breaker.is_closed() {
+            return false;
+        }
+        let _gate = self.gate.lock().await;
+        if self.breaker.is_closed() {
+            return false;
+        }
+        self.remember(key, Some(version));
+        true
     }
 
     /// A write committed but its cache update failed: the copy may be stale,
     /// so the cache stops serving until recovery has removed it.
-    pub fn write_failed(&self, key: &RecordKey, err: &StoreError) {
-        self.mark_dirty(key);
+    pub fn write_failed(&self, key: &RecordKey, version: Version, err: &StoreError) {
+        self.remember(key, Some(version));
         self.breaker.force_open(err);
     }
 
@@ -531,22 +529,22 @@ impl GuardedCache {
         self.breaker.force_open(err);
     }
 
-    /// The probe: a heartbeat while closed (which also notices a restart), the
-    /// recovery trial while open. `reconcile` runs after a restart, before
-    /// the cache serves again (the engine replays what the restarted server
-    /// holds in its journals); the new server is trusted only once it
-    /// succeeded.
+    /// The probe: a heartbeat while closed (which also notices a restart or
+    /// a write around the cache by anyone), the recovery trial while open.
+    ///
+    /// A recovery: (1) if any copy may be stale, every copy but pinned ones
+    /// goes and `reconcile` replays the journals (the engine: pinned copies
+    /// are confirmed or dropped); (2) the durable generation the cache is
+    /// now reconciled to is recorded in it; (3) under the gate, every key
+    /// written around loses its copy if that is older than what was
+    /// committed (pinned or not; a key whose commit is still in flight loses
+    /// an unpinned copy), and the breaker closes.
     pub async fn probe<F, R>(&self, durable_generation: Option<u64>, reconcile: F)
     where
         F: FnOnce(Recovery) -> R,
         R: Future<Output = StoreResult<()>>,
     {
         self.breaker.begin_trial();
-        // From here on writes update their own copies (see `is_closing`), so
-        // the dirty keys the check takes are all the keys written around.
-        let recovering = !self.breaker.is_closed();
-        self.closing.store(recovering, Ordering::SeqCst);
-        let _closed = Closing(&self.closing);
         let started = Instant::now();
         // Under `attempt`, so a simulated outage fails the probe too.
         let check = self.check(durable_generation);
@@ -554,89 +552,130 @@ impl GuardedCache {
             Ok(checked) => checked,
             Err(err) => return self.breaker.force_open(&err),
         };
-        if checked.restarted || checked.cleanup != Cleanup::Nothing {
-            let recovery = Recovery {
-                restarted: checked.restarted,
-                cleanup: checked.cleanup.clone(),
-            };
-            if let Err(err) = self
-                .breaker
-                .attempt(RECONCILE_TIMEOUT, reconcile(recovery))
-                .await
-            {
+        if checked.everything {
+            let reconciled = reconcile(Recovery { everything: true });
+            if let Err(err) = self.breaker.attempt(RECONCILE_TIMEOUT, reconciled).await {
                 tracing::warn!(error = %err, "the cache could not be reconciled yet; it stays out of service");
                 return self.breaker.force_open(&err);
             }
         }
         if let Some(generation) = checked.stale_below {
-            // Reconciled: no instance needs to clean for this generation.
             let recorded = self.inner.set_reconciled_generation(generation);
             if let Err(err) = self.breaker.attempt(self.timeout, recorded).await {
                 return self.breaker.force_open(&err);
             }
         }
-        self.forget_cleaned(checked.cleanup);
+        let _gate = self.gate.lock().await;
+        let written: Vec<(RecordKey, Option<Version>)> = {
+            let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+            if checked.everything {
+                // The pass above removed every copy these keys could have.
+                *dirty = DirtyKeys::default();
+            }
+            if self.breaker.is_closed() {
+                // A heartbeat: what is left are marks of writes that found
+                // the cache back in service and updated their copies
+                // themselves. Removing copies now could race their stores.
+                dirty.keys.clear();
+                Vec::new()
+            } else {
+                dirty.keys.drain().collect()
+            }
+        };
+        if !written.is_empty() {
+            let removed = self
+                .breaker
+                .attempt(self.timeout * 4, self.remove_older(&written));
+            if let Err(err) = removed.await {
+                // Remembered again for the next trial.
+                for (key, version) in &written {
+                    self.remember(key, *version);
+                }
+                return self.breaker.force_open(&err);
+            }
+            tracing::info!(
+                keys = written.len(),
+                "cache recovery removed copies of keys written around it"
+            );
+        }
         self.wrote_around.store(false, Ordering::SeqCst);
         *self.server_id.lock().unwrap_or_else(|e| e.into_inner()) = checked.server_id;
         self.breaker.probe_took(started.elapsed());
         self.breaker.close_unless_failed_since(checked.epoch);
     }
 
-    /// Checks the cache and cleans what may be stale; returns the failure
-    /// epoch up to which everything has been cleaned, and whether the server
-    /// restarted (its journals then need replaying before it serves).
-    ///
-    /// `durable_generation` is the durable tier's cache generation, when it
-    /// could be read: above what this cache was reconciled to, some instance
-    /// (maybe one that died since, maybe another process) wrote around the
-    /// cache, and any copy may be stale. That is checked on every probe, so
-    /// an instance that never lost the cache stops serving it within one
-    /// probe interval.
+    /// Removes the copies older than what was committed around the cache.
+    async fn remove_older(&self, written: &[(RecordKey, Option<Version>)]) -> StoreResult<()> {
+        let unknown: Vec<RecordKey> = written
+            .iter()
+            .filter(|(_, version)| version.is_none())
+            .map(|(key, _)| key.clone())
+            .collect();
+        self.inner.invalidate(&unknown).await?;
+        let older = written.iter().filter_map(|(key, version)| {
+            version.map(|version| self.inner.invalidate_older(key, version))
+        });
+        for removed in futures_util::future::join_all(older).await {
+            removed?;
+        }
+        Ok(())
+    }
+
+    /// Checks the cache: its server id, and the durable cache generation it
+    /// was reconciled to. `durable_generation` is the durable tier's, when
+    /// it could be read: above the cache's, some instance (maybe one that
+    /// died since, maybe another process) wrote around the cache, and any
+    /// copy may be stale. Checked on every probe, so an instance that never
+    /// lost the cache stops serving it within one probe interval. When any
+    /// copy may be stale, every unpinned copy goes now.
     async fn check(&self, durable_generation: Option<u64>) -> StoreResult<Checked> {
         let server_id = self.inner.server_id().await?;
         let restarted = {
             let last = self.server_id.lock().unwrap_or_else(|e| e.into_inner());
             last.is_some() && *last != server_id
         };
-        let stale_below = match durable_generation {
-            Some(generation) if generation > self.inner.reconciled_generation().await? => {
-                self.breaker.force_open(&StoreError::unavailable(
-                    Tier::Cache,
-                    format!(
-                        "{} was written around (cache generation {generation})",
-                        self.inner.backend()
-                    ),
-                ));
-                Some(generation)
+        // Written around since it was reconciled: by this instance alone (one
+        // bump, its own, and it remembers every key), or by anyone.
+        let overflowed = self
+            .dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .overflowed;
+        let (stale_below, only_mine) = match durable_generation {
+            Some(generation) => {
+                let reconciled = self.inner.reconciled_generation().await?;
+                let own = *self.own_bump.lock().unwrap_or_else(|e| e.into_inner());
+                let only_mine =
+                    generation == reconciled + 1 && own == Some(generation) && !overflowed;
+                if generation > reconciled {
+                    (Some(generation), only_mine)
+                } else {
+                    (None, false)
+                }
             }
-            _ => None,
+            None => (None, false),
         };
-        let restarted = restarted || stale_below.is_some();
-        if restarted {
+        let everything = restarted || overflowed || (stale_below.is_some() && !only_mine);
+        if restarted || stale_below.is_some() {
             // Stop serving before cleaning: what the restarted server reloaded
-            // may be older than what it had acknowledged.
+            // may be older than what it had acknowledged, and copies written
+            // around are stale.
+            let why = if restarted {
+                "restarted (server id changed)"
+            } else {
+                "was written around"
+            };
             self.breaker.force_open(&StoreError::unavailable(
                 Tier::Cache,
-                format!("{} restarted (server id changed)", self.inner.backend()),
+                format!("{} {why}", self.inner.backend()),
             ));
         }
-        // Decided now, after the round trip: the breaker may have opened while
-        // this probe waited, and then this probe is the recovery.
+        // Decided now, after the round trips: the breaker may have opened
+        // while this probe waited, and then this probe is the recovery.
         let epoch = self.breaker.failure_epoch();
-        let recovering = !self.breaker.is_closed();
-        let cleanup = {
-            let dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-            if restarted || dirty.overflowed {
-                Cleanup::Everything
-            } else if recovering && !dirty.keys.is_empty() {
-                Cleanup::Keys(dirty.keys.iter().cloned().collect())
-            } else {
-                Cleanup::Nothing
-            }
-        };
         // Also while closed: an increment that went around the cache just as
         // it recovered is caught by the next heartbeat.
-        if self.counters_dirty.swap(false, Ordering::AcqRel) || restarted {
+        if self.counters_dirty.swap(false, Ordering::AcqRel) || everything {
             // Taken down before the scan: an increment that goes around the
             // cache meanwhile sets it again for the next probe.
             if let Err(err) = self.inner.forget_counters().await {
@@ -647,43 +686,31 @@ impl GuardedCache {
                 "cache recovery dropped counter buckets; they are seeded again from the durable tier"
             );
         }
-        match &cleanup {
-            Cleanup::Nothing => {}
-            Cleanup::Keys(keys) => {
-                self.inner.invalidate(keys).await?;
-                tracing::info!(
-                    keys = keys.len(),
-                    "cache recovery removed copies written around it"
-                );
-            }
-            Cleanup::Everything => {
-                let removed = self.inner.invalidate_all(false).await?;
-                tracing::warn!(removed, restarted, "cache recovery removed every copy");
-            }
+        if everything {
+            let removed = self.inner.invalidate_all(false).await?;
+            tracing::warn!(
+                removed,
+                restarted,
+                "cache recovery removed every unpinned copy"
+            );
         }
         Ok(Checked {
             epoch,
             server_id,
-            restarted,
-            cleanup,
+            everything,
             stale_below,
         })
     }
+}
 
-    /// Forgets what a recovery cleaned; keys marked meanwhile stay for the
-    /// next recovery (the breaker is still open for them).
-    fn forget_cleaned(&self, cleanup: Cleanup) {
-        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
-        match cleanup {
-            Cleanup::Nothing => {}
-            Cleanup::Keys(keys) => {
-                for key in &keys {
-                    dirty.keys.remove(key);
-                }
-            }
-            Cleanup::Everything => *dirty = DirtyKeys::default(),
-        }
-    }
+/// What a cache probe found.
+struct Checked {
+    epoch: u64,
+    server_id: Option<String>,
+    /// Any copy may be stale: replay before serving.
+    everything: bool,
+    /// The durable cache generation to record once reconciled.
+    stale_below: Option<u64>,
 }
 
 #[async_trait]
@@ -950,10 +977,6 @@ impl CacheStore for GuardedCache {
     }
     async fn set_reconciled_generation(&self, generation: u64) -> StoreResult<()> {
         let call = self.inner.set_reconciled_generation(generation);
-        self.breaker.call(self.timeout, call).await
-    }
-    async fn drop_pinned(&self, states: &[Change]) -> StoreResult<()> {
-        let call = self.inner.drop_pinned(states);
         self.breaker.call(self.timeout, call).await
     }
     async fn dead_letters(&self) -> StoreResult<u64> {

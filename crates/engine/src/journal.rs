@@ -25,7 +25,7 @@ use time::OffsetDateTime;
 
 use crate::catalog::Collection;
 use crate::engine::Engine;
-use crate::health::{Cleanup, Recovery};
+use crate::health::Recovery;
 use crate::strategy::WritePath;
 
 /// How long a write guarded by a version it read itself (not by the
@@ -454,60 +454,21 @@ impl Engine {
         self.replay_from(&*self.cache, recover).await
     }
 
-    /// Before a recovering cache serves again (its breaker is still open, so
-    /// this talks to the tier directly).
+    /// Before a recovering cache whose copies may all be stale serves again
+    /// (its breaker is still open, so this talks to the tier directly).
     ///
     /// A cache that restarted may have reloaded an older snapshot: copies
     /// pinned then, whose versions the durable tier may have overtaken since,
-    /// and journal entries already replayed (or not). Every entry its
-    /// journals hold, whichever consumer took it, is replayed version-guarded:
-    /// a pinned copy is then confirmed (the durable tier has its version) or
-    /// dropped (it has a newer one). This needs the durable tier.
-    ///
-    /// Keys written around the cache were cleaned by the probe, but a pinned
-    /// copy is never dropped blindly: its version is applied to the durable
-    /// tier first, and the copy goes only if the durable tier holds a newer
-    /// one. With the durable tier down, pinned copies of those keys go (their
-    /// entries stay in the journal and replay later): the newest version may
-    /// be in the durable tier, so the cache must not answer for them.
+    /// and journal entries already replayed (or not). A cache someone wrote
+    /// around may hold pinned copies older than what was committed. Every
+    /// entry its journals hold, whichever consumer took it, is replayed
+    /// version-guarded: a pinned copy is then confirmed (the durable tier has
+    /// its version) or dropped (it has a newer one).
     pub(crate) async fn reconcile_cache(&self, recovery: Recovery) -> Result<(), StoreError> {
-        let raw = &*self.cache.inner;
-        let keys = match &recovery.cleanup {
-            Cleanup::Keys(keys) if !recovery.restarted => keys,
-            Cleanup::Nothing if !recovery.restarted => return Ok(()),
-            _ => return self.replay_everything(raw).await,
-        };
-        let pinned: Vec<Change> = raw
-            .get_states(keys)
-            .await?
-            .into_iter()
-            .flatten()
-            .filter(|held| held.pinned)
-            .map(|held| held.state)
-            .collect();
-        if pinned.is_empty() {
+        if !recovery.everything {
             return Ok(());
         }
-        let superseded: Vec<Change> = if self.durable.breaker.is_closed() {
-            let applied = self
-                .durable
-                .apply_changes(&pinned, ApplyMode::IfNewer)
-                .await?;
-            pinned
-                .into_iter()
-                .zip(applied)
-                .filter(|(_, applied)| !applied)
-                .map(|(change, _)| change)
-                .collect()
-        } else {
-            pinned
-        };
-        raw.drop_pinned(&superseded).await?;
-        tracing::info!(
-            copies = superseded.len(),
-            "cache recovery dropped pinned copies the durable tier has overtaken"
-        );
-        Ok(())
+        self.replay_everything(&*self.cache.inner).await
     }
 
     /// Replays every journal entry the cache holds (see `reconcile_cache`).

@@ -677,20 +677,6 @@ impl CacheStore for MemoryCache {
         Ok(())
     }
 
-    async fn drop_pinned(&self, states: &[Change]) -> StoreResult<()> {
-        let mut state = self.lock();
-        for change in states {
-            let key = change.key();
-            if state
-                .copy(&key)
-                .is_some_and(|copy| copy.pinned == Some(change.version()))
-            {
-                state.remove_copy(&key);
-            }
-        }
-        Ok(())
-    }
-
     async fn reconciled_generation(&self) -> StoreResult<u64> {
         Ok(self.lock().reconciled_generation)
     }

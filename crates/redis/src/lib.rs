@@ -60,7 +60,6 @@ struct Scripts {
     store_if_newer: Script,
     accept_write: Script,
     ack: Script,
-    drop_pinned: Script,
     unlink_older: Script,
     /// Raises a number kept at a key, never lowers it.
     raise: Script,
@@ -378,7 +377,6 @@ impl RedisStore {
                 store_if_newer: Script::new(include_str!("lua/store_if_newer.lua")),
                 accept_write: Script::new(include_str!("lua/accept_write.lua")),
                 ack: Script::new(include_str!("lua/ack.lua")),
-                drop_pinned: Script::new(include_str!("lua/drop_pinned.lua")),
                 unlink_older: Script::new(include_str!("lua/unlink_older.lua")),
                 raise: Script::new(
                     "if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then \
@@ -920,23 +918,6 @@ impl CacheStore for RedisStore {
                 superseded: true,
             }])
             .await?;
-        }
-        Ok(())
-    }
-
-    async fn drop_pinned(&self, states: &[Change]) -> StoreResult<()> {
-        let calls = states.iter().map(|state| {
-            let key = state.key();
-            let mut conn = self.conn.clone();
-            let mut invocation = self.scripts.drop_pinned.key(self.keys.record(&key));
-            invocation
-                .key(self.keys.pinned_of(&key))
-                .arg(state.version().to_padded())
-                .arg(key.id.as_str());
-            async move { invocation.invoke_async::<i64>(&mut conn).await }
-        });
-        for dropped in futures_util::future::join_all(calls).await {
-            dropped.map_err(classify)?;
         }
         Ok(())
     }
