@@ -381,7 +381,12 @@ impl Engine {
     ) -> Result<(), Error> {
         if self.configured_plan(collection).uses_cache() && plan.write == WritePath::DurableOnly {
             self.cache.mark_dirty(key);
-            self.write_around().await?;
+            // A write that finds the cache back in service by now updates
+            // its copy itself after the commit: no bump, which would only
+            // send every instance through another recovery.
+            if !self.cache.breaker.is_closed() {
+                self.write_around().await?;
+            }
         }
         Ok(())
     }

@@ -655,8 +655,12 @@ impl GuardedCache {
             }
             None => (None, false),
         };
-        let everything = restarted || overflowed || (stale_below.is_some() && !only_mine);
-        if restarted || stale_below.is_some() {
+        // This instance's own bump needs nothing more: each of its writes
+        // around the cache was either in its last recovery's final pass or
+        // found the cache in service and updated its copy itself.
+        let written_by_others = stale_below.is_some() && !only_mine;
+        let everything = restarted || overflowed || written_by_others;
+        if restarted || written_by_others {
             // Stop serving before cleaning: what the restarted server reloaded
             // may be older than what it had acknowledged, and copies written
             // around are stale.
