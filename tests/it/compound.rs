@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use hybridstore_core::{CollectionName, RecordId, RecordKey};
 use hybridstore_testkit::{
-    Postgres, Redis, RedisPersistence, TestApp, blocking, etag_version, shared, until,
+    Postgres, Redis, RedisPersistence, TestApp, blocking, create_database, etag_version, shared,
+    until,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -407,4 +408,85 @@ async fn a_list_shows_journaled_creates_and_deletes_before_replay() {
         .await;
     assert_eq!(ids, ["new2"]);
     hooked.release_applies();
+}
+
+/// What must be cleaned after writes went around the cache is known durably:
+/// an instance that never lost Redis stops serving the copies another one
+/// wrote around, and so does a new process started after the one that wrote
+/// around it died. Here instance A cannot reach Redis (B can) while it
+/// deletes an API key: B and A's successor must not authenticate it.
+#[tokio::test]
+async fn copies_written_around_are_never_served_by_another_instance_or_after_a_restart() {
+    let servers = blocking(shared).await;
+    let database = create_database(&servers.postgres).await;
+    let prefix = format!("around{}", std::process::id());
+    let spawn = || {
+        TestApp::builder()
+            .database(database.clone())
+            .key_prefix(prefix.clone())
+            .spawn()
+    };
+    let (a, b) = (spawn().await, spawn().await);
+    for id in ["k1", "k2"] {
+        let created = a
+            .put("api_keys", id, json!({"key_hash": format!("hash-{id}")}))
+            .await;
+        assert_eq!(created.status(), StatusCode::CREATED);
+        // Both instances have read it, so Redis holds the copy.
+        assert_eq!(
+            b.lookup("api_keys", "key_hash", &format!("hash-{id}"))
+                .await
+                .status(),
+            StatusCode::OK
+        );
+    }
+
+    // A loses Redis (B does not) and deletes k1 in PostgreSQL alone.
+    a.simulate_outage(hybridstore_core::Tier::Cache, true);
+    wait_tier(&a, "cache", "open").await;
+    assert_eq!(
+        a.delete("api_keys", "k1").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        a.get("api_keys", "k1").await.status(),
+        StatusCode::NOT_FOUND
+    );
+
+    // B notices within a probe interval (250 ms) and stops serving the copy.
+    assert!(
+        until(Duration::from_secs(2), || async {
+            b.get("api_keys", "k1").await.status() == StatusCode::NOT_FOUND
+        })
+        .await,
+        "B stopped serving the deleted key"
+    );
+    assert_eq!(
+        b.lookup("api_keys", "key_hash", "hash-k1").await.status(),
+        StatusCode::NOT_FOUND,
+        "the deleted key no longer authenticates through B"
+    );
+    assert_eq!(b.get("api_keys", "k2").await.status(), StatusCode::OK);
+
+    // A deletes k2 too, then dies before Redis is back for it; its successor
+    // (Redis reachable) must not serve the copy either.
+    assert_eq!(
+        a.delete("api_keys", "k2").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    drop(a);
+    // B may have refilled k2 meanwhile; the successor's first look at the
+    // generations decides.
+    let successor = spawn().await;
+    assert_eq!(
+        successor.get("api_keys", "k2").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        successor
+            .lookup("api_keys", "key_hash", "hash-k2")
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
 }

@@ -87,6 +87,10 @@ pub(crate) enum CacheUpdate<'a> {
     Deleted(Version),
 }
 
+/// How long one bump of the durable cache generation covers the writes
+/// around the cache that follow it (see `Engine::write_around`).
+const BUMP_COVERS: Duration = Duration::from_millis(100);
+
 /// How often a PATCH without `If-Match` re-reads and retries when a concurrent
 /// writer got in between its read and its write.
 const PATCH_ATTEMPTS: usize = 8;
@@ -391,33 +395,37 @@ impl Engine {
         Ok(())
     }
 
-    /// Records durably, once per cache outage, that writes go around the
-    /// cache (see `before_commit`).
+    /// Records durably that writes go around the cache: bumps the durable
+    /// cache generation, unless this instance did within the last
+    /// [`BUMP_COVERS`] (concurrent writers share one bump). Bumping again
+    /// after that matters: another instance may have reconciled the cache
+    /// to the last bump meanwhile, and must learn of the writes since.
     pub(crate) async fn write_around(&self) -> Result<(), Error> {
-        if self
-            .cache
-            .wrote_around
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
+        let mut bumped = self.cache.bumped.lock().await;
+        if bumped.is_some_and(|at| at.elapsed() < BUMP_COVERS) {
             return Ok(());
         }
+        let at = Instant::now();
         let generation = self
             .durable
             .bump_cache_generation()
             .await
             .map_err(|err| self.durable_failed(err))?;
-        *self
+        *bumped = Some(at);
+        let mut own = self
             .cache
-            .own_bump
+            .own_bumps
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(generation);
-        self.cache
-            .wrote_around
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        tracing::info!(
-            generation,
-            "writes go around the cache: cache generation bumped"
-        );
+            .unwrap_or_else(|e| e.into_inner());
+        if own.is_empty() {
+            tracing::info!(
+                generation,
+                "writes go around the cache: cache generation bumped"
+            );
+        }
+        if own.len() < 10_000 {
+            own.insert(generation);
+        }
         Ok(())
     }
 

@@ -418,13 +418,14 @@ pub(crate) struct GuardedCache {
     /// recovery while it takes the last of those and closes the breaker: no
     /// write can fall between the two (see [`GuardedCache::wrote_around`]).
     gate: tokio::sync::Mutex<()>,
-    /// This instance bumped the durable cache generation since the cache
-    /// last recovered (once per outage is enough).
-    pub(crate) wrote_around: AtomicBool,
-    /// The generation this instance's last bump produced: when it is the
-    /// only one since the cache was reconciled, the keys this instance
-    /// remembers are all that was written around.
-    pub(crate) own_bump: Mutex<Option<u64>>,
+    /// When this instance last bumped the durable cache generation (held
+    /// while bumping, so concurrent writers share one bump).
+    pub(crate) bumped: tokio::sync::Mutex<Option<Instant>>,
+    /// The generations this instance's bumps produced since the cache last
+    /// recovered: when every generation since the cache was reconciled is
+    /// one of them, the keys this instance remembers are all that was
+    /// written around.
+    pub(crate) own_bumps: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 /// Longest a restarted cache's reconciliation may take before the probe
@@ -467,8 +468,8 @@ impl GuardedCache {
             server_id: Mutex::new(None),
             counters_dirty: std::sync::atomic::AtomicBool::new(false),
             gate: tokio::sync::Mutex::new(()),
-            wrote_around: AtomicBool::new(false),
-            own_bump: Mutex::new(None),
+            bumped: tokio::sync::Mutex::new(None),
+            own_bumps: Mutex::new(std::collections::BTreeSet::new()),
         }
     }
 
@@ -598,7 +599,10 @@ impl GuardedCache {
                 "cache recovery removed copies of keys written around it"
             );
         }
-        self.wrote_around.store(false, Ordering::SeqCst);
+        self.own_bumps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         *self.server_id.lock().unwrap_or_else(|e| e.into_inner()) = checked.server_id;
         self.breaker.probe_took(started.elapsed());
         self.breaker.close_unless_failed_since(checked.epoch);
@@ -644,9 +648,10 @@ impl GuardedCache {
         let (stale_below, only_mine) = match durable_generation {
             Some(generation) => {
                 let reconciled = self.inner.reconciled_generation().await?;
-                let own = *self.own_bump.lock().unwrap_or_else(|e| e.into_inner());
-                let only_mine =
-                    generation == reconciled + 1 && own == Some(generation) && !overflowed;
+                let own = self.own_bumps.lock().unwrap_or_else(|e| e.into_inner());
+                let only_mine = !overflowed
+                    && generation.saturating_sub(reconciled) <= own.len() as u64
+                    && (reconciled + 1..=generation).all(|g| own.contains(&g));
                 if generation > reconciled {
                     (Some(generation), only_mine)
                 } else {

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Longer fault campaigns than CI runs: several seeds, both strategies, more
+# faults each. Every campaign prints one summary line (seed, faults, requests,
+# how long the journals took to drain, violations); a failure prints the
+# violations, the key's history and the service's log, and the seed to run
+# again.
+#
+#   bash bench/campaign.sh                 # seeds 1..10, 5 faults each
+#   SEEDS=7 FAULTS=20 bash bench/campaign.sh
+#   STRATEGIES=cache_first INSTANCES=2 bash bench/campaign.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SEEDS=${SEEDS:-1,2,3,4,5,6,7,8,9,10}
+FAULTS=${FAULTS:-5}
+STRATEGIES=${STRATEGIES:-dual_write,cache_first}
+INSTANCES=${INSTANCES:-1}
+HYBRIDSTORE_CAMPAIGN_SEEDS=$SEEDS \
+HYBRIDSTORE_CAMPAIGN_FAULTS=$FAULTS \
+HYBRIDSTORE_CAMPAIGN_STRATEGIES=$STRATEGIES \
+HYBRIDSTORE_CAMPAIGN_INSTANCES=$INSTANCES \
+  cargo test --test it campaign -- --nocapture 2>&1 \
+  | grep -E '^campaign|^  availability|^  read|^  [dh][0-9]+:|^  [a-z].*(412|drain)|guarantees broken'
