@@ -129,3 +129,17 @@ pub struct JournalAck {
     /// The durable tier already held a newer version: drop the copy.
     pub superseded: bool,
 }
+
+impl JournalAck {
+    /// The acknowledgement of an entry set aside (the durable tier refused
+    /// it): out of the journal, and its copy dropped like a superseded one.
+    pub fn set_aside(entry: &JournalEntry) -> Self {
+        Self {
+            key: entry.change.key(),
+            position: entry.position.clone(),
+            version: entry.change.version(),
+            ttl: std::time::Duration::from_secs(1),
+            superseded: true,
+        }
+    }
+}

@@ -665,14 +665,7 @@ impl CacheStore for MemoryCache {
                     .dead_letters
                     .push_back((entry.change.clone(), reason.clone()));
             }
-            self.ack_journal(&[JournalAck {
-                key: entry.change.key(),
-                position: entry.position.clone(),
-                version: entry.change.version(),
-                ttl: Duration::from_secs(1),
-                superseded: true,
-            }])
-            .await?;
+            self.ack_journal(&[JournalAck::set_aside(entry)]).await?;
         }
         Ok(())
     }

@@ -910,14 +910,7 @@ impl CacheStore for RedisStore {
                 .query_async::<()>(&mut conn)
                 .await
                 .map_err(classify)?;
-            self.ack_journal(&[JournalAck {
-                key: key.clone(),
-                position: entry.position.clone(),
-                version: entry.change.version(),
-                ttl: Duration::from_secs(1),
-                superseded: true,
-            }])
-            .await?;
+            self.ack_journal(&[JournalAck::set_aside(entry)]).await?;
         }
         Ok(())
     }
