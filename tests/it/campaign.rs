@@ -20,11 +20,10 @@
 //!   (or during the PostgreSQL outage just before it): their newest version
 //!   may have been in the failed tier alone.
 //!
-//! CI runs a short seeded campaign for dual_write; `bench/campaign.sh` runs
+//! CI runs a short seeded campaign per strategy; `bench/campaign.sh` runs
 //! long ones (`HYBRIDSTORE_CAMPAIGN_SEEDS`, `_FAULTS`, `_STRATEGIES`,
-//! `_INSTANCES`). A failure prints the seed to run again. cache_first is not
-//! in CI yet: it still shows stale reads after Redis faults in most seeds
-//! (see README, "Known problems").
+//! `_INSTANCES`). A failure prints the seed to run again, the history of the
+//! keys concerned and the service's log.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -656,6 +655,10 @@ async fn check(
     // Availability: one instance, single-tier faults.
     if campaign.instances == 1 {
         for window in windows {
+            // The service's own restart is not a tier fault. cache_first in
+            // Redis faults is not held to the rule yet: after a PostgreSQL
+            // outage it refuses more than the reads of held keys (README,
+            // "Known problems").
             let asserted = match (campaign.strategy, window.tier) {
                 (_, "service") => false,
                 ("dual_write", _) => true,
@@ -797,7 +800,7 @@ async fn a_seeded_fault_campaign_keeps_every_guarantee() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
-    let strategies = env_list("HYBRIDSTORE_CAMPAIGN_STRATEGIES", "dual_write");
+    let strategies = env_list("HYBRIDSTORE_CAMPAIGN_STRATEGIES", "dual_write,cache_first");
     let instances: usize = std::env::var("HYBRIDSTORE_CAMPAIGN_INSTANCES")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -461,6 +461,9 @@ impl Engine {
         if self.cache.wrote_around(key, version).await {
             return;
         }
+        if self.cache.overtaken(key, version) {
+            return;
+        }
         let result = self
             .update_copy(&*self.cache, collection, key, update, now)
             .await;

@@ -418,6 +418,11 @@ pub(crate) struct GuardedCache {
     /// recovery while it takes the last of those and closes the breaker: no
     /// write can fall between the two (see [`GuardedCache::wrote_around`]).
     gate: tokio::sync::Mutex<()>,
+    /// Versions committed around the cache that the last recoveries
+    /// removed older copies for: a write of this instance decided before the
+    /// breaker closed, whose update arrives after, must not store its older
+    /// version where the newer one was only removed (kept for a while).
+    floors: Mutex<std::collections::HashMap<RecordKey, (Version, Instant)>>,
     /// When this instance last bumped the durable cache generation (held
     /// while bumping, so concurrent writers share one bump).
     pub(crate) bumped: tokio::sync::Mutex<Option<Instant>>,
@@ -427,6 +432,10 @@ pub(crate) struct GuardedCache {
     /// written around.
     pub(crate) own_bumps: Mutex<std::collections::BTreeSet<u64>>,
 }
+
+/// How long a recovery remembers the versions committed around the cache
+/// (longer than any write decided before it closed can take).
+const FLOOR_KEPT: Duration = Duration::from_secs(30);
 
 /// Longest a restarted cache's reconciliation may take before the probe
 /// gives up (the next one goes on from where it stopped).
@@ -468,6 +477,7 @@ impl GuardedCache {
             server_id: Mutex::new(None),
             counters_dirty: std::sync::atomic::AtomicBool::new(false),
             gate: tokio::sync::Mutex::new(()),
+            floors: Mutex::new(std::collections::HashMap::new()),
             bumped: tokio::sync::Mutex::new(None),
             own_bumps: Mutex::new(std::collections::BTreeSet::new()),
         }
@@ -510,6 +520,16 @@ impl GuardedCache {
         }
         self.remember(key, Some(version));
         true
+    }
+
+    /// Whether a newer version of `key` than `version` was committed around
+    /// the cache and its older copies removed by a recent recovery: then the
+    /// copy must not be stored (a read fills the newer one).
+    pub fn overtaken(&self, key: &RecordKey, version: Version) -> bool {
+        let floors = self.floors.lock().unwrap_or_else(|e| e.into_inner());
+        floors
+            .get(key)
+            .is_some_and(|(floor, at)| *floor > version && at.elapsed() < FLOOR_KEPT)
     }
 
     /// A write committed but its cache update failed: the copy may be stale,
@@ -598,11 +618,26 @@ impl GuardedCache {
                 keys = written.len(),
                 "cache recovery removed copies of keys written around it"
             );
+            let mut floors = self.floors.lock().unwrap_or_else(|e| e.into_inner());
+            floors.retain(|_, (_, at)| at.elapsed() < FLOOR_KEPT);
+            for (key, version) in &written {
+                if let Some(version) = version {
+                    let floor = floors
+                        .entry(key.clone())
+                        .or_insert((*version, Instant::now()));
+                    *floor = (floor.0.max(*version), Instant::now());
+                }
+            }
         }
-        self.own_bumps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        if let Some(reconciled) = checked.stale_below {
+            // Bumps made during this recovery (by writes it handled) stay
+            // known as this instance's own, so the next probe does not take
+            // them for someone else's.
+            self.own_bumps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|generation| *generation > reconciled);
+        }
         *self.server_id.lock().unwrap_or_else(|e| e.into_inner()) = checked.server_id;
         self.breaker.probe_took(started.elapsed());
         self.breaker.close_unless_failed_since(checked.epoch);
