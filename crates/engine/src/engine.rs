@@ -132,11 +132,6 @@ fn instance_id() -> String {
     format!("hs-{}-{:x}", std::process::id(), nanos)
 }
 
-/// Whether a collection keeps cache copies under its configured strategy.
-fn spec_uses_cache(engine: &Engine, collection: &Collection) -> bool {
-    engine.configured_plan(collection).uses_cache()
-}
-
 /// Wall-clock time at the precision both tiers store (microseconds).
 pub(crate) fn now() -> OffsetDateTime {
     let now = OffsetDateTime::now_utc();
@@ -215,11 +210,17 @@ impl Engine {
             Ok(()) => self.durable.breaker.record_success(),
             Err(err) => self.durable.breaker.force_open(&err),
         }
+        self.probe_cache().await;
+        self.refresh_backlogs().await;
+    }
+
+    /// One probe of the cache, with what its recovery needs from the engine:
+    /// the durable cache generation, and the journal replay.
+    async fn probe_cache(&self) {
         let generation = self.durable_cache_generation().await;
         self.cache
-            .probe(generation, |recovery| self.reconcile_cache(recovery))
+            .probe(generation, || self.reconcile_cache())
             .await;
-        self.refresh_backlogs().await;
     }
 
     /// Probes both tiers forever (the half-open trials that close breakers),
@@ -245,10 +246,7 @@ impl Engine {
                     _ = ticks.tick() => {}
                     () = self.cache.breaker.probe_wanted.notified() => {}
                 }
-                let generation = self.durable_cache_generation().await;
-                self.cache
-                    .probe(generation, |recovery| self.reconcile_cache(recovery))
-                    .await;
+                self.probe_cache().await;
             }
         };
         tokio::join!(durable, cache);
@@ -768,7 +766,7 @@ impl Engine {
         let more = records.len() > limit as usize;
         records.truncate(limit as usize);
         if plan.read == ReadPath::DurableOnly
-            && spec_uses_cache(self, spec)
+            && self.configured_plan(spec).uses_cache()
             && !self.cache.breaker.is_closed()
         {
             // Ids in this page's range whose newest version waits in the

@@ -423,6 +423,8 @@ pub(crate) struct GuardedCache {
     /// breaker closed, whose update arrives after, must not store its older
     /// version where the newer one was only removed (kept for a while).
     floors: Mutex<std::collections::HashMap<RecordKey, (Version, Instant)>>,
+    /// Whether `floors` holds anything: writes look without the lock.
+    floors_held: AtomicBool,
     /// When this instance last bumped the durable cache generation (held
     /// while bumping, so concurrent writers share one bump).
     pub(crate) bumped: tokio::sync::Mutex<Option<Instant>>,
@@ -453,14 +455,6 @@ pub(crate) struct DirtyKeys {
     overflowed: bool,
 }
 
-/// What a cache's recovery found, for the engine to reconcile before the
-/// cache serves again.
-pub(crate) struct Recovery {
-    /// Any copy may be stale: the server restarted (maybe from an older
-    /// snapshot), someone wrote around it, or too many keys to remember.
-    pub everything: bool,
-}
-
 impl GuardedDurable {
     pub async fn probe(&self) {
         self.breaker.probe(self.timeout, self.inner.ping()).await;
@@ -478,6 +472,7 @@ impl GuardedCache {
             counters_dirty: std::sync::atomic::AtomicBool::new(false),
             gate: tokio::sync::Mutex::new(()),
             floors: Mutex::new(std::collections::HashMap::new()),
+            floors_held: AtomicBool::new(false),
             bumped: tokio::sync::Mutex::new(None),
             own_bumps: Mutex::new(std::collections::BTreeSet::new()),
         }
@@ -526,6 +521,9 @@ impl GuardedCache {
     /// the cache and its older copies removed by a recent recovery: then the
     /// copy must not be stored (a read fills the newer one).
     pub fn overtaken(&self, key: &RecordKey, version: Version) -> bool {
+        if !self.floors_held.load(Ordering::Acquire) {
+            return false;
+        }
         let floors = self.floors.lock().unwrap_or_else(|e| e.into_inner());
         floors
             .get(key)
@@ -562,7 +560,7 @@ impl GuardedCache {
     /// an unpinned copy), and the breaker closes.
     pub async fn probe<F, R>(&self, durable_generation: Option<u64>, reconcile: F)
     where
-        F: FnOnce(Recovery) -> R,
+        F: FnOnce() -> R,
         R: Future<Output = StoreResult<()>>,
     {
         self.breaker.begin_trial();
@@ -574,7 +572,7 @@ impl GuardedCache {
             Err(err) => return self.breaker.force_open(&err),
         };
         if checked.everything {
-            let reconciled = reconcile(Recovery { everything: true });
+            let reconciled = reconcile();
             if let Err(err) = self.breaker.attempt(RECONCILE_TIMEOUT, reconciled).await {
                 tracing::warn!(error = %err, "the cache could not be reconciled yet; it stays out of service");
                 return self.breaker.force_open(&err);
@@ -628,6 +626,8 @@ impl GuardedCache {
                     *floor = (floor.0.max(*version), Instant::now());
                 }
             }
+            self.floors_held
+                .store(!floors.is_empty(), Ordering::Release);
         }
         if let Some(reconciled) = checked.stale_below {
             // Bumps made during this recovery (by writes it handled) stay

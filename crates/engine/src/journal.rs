@@ -25,7 +25,6 @@ use time::OffsetDateTime;
 
 use crate::catalog::Collection;
 use crate::engine::Engine;
-use crate::health::Recovery;
 use crate::strategy::WritePath;
 
 /// How long a write guarded by a version it read itself (not by the
@@ -464,15 +463,8 @@ impl Engine {
     /// entry its journals hold, whichever consumer took it, is replayed
     /// version-guarded: a pinned copy is then confirmed (the durable tier has
     /// its version) or dropped (it has a newer one).
-    pub(crate) async fn reconcile_cache(&self, recovery: Recovery) -> Result<(), StoreError> {
-        if !recovery.everything {
-            return Ok(());
-        }
-        self.replay_everything(&*self.cache.inner).await
-    }
-
-    /// Replays every journal entry the cache holds (see `reconcile_cache`).
-    async fn replay_everything(&self, raw: &dyn CacheStore) -> Result<(), StoreError> {
+    pub(crate) async fn reconcile_cache(&self) -> Result<(), StoreError> {
+        let raw = &*self.cache.inner;
         if !self.durable.breaker.is_closed() {
             // Nothing can tell which copies are stale: none is kept. The
             // journal entries stay and replay once the durable tier is back;

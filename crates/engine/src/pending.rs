@@ -26,10 +26,11 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use hybridstore_core::{
-    ApplyMode, CacheStore, CollectionName, DurableStore, Error, ListQuery, Precondition, RecordId,
-    RecordKey, Strategy, Version,
+    ApplyMode, CacheStore, Change, CollectionName, DurableStore, Error, ListQuery, Precondition,
+    RecordId, RecordKey, Strategy, Version,
 };
 use time::OffsetDateTime;
 
@@ -56,6 +57,9 @@ pub(crate) enum Held {
 /// it has not yet seen reach the durable tier.
 pub(crate) struct Unreplayed {
     state: Mutex<UnreplayedState>,
+    /// Whether any key is remembered: every durable-tier write reports its
+    /// version here, and most find nothing to forget without the lock.
+    remembers: AtomicBool,
 }
 
 struct UnreplayedState {
@@ -84,6 +88,7 @@ impl Default for Unreplayed {
                 unknown_write_behind: true,
                 epoch: 0,
             }),
+            remembers: AtomicBool::new(false),
         }
     }
 }
@@ -99,19 +104,26 @@ impl Unreplayed {
         state.epoch += 1;
         if state.keys.len() >= MAX_UNREPLAYED && !state.keys.contains_key(key) {
             state.keys.clear();
+            self.remembers.store(false, Ordering::Release);
             state.unknown_outage = true;
             state.unknown_write_behind = true;
             return;
         }
         let held = state.keys.entry(key.clone()).or_insert(version);
         *held = (*held).max(version);
+        self.remembers.store(true, Ordering::Release);
     }
 
     /// The durable tier holds `version` of `key`, or a newer one.
     pub(crate) fn replayed(&self, key: &RecordKey, version: Version) {
+        if !self.remembers.load(Ordering::Acquire) {
+            return;
+        }
         let mut state = self.lock();
         if state.keys.get(key).is_some_and(|held| *held <= version) {
             state.keys.remove(key);
+            self.remembers
+                .store(!state.keys.is_empty(), Ordering::Release);
         }
     }
 
@@ -166,6 +178,7 @@ impl Unreplayed {
         }
         if outage && write_behind {
             state.keys.clear();
+            self.remembers.store(false, Ordering::Release);
         }
     }
 
@@ -254,15 +267,7 @@ impl Engine {
                         .filter(|held| held.pinned)
                         .map(|held| held.state)
                         .collect();
-                    if !pinned.is_empty() {
-                        self.durable
-                            .apply_changes(&pinned, ApplyMode::IfNewer)
-                            .await
-                            .map_err(|err| self.durable_failed(err))?;
-                        for change in &pinned {
-                            self.unreplayed.replayed(&change.key(), change.version());
-                        }
-                    }
+                    self.apply_pinned(&pinned).await?;
                     return Ok(Settled {
                         floor: None,
                         applied: !pinned.is_empty(),
@@ -291,9 +296,7 @@ impl Engine {
             applied: false,
         })
     }
-}
 
-impl Engine {
     /// Before the durable tier lists a page: applies the journaled versions
     /// the cache holds in the page's range, so that a journaled create, change
     /// or delete shows in the page as it shows in a read of its key. Any of
@@ -316,14 +319,20 @@ impl Engine {
                 return Ok(());
             }
         };
+        self.apply_pinned(&pinned).await
+    }
+
+    /// Applies pinned (journaled, unreplayed) states to the durable tier,
+    /// version-guarded as replay applies them.
+    async fn apply_pinned(&self, pinned: &[Change]) -> Result<(), Error> {
         if pinned.is_empty() {
             return Ok(());
         }
         self.durable
-            .apply_changes(&pinned, ApplyMode::IfNewer)
+            .apply_changes(pinned, ApplyMode::IfNewer)
             .await
             .map_err(|err| self.durable_failed(err))?;
-        for change in &pinned {
+        for change in pinned {
             self.unreplayed.replayed(&change.key(), change.version());
         }
         Ok(())
