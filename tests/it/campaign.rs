@@ -656,17 +656,8 @@ async fn check(
     // Availability: one instance, single-tier faults.
     if campaign.instances == 1 {
         for window in windows {
-            // The service's own restart is not a tier fault. cache_first in
-            // Redis faults is not held to the rule yet: after a PostgreSQL
-            // outage it refuses more than the reads of held keys (README,
-            // "Known problems").
-            let asserted = match (campaign.strategy, window.tier) {
-                (_, "service") => false,
-                ("dual_write", _) => true,
-                ("cache_first", "durable") => true,
-                _ => false,
-            };
-            if !asserted {
+            // The service's own restart is not a tier fault.
+            if window.tier == "service" {
                 continue;
             }
             let from = window.start + Duration::from_secs(1);

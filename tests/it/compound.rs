@@ -575,3 +575,79 @@ async fn copies_written_around_are_never_served_by_another_instance_or_after_a_r
         StatusCode::NOT_FOUND
     );
 }
+
+/// Two instances of one deployment: B journals a cache_first write (replay
+/// is held back everywhere), then Redis dies. A never saw that write and
+/// cannot read B's journal now; it must not serve PostgreSQL's older copy,
+/// because B published the key to PostgreSQL. A write through A lands above
+/// B's journaled version, and then A serves it.
+#[tokio::test]
+async fn another_instances_journaled_write_is_never_served_older_once_redis_dies() {
+    let postgres = Arc::new(blocking(Postgres::start).await);
+    let redis = Arc::new(blocking(|| Redis::start(RedisPersistence::AppendOnly)).await);
+    let database = create_database(&postgres).await;
+    let prefix = format!("held{}", std::process::id());
+    let spawn = || {
+        let (builder, hooked) = TestApp::builder()
+            .config("collections.groups.strategy", "cache_first")
+            .servers(postgres.clone(), redis.clone())
+            .database(database.clone())
+            .key_prefix(prefix.clone())
+            .hooked();
+        async move { (builder.spawn().await, hooked) }
+    };
+    let ((a, hooked_a), (b, hooked_b)) = (spawn().await, spawn().await);
+    let first = a.put("groups", "g1", json!({"n": 1})).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert!(
+        until(Duration::from_secs(10), || async {
+            a.postgres_copy("groups", "g1").await.map(|c| c.version) == Some(etag_version(&first))
+        })
+        .await,
+        "the first version reached PostgreSQL"
+    );
+
+    for hooked in [&hooked_a, &hooked_b] {
+        hooked.hold_applies_of(key("groups", "g1"));
+    }
+    let second = b.put("groups", "g1", json!({"n": 2})).await;
+    assert_eq!(second.status(), StatusCode::OK);
+    let journaled = etag_version(&second);
+    assert!(
+        until(Duration::from_secs(5), || async {
+            let held: Option<i64> = sqlx::query_scalar(
+                "SELECT version FROM held WHERE collection = 'groups' AND id = 'g1'",
+            )
+            .fetch_optional(&a.pg().db)
+            .await
+            .unwrap();
+            held == Some(journaled as i64)
+        })
+        .await,
+        "B published the journaled key within its publish interval"
+    );
+
+    let rd = redis.clone();
+    blocking(move || rd.kill()).await;
+    wait_tier(&a, "cache", "open").await;
+    let read = a.get("groups", "g1").await;
+    assert_eq!(
+        read.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not PostgreSQL's older version {}",
+        etag_version(&first)
+    );
+    assert!(read.headers().contains_key("retry-after"));
+    // Other keys are served as usual.
+    let other = a.put("groups", "g2", json!({"n": 1})).await;
+    assert_eq!(other.status(), StatusCode::CREATED);
+    assert_eq!(a.get("groups", "g2").await.status(), StatusCode::OK);
+
+    // An unconditional write through A goes above B's journaled version.
+    let over = a.put("groups", "g1", json!({"n": 3})).await;
+    assert_eq!(over.status(), StatusCode::OK);
+    assert!(etag_version(&over) > journaled);
+    let served = a.get("groups", "g1").await;
+    assert_eq!(served.status(), StatusCode::OK);
+    assert_eq!(etag_version(&served), etag_version(&over));
+}

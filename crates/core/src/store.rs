@@ -162,6 +162,35 @@ pub trait DurableStore: Send + Sync + 'static {
     /// Bumps [`DurableStore::cache_generation`]; returns the new value.
     async fn bump_cache_generation(&self) -> StoreResult<u64>;
 
+    /// Records that these keys have journaled versions the cache tier holds
+    /// and this tier may lack, so that another instance serving from this
+    /// tier while the cache is unreachable can tell (SPEC section 5: an
+    /// instance cannot read another's journal then). A key already held keeps
+    /// the higher version.
+    async fn hold(&self, held: &[(RecordKey, Version)]) -> StoreResult<()>;
+
+    /// Of `ids`, those held (see [`DurableStore::hold`]) at a version above
+    /// what this tier stores of them: their newest version is in a journal.
+    async fn held_above(
+        &self,
+        collection: &CollectionName,
+        ids: &[RecordId],
+    ) -> StoreResult<Vec<(RecordId, Version)>>;
+
+    /// Whether any id of `collection` in `(after, until]` (`until: None`: no
+    /// upper end) is held above what this tier stores.
+    async fn any_held_above(
+        &self,
+        collection: &CollectionName,
+        after: Option<&RecordId>,
+        until: Option<&RecordId>,
+    ) -> StoreResult<bool>;
+
+    /// Forgets held keys this tier has caught up with and, given `stale`,
+    /// those held longer (the journals were seen empty: their entries were
+    /// set aside, or the journal that held them was lost); returns how many.
+    async fn release_held(&self, stale: Option<Duration>) -> StoreResult<u64>;
+
     /// Every field of these buckets of one scope (a bucket without values is
     /// left out), and which of `op_ids` it has applied, read in one snapshot:
     /// values plus the deltas of the unapplied ones are then exact.

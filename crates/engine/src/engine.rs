@@ -457,6 +457,18 @@ impl Engine {
             CacheUpdate::Deleted(version) => version,
         };
         if self.cache.wrote_around(key, version).await {
+            // Remembered for this instance's recovery. But another instance
+            // may have seen the cache back first and serve it already (this
+            // one has not probed yet): the copy is brought up to date on the
+            // tier itself, past the breaker, so that no instance serves an
+            // older one once this write is acknowledged. A cache this
+            // instance cannot reach, no other can serve from either (README,
+            // "Several instances": a partition is the exception). The attempt
+            // costs a refused connection, or the call timeout on a hung cache.
+            if !self.cache.breaker.outage_simulated() {
+                let direct = self.update_copy(&*self.cache.inner, collection, key, update, now);
+                let _ = tokio::time::timeout(self.cache.timeout, direct).await;
+            }
             return;
         }
         if self.cache.overtaken(key, version) {
@@ -780,6 +792,15 @@ impl Engine {
             if self
                 .unreplayed
                 .any_held_in(collection, wrote_behind, query.after.as_ref(), until)
+            {
+                return Err(self.unavailable());
+            }
+            // Or one another instance journaled and published.
+            if self
+                .durable
+                .any_held_above(collection, query.after.as_ref(), until)
+                .await
+                .map_err(|err| self.durable_failed(err))?
             {
                 return Err(self.unavailable());
             }

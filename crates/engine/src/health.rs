@@ -178,6 +178,11 @@ impl Breaker {
         self.state() == BreakerState::Closed
     }
 
+    /// Completes when the breaker next opens.
+    pub(crate) async fn opened(&self) {
+        self.opened.notified().await;
+    }
+
     fn transition(&self, inner: &mut BreakerInner, to: BreakerState) {
         let from = inner.state;
         if from == to {
@@ -303,6 +308,12 @@ impl Breaker {
     pub fn simulate_outage(&self, down: bool) {
         tracing::warn!(tier = %self.tier, backend = self.backend, down, "simulated outage");
         self.simulated_outage.store(down, Ordering::SeqCst);
+    }
+
+    /// Whether an outage is being simulated: the tier counts as unreachable
+    /// even for calls that go past the breaker.
+    pub(crate) fn outage_simulated(&self) -> bool {
+        self.simulated_outage.load(Ordering::SeqCst)
     }
 
     /// Runs `call` under `timeout`, or fails it at once during a simulated outage.
@@ -503,8 +514,9 @@ impl GuardedCache {
     /// and the writer updates its copy itself. Decided under the gate the
     /// recovery closes the breaker under, so every write is either
     /// remembered before the recovery's last pass or sees the breaker
-    /// closed. Nothing touches the cache meanwhile: a store racing the
-    /// recovery's removals could leave an older copy behind.
+    /// closed. The writer then stores only its own committed version, and
+    /// only where newer wins (for other instances that may serve the cache
+    /// already): nothing older than a commit is put back.
     pub async fn wrote_around(&self, key: &RecordKey, version: Version) -> bool {
         if self.breaker.is_closed() {
             return false;
@@ -847,6 +859,31 @@ impl DurableStore for GuardedDurable {
     }
     async fn bump_cache_generation(&self) -> StoreResult<u64> {
         let call = self.inner.bump_cache_generation();
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn hold(&self, held: &[(RecordKey, Version)]) -> StoreResult<()> {
+        let call = self.inner.hold(held);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn held_above(
+        &self,
+        collection: &CollectionName,
+        ids: &[RecordId],
+    ) -> StoreResult<Vec<(RecordId, Version)>> {
+        let call = self.inner.held_above(collection, ids);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn any_held_above(
+        &self,
+        collection: &CollectionName,
+        after: Option<&RecordId>,
+        until: Option<&RecordId>,
+    ) -> StoreResult<bool> {
+        let call = self.inner.any_held_above(collection, after, until);
+        self.breaker.call(self.timeout, call).await
+    }
+    async fn release_held(&self, stale: Option<Duration>) -> StoreResult<u64> {
+        let call = self.inner.release_held(stale);
         self.breaker.call(self.timeout, call).await
     }
     async fn apply_increments(&self, increments: &[CounterIncrement]) -> StoreResult<usize> {

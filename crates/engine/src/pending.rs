@@ -25,8 +25,9 @@
 //! know what another instance journaled: see README, "Several instances".
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hybridstore_core::{
     ApplyMode, CacheStore, Change, CollectionName, DurableStore, Error, ListQuery, Precondition,
@@ -41,6 +42,13 @@ use crate::engine::Engine;
 /// until the journals are seen empty.
 const MAX_UNREPLAYED: usize = 100_000;
 
+/// How often the keys journaled meanwhile are published for other instances.
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+/// How often published keys the durable tier has caught up with are released.
+const RELEASE_INTERVAL: Duration = Duration::from_secs(5);
+/// A key held this long, with the journals seen empty, was set aside or lost.
+const HELD_STALE: Duration = Duration::from_secs(60);
+
 /// What this instance knows of one key's journaled versions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Held {
@@ -48,8 +56,8 @@ pub(crate) enum Held {
     No,
     /// A journaled version, possibly not replayed yet.
     At(Version),
-    /// Not known: the process started, or remembered too many keys, since
-    /// the journals were last seen empty.
+    /// Not known: the process remembered too many keys since the journals
+    /// were last seen empty.
     Unknown,
 }
 
@@ -64,6 +72,9 @@ pub(crate) struct Unreplayed {
 
 struct UnreplayedState {
     keys: HashMap<RecordKey, Version>,
+    /// Keys journaled since they were last published to the durable tier
+    /// (see [`Engine::run_held_publisher`]).
+    unpublished: HashMap<RecordKey, Version>,
     /// Any key may be held (see [`Held::Unknown`]) by the outage journal,
     /// or by the write-behind journal.
     unknown_outage: bool,
@@ -74,18 +85,17 @@ struct UnreplayedState {
 }
 
 impl Default for Unreplayed {
-    /// A new process knows nothing of what an earlier one wrote behind until
-    /// it has seen that journal empty: `cache_first` always has entries on
-    /// the way. The outage journal is assumed replayed: an earlier process
-    /// that saw the durable tier back drained it within moments (a process
-    /// killed during that drain, and started again while the cache is
-    /// unreachable, is the case this misses; see README).
+    /// A new process remembers nothing: what an earlier one journaled it
+    /// published to the durable tier (every [`PUBLISH_INTERVAL`], and at once
+    /// when the cache became unreachable), where [`Engine::settle`] finds it
+    /// like what any other instance journaled.
     fn default() -> Self {
         Self {
             state: Mutex::new(UnreplayedState {
                 keys: HashMap::new(),
+                unpublished: HashMap::new(),
                 unknown_outage: false,
-                unknown_write_behind: true,
+                unknown_write_behind: false,
                 epoch: 0,
             }),
             remembers: AtomicBool::new(false),
@@ -104,6 +114,7 @@ impl Unreplayed {
         state.epoch += 1;
         if state.keys.len() >= MAX_UNREPLAYED && !state.keys.contains_key(key) {
             state.keys.clear();
+            state.unpublished.clear();
             self.remembers.store(false, Ordering::Release);
             state.unknown_outage = true;
             state.unknown_write_behind = true;
@@ -111,7 +122,32 @@ impl Unreplayed {
         }
         let held = state.keys.entry(key.clone()).or_insert(version);
         *held = (*held).max(version);
+        let unpublished = state.unpublished.entry(key.clone()).or_insert(version);
+        *unpublished = (*unpublished).max(version);
         self.remembers.store(true, Ordering::Release);
+    }
+
+    /// The keys journaled since the last call, to publish.
+    fn take_unpublished(&self) -> Vec<(RecordKey, Version)> {
+        let mut state = self.lock();
+        if state.unpublished.is_empty() {
+            return Vec::new();
+        }
+        let unpublished = std::mem::take(&mut state.unpublished);
+        // A key replayed meanwhile needs no publishing.
+        unpublished
+            .into_iter()
+            .filter(|(key, version)| state.keys.get(key).is_some_and(|held| held >= version))
+            .collect()
+    }
+
+    /// Publishing `held` failed: they are published with the next ones.
+    fn publish_failed(&self, held: Vec<(RecordKey, Version)>) {
+        let mut state = self.lock();
+        for (key, version) in held {
+            let unpublished = state.unpublished.entry(key).or_insert(version);
+            *unpublished = (*unpublished).max(version);
+        }
     }
 
     /// The durable tier holds `version` of `key`, or a newer one.
@@ -178,6 +214,7 @@ impl Unreplayed {
         }
         if outage && write_behind {
             state.keys.clear();
+            state.unpublished.clear();
             self.remembers.store(false, Ordering::Release);
         }
     }
@@ -279,9 +316,10 @@ impl Engine {
         }
         let mut floor = None;
         let wrote_behind = self.wrote_behind(collection);
+        let mut not_mine = Vec::new();
         for key in keys {
             match (self.unreplayed.held(key, wrote_behind), access) {
-                (Held::No, _) => {}
+                (Held::No, _) => not_mine.push(key.id.clone()),
                 // A version by the clock lies above anything journaled
                 // before; a known one is exceeded explicitly.
                 (Held::Unknown, Access::Write(Precondition::None)) => {}
@@ -291,10 +329,64 @@ impl Engine {
                 _ => return Err(self.unavailable()),
             }
         }
+        // What other instances journaled and published (an instance that
+        // has not published yet is the gap README, "Several instances",
+        // describes). Asked whatever this instance's backlog flags say: they
+        // are only as fresh as its last look at the journals.
+        if !not_mine.is_empty() {
+            let held = self
+                .durable
+                .held_above(&collection.spec.name, &not_mine)
+                .await
+                .map_err(|err| self.durable_failed(err))?;
+            for (_, version) in held {
+                match access {
+                    Access::Write(Precondition::None) => floor = floor.max(Some(version)),
+                    _ => return Err(self.unavailable()),
+                }
+            }
+        }
         Ok(Settled {
             floor,
             applied: false,
         })
+    }
+
+    /// Publishes the keys this instance journaled to the durable tier, for
+    /// the other instances (see [`DurableStore::hold`]): every
+    /// [`PUBLISH_INTERVAL`] while it journals, at once when the cache breaker
+    /// opens, again after a failure. Releases the keys the durable tier has
+    /// caught up with every [`RELEASE_INTERVAL`]; with the journals seen
+    /// empty, also those held longer than [`HELD_STALE`].
+    pub async fn run_held_publisher(self: Arc<Self>) {
+        let mut last_release = std::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(PUBLISH_INTERVAL) => {}
+                () = self.cache.breaker.opened() => {}
+            }
+            if !self.durable.breaker.is_closed() {
+                continue;
+            }
+            let held = self.unreplayed.take_unpublished();
+            if !held.is_empty()
+                && let Err(err) = self.durable.hold(&held).await
+            {
+                tracing::debug!(error = %err, keys = held.len(), "publishing held keys failed");
+                self.unreplayed.publish_failed(held);
+                continue;
+            }
+            if last_release.elapsed() >= RELEASE_INTERVAL {
+                last_release = std::time::Instant::now();
+                let journals_empty = self.cache.breaker.is_closed()
+                    && !self.outage_backlog.pending()
+                    && !self.write_behind_backlog.pending();
+                let stale = journals_empty.then_some(HELD_STALE);
+                if let Err(err) = self.durable.release_held(stale).await {
+                    tracing::debug!(error = %err, "releasing held keys failed");
+                }
+            }
+        }
     }
 
     /// Before the durable tier lists a page: applies the journaled versions
@@ -351,12 +443,21 @@ mod tests {
     }
 
     #[test]
-    fn a_new_process_knows_nothing_of_write_behind_until_its_journal_is_seen_empty() {
+    fn journaled_keys_are_published_once_unless_publishing_failed() {
         let unreplayed = Unreplayed::default();
-        assert_eq!(unreplayed.held(&key("a"), true), Held::Unknown);
-        assert_eq!(unreplayed.held(&key("a"), false), Held::No);
-        unreplayed.journals_empty(unreplayed.epoch(), false, true);
-        assert_eq!(unreplayed.held(&key("a"), true), Held::No);
+        unreplayed.journaled(&key("a"), Version::new(5));
+        unreplayed.journaled(&key("b"), Version::new(6));
+        unreplayed.replayed(&key("b"), Version::new(6));
+        let taken = unreplayed.take_unpublished();
+        assert_eq!(taken, vec![(key("a"), Version::new(5))], "b needs none");
+        assert!(unreplayed.take_unpublished().is_empty());
+        unreplayed.journaled(&key("a"), Version::new(7));
+        unreplayed.publish_failed(taken);
+        assert_eq!(
+            unreplayed.take_unpublished(),
+            vec![(key("a"), Version::new(7))],
+            "the newer version wins"
+        );
     }
 
     #[test]

@@ -375,6 +375,36 @@ const SAVE_CONTROL: &str = "INSERT INTO control AS c (name, revision, value, upd
     SET revision = EXCLUDED.revision, value = EXCLUDED.value, updated_at = now() \
     WHERE c.revision < EXCLUDED.revision RETURNING 1";
 
+/// Publishes held keys (see `DurableStore::hold`); a key held already keeps
+/// the higher version.
+const HOLD: &str = "INSERT INTO held AS h (collection, id, version) \
+    SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[]) \
+    ON CONFLICT (collection, id) DO UPDATE \
+    SET version = GREATEST(h.version, EXCLUDED.version), held_at = now()";
+
+/// Held keys above the version `records` stores (or with no row there).
+macro_rules! held_above {
+    ($where:literal) => {
+        concat!(
+            "SELECT h.id, h.version FROM held h LEFT JOIN records r ",
+            "ON r.collection = h.collection AND r.id = h.id ",
+            "WHERE h.collection = $1 AND (r.version IS NULL OR r.version < h.version) AND ",
+            $where
+        )
+    };
+}
+const HELD_ABOVE: &str = held_above!("h.id = ANY($2)");
+const ANY_HELD_ABOVE: &str = concat!(
+    "SELECT EXISTS (",
+    held_above!("($2::text IS NULL OR h.id > $2) AND ($3::text IS NULL OR h.id <= $3)"),
+    ")"
+);
+
+/// Forgets held keys `records` has caught up with, or held too long.
+const RELEASE_HELD: &str = "DELETE FROM held h WHERE h.held_at < now() - $1::interval \
+    OR EXISTS (SELECT 1 FROM records r WHERE r.collection = h.collection \
+    AND r.id = h.id AND r.version >= h.version)";
+
 /// Marks increments applied; answers the ids that were not applied before.
 const CLAIM_OPS: &str = "INSERT INTO counter_ops (op_id) SELECT unnest($1::text[]) \
     ON CONFLICT DO NOTHING RETURNING op_id";
@@ -913,6 +943,77 @@ impl DurableStore for PostgresStore {
             .await
             .map_err(classify)?;
         Ok(generation.max(0) as u64)
+    }
+
+    async fn hold(&self, held: &[(RecordKey, Version)]) -> StoreResult<()> {
+        if held.is_empty() {
+            return Ok(());
+        }
+        let mut collections = Vec::with_capacity(held.len());
+        let mut ids = Vec::with_capacity(held.len());
+        let mut versions = Vec::with_capacity(held.len());
+        for (key, version) in held {
+            collections.push(key.collection.as_str());
+            ids.push(key.id.as_str());
+            versions.push(version_param(*version)?);
+        }
+        sqlx::query(HOLD)
+            .bind(&collections)
+            .bind(&ids)
+            .bind(&versions)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    async fn held_above(
+        &self,
+        collection: &CollectionName,
+        ids: &[RecordId],
+    ) -> StoreResult<Vec<(RecordId, Version)>> {
+        let names: Vec<&str> = ids.iter().map(RecordId::as_str).collect();
+        let rows: Vec<(String, i64)> = sqlx::query_as(HELD_ABOVE)
+            .bind(collection.as_str())
+            .bind(&names)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, version)| {
+                let id = ids.iter().find(|known| known.as_str() == id)?;
+                Some((id.clone(), Version::new(version.max(0) as u64)))
+            })
+            .collect())
+    }
+
+    async fn any_held_above(
+        &self,
+        collection: &CollectionName,
+        after: Option<&RecordId>,
+        until: Option<&RecordId>,
+    ) -> StoreResult<bool> {
+        sqlx::query_scalar(ANY_HELD_ABOVE)
+            .bind(collection.as_str())
+            .bind(after.map(RecordId::as_str))
+            .bind(until.map(RecordId::as_str))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)
+    }
+
+    async fn release_held(&self, stale: Option<Duration>) -> StoreResult<u64> {
+        let stale = stale
+            .map(sqlx::postgres::types::PgInterval::try_from)
+            .transpose()
+            .map_err(|err| StoreError::internal(Tier::Durable, err))?;
+        let released = sqlx::query(RELEASE_HELD)
+            .bind(stale)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(released.rows_affected())
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(count = increments.len()))]

@@ -294,6 +294,7 @@ impl Server {
             backups,
             tokio::spawn(self.engine.clone().run_health_probes()),
             tokio::spawn(self.engine.clone().run_journal_replay()),
+            tokio::spawn(self.engine.clone().run_held_publisher()),
             tokio::spawn(self.engine.clone().run_control_sync()),
             tokio::spawn(self.engine.clone().run_counter_replay()),
             tokio::spawn(purge_expired_records(self.engine, self.purge_interval)),

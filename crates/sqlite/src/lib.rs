@@ -1057,6 +1057,33 @@ impl DurableStore for SqliteStore {
         .await
     }
 
+    // A SQLite file serves one process (embedded mode), which remembers the
+    // keys it journaled itself: there is no other instance to tell.
+    async fn hold(&self, _held: &[(RecordKey, Version)]) -> StoreResult<()> {
+        Ok(())
+    }
+
+    async fn held_above(
+        &self,
+        _collection: &CollectionName,
+        _ids: &[RecordId],
+    ) -> StoreResult<Vec<(RecordId, Version)>> {
+        Ok(Vec::new())
+    }
+
+    async fn any_held_above(
+        &self,
+        _collection: &CollectionName,
+        _after: Option<&RecordId>,
+        _until: Option<&RecordId>,
+    ) -> StoreResult<bool> {
+        Ok(false)
+    }
+
+    async fn release_held(&self, _stale: Option<Duration>) -> StoreResult<u64> {
+        Ok(0)
+    }
+
     async fn bump_cache_generation(&self) -> StoreResult<u64> {
         let now = micros(OffsetDateTime::now_utc());
         self.write(move |tx| {

@@ -173,6 +173,27 @@ impl DurableStore for HookedDurable {
     async fn bump_cache_generation(&self) -> StoreResult<u64> {
         self.inner().bump_cache_generation().await
     }
+    async fn hold(&self, held: &[(RecordKey, Version)]) -> StoreResult<()> {
+        self.inner().hold(held).await
+    }
+    async fn held_above(
+        &self,
+        collection: &CollectionName,
+        ids: &[RecordId],
+    ) -> StoreResult<Vec<(RecordId, Version)>> {
+        self.inner().held_above(collection, ids).await
+    }
+    async fn any_held_above(
+        &self,
+        collection: &CollectionName,
+        after: Option<&RecordId>,
+        until: Option<&RecordId>,
+    ) -> StoreResult<bool> {
+        self.inner().any_held_above(collection, after, until).await
+    }
+    async fn release_held(&self, stale: Option<Duration>) -> StoreResult<u64> {
+        self.inner().release_held(stale).await
+    }
     async fn apply_increments(&self, increments: &[CounterIncrement]) -> StoreResult<usize> {
         self.inner().apply_increments(increments).await
     }
