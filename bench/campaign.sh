@@ -7,13 +7,13 @@
 #
 #   bash bench/campaign.sh                 # seeds 1..10, 5 faults each
 #   SEEDS=7 FAULTS=20 bash bench/campaign.sh
-#   STRATEGIES=cache_first INSTANCES=2 bash bench/campaign.sh
+#   STRATEGIES=cache_first INSTANCES=2 bash bench/campaign.sh   # lists: 1,2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-1,2,3,4,5,6,7,8,9,10}
 FAULTS=${FAULTS:-5}
 STRATEGIES=${STRATEGIES:-dual_write,cache_first}
-INSTANCES=${INSTANCES:-1}
+INSTANCES=${INSTANCES:-1,2}
 HYBRIDSTORE_CAMPAIGN_SEEDS=$SEEDS \
 HYBRIDSTORE_CAMPAIGN_FAULTS=$FAULTS \
 HYBRIDSTORE_CAMPAIGN_STRATEGIES=$STRATEGIES \

@@ -465,7 +465,7 @@ impl Engine {
             // instance cannot reach, no other can serve from either (README,
             // "Several instances": a partition is the exception). The attempt
             // costs a refused connection, or the call timeout on a hung cache.
-            if !self.cache.breaker.outage_simulated() {
+            if !self.cache.breaker.outage_simulated() && !self.cache.overtaken(key, version) {
                 let direct = self.update_copy(&*self.cache.inner, collection, key, update, now);
                 let _ = tokio::time::timeout(self.cache.timeout, direct).await;
             }

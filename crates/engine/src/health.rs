@@ -436,6 +436,10 @@ pub(crate) struct GuardedCache {
     floors: Mutex<std::collections::HashMap<RecordKey, (Version, Instant)>>,
     /// Whether `floors` holds anything: writes look without the lock.
     floors_held: AtomicBool,
+    /// A recovery trial found the cache reachable and is under way: the
+    /// breaker is still open, but the tier answers (see
+    /// [`GuardedCache::recovering`]).
+    recovering: AtomicBool,
     /// When this instance last bumped the durable cache generation (held
     /// while bumping, so concurrent writers share one bump).
     pub(crate) bumped: tokio::sync::Mutex<Option<Instant>>,
@@ -484,6 +488,7 @@ impl GuardedCache {
             gate: tokio::sync::Mutex::new(()),
             floors: Mutex::new(std::collections::HashMap::new()),
             floors_held: AtomicBool::new(false),
+            recovering: AtomicBool::new(false),
             bumped: tokio::sync::Mutex::new(None),
             own_bumps: Mutex::new(std::collections::BTreeSet::new()),
         }
@@ -583,6 +588,7 @@ impl GuardedCache {
             Ok(checked) => checked,
             Err(err) => return self.breaker.force_open(&err),
         };
+        let _recovering = (!self.breaker.is_closed()).then(|| Recovering::begin(&self.recovering));
         if checked.everything {
             let reconciled = reconcile();
             if let Err(err) = self.breaker.attempt(RECONCILE_TIMEOUT, reconciled).await {
@@ -653,6 +659,15 @@ impl GuardedCache {
         *self.server_id.lock().unwrap_or_else(|e| e.into_inner()) = checked.server_id;
         self.breaker.probe_took(started.elapsed());
         self.breaker.close_unless_failed_since(checked.epoch);
+    }
+
+    /// Whether a recovery is under way: the tier answered its check just
+    /// now, so a request may ask it past the breaker what it must know
+    /// before the durable tier answers (pinned versions: the journals a
+    /// recovery replays keep filling from instances that serve the cache
+    /// already).
+    pub fn recovering(&self) -> bool {
+        self.recovering.load(Ordering::Acquire)
     }
 
     /// Removes the copies older than what was committed around the cache.
@@ -1173,6 +1188,23 @@ impl CacheStore for GuardedCache {
     async fn release_idempotency(&self, key: &str) -> StoreResult<()> {
         let call = self.inner.release_idempotency(key);
         self.breaker.call(self.timeout, call).await
+    }
+}
+
+/// Marks a recovery under way for as long as it lives (every return of the
+/// probe ends it).
+struct Recovering<'a>(&'a AtomicBool);
+
+impl<'a> Recovering<'a> {
+    fn begin(flag: &'a AtomicBool) -> Self {
+        flag.store(true, Ordering::Release);
+        Self(flag)
+    }
+}
+
+impl Drop for Recovering<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

@@ -292,11 +292,21 @@ impl Engine {
         if keys.is_empty() || !self.configured_plan(collection).uses_cache() {
             return Ok(Settled::default());
         }
-        if self.cache.breaker.is_closed() {
-            if !self.journals_may_hold(collection) {
+        let closed = self.cache.breaker.is_closed();
+        if closed || self.cache.recovering() {
+            // While this instance recovers the cache (its breaker still
+            // open), other instances may serve it and journal writes already:
+            // the tier, which just answered, is asked past the breaker, and
+            // whatever the backlog flags last said.
+            if closed && !self.journals_may_hold(collection) {
                 return Ok(Settled::default());
             }
-            match self.cache.get_states(keys).await {
+            let tier: &dyn CacheStore = if closed {
+                &*self.cache
+            } else {
+                &*self.cache.inner
+            };
+            match tier.get_states(keys).await {
                 Ok(states) => {
                     let pinned: Vec<_> = states
                         .into_iter()
@@ -311,7 +321,8 @@ impl Engine {
                     });
                 }
                 // The breaker is open now: decide as without a cache.
-                Err(err) => self.cache_failed("get_states", &err),
+                Err(err) if closed => self.cache_failed("get_states", &err),
+                Err(_) => {}
             }
         }
         let mut floor = None;
@@ -399,15 +410,26 @@ impl Engine {
         collection: &Collection,
         query: &ListQuery,
     ) -> Result<(), Error> {
-        if !self.cache.breaker.is_closed() || !self.journals_may_hold(collection) {
+        let closed = self.cache.breaker.is_closed();
+        if closed && !self.journals_may_hold(collection) {
             return Ok(());
         }
-        let pinned = match self.cache.pinned(query).await {
+        // As in `settle`: a recovering cache is asked past its breaker.
+        let pinned = if closed {
+            self.cache.pinned(query).await
+        } else if self.cache.recovering() {
+            self.cache.inner.pinned(query).await
+        } else {
+            return Ok(());
+        };
+        let pinned = match pinned {
             Ok(pinned) => pinned,
             Err(err) => {
                 // The breaker is open now; the caller's check of what this
                 // instance journaled decides.
-                self.cache_failed("pinned", &err);
+                if closed {
+                    self.cache_failed("pinned", &err);
+                }
                 return Ok(());
             }
         };
