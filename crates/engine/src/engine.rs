@@ -91,6 +91,11 @@ pub(crate) enum CacheUpdate<'a> {
 /// around the cache that follow it (see `Engine::write_around`).
 const BUMP_COVERS: Duration = Duration::from_millis(100);
 
+/// How long a write around the cache waits for its direct update of the copy
+/// (see `Engine::after_commit`): a reachable cache answers within a few
+/// milliseconds; a hung one must not hold every write for its call timeout.
+const DIRECT_UPDATE_WAIT: Duration = Duration::from_millis(25);
+
 /// How often a PATCH without `If-Match` re-reads and retries when a concurrent
 /// writer got in between its read and its write.
 const PATCH_ATTEMPTS: usize = 8;
@@ -464,10 +469,11 @@ impl Engine {
             // older one once this write is acknowledged. A cache this
             // instance cannot reach, no other can serve from either (README,
             // "Several instances": a partition is the exception). The attempt
-            // costs a refused connection, or the call timeout on a hung cache.
+            // costs a refused connection, or [`DIRECT_UPDATE_WAIT`] on a hung
+            // cache (a store that lands later still only moves forward).
             if !self.cache.breaker.outage_simulated() && !self.cache.overtaken(key, version) {
                 let direct = self.update_copy(&*self.cache.inner, collection, key, update, now);
-                let _ = tokio::time::timeout(self.cache.timeout, direct).await;
+                let _ = tokio::time::timeout(DIRECT_UPDATE_WAIT, direct).await;
             }
             return;
         }
