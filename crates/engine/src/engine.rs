@@ -376,26 +376,12 @@ impl Engine {
     /// Before a write commits: if the cache is being routed around, remember
     /// the key, so the cache's recovery removes the copy it may still hold.
     /// (Marked before the commit, so a recovery that completes meanwhile
-    /// cannot miss it; the update after the commit covers the other order.)
-    /// The memory of this process is not enough: the first such write of an
-    /// outage bumps the durable cache generation, which every instance, and
-    /// this one after a restart, checks before it trusts the cache again.
-    async fn before_commit(
-        &self,
-        collection: &Collection,
-        plan: Plan,
-        key: &RecordKey,
-    ) -> Result<(), Error> {
+    /// cannot miss it; the update after the commit covers the other order,
+    /// and records durably what the memory of this process cannot keep.)
+    fn before_commit(&self, collection: &Collection, plan: Plan, key: &RecordKey) {
         if self.configured_plan(collection).uses_cache() && plan.write == WritePath::DurableOnly {
             self.cache.mark_dirty(key);
-            // A write that finds the cache back in service by now updates
-            // its copy itself after the commit: no bump, which would only
-            // send every instance through another recovery.
-            if !self.cache.breaker.is_closed() {
-                self.write_around().await?;
-            }
         }
-        Ok(())
     }
 
     /// Records durably that writes go around the cache: bumps the durable
@@ -471,9 +457,33 @@ impl Engine {
             // "Several instances": a partition is the exception). The attempt
             // costs a refused connection, or [`DIRECT_UPDATE_WAIT`] on a hung
             // cache (a store that lands later still only moves forward).
-            if !self.cache.breaker.outage_simulated() && !self.cache.overtaken(key, version) {
-                let direct = self.update_copy(&*self.cache.inner, collection, key, update, now);
-                let _ = tokio::time::timeout(DIRECT_UPDATE_WAIT, direct).await;
+            if self.cache.overtaken(key, version) {
+                return;
+            }
+            // While this instance's probe recovers the cache, the tier is
+            // known to answer, though maybe slowly (every instance reconciles
+            // it at once): the update is waited for up to the call timeout.
+            let wait = if self.cache.recovering() {
+                self.cache.timeout
+            } else {
+                DIRECT_UPDATE_WAIT
+            };
+            let updated = !self.cache.breaker.outage_simulated()
+                && matches!(
+                    tokio::time::timeout(
+                        wait,
+                        self.update_copy(&*self.cache.inner, collection, key, update, now),
+                    )
+                    .await,
+                    Ok(Ok(_))
+                );
+            // Only a copy that could not be brought up to date may be stale:
+            // that is recorded durably, for every instance and for this one
+            // after a restart. A write whose update landed bumps nothing, so
+            // instances recovering the cache at the same time do not send
+            // each other through recovery after recovery.
+            if !updated && let Err(err) = self.write_around().await {
+                tracing::warn!(error = %err, "could not record the write around the cache");
             }
             return;
         }
@@ -577,7 +587,7 @@ impl Engine {
             .settle(collection, std::slice::from_ref(&write.key), access)
             .await?;
         write.now = above(write.now, settled.floor);
-        self.before_commit(collection, plan, &write.key).await?;
+        self.before_commit(collection, plan, &write.key);
         let outcome = self
             .durable
             .put(&write)
@@ -736,7 +746,7 @@ impl Engine {
             .settle(collection, std::slice::from_ref(key), access)
             .await?;
         let now = above(now, settled.floor);
-        self.before_commit(collection, plan, key).await?;
+        self.before_commit(collection, plan, key);
         let version = self
             .durable
             .delete(key, precondition, now)
