@@ -113,6 +113,8 @@ struct Event {
     /// HTTP status, 0 when no answer came.
     status: u16,
     version: Option<u64>,
+    /// Which service instance answered (0 with one instance).
+    instance: usize,
 }
 
 impl Event {
@@ -226,7 +228,7 @@ fn hot_key(n: u64) -> String {
 /// Sends one request and records it.
 async fn request(
     http: &reqwest::Client,
-    base: &str,
+    (base, instance): &(String, usize),
     kind: Kind,
     key: &str,
     seq: u64,
@@ -259,6 +261,7 @@ async fn request(
         completed,
         status,
         version,
+        instance: *instance,
     });
     if status == 0 {
         // Nothing listens (the service restarts): do not spin.
@@ -281,7 +284,8 @@ fn start_load(
     let mut tasks = Vec::new();
     let base_for = move |bases: &Mutex<Vec<String>>, n: u64| {
         let bases = bases.lock().unwrap();
-        bases[n as usize % bases.len()].clone()
+        let instance = n as usize % bases.len();
+        (bases[instance].clone(), instance)
     };
     for worker in 0..(WRITERS + READERS) {
         let (http, bases, history, stop, seq) = (
@@ -628,13 +632,14 @@ async fn check(
                     && e.invoked < read.invoked + Duration::from_millis(200)
             }) {
                 eprintln!(
-                    "    {} {:?} {} ms..{} ms -> {} v{:?}",
+                    "    {} {:?} {} ms..{} ms -> {} v{:?} (instance {})",
                     e.key,
                     e.kind,
                     at(e.invoked),
                     at(e.completed),
                     e.status,
-                    e.version
+                    e.version,
+                    e.instance
                 );
             }
         }

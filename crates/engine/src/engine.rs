@@ -91,11 +91,6 @@ pub(crate) enum CacheUpdate<'a> {
 /// around the cache that follow it (see `Engine::write_around`).
 const BUMP_COVERS: Duration = Duration::from_millis(100);
 
-/// How long a write around the cache waits for its direct update of the copy
-/// (see `Engine::after_commit`): a reachable cache answers within a few
-/// milliseconds; a hung one must not hold every write for its call timeout.
-const DIRECT_UPDATE_WAIT: Duration = Duration::from_millis(25);
-
 /// How often a PATCH without `If-Match` re-reads and retries when a concurrent
 /// writer got in between its read and its write.
 const PATCH_ATTEMPTS: usize = 8;
@@ -455,28 +450,22 @@ impl Engine {
             // older one once this write is acknowledged. A cache this
             // instance cannot reach, no other can serve from either (README,
             // "Several instances": a partition is the exception). The attempt
-            // costs a refused connection, or [`DIRECT_UPDATE_WAIT`] on a hung
-            // cache (a store that lands later still only moves forward).
+            // costs a refused connection, or a short wait on a hung cache (a
+            // store that lands later still only moves forward).
             if self.cache.overtaken(key, version) {
                 return;
             }
-            // While this instance's probe recovers the cache, the tier is
-            // known to answer, though maybe slowly (every instance reconciles
-            // it at once): the update is waited for up to the call timeout.
-            let wait = if self.cache.recovering() {
-                self.cache.timeout
-            } else {
-                DIRECT_UPDATE_WAIT
-            };
-            let updated = !self.cache.breaker.outage_simulated()
-                && matches!(
+            let updated = match self.cache.past_breaker_wait() {
+                Some(wait) => matches!(
                     tokio::time::timeout(
                         wait,
                         self.update_copy(&*self.cache.inner, collection, key, update, now),
                     )
                     .await,
                     Ok(Ok(_))
-                );
+                ),
+                None => false,
+            };
             // Only a copy that could not be brought up to date may be stale:
             // that is recorded durably, for every instance and for this one
             // after a restart. A write whose update landed bumps nothing, so
@@ -777,9 +766,8 @@ impl Engine {
             limit: limit + 1,
             now: now(),
         };
-        if plan.read != ReadPath::CacheAuthoritative {
-            self.settle_range(spec, &query).await?;
-        }
+        let settled =
+            plan.read == ReadPath::CacheAuthoritative || self.settle_range(spec, &query).await?;
         let mut records = if plan.read == ReadPath::CacheAuthoritative {
             self.cache
                 .list(&query)
@@ -793,9 +781,7 @@ impl Engine {
         };
         let more = records.len() > limit as usize;
         records.truncate(limit as usize);
-        if plan.read == ReadPath::DurableOnly
-            && self.configured_plan(spec).uses_cache()
-            && !self.cache.breaker.is_closed()
+        if !settled && plan.read == ReadPath::DurableOnly && self.configured_plan(spec).uses_cache()
         {
             // Ids in this page's range whose newest version waits in the
             // unreachable journal: the page would show an older state.

@@ -454,6 +454,12 @@ pub(crate) struct GuardedCache {
 /// (longer than any write decided before it closed can take).
 const FLOOR_KEPT: Duration = Duration::from_secs(30);
 
+/// How long a request waits on an unreachable-looking cache past its open
+/// breaker (see [`GuardedCache::past_breaker_wait`]): a reachable cache
+/// answers within a few milliseconds; a hung one must not hold every request
+/// for the call timeout.
+const PAST_BREAKER_WAIT: Duration = Duration::from_millis(25);
+
 /// Longest a restarted cache's reconciliation may take before the probe
 /// gives up (the next one goes on from where it stopped).
 const RECONCILE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -668,6 +674,22 @@ impl GuardedCache {
     /// already).
     pub fn recovering(&self) -> bool {
         self.recovering.load(Ordering::Acquire)
+    }
+
+    /// How long a request may wait on the tier itself while the breaker is
+    /// open: another instance may serve the cache already, so what it holds
+    /// matters (pinned versions; a copy to bring up to date). Up to the
+    /// call timeout while this instance's recovery has just reached it,
+    /// [`PAST_BREAKER_WAIT`] otherwise (it may be down, or hung); not at all
+    /// during a simulated outage.
+    pub fn past_breaker_wait(&self) -> Option<Duration> {
+        if self.breaker.outage_simulated() {
+            None
+        } else if self.recovering() {
+            Some(self.timeout)
+        } else {
+            Some(PAST_BREAKER_WAIT)
+        }
     }
 
     /// Removes the copies older than what was committed around the cache.

@@ -293,37 +293,39 @@ impl Engine {
             return Ok(Settled::default());
         }
         let closed = self.cache.breaker.is_closed();
-        if closed || self.cache.recovering() {
-            // While this instance recovers the cache (its breaker still
-            // open), other instances may serve it and journal writes already:
-            // the tier, which just answered, is asked past the breaker, and
-            // whatever the backlog flags last said.
-            if closed && !self.journals_may_hold(collection) {
-                return Ok(Settled::default());
-            }
-            let tier: &dyn CacheStore = if closed {
-                &*self.cache
-            } else {
-                &*self.cache.inner
-            };
-            match tier.get_states(keys).await {
-                Ok(states) => {
-                    let pinned: Vec<_> = states
-                        .into_iter()
-                        .flatten()
-                        .filter(|held| held.pinned)
-                        .map(|held| held.state)
-                        .collect();
-                    self.apply_pinned(&pinned).await?;
-                    return Ok(Settled {
-                        floor: None,
-                        applied: !pinned.is_empty(),
-                    });
-                }
+        if closed && !self.journals_may_hold(collection) {
+            return Ok(Settled::default());
+        }
+        // With the breaker open, the tier itself is asked first, briefly:
+        // another instance may have seen it back and serve it and journal
+        // into it already (this one has not probed yet, or is recovering
+        // it), whatever the backlog flags last said.
+        let states = if closed {
+            self.cache.get_states(keys).await.map_err(|err| {
                 // The breaker is open now: decide as without a cache.
-                Err(err) if closed => self.cache_failed("get_states", &err),
-                Err(_) => {}
+                self.cache_failed("get_states", &err);
+            })
+        } else {
+            match self.cache.past_breaker_wait() {
+                Some(wait) => tokio::time::timeout(wait, self.cache.inner.get_states(keys))
+                    .await
+                    .map_err(drop)
+                    .and_then(|states| states.map_err(drop)),
+                None => Err(()),
             }
+        };
+        if let Ok(states) = states {
+            let pinned: Vec<_> = states
+                .into_iter()
+                .flatten()
+                .filter(|held| held.pinned)
+                .map(|held| held.state)
+                .collect();
+            self.apply_pinned(&pinned).await?;
+            return Ok(Settled {
+                floor: None,
+                applied: !pinned.is_empty(),
+            });
         }
         let mut floor = None;
         let wrote_behind = self.wrote_behind(collection);
@@ -404,36 +406,40 @@ impl Engine {
     /// the cache holds in the page's range, so that a journaled create, change
     /// or delete shows in the page as it shows in a read of its key. Any of
     /// them that would land in the page is among the first `query.limit`
-    /// pinned ids after the cursor, so that many are enough.
+    /// pinned ids after the cursor, so that many are enough. Answers false
+    /// when the cache could not tell (the caller then checks the keys known
+    /// to be held).
     pub(crate) async fn settle_range(
         &self,
         collection: &Collection,
         query: &ListQuery,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let closed = self.cache.breaker.is_closed();
         if closed && !self.journals_may_hold(collection) {
-            return Ok(());
+            return Ok(true);
         }
-        // As in `settle`: a recovering cache is asked past its breaker.
+        // As in `settle`: with the breaker open the tier is asked, briefly.
         let pinned = if closed {
-            self.cache.pinned(query).await
-        } else if self.cache.recovering() {
-            self.cache.inner.pinned(query).await
+            self.cache.pinned(query).await.map_err(|err| {
+                self.cache_failed("pinned", &err);
+            })
         } else {
-            return Ok(());
-        };
-        let pinned = match pinned {
-            Ok(pinned) => pinned,
-            Err(err) => {
-                // The breaker is open now; the caller's check of what this
-                // instance journaled decides.
-                if closed {
-                    self.cache_failed("pinned", &err);
-                }
-                return Ok(());
+            match self.cache.past_breaker_wait() {
+                Some(wait) => tokio::time::timeout(wait, self.cache.inner.pinned(query))
+                    .await
+                    .map_err(drop)
+                    .and_then(|pinned| pinned.map_err(drop)),
+                None => Err(()),
             }
         };
-        self.apply_pinned(&pinned).await
+        match pinned {
+            Ok(pinned) => {
+                self.apply_pinned(&pinned).await?;
+                Ok(true)
+            }
+            // The caller's check of the keys known to be held decides.
+            Err(()) => Ok(false),
+        }
     }
 
     /// Applies pinned (journaled, unreplayed) states to the durable tier,
