@@ -11,7 +11,8 @@
 //!   acknowledged within [`WRITE_BEHIND_DELAY`] before the kill, no more);
 //! - no read returns a version older than a write acknowledged before the
 //!   read started, and no deleted record is served after its delete was
-//!   acknowledged;
+//!   acknowledged (a write answered 5xx, or not at all, may or may not have
+//!   happened: a read may show it or not);
 //! - no request without a precondition gets 412 (none here has one);
 //! - with one instance, from 1 s after a single-tier fault began until it
 //!   ends, at least 99% of requests succeed, for both strategies in every
@@ -620,8 +621,17 @@ async fn check(
             .filter_map(|w| w.version)
             .max();
         let got = read.version.unwrap_or(0);
+        // A delete whose answer was lost or a 5xx may have happened: a 404
+        // after one is not stale (a 503 promises nothing either way).
+        let maybe_deleted = history.iter().any(|e| {
+            e.kind == Kind::Delete
+                && e.key == read.key
+                && (e.status == 0 || e.status >= 500)
+                && e.invoked < read.completed
+        });
         let stale = match (read.status, deleted, floor) {
-            (200, true, _) | (404, false, Some(_)) => true,
+            (200, true, _) => true,
+            (404, false, Some(_)) => !maybe_deleted,
             (200, false, Some(floor)) => got < floor,
             _ => false,
         };
@@ -653,7 +663,7 @@ async fn check(
                 read.key,
                 at(read.invoked)
             )),
-            (404, false, Some(floor)) => violations.push(format!(
+            (404, false, Some(floor)) if !maybe_deleted => violations.push(format!(
                 "read of {} at {} ms returned 404 after v{floor} was acknowledged",
                 read.key,
                 at(read.invoked)

@@ -184,6 +184,12 @@ impl Breaker {
     }
 
     fn transition(&self, inner: &mut BreakerInner, to: BreakerState) {
+        self.move_to(inner, to, true);
+    }
+
+    /// Moves to `to`; `release_calls`: an opening fails the calls in flight
+    /// (the tier is down: they would only wait for their timeout).
+    fn move_to(&self, inner: &mut BreakerInner, to: BreakerState, release_calls: bool) {
         let from = inner.state;
         if from == to {
             return;
@@ -192,7 +198,9 @@ impl Breaker {
         inner.since = OffsetDateTime::now_utc();
         match to {
             BreakerState::Open if from == BreakerState::Closed => {
-                self.opened.notify_waiters();
+                if release_calls {
+                    self.opened.notify_waiters();
+                }
                 self.degradations.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     tier = %self.tier,
@@ -274,6 +282,18 @@ impl Breaker {
         inner.last_error = Some(error.to_string());
         inner.consecutive_failures = inner.consecutive_failures.max(self.threshold);
         self.transition(&mut inner, BreakerState::Open);
+    }
+
+    /// Takes the tier out of service although it answers (its copies may be
+    /// stale): like [`Breaker::force_open`], but calls in flight finish. The
+    /// tier will carry them out; failing them would answer 503 for writes
+    /// it takes.
+    pub fn suspend(&self, error: &StoreError) {
+        let mut inner = self.lock();
+        self.failure_epoch.fetch_add(1, Ordering::SeqCst);
+        inner.last_error = Some(error.to_string());
+        inner.consecutive_failures = inner.consecutive_failures.max(self.threshold);
+        self.move_to(&mut inner, BreakerState::Open, false);
     }
 
     fn begin_trial(&self) {
@@ -758,7 +778,7 @@ impl GuardedCache {
             } else {
                 "was written around"
             };
-            self.breaker.force_open(&StoreError::unavailable(
+            self.breaker.suspend(&StoreError::unavailable(
                 Tier::Cache,
                 format!("{} {why}", self.inner.backend()),
             ));
