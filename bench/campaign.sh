@@ -18,5 +18,5 @@ HYBRIDSTORE_CAMPAIGN_SEEDS=$SEEDS \
 HYBRIDSTORE_CAMPAIGN_FAULTS=$FAULTS \
 HYBRIDSTORE_CAMPAIGN_STRATEGIES=$STRATEGIES \
 HYBRIDSTORE_CAMPAIGN_INSTANCES=$INSTANCES \
-  cargo test --test it campaign -- --nocapture 2>&1 \
+  cargo test --test load campaign -- --nocapture 2>&1 \
   | grep -E '^campaign|^  availability|^  fault|^  Redis killed|^  read|^    [dh][0-9]+ |^  [dh][0-9]+:|^  [a-z].*(412|drain)|guarantees broken'

@@ -5,7 +5,6 @@
 mod admin;
 mod bad_input;
 mod binary;
-mod campaign;
 mod cli;
 mod compound;
 mod concurrency;

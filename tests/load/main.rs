@@ -12,6 +12,8 @@ use hybridstore_testkit::{TestApp, until};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+mod campaign;
+
 /// One load test at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
