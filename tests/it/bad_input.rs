@@ -450,3 +450,57 @@ async fn a_nul_character_is_refused_before_any_tier_sees_it() {
         assert_eq!(read["data"], json!({"n": 1}), "the patches wrote nothing");
     }
 }
+
+/// A version above what PostgreSQL and SQLite store (signed 64-bit) was
+/// never issued: `If-Match` with one is malformed input, in both modes, on
+/// an existing record or a missing one, and nothing changes.
+#[tokio::test]
+async fn an_if_match_beyond_every_tiers_range_is_refused_in_both_modes() {
+    for app in [
+        TestApp::builder().spawn().await,
+        TestApp::builder().embedded().spawn().await,
+    ] {
+        let created = app.put("accounts", "a", json!({"n": 1})).await;
+        assert_eq!(created.status(), StatusCode::CREATED);
+        let version = hybridstore_testkit::etag_version(&created);
+        for tag in ["\"9223372036854775808\"", "\"18446744073709551615\""] {
+            for (method, id) in [
+                (Method::PUT, "a"),
+                (Method::DELETE, "a"),
+                (Method::PATCH, "a"),
+                (Method::PUT, "missing"),
+                (Method::DELETE, "missing"),
+            ] {
+                let what = format!(
+                    "{method} {id} If-Match {tag} (embedded: {})",
+                    app.is_embedded()
+                );
+                check(
+                    &app,
+                    Case {
+                        what: Box::leak(what.into_boxed_str()),
+                        method,
+                        path: format!("/v1/collections/accounts/records/{id}"),
+                        token: Some(ADMIN_TOKEN),
+                        content_type: Some("application/json"),
+                        body: br#"{"n": 2}"#.to_vec(),
+                        headers: vec![("if-match", tag)],
+                        status: StatusCode::BAD_REQUEST,
+                        code: "invalid_request",
+                    },
+                )
+                .await;
+            }
+        }
+        let kept = app.get("accounts", "a").await;
+        assert_eq!(
+            hybridstore_testkit::etag_version(&kept),
+            version,
+            "unchanged"
+        );
+        assert_eq!(
+            app.get("accounts", "missing").await.status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+}

@@ -358,3 +358,40 @@ async fn a_killed_service_leaves_its_write_behind_backlog_to_the_next_one() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Record ids can be user names or emails: at the default log level they
+/// never show in the log, also not in the WARN lines a request logs while a
+/// tier fails under it (span fields included).
+#[tokio::test]
+async fn record_ids_stay_out_of_the_log_at_the_default_level() {
+    use hybridstore_testkit::{Postgres, Redis, RedisPersistence, ServiceProcess, blocking};
+    let postgres = blocking(Postgres::start).await;
+    let redis = std::sync::Arc::new(blocking(|| Redis::start(RedisPersistence::None)).await);
+    let database = create_database(&postgres).await;
+    let env = vec![
+        ("ADMIN_TOKEN".to_owned(), ADMIN_TOKEN.to_owned()),
+        ("DATABASE_URL".to_owned(), postgres.url(&database)),
+        ("REDIS_URL".to_owned(), redis.url()),
+    ];
+    let bin = env!("CARGO_BIN_EXE_hybridstore");
+    let service = blocking(move || ServiceProcess::start(bin, env)).await;
+    let http = reqwest::Client::new();
+    let secret = "alice.secret@example.com";
+    let url = service.url(&format!("/v1/collections/accounts/records/{secret}"));
+    let put = |n: u32| {
+        http.put(&url)
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"n": n}))
+            .send()
+    };
+    assert_eq!(put(1).await.unwrap().status(), StatusCode::CREATED);
+    // Redis dies under the next requests: the breaker opens inside them.
+    let server = redis.clone();
+    blocking(move || server.kill()).await;
+    for n in 2..5 {
+        assert!(put(n).await.unwrap().status().is_success());
+    }
+    let log = service.log();
+    assert!(log.contains("WARN"), "a tier failure was logged:\n{log}");
+    assert!(!log.contains(secret), "the record id is in the log:\n{log}");
+}

@@ -135,7 +135,7 @@ async fn bad_increments_are_refused_and_apply_nothing() {
         (
             scope,
             r#"{"deltas": {"requests": 1e400}}"#.into(),
-            "invalid_json",
+            "invalid_request",
             StatusCode::BAD_REQUEST,
         ),
         (
@@ -249,4 +249,103 @@ async fn bad_increments_are_refused_and_apply_nothing() {
         .await
         .unwrap();
     assert_eq!(rows, 0, "nothing applied");
+}
+
+/// A read whose range starts long before anything retained walks retained
+/// buckets only: it answers what a read from the oldest retained bucket
+/// answers, and eight of them at once do not hold `/health` back (on the
+/// walk from year 0, one hour at a time, they held it for seconds).
+#[tokio::test]
+async fn a_range_from_year_zero_walks_only_retained_buckets() {
+    let app = TestApp::builder().spawn().await;
+    let scope = "usage:ancient";
+    let body = json!({"deltas": {"requests": 3}});
+    assert_eq!(app.increment(scope, body).await.status(), StatusCode::OK);
+    let query = "granularity=hour&from=0000-01-01T00:00:00Z";
+    let ancient = app.read_counters(scope, query).await;
+    let default = app.read_counters(scope, "granularity=hour").await;
+    assert_eq!(ancient["buckets"], default["buckets"]);
+    assert!(!default["buckets"].as_array().unwrap().is_empty());
+
+    // Nothing retained in a range that ends before the oldest bucket.
+    let old = app
+        .read_counters(
+            scope,
+            "granularity=hour&from=0000-01-01T00:00:00Z&to=0001-01-01T00:00:00Z",
+        )
+        .await;
+    assert_eq!(old["buckets"], json!([]));
+
+    let reads: Vec<_> = (0..8)
+        .map(|_| {
+            let request = app
+                .admin(
+                    reqwest::Method::GET,
+                    &format!("/v1/counters/{scope}?{query}"),
+                )
+                .send();
+            tokio::spawn(request)
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let health = app.http.get(app.url("/health")).send().await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(health.status(), StatusCode::OK);
+    for read in reads {
+        assert_eq!(read.await.unwrap().unwrap().status(), StatusCode::OK);
+    }
+    assert!(
+        waited < Duration::from_secs(1),
+        "/health waited {waited:?} behind the reads"
+    );
+}
+
+/// A delta is taken from the number's text as the client sent it, never
+/// through an `f64`: 17 significant digits reach both tiers exactly, and a
+/// value just above the bound is refused rather than rounded into it.
+#[tokio::test]
+async fn deltas_keep_every_digit_of_the_numbers_text() {
+    let app = TestApp::builder().spawn().await;
+    let scope = "usage:exact";
+    let body = r#"{"deltas": {"cost": 123456789.123456789, "tiny": 0.000000001}}"#;
+    let response = app
+        .admin(
+            reqwest::Method::POST,
+            &format!("/v1/counters/{scope}/increment"),
+        )
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let expected: std::collections::BTreeMap<String, String> = [
+        ("cost".to_owned(), "123456789.123456789".to_owned()),
+        ("tiny".to_owned(), "0.000000001".to_owned()),
+    ]
+    .into();
+    assert_eq!(app.redis_totals(scope).await, expected, "Redis");
+    assert!(
+        until(Duration::from_secs(10), || async {
+            app.postgres_counters(scope, "total").await == expected
+        })
+        .await,
+        "PostgreSQL holds {:?}",
+        app.postgres_counters(scope, "total").await
+    );
+
+    let above = app
+        .admin(
+            reqwest::Method::POST,
+            &format!("/v1/counters/{scope}/increment"),
+        )
+        .header("content-type", "application/json")
+        .body(r#"{"deltas": {"cost": 1000000000000000.000000001}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(above.status(), StatusCode::BAD_REQUEST);
+    let problem: Value = above.json().await.unwrap();
+    assert_eq!(problem["code"], "invalid_request");
+    assert_eq!(app.redis_totals(scope).await, expected, "nothing applied");
 }

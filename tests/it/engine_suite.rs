@@ -12,7 +12,9 @@
 use std::time::Duration;
 
 use hybridstore_core::Tier;
-use hybridstore_testkit::{StoredCopy, TestApp, TestAppBuilder, etag_version, record_ids, until};
+use hybridstore_testkit::{
+    READER_TOKEN, StoredCopy, TestApp, TestAppBuilder, etag_version, record_ids, until,
+};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
@@ -73,6 +75,7 @@ on_both_tier_pairs!(
     record_ttl_expires_records,
     counters_are_exact_and_reach_the_durable_tier,
     idempotency_keys_answer_retries_once,
+    idempotency_keys_keep_outcomes_not_refusals,
     a_durable_outage_is_served_from_the_cache_and_replayed,
     a_cache_outage_is_served_durably_and_leaves_nothing_stale,
     both_tiers_down_answer_503_with_retry_after,
@@ -328,6 +331,63 @@ async fn idempotency_keys_answer_retries_once(pair: Pair) {
     assert_eq!(first, again, "the first answer, replayed");
     let totals = app.read_counters("usage:idem", "granularity=total").await;
     assert_eq!(totals["buckets"][0]["values"]["requests"], json!(1));
+}
+
+/// A refusal that says nothing of the request itself (403: the token lacks
+/// the scope) is not stored: the retry runs again, it is not a replay. A key
+/// sent with a method its path does not have answers 405, on an unknown path
+/// 404, whatever the key was used for before.
+async fn idempotency_keys_keep_outcomes_not_refusals(pair: Pair) {
+    let app = pair.builder().spawn().await;
+    let path = "/v1/collections/accounts/records/i1";
+    for attempt in 0..2 {
+        let refused = app
+            .request(Method::PUT, path, Some(READER_TOKEN))
+            .header("idempotency-key", "k-403")
+            .json(&json!({"n": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN, "attempt {attempt}");
+        assert!(
+            refused.headers().get("idempotent-replayed").is_none(),
+            "attempt {attempt}: a 403 is not replayed"
+        );
+    }
+    let created = app
+        .admin(Method::PUT, path)
+        .header("idempotency-key", "k-used")
+        .json(&json!({"n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let other_method = app
+        .admin(Method::POST, path)
+        .header("idempotency-key", "k-used")
+        .json(&json!({"n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other_method.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let other_path = app
+        .admin(Method::PUT, "/v1/nothing-here")
+        .header("idempotency-key", "k-used")
+        .json(&json!({"n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other_path.status(), StatusCode::NOT_FOUND);
+    // The stored outcome still answers its own request.
+    let replayed = app
+        .admin(Method::PUT, path)
+        .header("idempotency-key", "k-used")
+        .json(&json!({"n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replayed.status(), StatusCode::CREATED);
+    assert_eq!(replayed.headers()["idempotent-replayed"], "true");
 }
 
 async fn a_durable_outage_is_served_from_the_cache_and_replayed(pair: Pair) {

@@ -41,4 +41,4 @@ pub use store::{
     ApplyMode, CacheEntry, CacheStore, CachedState, CopyOutcome, DurableStore, IdempotencyClaim,
     StoreResult,
 };
-pub use version::Version;
+pub use version::{Version, VersionParseError};

@@ -21,6 +21,12 @@ use time::OffsetDateTime;
 pub struct Version(u64);
 
 impl Version {
+    /// The highest version every tier can store: PostgreSQL and SQLite keep
+    /// versions as signed 64-bit integers. Clock-based versions stay far
+    /// below it (microseconds since 1970 reach it in the year 294,247); a
+    /// version above it can only come from a client, and is refused there.
+    pub const MAX: Version = Version(i64::MAX as u64);
+
     pub const fn new(value: u64) -> Self {
         Version(value)
     }
@@ -63,10 +69,36 @@ impl fmt::Debug for Version {
     }
 }
 
+/// Why a text is not a version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VersionParseError {
+    /// Not a decimal number.
+    Invalid,
+    /// A number above [`Version::MAX`].
+    OutOfRange,
+}
+
+impl fmt::Display for VersionParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Invalid => write!(f, "a version is a decimal number"),
+            Self::OutOfRange => write!(f, "a version is at most {}", Version::MAX),
+        }
+    }
+}
+
+impl std::error::Error for VersionParseError {}
+
 impl FromStr for Version {
-    type Err = std::num::ParseIntError;
+    type Err = VersionParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.parse().map(Version)
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(VersionParseError::Invalid);
+        }
+        match s.parse::<u64>() {
+            Ok(value) if value <= Self::MAX.0 => Ok(Version(value)),
+            _ => Err(VersionParseError::OutOfRange),
+        }
     }
 }
 
@@ -74,6 +106,21 @@ impl FromStr for Version {
 mod tests {
     use super::*;
     use time::macros::datetime;
+
+    #[test]
+    fn a_version_above_what_every_tier_stores_is_refused() {
+        assert_eq!("9223372036854775807".parse(), Ok(Version::MAX));
+        for text in [
+            "9223372036854775808",
+            "18446744073709551615",
+            "99999999999999999999",
+        ] {
+            assert_eq!(text.parse::<Version>(), Err(VersionParseError::OutOfRange));
+        }
+        for text in ["", "-1", "+1", "1.0", "x"] {
+            assert_eq!(text.parse::<Version>(), Err(VersionParseError::Invalid));
+        }
+    }
 
     #[test]
     fn next_follows_the_clock() {

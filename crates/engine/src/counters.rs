@@ -382,13 +382,28 @@ impl Engine {
         let settings = &self.counter_settings;
         let now = now();
         let to = to.unwrap_or(now);
-        let from = match (from, settings.retention(granularity)) {
-            (Some(from), _) => from,
-            (None, Some(retention)) => now - retention - granularity_span(granularity),
+        if from.is_some_and(|from| from > to) {
+            return Err(Error::InvalidRequest("from is after to".into()));
+        }
+        // Nothing older than the oldest retained bucket is kept: a `from`
+        // before it starts there, so that a read walks retained buckets only
+        // (from year 0 by the hour would be 17.7 million of them).
+        let oldest = settings
+            .retention(granularity)
+            .map(|retention| now - retention - granularity_span(granularity));
+        let from = match (from, oldest) {
+            (Some(from), Some(oldest)) => from.max(oldest),
+            (Some(from), None) => from,
+            (None, Some(oldest)) => oldest,
             (None, None) => OffsetDateTime::UNIX_EPOCH,
         };
         if from > to {
-            return Err(Error::InvalidRequest("from is after to".into()));
+            // The whole range is older than what is retained.
+            return Ok(CounterValues {
+                scope,
+                buckets: Vec::new(),
+                complete: true,
+            });
         }
         let mut buckets = Vec::new();
         let mut start = granularity.bucket_start(from);

@@ -344,7 +344,9 @@ impl Engine {
                 Err(err) if err.is_unavailable() => return Err(self.work_stopped("job", err)),
                 Err(err) => {
                     let key = change.key();
-                    tracing::warn!(error = %err, collection = %key.collection, id = %key.id, "sync could not apply a record");
+                    // Ids can be user names: at warn level only the collection.
+                    tracing::warn!(error = %err, collection = %key.collection, "sync could not apply a record");
+                    tracing::debug!(collection = %key.collection, id = %key.id, "the record sync could not apply");
                     outcomes.push(None);
                 }
             }
@@ -378,7 +380,9 @@ impl Engine {
                     Err(err) if err.is_unavailable() => return Err(self.work_stopped("job", err)),
                     Err(err) => {
                         let key = state.key();
-                        tracing::warn!(error = %err, collection = %key.collection, id = %key.id, "sync could not copy a record");
+                        // Ids can be user names: at warn level only the collection.
+                        tracing::warn!(error = %err, collection = %key.collection, "sync could not copy a record");
+                        tracing::debug!(collection = %key.collection, id = %key.id, "the record sync could not copy");
                         &job.progress.failed
                     }
                 };

@@ -7,7 +7,7 @@
 
 use axum::http::HeaderMap;
 use axum::http::header::{IF_MATCH, IF_NONE_MATCH};
-use hybridstore_core::{Error, Precondition, Version};
+use hybridstore_core::{Error, Precondition, Version, VersionParseError};
 
 use super::problem::ApiError;
 
@@ -16,9 +16,17 @@ pub fn etag(version: Version) -> String {
 }
 
 fn parse_etag(tag: &str) -> Option<Version> {
+    etag_version(tag).ok()
+}
+
+/// The version in an ETag, or why there is none.
+fn etag_version(tag: &str) -> Result<Version, VersionParseError> {
     let tag = tag.trim();
     let tag = tag.strip_prefix("W/").unwrap_or(tag);
-    tag.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
+    tag.strip_prefix('"')
+        .and_then(|tag| tag.strip_suffix('"'))
+        .ok_or(VersionParseError::Invalid)?
+        .parse()
 }
 
 fn header<'a>(
@@ -48,9 +56,18 @@ pub fn write_precondition(headers: &HeaderMap) -> Result<Precondition, ApiError>
         (Some(tag), None) => match tag.starts_with("W/") {
             // If-Match compares strongly: a weak tag never matches.
             true => Err(invalid("If-Match needs a strong ETag such as \"42\"")),
-            false => parse_etag(tag)
-                .map(Precondition::IfMatch)
-                .ok_or_else(|| invalid("If-Match must be * or one ETag such as \"42\"")),
+            // A version no tier can store was never issued: the request is
+            // malformed, whatever the record holds.
+            false => match etag_version(tag) {
+                Ok(version) => Ok(Precondition::IfMatch(version)),
+                Err(VersionParseError::OutOfRange) => Err(invalid(&format!(
+                    "the version in If-Match is out of range (at most {})",
+                    Version::MAX
+                ))),
+                Err(VersionParseError::Invalid) => {
+                    Err(invalid("If-Match must be * or one ETag such as \"42\""))
+                }
+            },
         },
         (None, Some("*")) => Ok(Precondition::Absent),
         (None, Some(_)) => Err(invalid("on writes, If-None-Match supports only *")),

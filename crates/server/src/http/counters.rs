@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use hybridstore_core::{Amount, CounterScope, Error, FieldName, Granularity};
 use hybridstore_engine::{CounterValues, values_map};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -53,21 +54,27 @@ fn timestamp(name: &str, text: &str) -> Result<OffsetDateTime, ApiError> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct IncrementBody {
-    deltas: serde_json::Map<String, Value>,
+    /// Each delta as the text the client sent: a parsed JSON number would
+    /// be an `f64` already (`123456789.123456789` would arrive as
+    /// `123456789.12345679`).
+    deltas: std::collections::BTreeMap<String, Box<RawValue>>,
     at: Option<String>,
 }
 
 /// The deltas of a body: named fields with JSON numbers, exactly.
-fn deltas(body: serde_json::Map<String, Value>) -> Result<Vec<(FieldName, Amount)>, ApiError> {
+fn deltas(
+    body: std::collections::BTreeMap<String, Box<RawValue>>,
+) -> Result<Vec<(FieldName, Amount)>, ApiError> {
     body.into_iter()
         .map(|(name, value)| {
             let field = FieldName::parse(&name).map_err(Error::from)?;
-            let Value::Number(number) = value else {
+            let text = value.get().trim();
+            if !text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
                 return Err(
                     Error::InvalidRequest(format!("deltas.{name} must be a number")).into(),
                 );
-            };
-            let amount = Amount::parse_decimal(&number.to_string())
+            }
+            let amount = Amount::parse_decimal(text)
                 .map_err(|why| Error::InvalidRequest(format!("deltas.{name}: {why}")))?;
             Ok((field, amount))
         })

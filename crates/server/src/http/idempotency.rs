@@ -3,8 +3,10 @@
 //! `Idempotent-Replayed: true`, without the call running again. The key is
 //! scoped to the caller (two clients may use the same key), and bound to the
 //! request: the same key with another method, path, preconditions or body is
-//! a 422 `idempotency_key_reused`. A response that failed inside (5xx) is not
-//! stored: the retry runs. Keys live in the cache tier; while it is down,
+//! a 422 `idempotency_key_reused`. A response that failed inside (5xx), or
+//! an auth or rate refusal (401, 403, 429), is not stored: the retry runs.
+//! Only matched routes take part: an unknown path or method answers 404 or
+//! 405 whatever key it carries. Keys live in the cache tier; while it is down,
 //! calls run without replay protection (counter increments still count once:
 //! their id comes from the key).
 
@@ -173,7 +175,15 @@ async fn run_and_store(
     fingerprint: String,
 ) -> Response {
     let response = next.run(request).await;
-    if response.status().is_server_error() {
+    // Not the outcome of the request, only of this attempt: a failure inside
+    // (5xx), or a refusal a retry may not meet (the caller's rights were
+    // changed, a limit let up). The retry runs.
+    let status = response.status();
+    if status.is_server_error()
+        || status == StatusCode::UNAUTHORIZED
+        || status == StatusCode::FORBIDDEN
+        || status == StatusCode::TOO_MANY_REQUESTS
+    {
         state.engine.release_idempotency(&digest).await;
         return response;
     }

@@ -168,13 +168,16 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .routes(routes!(transfer::import))
         .split_for_parts();
     router
-        .fallback(|| async { ApiError::RouteNotFound })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(Extension(openapi::Spec::new(&spec)))
-        .layer(middleware::from_fn_with_state(
+        // Only on matched routes (before the fallbacks are added): an unknown
+        // path or a method the path does not have answers 404 / 405,
+        // whatever key it carries.
+        .route_layer(middleware::from_fn_with_state(
             state.clone(),
             idempotency::idempotency,
         ))
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(Extension(openapi::Spec::new(&spec)))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(Extension(BodyLimit(body_limit)))
         .layer(middleware::from_fn_with_state(

@@ -89,7 +89,7 @@ fn ttl_param(ttl: Option<u64>) -> Result<Option<Duration>, ApiError> {
     }
 }
 
-#[tracing::instrument(skip_all, fields(collection = %key.collection, id = %key.id))]
+#[tracing::instrument(level = "debug", skip_all, fields(collection = %key.collection, id = %key.id))]
 #[utoipa::path(put, path = "/v1/collections/{collection}/records/{id}", tag = "records", summary = "Create or replace a record",
     params(("collection" = String, Path, description = "Collection name"), ("id" = String, Path, description = "Record id"), ("ttl" = Option<u64>, Query, description = "Lifetime in seconds"),
         ("If-Match" = Option<String>, Header, description = "Write only at this version (\"*\": only if it exists)"),
@@ -117,7 +117,7 @@ pub async fn put(
     Ok(record_response(status, &outcome.record))
 }
 
-#[tracing::instrument(skip_all, fields(collection = %key.collection, id = %key.id))]
+#[tracing::instrument(level = "debug", skip_all, fields(collection = %key.collection, id = %key.id))]
 #[utoipa::path(patch, path = "/v1/collections/{collection}/records/{id}", tag = "records", summary = "Apply a JSON Merge Patch (RFC 7396)",
     params(("collection" = String, Path, description = "Collection name"), ("id" = String, Path, description = "Record id"), ("If-Match" = Option<String>, Header, description = "Only at this version")),
     request_body(content = Object, content_type = "application/merge-patch+json"),
@@ -136,7 +136,7 @@ pub async fn patch(
     Ok(record_response(StatusCode::OK, &outcome.record))
 }
 
-#[tracing::instrument(skip_all, fields(collection = %key.collection, id = %key.id))]
+#[tracing::instrument(level = "debug", skip_all, fields(collection = %key.collection, id = %key.id))]
 #[utoipa::path(get, path = "/v1/collections/{collection}/records/{id}", tag = "records", summary = "Read a record",
     params(("collection" = String, Path, description = "Collection name"), ("id" = String, Path, description = "Record id"), ("If-None-Match" = Option<String>, Header, description = "304 when the version is unchanged")),
     responses((status = 200, description = "The record; ETag is its version", body = openapi::RecordDoc), (status = 304, description = "Not modified"), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
@@ -158,7 +158,7 @@ pub async fn get(
     Ok(record_response(StatusCode::OK, &record))
 }
 
-#[tracing::instrument(skip_all, fields(collection = %key.collection, id = %key.id))]
+#[tracing::instrument(level = "debug", skip_all, fields(collection = %key.collection, id = %key.id))]
 #[utoipa::path(delete, path = "/v1/collections/{collection}/records/{id}", tag = "records", summary = "Delete a record",
     params(("collection" = String, Path, description = "Collection name"), ("id" = String, Path, description = "Record id"), ("If-Match" = Option<String>, Header, description = "Only at this version")),
     responses((status = 204, description = "Deleted"), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
