@@ -263,6 +263,18 @@ async fn bad_requests_are_refused_with_a_problem_and_write_nothing() {
             "invalid_request",
         ),
         case(
+            "nested deeper than every tier can export",
+            M::PUT,
+            widget,
+            S::BAD_REQUEST,
+            "invalid_json",
+        )
+        .body(format!(
+            r#"{{"name": "w", "deep": {}1{}}}"#,
+            "[".repeat(hybridstore_core::MAX_DATA_DEPTH),
+            "]".repeat(hybridstore_core::MAX_DATA_DEPTH)
+        )),
+        case(
             "malformed If-Match",
             M::PUT,
             widget,

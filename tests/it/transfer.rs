@@ -61,6 +61,27 @@ async fn write_data_set(app: &TestApp) {
     app.put("users", "ada", json!({"username": "ada", "admin": true}))
         .await;
     app.delete("accounts", "acct:07").await;
+    // The extremes of what the API accepts: the deepest nesting, text beyond
+    // the Basic Multilingual Plane and line separators, a record near the
+    // body limit.
+    let mut deep = json!({"bottom": true});
+    for _ in 1..hybridstore_core::MAX_DATA_DEPTH {
+        deep = json!({ "d": deep });
+    }
+    let text = "naïve 日本語 🎉 \u{2028} \u{2029} \"quoted\" \\ tab\t end";
+    let big = "x".repeat(1_000_000);
+    for (id, data) in [
+        ("deep", deep),
+        ("unicode", json!({"text": text, "ключ": text})),
+        ("big", json!({"big": big})),
+    ] {
+        let response = app.put("accounts", id, data).await;
+        assert!(
+            response.status().is_success(),
+            "{id}: {}",
+            response.status()
+        );
+    }
     for n in 0..5 {
         let deltas = json!({"deltas": {"requests": 1, "cost_usd": 0.013, "tokens": 1000 + n}});
         assert_eq!(
@@ -72,6 +93,15 @@ async fn write_data_set(app: &TestApp) {
     }
     app.increment("usage:key_2", json!({"deltas": {"requests": 2}}))
         .await;
+    // Two legal deltas whose sum is above what one delta may be.
+    for _ in 0..2 {
+        let deltas =
+            json!({"deltas": {"tokens": 600_000_000_000_000_i64, "cost_usd": 0.000000001}});
+        assert_eq!(
+            app.increment("usage:big", deltas).await.status(),
+            StatusCode::OK
+        );
+    }
     // Increments written behind (cache_first) must reach the durable tier first.
     assert!(
         until(Duration::from_secs(10), || async {
@@ -143,7 +173,7 @@ async fn restore_drill(mode: Mode) {
     let verified = cli(&source, &["backup", "verify", manifest.to_str().unwrap()]).await;
     assert!(verified.status.success(), "{}", text(&verified));
     let stated: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-    assert_eq!(stated["records"]["accounts"], 29);
+    assert_eq!(stated["records"]["accounts"], 32);
     assert_eq!(stated["records"]["users"], 3);
     assert_eq!(stated["deletions"], 1);
 

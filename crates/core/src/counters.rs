@@ -16,6 +16,12 @@ use crate::{CounterScope, FieldName};
 const NANOS_PER_UNIT: i128 = 1_000_000_000;
 /// Largest |delta| accepted, in units.
 pub const MAX_DELTA_UNITS: i128 = 1_000_000_000_000_000;
+/// Largest |value| a stored amount (a sum of deltas) is read back with, in
+/// units: within Redis's signed 64-bit units (9.2 * 10^18), PostgreSQL's
+/// `numeric(40,9)` and SQLite's text. Sums of legal deltas pass
+/// [`MAX_DELTA_UNITS`] after two of them; they must still read, export and
+/// restore.
+pub const MAX_TOTAL_UNITS: i128 = 1_000_000_000_000_000_000;
 
 /// An exact decimal amount with nine decimals.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -53,8 +59,19 @@ impl Amount {
             .map(Amount::from_nanos)
     }
 
-    /// Parses the decimal text of a JSON number (`12`, `0.012`, `1e-6`).
+    /// Parses the decimal text of a JSON number (`12`, `0.012`, `1e-6`) as a
+    /// delta: at most [`MAX_DELTA_UNITS`].
     pub fn parse_decimal(text: &str) -> Result<Self, String> {
+        Self::parse_within(text, MAX_DELTA_UNITS)
+    }
+
+    /// Parses a stored amount (a sum of deltas, as a tier or an export line
+    /// holds it): at most [`MAX_TOTAL_UNITS`].
+    pub fn parse_stored(text: &str) -> Result<Self, String> {
+        Self::parse_within(text, MAX_TOTAL_UNITS)
+    }
+
+    fn parse_within(text: &str, max_units: i128) -> Result<Self, String> {
         let bad = || format!("{text} is not a decimal number");
         let (mantissa, exponent) = match text.find(['e', 'E']) {
             Some(at) => (
@@ -88,7 +105,7 @@ impl Amount {
             }
             scale += 1;
         }
-        let too_large = || format!("{text} is too large (at most {MAX_DELTA_UNITS})");
+        let too_large = || format!("{text} is too large (at most {max_units})");
         if significant.is_empty() {
             return Ok(Amount::ZERO);
         }
@@ -99,7 +116,7 @@ impl Amount {
         for _ in 0..scale.max(0) {
             nanos = nanos.checked_mul(10).ok_or_else(too_large)?;
         }
-        if nanos > MAX_DELTA_UNITS * NANOS_PER_UNIT {
+        if nanos > max_units * NANOS_PER_UNIT {
             return Err(too_large());
         }
         Ok(Amount::from_nanos(if negative { -nanos } else { nanos }))
@@ -132,7 +149,7 @@ impl Serialize for Amount {
 impl<'de> Deserialize<'de> for Amount {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        Amount::parse_decimal(&text).map_err(serde::de::Error::custom)
+        Amount::parse_stored(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -325,6 +342,12 @@ mod tests {
             "10 decimals"
         );
         assert!(Amount::parse_decimal("1e16").is_err(), "too large");
+        assert_eq!(
+            Amount::parse_stored("1200000000000000.5").map(|a| a.to_string()),
+            Ok("1200000000000000.5".to_owned()),
+            "a sum of legal deltas reads back"
+        );
+        assert!(Amount::parse_stored("1e19").is_err());
         assert!(Amount::parse_decimal("abc").is_err());
         let mut sum = Amount::ZERO;
         for _ in 0..1_000_000 {

@@ -22,7 +22,7 @@ pub use collection::{CollectionSpec, Strategy};
 pub use control::ControlState;
 pub use counters::{
     Amount, Bucket, BucketValues, CacheIncrementOutcome, CounterIncrement, CounterJournalEntry,
-    CounterValue, Granularity, MAX_DELTA_UNITS,
+    CounterValue, Granularity, MAX_DELTA_UNITS, MAX_TOTAL_UNITS,
 };
 pub use error::{Error, StoreError, Tier};
 pub use journal::{
@@ -34,8 +34,8 @@ pub use names::{
     CollectionName, CounterScope, FieldName, IndexName, NameError, RecordId, validate_id_prefix,
 };
 pub use record::{
-    IndexEntry, JsonObject, ListQuery, Precondition, Record, RecordKey, RecordWrite, WriteOutcome,
-    prefix_upper_bound, unstorable,
+    IndexEntry, JsonObject, ListQuery, MAX_DATA_DEPTH, Precondition, Record, RecordKey,
+    RecordWrite, WriteOutcome, prefix_upper_bound, unstorable,
 };
 pub use store::{
     ApplyMode, CacheEntry, CacheStore, CachedState, CopyOutcome, DurableStore, IdempotencyClaim,

@@ -10,48 +10,102 @@ use crate::{CollectionName, IndexName, RecordId, Version};
 /// The data of a record: always a JSON object.
 pub type JsonObject = serde_json::Map<String, serde_json::Value>;
 
+/// How deep record data may nest, the top-level object being level 1.
+/// JSON readers here stop at 128 levels (serde_json's recursion limit), and
+/// an export line wraps a record in two more; a bound well inside that keeps
+/// every accepted record exportable, restorable and importable.
+pub const MAX_DATA_DEPTH: usize = 64;
+
 /// Why `data` cannot be stored in every tier, if it cannot: what the service
 /// accepts, each tier must hold, replay and export. PostgreSQL's `jsonb`
 /// refuses the character U+0000 in any string (key or value), while Redis
 /// and SQLite take it; accepting it would let one tier hold what another
-/// never can.
+/// never can. Data nested deeper than [`MAX_DATA_DEPTH`] would be stored but
+/// could not be exported or restored.
 pub fn unstorable(data: &JsonObject) -> Option<String> {
-    fn walk(value: &serde_json::Value, path: &mut String) -> Option<String> {
+    fn at(path: &str) -> &str {
+        if path.is_empty() { "/" } else { path }
+    }
+    fn walk(value: &serde_json::Value, path: &mut String, depth: usize) -> Option<String> {
         match value {
-            serde_json::Value::String(text) if text.contains('\0') => {
-                let at = if path.is_empty() { "/" } else { path.as_str() };
-                Some(format!(
-                    "the string at {at} contains U+0000, which cannot be stored"
-                ))
+            serde_json::Value::String(text) if text.contains('\0') => Some(format!(
+                "the string at {} contains U+0000, which cannot be stored",
+                at(path)
+            )),
+            serde_json::Value::Array(items) => {
+                if depth > MAX_DATA_DEPTH {
+                    return Some(too_deep(path));
+                }
+                items.iter().enumerate().find_map(|(n, item)| {
+                    let len = path.len();
+                    path.push_str(&format!("/{n}"));
+                    let found = walk(item, path, depth + 1);
+                    path.truncate(len);
+                    found
+                })
             }
-            serde_json::Value::Array(items) => items.iter().enumerate().find_map(|(n, item)| {
-                let len = path.len();
-                path.push_str(&format!("/{n}"));
-                let found = walk(item, path);
-                path.truncate(len);
-                found
-            }),
-            serde_json::Value::Object(fields) => object(fields, path),
+            serde_json::Value::Object(fields) => object(fields, path, depth),
             _ => None,
         }
     }
-    fn object(fields: &JsonObject, path: &mut String) -> Option<String> {
+    fn too_deep(path: &str) -> String {
+        format!(
+            "the data nests deeper than {MAX_DATA_DEPTH} levels at {}",
+            at(path)
+        )
+    }
+    fn object(fields: &JsonObject, path: &mut String, depth: usize) -> Option<String> {
+        if depth > MAX_DATA_DEPTH {
+            return Some(too_deep(path));
+        }
         fields.iter().find_map(|(name, value)| {
             if name.contains('\0') {
-                let at = if path.is_empty() { "/" } else { path.as_str() };
                 return Some(format!(
-                    "a field name in {at} contains U+0000, which cannot be stored"
+                    "a field name in {} contains U+0000, which cannot be stored",
+                    at(path)
                 ));
             }
             let len = path.len();
             path.push('/');
             path.push_str(&name.replace('~', "~0").replace('/', "~1"));
-            let found = walk(value, path);
+            let found = walk(value, path, depth + 1);
             path.truncate(len);
             found
         })
     }
-    object(data, &mut String::new())
+    object(data, &mut String::new(), 1)
+}
+
+#[cfg(test)]
+mod depth_tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn nested(levels: usize) -> JsonObject {
+        // `levels` objects in all, the top-level one included.
+        let mut value = json!({});
+        for _ in 1..levels {
+            value = json!({ "a": value });
+        }
+        match value {
+            Value::Object(object) => object,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn data_may_nest_up_to_the_bound_and_no_deeper() {
+        assert_eq!(unstorable(&nested(MAX_DATA_DEPTH)), None);
+        let problem = unstorable(&nested(MAX_DATA_DEPTH + 1)).expect("too deep");
+        assert!(problem.contains("deeper than 64 levels"), "{problem}");
+        let mut in_array = nested(1);
+        let mut inner = json!([1]);
+        for _ in 1..MAX_DATA_DEPTH {
+            inner = json!([inner]);
+        }
+        in_array.insert("list".into(), inner);
+        assert!(unstorable(&in_array).is_some(), "arrays count as levels");
+    }
 }
 
 /// Where a record lives: its collection and id.

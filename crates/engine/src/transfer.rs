@@ -139,7 +139,14 @@ impl Engine {
     /// Why `line` cannot be imported here, if it cannot.
     pub fn check_import_line(&self, line: &Line) -> Result<(), String> {
         let collection = match line {
-            Line::Record(record) => &record.collection,
+            Line::Record(record) => {
+                // What the API refuses, an import refuses too: the same set
+                // every tier can store and export again.
+                if let Some(problem) = hybridstore_core::unstorable(&record.data) {
+                    return Err(format!("record {}: {problem}", record.id));
+                }
+                &record.collection
+            }
             Line::Deletion(deletion) => &deletion.collection,
             Line::Counter(_) => return Ok(()),
             Line::Header(_) | Line::End(_) => return Ok(()),

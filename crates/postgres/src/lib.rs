@@ -453,7 +453,7 @@ fn counter_value_from_row(row: &PgRow) -> StoreResult<CounterValue> {
             .ok_or_else(|| bad(format!("unknown granularity {granularity:?}")))?,
         bucket_start: row.try_get("bucket_start").map_err(classify)?,
         field: FieldName::parse(&field).map_err(|err| bad(err.to_string()))?,
-        value: Amount::parse_decimal(&value).map_err(bad)?,
+        value: Amount::parse_stored(&value).map_err(bad)?,
         expires_at: row.try_get("expires_at").map_err(classify)?,
     })
 }
@@ -474,8 +474,8 @@ fn bucket_values(rows: &[PgRow]) -> StoreResult<Vec<BucketValues>> {
         let field =
             FieldName::parse(&field).map_err(|err| StoreError::internal(Tier::Durable, err))?;
         let value: String = row.try_get("value").map_err(classify)?;
-        let value = Amount::parse_decimal(&value)
-            .map_err(|err| StoreError::internal(Tier::Durable, err))?;
+        let value =
+            Amount::parse_stored(&value).map_err(|err| StoreError::internal(Tier::Durable, err))?;
         let expires_at = row.try_get("expires_at").map_err(classify)?;
         match grouped.last_mut() {
             Some(last) if last.bucket.granularity == granularity && last.bucket.start == start => {

@@ -564,7 +564,7 @@ impl TestApp {
         .iter()
         .map(|row| {
             let value: String = row.get("value");
-            let exact = hybridstore_core::Amount::parse_decimal(&value).expect("a decimal");
+            let exact = hybridstore_core::Amount::parse_stored(&value).expect("a decimal");
             (row.get("field"), exact.to_string())
         })
         .collect()
