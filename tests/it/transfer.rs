@@ -602,3 +602,66 @@ async fn a_hub_settings_file_is_imported_once_and_a_malformed_one_changes_nothin
         StatusCode::NOT_FOUND
     );
 }
+
+/// An export whose source fails half-way (a row it cannot read) ends with a
+/// `failed` line that says why, instead of a body cut off. No importer takes
+/// it, and the CLI reports a failed export and leaves nothing under the file
+/// name it was given.
+#[tokio::test]
+async fn an_export_that_fails_half_way_says_why_and_leaves_no_file() {
+    let (builder, hooked) = TestApp::builder().hooked();
+    let app = builder.spawn().await;
+    for n in 0..1500 {
+        app.write_postgres_row("accounts", &format!("r{n:04}"), 1 + n, json!({"n": n}))
+            .await;
+    }
+    hooked.fail_scans_after(1);
+    let body = app
+        .admin(Method::GET, "/admin/database/export")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .expect("the body ends normally, not cut off");
+    let last: Value = serde_json::from_str(body.lines().last().unwrap()).unwrap();
+    assert_eq!(last["type"], "failed", "{last}");
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("could not be read"),
+        "{last}"
+    );
+    assert!(!body.contains(r#""type":"end""#));
+
+    let import = app
+        .admin(Method::POST, "/admin/database/import")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(import.status(), StatusCode::BAD_REQUEST);
+    let problem: Value = import.json().await.unwrap();
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the export failed at its source"),
+        "{problem}"
+    );
+
+    hooked.fail_scans_after(1);
+    let files = tempfile::tempdir().unwrap();
+    let path = files.path().join("export.ndjson");
+    let exported = cli(&app, &["export", "--output", path.to_str().unwrap()]).await;
+    assert!(!exported.status.success(), "{}", text(&exported));
+    assert!(
+        text(&exported).contains("could not be read"),
+        "{}",
+        text(&exported)
+    );
+    assert!(!path.exists(), "nothing under the final name");
+    let left: Vec<_> = std::fs::read_dir(files.path()).unwrap().collect();
+    assert!(left.is_empty(), "no temporary file left: {left:?}");
+}

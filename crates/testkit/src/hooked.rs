@@ -24,6 +24,8 @@ pub struct HookedDurable {
     get_release: Notify,
     held_apply: watch::Sender<Option<RecordKey>>,
     applies_held: AtomicU64,
+    /// Scans that still succeed before every scan fails (`u64::MAX`: never).
+    scans_left: AtomicU64,
 }
 
 impl HookedDurable {
@@ -35,6 +37,7 @@ impl HookedDurable {
             get_release: Notify::new(),
             held_apply: watch::Sender::new(None),
             applies_held: AtomicU64::new(0),
+            scans_left: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -74,6 +77,13 @@ impl HookedDurable {
 
     pub fn release_applies(&self) {
         self.held_apply.send_replace(None);
+    }
+
+    /// After `n` more successful `scan` calls, every `scan` fails with an
+    /// error the tier would give for a row it cannot read: an export that
+    /// breaks half-way.
+    pub fn fail_scans_after(&self, n: u64) {
+        self.scans_left.store(n, Ordering::SeqCst);
     }
 
     /// How many `apply_changes` calls have been held so far.
@@ -148,6 +158,16 @@ impl DurableStore for HookedDurable {
         limit: usize,
         now: OffsetDateTime,
     ) -> StoreResult<Vec<Change>> {
+        let left = self.scans_left.load(Ordering::SeqCst);
+        if left == 0 {
+            return Err(hybridstore_core::StoreError::internal(
+                hybridstore_core::Tier::Durable,
+                "a row could not be read",
+            ));
+        }
+        if left != u64::MAX {
+            self.scans_left.fetch_sub(1, Ordering::SeqCst);
+        }
         self.inner().scan(c, after, limit, now).await
     }
     async fn get_states(

@@ -141,10 +141,44 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> TransferError + '_ {
 
 /// Parses one line (`number` counts from 1, for messages).
 pub fn parse_line(text: &str, number: u64) -> Result<Line, TransferError> {
-    serde_json::from_str(text).map_err(|err| TransferError::Line {
-        line: number,
-        problem: err.to_string(),
+    serde_json::from_str(text).map_err(|err| {
+        // The source's own word that it could not go on (see `failed_line`).
+        if let Ok(failed) = serde_json::from_str::<Failed>(text)
+            && failed.kind == FAILED
+        {
+            return TransferError::Line {
+                line: number,
+                problem: format!("the export failed at its source: {}", failed.reason),
+            };
+        }
+        TransferError::Line {
+            line: number,
+            problem: err.to_string(),
+        }
     })
+}
+
+/// The `type` of the line an export stream ends with when its source could
+/// not go on: never a [`Line`], so every reader refuses the export.
+const FAILED: &str = "failed";
+
+#[derive(Serialize, Deserialize)]
+struct Failed {
+    #[serde(rename = "type")]
+    kind: String,
+    reason: String,
+}
+
+/// The last line of an export stream whose source failed half-way: the
+/// client sees why, and no importer takes the export for a complete one.
+pub fn failed_line(reason: &str) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(&Failed {
+        kind: FAILED.to_owned(),
+        reason: reason.to_owned(),
+    })
+    .expect("a failed line always serializes");
+    bytes.push(b'\n');
+    bytes
 }
 
 /// One line as bytes, newline included.

@@ -39,13 +39,25 @@ pub async fn export(State(state): State<AppState>, _: AdminCaller) -> Response {
         }
         Bytes::from(bytes)
     });
+    // A failure half-way ends the stream with a `failed` line (no importer
+    // takes it), rather than cutting the body: the client learns why.
+    let body = pages.scan(false, |failed, page| {
+        let next = match (*failed, page) {
+            (true, _) => None,
+            (false, Ok(bytes)) => Some(bytes),
+            (false, Err(err)) => {
+                tracing::error!(error = %err, "export stopped");
+                *failed = true;
+                Some(Bytes::from(hybridstore_transfer::failed_line(
+                    &err.to_string(),
+                )))
+            }
+        };
+        std::future::ready(next)
+    });
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(pages.map_err(|err| {
-            // The client sees the body break off (no end line); the why is here.
-            tracing::error!(error = %err, "export stopped");
-            std::io::Error::other(err)
-        })),
+        Body::from_stream(body.map(Ok::<_, std::convert::Infallible>)),
     )
         .into_response()
 }
