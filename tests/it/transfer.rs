@@ -664,4 +664,15 @@ async fn an_export_that_fails_half_way_says_why_and_leaves_no_file() {
     assert!(!path.exists(), "nothing under the final name");
     let left: Vec<_> = std::fs::read_dir(files.path()).unwrap().collect();
     assert!(left.is_empty(), "no temporary file left: {left:?}");
+
+    hooked.fail_scans_after(1);
+    let backups = tempfile::tempdir().unwrap();
+    let dir = backups.path().to_str().unwrap();
+    let created = cli(&app, &["backup", "create", "--dir", dir]).await;
+    assert!(!created.status.success(), "{}", text(&created));
+    let left: Vec<_> = std::fs::read_dir(backups.path()).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "no backup, not even a partial one: {left:?}"
+    );
 }
