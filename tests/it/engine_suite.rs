@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use hybridstore_core::Tier;
 use hybridstore_testkit::{
-    READER_TOKEN, StoredCopy, TestApp, TestAppBuilder, etag_version, record_ids, until,
+    ADMIN_TOKEN, READER_TOKEN, StoredCopy, TestApp, TestAppBuilder, etag_version, record_ids, until,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -340,12 +340,14 @@ async fn idempotency_keys_answer_retries_once(pair: Pair) {
 async fn idempotency_keys_keep_outcomes_not_refusals(pair: Pair) {
     let app = pair.builder().spawn().await;
     let path = "/v1/collections/accounts/records/i1";
-    for attempt in 0..2 {
-        let refused = app
-            .request(Method::PUT, path, Some(READER_TOKEN))
-            .header("idempotency-key", "k-403")
+    let send = |method: Method, path: &str, token: &'static str, key: &'static str| {
+        app.request(method, path, Some(token))
+            .header("idempotency-key", key)
             .json(&json!({"n": 1}))
             .send()
+    };
+    for attempt in 0..2 {
+        let refused = send(Method::PUT, path, READER_TOKEN, "k-403")
             .await
             .unwrap();
         assert_eq!(refused.status(), StatusCode::FORBIDDEN, "attempt {attempt}");
@@ -354,36 +356,20 @@ async fn idempotency_keys_keep_outcomes_not_refusals(pair: Pair) {
             "attempt {attempt}: a 403 is not replayed"
         );
     }
-    let created = app
-        .admin(Method::PUT, path)
-        .header("idempotency-key", "k-used")
-        .json(&json!({"n": 1}))
-        .send()
+    let created = send(Method::PUT, path, ADMIN_TOKEN, "k-used")
         .await
         .unwrap();
     assert_eq!(created.status(), StatusCode::CREATED);
-    let other_method = app
-        .admin(Method::POST, path)
-        .header("idempotency-key", "k-used")
-        .json(&json!({"n": 1}))
-        .send()
+    let other_method = send(Method::POST, path, ADMIN_TOKEN, "k-used")
         .await
         .unwrap();
     assert_eq!(other_method.status(), StatusCode::METHOD_NOT_ALLOWED);
-    let other_path = app
-        .admin(Method::PUT, "/v1/nothing-here")
-        .header("idempotency-key", "k-used")
-        .json(&json!({"n": 1}))
-        .send()
+    let other_path = send(Method::PUT, "/v1/nothing-here", ADMIN_TOKEN, "k-used")
         .await
         .unwrap();
     assert_eq!(other_path.status(), StatusCode::NOT_FOUND);
     // The stored outcome still answers its own request.
-    let replayed = app
-        .admin(Method::PUT, path)
-        .header("idempotency-key", "k-used")
-        .json(&json!({"n": 1}))
-        .send()
+    let replayed = send(Method::PUT, path, ADMIN_TOKEN, "k-used")
         .await
         .unwrap();
     assert_eq!(replayed.status(), StatusCode::CREATED);

@@ -505,10 +505,12 @@ fn may_be_lost(strategy: &str, losses: &[Loss], acked: Instant) -> bool {
 /// Whether a write acknowledged at `acked` may have been lost by a Redis
 /// restart that happened before `read` began.
 fn lost_before(strategy: &str, losses: &[Loss], acked: Instant, read: Instant) -> bool {
-    strategy == "cache_first"
-        && losses.iter().any(|(killed, back)| {
-            acked <= *back && acked + WRITE_BEHIND_DELAY >= *killed && *killed < read
-        })
+    let before: Vec<Loss> = losses
+        .iter()
+        .filter(|(killed, _)| *killed < read)
+        .copied()
+        .collect();
+    may_be_lost(strategy, &before, acked)
 }
 
 async fn check(

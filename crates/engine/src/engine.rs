@@ -455,17 +455,11 @@ impl Engine {
             if self.cache.overtaken(key, version) {
                 return;
             }
-            let updated = match self.cache.past_breaker_wait() {
-                Some(wait) => matches!(
-                    tokio::time::timeout(
-                        wait,
-                        self.update_copy(&*self.cache.inner, collection, key, update, now),
-                    )
-                    .await,
-                    Ok(Ok(_))
-                ),
-                None => false,
-            };
+            let updated = self
+                .cache
+                .past_breaker(|tier| self.update_copy(tier, collection, key, update, now))
+                .await
+                .is_some();
             // Only a copy that could not be brought up to date may be stale:
             // that is recorded durably, for every instance and for this one
             // after a restart. A write whose update landed bumps nothing, so

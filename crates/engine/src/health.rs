@@ -475,7 +475,7 @@ pub(crate) struct GuardedCache {
 const FLOOR_KEPT: Duration = Duration::from_secs(30);
 
 /// How long a request waits on an unreachable-looking cache past its open
-/// breaker (see [`GuardedCache::past_breaker_wait`]): a reachable cache
+/// breaker (see [`GuardedCache::past_breaker`]): a reachable cache
 /// answers within a few milliseconds; a hung one must not hold every request
 /// for the call timeout.
 const PAST_BREAKER_WAIT: Duration = Duration::from_millis(25);
@@ -696,20 +696,31 @@ impl GuardedCache {
         self.recovering.load(Ordering::Acquire)
     }
 
-    /// How long a request may wait on the tier itself while the breaker is
-    /// open: another instance may serve the cache already, so what it holds
-    /// matters (pinned versions; a copy to bring up to date). Up to the
-    /// call timeout while this instance's recovery has just reached it,
-    /// [`PAST_BREAKER_WAIT`] otherwise (it may be down, or hung); not at all
-    /// during a simulated outage.
-    pub fn past_breaker_wait(&self) -> Option<Duration> {
+    /// Asks the tier itself, past the open breaker: another instance may
+    /// serve the cache already, so what it holds matters (pinned versions; a
+    /// copy to bring up to date). Waits up to the call timeout while this
+    /// instance's recovery has just reached it, [`PAST_BREAKER_WAIT`]
+    /// otherwise (it may be down, or hung); not at all during a simulated
+    /// outage. None: no answer.
+    pub async fn past_breaker<'a, T, F>(
+        &'a self,
+        call: impl FnOnce(&'a dyn CacheStore) -> F,
+    ) -> Option<T>
+    where
+        F: Future<Output = StoreResult<T>>,
+    {
         if self.breaker.outage_simulated() {
-            None
-        } else if self.recovering() {
-            Some(self.timeout)
-        } else {
-            Some(PAST_BREAKER_WAIT)
+            return None;
         }
+        let wait = if self.recovering() {
+            self.timeout
+        } else {
+            PAST_BREAKER_WAIT
+        };
+        tokio::time::timeout(wait, call(&*self.inner))
+            .await
+            .ok()
+            .and_then(Result::ok)
     }
 
     /// Removes the copies older than what was committed around the cache.

@@ -301,20 +301,16 @@ impl Engine {
         // into it already (this one has not probed yet, or is recovering
         // it), whatever the backlog flags last said.
         let states = if closed {
-            self.cache.get_states(keys).await.map_err(|err| {
+            self.cache
+                .get_states(keys)
+                .await
                 // The breaker is open now: decide as without a cache.
-                self.cache_failed("get_states", &err);
-            })
+                .map_err(|err| self.cache_failed("get_states", &err))
+                .ok()
         } else {
-            match self.cache.past_breaker_wait() {
-                Some(wait) => tokio::time::timeout(wait, self.cache.inner.get_states(keys))
-                    .await
-                    .map_err(drop)
-                    .and_then(|states| states.map_err(drop)),
-                None => Err(()),
-            }
+            self.cache.past_breaker(|tier| tier.get_states(keys)).await
         };
-        if let Ok(states) = states {
+        if let Some(states) = states {
             let pinned: Vec<_> = states
                 .into_iter()
                 .flatten()
@@ -420,25 +416,21 @@ impl Engine {
         }
         // As in `settle`: with the breaker open the tier is asked, briefly.
         let pinned = if closed {
-            self.cache.pinned(query).await.map_err(|err| {
-                self.cache_failed("pinned", &err);
-            })
+            self.cache
+                .pinned(query)
+                .await
+                .map_err(|err| self.cache_failed("pinned", &err))
+                .ok()
         } else {
-            match self.cache.past_breaker_wait() {
-                Some(wait) => tokio::time::timeout(wait, self.cache.inner.pinned(query))
-                    .await
-                    .map_err(drop)
-                    .and_then(|pinned| pinned.map_err(drop)),
-                None => Err(()),
-            }
+            self.cache.past_breaker(|tier| tier.pinned(query)).await
         };
         match pinned {
-            Ok(pinned) => {
+            Some(pinned) => {
                 self.apply_pinned(&pinned).await?;
                 Ok(true)
             }
             // The caller's check of the keys known to be held decides.
-            Err(()) => Ok(false),
+            None => Ok(false),
         }
     }
 
