@@ -319,6 +319,23 @@ async fn deltas_keep_every_digit_of_the_numbers_text() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains(r#""totals":{"cost":123456789.123456789,"tiny":0.000000001}"#),
+        "the answer carries every digit: {text}"
+    );
+    let read = app
+        .admin(reqwest::Method::GET, &format!("/v1/counters/{scope}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        read.contains(r#""values":{"cost":123456789.123456789,"tiny":0.000000001}"#),
+        "so does a read: {read}"
+    );
     let expected: std::collections::BTreeMap<String, String> = [
         ("cost".to_owned(), "123456789.123456789".to_owned()),
         ("tiny".to_owned(), "0.000000001".to_owned()),
@@ -348,4 +365,79 @@ async fn deltas_keep_every_digit_of_the_numbers_text() {
     let problem: Value = above.json().await.unwrap();
     assert_eq!(problem["code"], "invalid_request");
     assert_eq!(app.redis_totals(scope).await, expected, "nothing applied");
+}
+
+/// A total is kept within +-10^18 in every tier: the thousandth increment
+/// of the largest delta lands exactly on the bound, the next one is refused
+/// with `counter_out_of_range` and applies nothing, in either tier, in both
+/// modes and both ways counters are written (the cache's script, the
+/// durable tier's transaction). Before, Redis and PostgreSQL took it and
+/// every export and backup failed on the total.
+#[tokio::test]
+async fn an_increment_past_the_largest_total_is_refused_and_applies_nothing() {
+    for (embedded, strategy) in [
+        (false, "cache_first"),
+        (false, "dual_write"),
+        (true, "cache_first"),
+        (true, "dual_write"),
+    ] {
+        let mut builder = TestApp::builder().config("counters.strategy", strategy);
+        if embedded {
+            builder = builder.embedded();
+        }
+        let app = builder.spawn().await;
+        let what = format!("{strategy}, embedded: {embedded}");
+        let scope = "usage:bound";
+        let mut sent = 0;
+        while sent < 1000 {
+            let batch: Vec<_> = (0..20)
+                .map(|_| {
+                    app.increment(
+                        scope,
+                        json!({"deltas": {"tokens": 1_000_000_000_000_000u64}}),
+                    )
+                })
+                .collect();
+            for response in futures_util::future::join_all(batch).await {
+                assert_eq!(response.status(), StatusCode::OK, "{what}");
+            }
+            sent += 20;
+        }
+        for body in [
+            json!({"deltas": {"tokens": 1}}),
+            json!({"deltas": {"other": 5, "tokens": 0.000000001}}),
+        ] {
+            let refused = app.increment(scope, body.clone()).await;
+            assert_eq!(
+                refused.status(),
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "{what}: {body}"
+            );
+            let problem: Value = refused.json().await.unwrap();
+            assert_eq!(problem["code"], "counter_out_of_range", "{what}");
+        }
+        let total = app.read_counters(scope, "granularity=total").await;
+        assert_eq!(
+            total["buckets"][0]["values"],
+            json!({"tokens": 1_000_000_000_000_000_000u64}),
+            "{what}: the refused increments applied nothing (not even `other`)"
+        );
+        if !embedded {
+            let expected: std::collections::BTreeMap<String, String> =
+                [("tokens".to_owned(), "1000000000000000000".to_owned())].into();
+            assert!(
+                until(Duration::from_secs(10), || async {
+                    app.postgres_counters(scope, "total").await == expected
+                })
+                .await,
+                "{what}: PostgreSQL holds {:?}",
+                app.postgres_counters(scope, "total").await
+            );
+        }
+        // Going back down is allowed.
+        let down = app
+            .increment(scope, json!({"deltas": {"tokens": -1}}))
+            .await;
+        assert_eq!(down.status(), StatusCode::OK, "{what}");
+    }
 }

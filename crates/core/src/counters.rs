@@ -44,6 +44,20 @@ impl Amount {
         self.nanos.checked_add(other.nanos).map(Amount::from_nanos)
     }
 
+    /// True when a tier may keep this as a total: |value| <= [`MAX_TOTAL_UNITS`].
+    /// Every tier refuses an increment that would take a total past it, so
+    /// what was accepted always reads back, exports and restores.
+    pub fn is_storable_total(self) -> bool {
+        self.nanos.unsigned_abs() <= (MAX_TOTAL_UNITS * NANOS_PER_UNIT) as u128
+    }
+
+    /// `self + delta` when the sum is a storable total
+    /// ([`Amount::is_storable_total`]).
+    pub fn add_to_total(self, delta: Amount) -> Option<Amount> {
+        self.checked_add(delta)
+            .filter(|sum| sum.is_storable_total())
+    }
+
     /// Whole units (toward minus infinity) and the nano remainder in
     /// `0..10^9`, as the cache tier stores them.
     pub fn split(self) -> (i128, i64) {
@@ -120,22 +134,6 @@ impl Amount {
             return Err(too_large());
         }
         Ok(Amount::from_nanos(if negative { -nanos } else { nanos }))
-    }
-
-    /// As a JSON number: an integer when whole, else the nearest double of
-    /// the exact decimal.
-    pub fn to_json(self) -> serde_json::Value {
-        let (units, nanos) = self.split();
-        if nanos == 0
-            && let Ok(units) = i64::try_from(units)
-        {
-            return serde_json::Value::from(units);
-        }
-        self.to_string()
-            .parse::<f64>()
-            .ok()
-            .and_then(serde_json::Number::from_f64)
-            .map_or(serde_json::Value::Null, serde_json::Value::Number)
     }
 }
 
@@ -357,8 +355,17 @@ mod tests {
         assert_eq!(amount("-0.25").to_string(), "-0.25");
         assert_eq!(amount("-0.25").split(), (-1, 750_000_000));
         assert_eq!(Amount::from_parts(-1, 750_000_000), Some(amount("-0.25")));
-        assert_eq!(amount("3").to_json(), serde_json::json!(3));
-        assert_eq!(amount("0.012").to_json(), serde_json::json!(0.012));
+        let top = Amount::parse_stored("1000000000000000000").unwrap();
+        assert!(top.is_storable_total());
+        assert_eq!(top.add_to_total(amount("0.000000001")), None);
+        assert_eq!(
+            top.add_to_total(amount("-1")).map(|a| a.to_string()),
+            Some("999999999999999999".to_owned())
+        );
+        let bottom = Amount::ZERO.checked_add(top).unwrap();
+        let bottom = Amount::from_nanos(-bottom.nanos());
+        assert!(bottom.is_storable_total());
+        assert_eq!(bottom.add_to_total(amount("-0.5")), None);
     }
 
     #[test]

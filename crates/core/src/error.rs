@@ -45,6 +45,10 @@ pub enum StoreError {
     NotFound,
     #[error("unique index {index} already holds {value:?}")]
     UniqueViolation { index: String, value: String },
+    /// An increment would take a counter total past what every tier can
+    /// keep ([`crate::MAX_TOTAL_UNITS`]); nothing was applied.
+    #[error("field {field} would leave the range of a counter total")]
+    CounterOutOfRange { field: String },
     /// The tier answered, but with something it should not have (a bug, corrupt
     /// data, a schema mismatch). Not a reason to degrade.
     #[error("{tier} tier error: {source}")]
@@ -116,6 +120,8 @@ pub enum Error {
     VersionConflict { current: Option<Version> },
     #[error("unique index {index} already holds {value:?}")]
     UniqueViolation { index: String, value: String },
+    #[error("{0}")]
+    CounterOutOfRange(String),
     /// The operation could lose data or durability; repeat it with `force`.
     #[error("{0}")]
     ForceRequired(String),

@@ -17,7 +17,6 @@
 //! tier is down, a bucket is marked incomplete: answers say so, and the
 //! bucket is seeded again once the durable tier is back.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -209,6 +208,9 @@ impl Engine {
         if self.counters_journaled() && self.cache.breaker.is_closed() {
             match self.increment_in_cache(&increment).await {
                 Ok(values) => return Ok(values),
+                Err(StoreError::CounterOutOfRange { field }) => {
+                    return Err(crate::engine::out_of_range(&field));
+                }
                 // A timeout may still have run the script: the same id makes
                 // the durable tier count it once whichever way it arrives.
                 Err(err) => {
@@ -552,12 +554,4 @@ fn granularity_span(granularity: Granularity) -> time::Duration {
         Granularity::Day => time::Duration::DAY,
         Granularity::Month => time::Duration::days(31),
     }
-}
-
-/// Values keyed by field name, for answers.
-pub fn values_map(values: &[(FieldName, Amount)]) -> BTreeMap<String, serde_json::Value> {
-    values
-        .iter()
-        .map(|(field, amount)| (field.to_string(), amount.to_json()))
-        .collect()
 }

@@ -341,6 +341,7 @@ impl Engine {
             StoreError::PreconditionFailed => Error::VersionConflict { current: None },
             StoreError::NotFound => Error::NotFound("record not found".into()),
             StoreError::UniqueViolation { index, value } => Error::UniqueViolation { index, value },
+            StoreError::CounterOutOfRange { field } => out_of_range(&field),
             StoreError::Internal { .. } => {
                 Error::Internal(format!("{} ({})", err, self.durable.backend()))
             }
@@ -1122,4 +1123,12 @@ impl Engine {
         let work = self.lookup_unique(collection, index, value);
         self.observed(Operation::Lookup, work).await
     }
+}
+
+/// The API error for an increment refused by [`StoreError::CounterOutOfRange`].
+pub(crate) fn out_of_range(field: &str) -> Error {
+    Error::CounterOutOfRange(format!(
+        "the increment would take {field} past {}, the largest total a counter keeps; nothing was applied",
+        hybridstore_core::MAX_TOTAL_UNITS
+    ))
 }

@@ -23,7 +23,7 @@ mod transfer;
 
 pub use catalog::{Catalog, CatalogError, Collection};
 pub use control::SwitchOutcome;
-pub use counters::{CounterSettings, CounterValues, values_map};
+pub use counters::{CounterSettings, CounterValues};
 pub use engine::{BatchGet, Engine, EngineSettings, Page};
 pub use health::{BreakerState, HealthSettings, TierHealth};
 pub use jobs::{JobState, JobView, ProgressView};

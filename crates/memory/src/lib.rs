@@ -890,9 +890,12 @@ impl CacheStore for MemoryCache {
             let mut values = Vec::with_capacity(increment.deltas.len());
             for (field, delta) in &increment.deltas {
                 let current = held.values.get(field).copied().unwrap_or(Amount::ZERO);
-                let sum = current
-                    .checked_add(*delta)
-                    .ok_or_else(|| internal("counter out of range"))?;
+                let sum =
+                    current
+                        .add_to_total(*delta)
+                        .ok_or_else(|| StoreError::CounterOutOfRange {
+                            field: field.to_string(),
+                        })?;
                 values.push((field.clone(), sum));
             }
             applied.push((

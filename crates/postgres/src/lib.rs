@@ -17,8 +17,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use hybridstore_core::{
     Amount, ApplyMode, Bucket, BucketValues, Change, CollectionName, ControlState,
     CounterIncrement, CounterScope, CounterValue, DurableStore, FieldName, Granularity, IndexEntry,
-    IndexName, JsonObject, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite,
-    StoreError, StoreResult, Tier, Version, WriteOutcome, prefix_upper_bound,
+    IndexName, JsonObject, ListQuery, MAX_TOTAL_UNITS, Precondition, Record, RecordId, RecordKey,
+    RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome, prefix_upper_bound,
 };
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::types::Json;
@@ -415,7 +415,8 @@ const ADD_TO_COUNTERS: &str = "INSERT INTO counters AS c \
     SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], \
         $5::text[]::numeric[], $6::timestamptz[]) \
     ON CONFLICT (scope, granularity, bucket_start, field) \
-    DO UPDATE SET value = c.value + EXCLUDED.value, expires_at = EXCLUDED.expires_at";
+    DO UPDATE SET value = c.value + EXCLUDED.value, expires_at = EXCLUDED.expires_at \
+    RETURNING field, abs(value) > $7::numeric AS out_of_range";
 
 const COUNTER_BUCKETS: &str = "SELECT granularity, bucket_start, field, value::text AS value, \
     expires_at FROM counters WHERE scope = $1 AND (granularity, bucket_start) IN \
@@ -1043,8 +1044,10 @@ impl DurableStore for PostgresStore {
                         field.to_string(),
                     );
                     let entry = sums.entry(key).or_insert((Amount::ZERO, bucket.expires_at));
-                    entry.0 = entry.0.checked_add(*delta).ok_or_else(|| {
-                        StoreError::internal(Tier::Durable, "counter sum out of range")
+                    entry.0 = entry.0.add_to_total(*delta).ok_or_else(|| {
+                        StoreError::CounterOutOfRange {
+                            field: field.to_string(),
+                        }
                     })?;
                 }
             }
@@ -1066,16 +1069,21 @@ impl DurableStore for PostgresStore {
                 columns.4.push(sum.to_string());
                 columns.5.push(expires_at);
             }
-            sqlx::query(ADD_TO_COUNTERS)
+            let totals: Vec<(String, bool)> = sqlx::query_as(ADD_TO_COUNTERS)
                 .bind(columns.0)
                 .bind(columns.1)
                 .bind(columns.2)
                 .bind(columns.3)
                 .bind(columns.4)
                 .bind(columns.5)
-                .execute(&mut *tx)
+                .bind(MAX_TOTAL_UNITS.to_string())
+                .fetch_all(&mut *tx)
                 .await
                 .map_err(classify)?;
+            // Dropping the transaction rolls the whole increment back.
+            if let Some((field, _)) = totals.into_iter().find(|(_, out)| *out) {
+                return Err(StoreError::CounterOutOfRange { field });
+            }
         }
         tx.commit().await.map_err(classify)?;
         Ok(fresh.len())

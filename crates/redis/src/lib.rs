@@ -1168,6 +1168,9 @@ impl CacheStore for RedisStore {
         let mut reply = reply.iter();
         match reply.next().map(text).transpose()?.as_deref() {
             Some("dup") => Ok(CacheIncrementOutcome::Duplicate),
+            Some("range") => Err(StoreError::CounterOutOfRange {
+                field: reply.next().map(text).transpose()?.unwrap_or_default(),
+            }),
             Some("cold") => {
                 let mut cold = Vec::new();
                 for index in reply {

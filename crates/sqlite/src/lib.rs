@@ -710,10 +710,13 @@ fn apply_increments_in(tx: &Connection, increments: &[CounterIncrement]) -> Stor
                 let entry = sums
                     .entry(key)
                     .or_insert((Amount::ZERO, bucket.expires_at.map(micros)));
-                entry.0 = entry
-                    .0
-                    .checked_add(*delta)
-                    .ok_or_else(|| corrupt("counter sum out of range"))?;
+                entry.0 =
+                    entry
+                        .0
+                        .add_to_total(*delta)
+                        .ok_or_else(|| StoreError::CounterOutOfRange {
+                            field: field.to_string(),
+                        })?;
             }
         }
     }
@@ -732,9 +735,13 @@ fn apply_increments_in(tx: &Connection, increments: &[CounterIncrement]) -> Stor
             })
             .map_err(classify)?;
         let total = match held {
-            Some(held) => amount_from(&held)?
-                .checked_add(sum)
-                .ok_or_else(|| corrupt("counter out of range"))?,
+            Some(held) => {
+                amount_from(&held)?
+                    .add_to_total(sum)
+                    .ok_or(StoreError::CounterOutOfRange {
+                        field: field.clone(),
+                    })?
+            }
             None => sum,
         };
         set_counter(

@@ -5,10 +5,9 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use hybridstore_core::{Amount, CounterScope, Error, FieldName, Granularity};
-use hybridstore_engine::{CounterValues, values_map};
-use serde::Deserialize;
+use hybridstore_engine::CounterValues;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -81,13 +80,61 @@ fn deltas(
         .collect()
 }
 
-fn bucket_json(values: &hybridstore_core::BucketValues) -> Value {
-    json!({
-        "granularity": values.bucket.granularity,
-        "bucket": values.bucket.granularity.label(values.bucket.start),
-        "start": values.bucket.start.format(&Rfc3339).unwrap_or_default(),
-        "values": values_map(&values.values),
-    })
+/// An amount as a JSON number written with its exact decimal text
+/// (`123456789.123456789`, never the nearest double): what was added from a
+/// number's text reads back with every digit.
+struct ExactNumber(Amount);
+
+impl Serialize for ExactNumber {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        RawValue::from_string(self.0.to_string())
+            .map_err(serde::ser::Error::custom)?
+            .serialize(serializer)
+    }
+}
+
+type Values = std::collections::BTreeMap<String, ExactNumber>;
+
+fn values(values: &[(FieldName, Amount)]) -> Values {
+    values
+        .iter()
+        .map(|(field, amount)| (field.to_string(), ExactNumber(*amount)))
+        .collect()
+}
+
+#[derive(Serialize)]
+struct BucketAnswer {
+    granularity: Granularity,
+    bucket: String,
+    start: String,
+    values: Values,
+}
+
+impl From<&hybridstore_core::BucketValues> for BucketAnswer {
+    fn from(held: &hybridstore_core::BucketValues) -> Self {
+        Self {
+            granularity: held.bucket.granularity,
+            bucket: held.bucket.granularity.label(held.bucket.start),
+            start: held.bucket.start.format(&Rfc3339).unwrap_or_default(),
+            values: values(&held.values),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct IncrementAnswer {
+    scope: CounterScope,
+    complete: bool,
+    totals: Values,
+    buckets: Vec<BucketAnswer>,
+}
+
+#[derive(Serialize)]
+struct ReadAnswer {
+    scope: CounterScope,
+    granularity: Granularity,
+    complete: bool,
+    buckets: Vec<BucketAnswer>,
 }
 
 /// Adds deltas to a scope's counters, atomically, in every time bucket.
@@ -122,14 +169,14 @@ pub async fn increment(
         .buckets
         .iter()
         .find(|b| b.bucket.granularity == Granularity::Total)
-        .map(|b| values_map(&b.values))
+        .map(|b| values(&b.values))
         .unwrap_or_default();
-    Ok(Json(json!({
-        "scope": result.scope,
-        "complete": result.complete,
-        "totals": totals,
-        "buckets": result.buckets.iter().map(bucket_json).collect::<Vec<_>>(),
-    }))
+    Ok(Json(IncrementAnswer {
+        scope: result.scope,
+        complete: result.complete,
+        totals,
+        buckets: result.buckets.iter().map(BucketAnswer::from).collect(),
+    })
     .into_response())
 }
 
@@ -181,11 +228,11 @@ pub async fn read(
         .engine
         .read_counters(scope, granularity, from, to)
         .await?;
-    Ok(Json(json!({
-        "scope": scope,
-        "granularity": granularity,
-        "complete": complete,
-        "buckets": buckets.iter().map(bucket_json).collect::<Vec<_>>(),
-    }))
+    Ok(Json(ReadAnswer {
+        scope,
+        granularity,
+        complete,
+        buckets: buckets.iter().map(BucketAnswer::from).collect(),
+    })
     .into_response())
 }

@@ -114,6 +114,12 @@ impl ApiError {
                     "Unique index violation",
                     err.to_string(),
                 ),
+                Error::CounterOutOfRange(m) => plain(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "counter_out_of_range",
+                    "Counter out of range",
+                    m.clone(),
+                ),
                 Error::ForceRequired(m) => plain(
                     StatusCode::CONFLICT,
                     "force_required",
