@@ -130,6 +130,15 @@ pub enum Error {
     NotAllowed(String),
     #[error("no storage tier can serve this request")]
     BackendsUnavailable { retry_after: Duration },
+    /// The service or a tier is at capacity (busy, not down): the request
+    /// was shed before it took effect.
+    #[error("the service is at capacity")]
+    Overloaded { retry_after: Duration },
+    /// A write was sent to a tier that did not answer in time: it may or
+    /// may not have been applied. Retried with the same Idempotency-Key, it
+    /// is applied at most once.
+    #[error("the write's outcome is unknown")]
+    OutcomeUnknown { retry_after: Duration },
     /// Logged with its context where it happens; the API shows no detail.
     #[error("internal error: {0}")]
     Internal(String),

@@ -34,8 +34,8 @@ pub use names::{
     CollectionName, CounterScope, FieldName, IndexName, NameError, RecordId, validate_id_prefix,
 };
 pub use record::{
-    IndexEntry, JsonObject, ListQuery, MAX_DATA_DEPTH, Precondition, Record, RecordKey,
-    RecordWrite, WriteOutcome, prefix_upper_bound, unstorable,
+    IndexEntry, JsonObject, ListPage, ListQuery, MAX_DATA_DEPTH, PageBuilder, Precondition, Record,
+    RecordKey, RecordWrite, WriteOutcome, json_size, prefix_upper_bound, unstorable,
 };
 pub use store::{
     ApplyMode, CacheEntry, CacheStore, CachedState, CopyOutcome, DurableStore, IdempotencyClaim,

@@ -218,7 +218,75 @@ pub struct ListQuery {
     /// Only ids starting with this (already validated as an id prefix).
     pub prefix: Option<String>,
     pub limit: u32,
+    /// Most bytes of data a page holds (one record always fits): see
+    /// [`PageBuilder`]. Tiers bound the page in their query, never by
+    /// fetching `limit` rows and measuring them.
+    pub max_bytes: usize,
     pub now: OffsetDateTime,
+}
+
+/// One page of a list: records in id order, and whether more follow.
+#[derive(Clone, Debug, Default)]
+pub struct ListPage {
+    pub records: Vec<Record>,
+    pub more: bool,
+}
+
+/// Builds a page from records offered in id order: at most `limit` records
+/// and at most `max_bytes` of data, but always the first record. A tier
+/// offers records until [`PageBuilder::offer`] says the page is complete,
+/// so it knows whether more follow without fetching them all.
+pub struct PageBuilder {
+    limit: usize,
+    max_bytes: usize,
+    bytes: usize,
+    page: ListPage,
+}
+
+impl PageBuilder {
+    pub fn new(query: &ListQuery) -> Self {
+        Self {
+            limit: query.limit as usize,
+            max_bytes: query.max_bytes,
+            bytes: 0,
+            page: ListPage::default(),
+        }
+    }
+
+    /// Offers the next record and its data's size in bytes; false once the
+    /// page is complete (this record and any after it belong to the next).
+    pub fn offer(&mut self, record: Record, size: usize) -> bool {
+        let full = self.page.records.len() >= self.limit
+            || (!self.page.records.is_empty() && self.bytes + size > self.max_bytes);
+        if full {
+            self.page.more = true;
+            return false;
+        }
+        self.bytes += size;
+        self.page.records.push(record);
+        true
+    }
+
+    pub fn finish(self) -> ListPage {
+        self.page
+    }
+}
+
+/// The length of `value` written as compact JSON, counted without writing it.
+pub fn json_size(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 /// Every id sorts below this (ids are printable ASCII, all below 0x7f).

@@ -8,6 +8,8 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+
+use crate::ListPage;
 use futures_util::stream::BoxStream;
 use time::OffsetDateTime;
 
@@ -101,7 +103,7 @@ pub trait DurableStore: Send + Sync + 'static {
     ) -> StoreResult<Version>;
 
     /// One page of live records, ordered by id.
-    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>>;
+    async fn list(&self, query: &ListQuery) -> StoreResult<ListPage>;
 
     /// The live record whose unique index `index` holds `value`.
     async fn lookup(
@@ -350,7 +352,7 @@ pub trait CacheStore: Send + Sync + 'static {
 
     /// One page of a collection the cache holds as the only tier
     /// (`redis_only`), ordered by id.
-    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>>;
+    async fn list(&self, query: &ListQuery) -> StoreResult<ListPage>;
 
     /// The states of `query.collection` pinned by journal entries not yet
     /// replayed (versions the durable tier may lack), in id order: after

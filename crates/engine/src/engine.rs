@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use hybridstore_core::{
-    CacheEntry, CacheStore, CollectionName, DurableStore, Error, JsonObject, ListQuery,
+    CacheEntry, CacheStore, CollectionName, DurableStore, Error, JsonObject, ListPage, ListQuery,
     Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError, Strategy, Tier, Version,
     WriteOutcome, merge_patch,
 };
@@ -36,6 +36,9 @@ pub struct EngineSettings {
     pub strategy: Strategy,
     /// Largest `data` object, in bytes of JSON.
     pub max_data_bytes: usize,
+    /// Most bytes of record data one list page holds (one record always
+    /// fits; a full page says where the next one starts).
+    pub page_bytes: usize,
     /// How long a cache keeps the marker of a deleted record. It must outlive any
     /// read that started before the delete, so that read cannot fill the old copy.
     pub deleted_marker_ttl: Duration,
@@ -54,6 +57,7 @@ impl Default for EngineSettings {
         Self {
             strategy: Strategy::DualWrite,
             max_data_bytes: 1024 * 1024,
+            page_bytes: 4 * 1024 * 1024,
             deleted_marker_ttl: Duration::from_secs(60),
             tombstone_retention: Duration::from_secs(3600),
             retry_after: Duration::from_secs(1),
@@ -758,12 +762,13 @@ impl Engine {
             collection: collection.clone(),
             after,
             prefix,
-            limit: limit + 1,
+            limit,
+            max_bytes: self.settings.page_bytes,
             now: now(),
         };
         let settled =
             plan.read == ReadPath::CacheAuthoritative || self.settle_range(spec, &query).await?;
-        let mut records = if plan.read == ReadPath::CacheAuthoritative {
+        let ListPage { records, more } = if plan.read == ReadPath::CacheAuthoritative {
             self.cache
                 .list(&query)
                 .await
@@ -774,8 +779,6 @@ impl Engine {
                 .await
                 .map_err(|err| self.durable_failed(err))?
         };
-        let more = records.len() > limit as usize;
-        records.truncate(limit as usize);
         if !settled && plan.read == ReadPath::DurableOnly && self.configured_plan(spec).uses_cache()
         {
             // Ids in this page's range whose newest version waits in the

@@ -36,8 +36,8 @@ use hybridstore_core::{
     CacheWriteOutcome, CachedState, Change, CollectionName, ControlState, CopyOutcome,
     CounterIncrement, CounterJournalEntry, CounterScope, CounterValue, DurableStore,
     IdempotencyClaim, IndexEntry, IndexName, JournalAck, JournalEntry, JournalKind,
-    JournalPosition, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError,
-    StoreResult, Tier, Version, WriteOutcome,
+    JournalPosition, ListPage, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite,
+    StoreError, StoreResult, Tier, Version, WriteOutcome,
 };
 use serde::Serialize;
 
@@ -871,7 +871,7 @@ impl DurableStore for GuardedDurable {
         let call = self.inner.delete(key, precondition, now);
         self.breaker.call(self.timeout, call).await
     }
-    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>> {
+    async fn list(&self, query: &ListQuery) -> StoreResult<ListPage> {
         self.breaker
             .call(self.timeout, self.inner.list(query))
             .await
@@ -1098,7 +1098,7 @@ impl CacheStore for GuardedCache {
             .call(self.timeout, self.inner.journal_backlog(kind))
             .await
     }
-    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>> {
+    async fn list(&self, query: &ListQuery) -> StoreResult<ListPage> {
         self.breaker
             .call(self.timeout, self.inner.list(query))
             .await

@@ -28,9 +28,9 @@ use hybridstore_core::{
     Amount, Bucket, BucketValues, CacheEntry, CacheIncrementOutcome, CacheStore, CacheWrite,
     CacheWriteOutcome, CachedState, Change, CollectionName, ControlState, CopyOutcome,
     CounterIncrement, CounterJournalEntry, CounterScope, FieldName, Granularity, IdempotencyClaim,
-    IndexName, JournalAck, JournalEntry, JournalKind, JournalPosition, ListQuery, Precondition,
-    Record, RecordId, RecordKey, StoreError, StoreResult, Tier, Version, WriteChange,
-    prefix_upper_bound,
+    IndexName, JournalAck, JournalEntry, JournalKind, JournalPosition, ListPage, ListQuery,
+    PageBuilder, Precondition, Record, RecordId, RecordKey, StoreError, StoreResult, Tier, Version,
+    WriteChange, json_size, prefix_upper_bound,
 };
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
@@ -684,28 +684,33 @@ impl CacheStore for MemoryCache {
         Ok(self.lock().dead_letters.len() as u64)
     }
 
-    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>> {
+    async fn list(&self, query: &ListQuery) -> StoreResult<ListPage> {
         let mut state = self.lock();
         let prefix = query.prefix.as_deref().unwrap_or("");
         let upper = prefix_upper_bound(prefix);
         let now = Instant::now();
         let Some(copies) = state.records.get_mut(&query.collection) else {
-            return Ok(Vec::new());
+            return Ok(ListPage::default());
         };
         // Ids after the cursor and within the prefix, straight from the ordered map.
         let lower = match query.after.as_ref().map(RecordId::as_str) {
             Some(after) if after >= prefix => Bound::Excluded(after),
             _ => Bound::Included(prefix),
         };
-        let records = copies
+        let mut page = PageBuilder::new(query);
+        for record in copies
             .range::<str, _>((lower, Bound::Unbounded))
             .take_while(|(id, _)| id.as_str() < upper.as_str())
             .filter(|(_, copy)| copy.authoritative && !expired(copy.expires, now))
-            .filter_map(|(_, copy)| copy.record.clone())
+            .filter_map(|(_, copy)| copy.record.as_ref())
             .filter(|record| !record.is_expired(query.now))
-            .take(query.limit as usize)
-            .collect();
-        Ok(records)
+        {
+            let size = json_size(&record.data);
+            if !page.offer(record.clone(), size) {
+                break;
+            }
+        }
+        Ok(page.finish())
     }
 
     async fn pinned(&self, query: &ListQuery) -> StoreResult<Vec<Change>> {

@@ -17,8 +17,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use hybridstore_core::{
     Amount, ApplyMode, Bucket, BucketValues, Change, CollectionName, ControlState,
     CounterIncrement, CounterScope, CounterValue, DurableStore, FieldName, Granularity, IndexEntry,
-    IndexName, JsonObject, ListQuery, MAX_TOTAL_UNITS, Precondition, Record, RecordId, RecordKey,
-    RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome, prefix_upper_bound,
+    IndexName, JsonObject, ListPage, ListQuery, MAX_TOTAL_UNITS, PageBuilder, Precondition, Record,
+    RecordId, RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome,
+    prefix_upper_bound,
 };
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::types::Json;
@@ -249,13 +250,21 @@ const GET_MANY_LIVE: &str = concat!(
 );
 
 /// Keyset page: ids in `($2, $4)` exclusive-inclusive bounds built by `list`.
+/// A page, bounded in the query by count ($6, one beyond the page) and by
+/// bytes ($7): a row whose predecessors already hold more than $7 bytes of
+/// data is not even read (the first two always are, so that a first record
+/// larger than the bound still shows whether more follow). The rows are
+/// then cut by [`PageBuilder`].
 const LIST_LIVE: &str = concat!(
-    "SELECT ",
+    "SELECT * FROM (SELECT ",
     record_columns!(),
-    " FROM records r ",
+    ", r.data_bytes, ",
+    "sum(r.data_bytes) OVER (ORDER BY r.id ROWS UNBOUNDED PRECEDING) - r.data_bytes AS before, ",
+    "row_number() OVER (ORDER BY r.id) AS n ",
+    "FROM records r ",
     "WHERE r.collection = $1 AND r.id > $2 AND r.id >= $3 AND r.id < $4 AND ",
     live!("r", "$5"),
-    " ORDER BY r.id LIMIT $6"
+    " ORDER BY r.id LIMIT $6) r WHERE r.before <= $7 OR r.n <= 2 ORDER BY r.id"
 );
 
 const LOOKUP_LIVE: &str = concat!(
@@ -783,7 +792,7 @@ impl DurableStore for PostgresStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(collection = %query.collection))]
-    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>> {
+    async fn list(&self, query: &ListQuery) -> StoreResult<ListPage> {
         let prefix = query.prefix.as_deref().unwrap_or("");
         let rows = sqlx::query(LIST_LIVE)
             .bind(query.collection.as_str())
@@ -791,13 +800,22 @@ impl DurableStore for PostgresStore {
             .bind(prefix)
             .bind(prefix_upper_bound(prefix))
             .bind(query.now)
-            .bind(i64::from(query.limit))
+            .bind(i64::from(query.limit) + 1)
+            .bind(i64::try_from(query.max_bytes).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await
             .map_err(classify)?;
-        rows.iter()
-            .map(|row| record_from_row(&query.collection, row))
-            .collect()
+        let mut page = PageBuilder::new(query);
+        for row in &rows {
+            let size: i32 = row.try_get("data_bytes").map_err(classify)?;
+            if !page.offer(
+                record_from_row(&query.collection, row)?,
+                size.max(0) as usize,
+            ) {
+                break;
+            }
+        }
+        Ok(page.finish())
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(%collection, %index))]

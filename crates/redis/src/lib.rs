@@ -19,9 +19,9 @@ use hybridstore_core::{
     Amount, Bucket, BucketValues, CacheEntry, CacheIncrementOutcome, CacheStore, CacheWrite,
     CacheWriteOutcome, CachedState, Change, CollectionName, ControlState, CopyOutcome,
     CounterIncrement, CounterJournalEntry, CounterScope, FieldName, IdempotencyClaim, IndexName,
-    JournalAck, JournalEntry, JournalKind, JournalPosition, JsonObject, ListQuery,
-    MAX_DEAD_LETTERS, Precondition, Record, RecordId, RecordKey, StoreError, StoreResult, Tier,
-    Version, WriteChange,
+    JournalAck, JournalEntry, JournalKind, JournalPosition, JsonObject, ListPage, ListQuery,
+    MAX_DEAD_LETTERS, PageBuilder, Precondition, Record, RecordId, RecordKey, StoreError,
+    StoreResult, Tier, Version, WriteChange, json_size,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
@@ -125,6 +125,9 @@ fn parse_data(bytes: &[u8]) -> StoreResult<JsonObject> {
 }
 
 /// The fields a read takes from a record hash (`p`, the pin, is internal).
+/// Records a list fetches at once (see `list`).
+const LIST_CHUNK: usize = 16;
+
 const RECORD_FIELDS: [&str; 5] = ["v", "d", "c", "u", "x"];
 
 /// The fields a scan takes: `RECORD_FIELDS`, the pin and the authoritative mark.
@@ -402,7 +405,8 @@ impl RedisStore {
         query: &ListQuery,
         set_of: impl Fn(u64) -> String,
     ) -> StoreResult<Vec<RecordKey>> {
-        let limit = query.limit as usize;
+        // One beyond the page: whether more follow.
+        let limit = query.limit as usize + 1;
         let prefix = query.prefix.as_deref().unwrap_or("");
         // Lexicographic bounds: after the cursor, within the prefix.
         let min = match &query.after {
@@ -946,27 +950,27 @@ impl CacheStore for RedisStore {
         Ok(lengths.iter().sum())
     }
 
-    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>> {
-        let limit = query.limit as usize;
+    async fn list(&self, query: &ListQuery) -> StoreResult<ListPage> {
         let keys = self
             .ids_in_range(query, |shard| self.keys.ids(shard, &query.collection))
             .await?;
-        let mut records = Vec::with_capacity(limit);
-        // Ids of expired records linger in the sets; they are skipped here.
-        for chunk in keys.chunks(limit.max(1)) {
+        let mut page = PageBuilder::new(query);
+        // Fetched a few at a time: a page of large records stops at its
+        // byte bound, not after `limit` of them were read. Ids of expired
+        // records linger in the sets; they are skipped here.
+        'fetch: for chunk in keys.chunks(LIST_CHUNK) {
             for entry in self.get_many(chunk).await? {
                 if let CacheEntry::Present(record) = entry
                     && !record.is_expired(query.now)
                 {
-                    records.push(record);
+                    let size = json_size(&record.data);
+                    if !page.offer(record, size) {
+                        break 'fetch;
+                    }
                 }
             }
-            if records.len() >= limit {
-                break;
-            }
         }
-        records.truncate(limit);
-        Ok(records)
+        Ok(page.finish())
     }
 
     async fn pinned(&self, query: &ListQuery) -> StoreResult<Vec<Change>> {

@@ -208,6 +208,7 @@ impl ServerBuilder {
         let settings = EngineSettings {
             strategy: config.strategy,
             max_data_bytes: config.body_limit_bytes,
+            page_bytes: config.limits.page_bytes,
             deleted_marker_ttl: Duration::from_secs(config.records.deleted_marker_ttl_secs),
             tombstone_retention: Duration::from_secs(config.records.tombstone_retention_secs),
             health: HealthSettings {
@@ -246,6 +247,12 @@ impl ServerBuilder {
             engine: engine.clone(),
             auth: Arc::new(Authenticator::from_config(&config)),
             metrics: Arc::default(),
+            admission: http::admission::Admission::new(http::admission::Limits {
+                max_requests: config.limits.max_requests,
+                request_bytes: config.limits.request_bytes,
+                queue_wait: std::time::Duration::from_millis(config.limits.queue_wait_ms),
+                body_limit: config.body_limit_bytes,
+            }),
         };
 
         let addr = format!("{}:{}", config.host, config.port);

@@ -161,6 +161,7 @@ pub struct Config {
     pub admin_token: Option<Secret>,
     pub strategy: Strategy,
     pub body_limit_bytes: usize,
+    pub limits: LimitsConfig,
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
     pub cache: CacheConfig,
@@ -176,6 +177,16 @@ pub struct Config {
     pub tokens: Vec<TokenConfig>,
     #[serde(default)]
     pub collections: BTreeMap<String, CollectionConfig>,
+}
+
+/// Work the service takes on at once (see `http::admission`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_requests: usize,
+    pub request_bytes: usize,
+    pub queue_wait_ms: u64,
+    pub page_bytes: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -505,6 +516,15 @@ impl Config {
         }
         if self.body_limit_bytes < 1024 {
             return Err(invalid("body_limit_bytes", "must be at least 1024"));
+        }
+        if self.limits.max_requests == 0 {
+            return Err(invalid("limits.max_requests", "must be at least 1"));
+        }
+        if self.limits.request_bytes < self.body_limit_bytes {
+            return Err(invalid(
+                "limits.request_bytes",
+                "must be at least body_limit_bytes (one largest request must fit)",
+            ));
         }
         if self.counters.strategy == Some(Strategy::RedisOnly) {
             return Err(invalid(

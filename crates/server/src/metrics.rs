@@ -62,6 +62,13 @@ impl HttpMetrics {
         });
     }
 
+    /// A request shed by admission (`503 overloaded`).
+    pub fn shed(&self) {
+        metrics::with_local_recorder(&self.recorder, || {
+            metrics::counter!("hybridstore_requests_shed_total").increment(1);
+        });
+    }
+
     /// The whole exposition: HTTP metrics, then the engine's.
     pub async fn render(&self, engine: &Engine) -> String {
         let mut out = self.handle.render();

@@ -25,8 +25,9 @@ use async_trait::async_trait;
 use hybridstore_core::{
     Amount, ApplyMode, Bucket, BucketValues, Change, CollectionName, ControlState,
     CounterIncrement, CounterScope, CounterValue, DurableStore, FieldName, Granularity, IndexEntry,
-    IndexName, JsonObject, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite,
-    StoreError, StoreResult, Tier, Version, WriteOutcome, prefix_upper_bound,
+    IndexName, JsonObject, ListPage, ListQuery, PageBuilder, Precondition, Record, RecordId,
+    RecordKey, RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome,
+    prefix_upper_bound,
 };
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior,
@@ -151,12 +152,22 @@ const GET_STATE: &str = concat!(
     " FROM records WHERE collection = ?1 AND id = ?2 AND (expires_at IS NULL OR expires_at > ?3)"
 );
 
+/// A page, bounded in the query by count (?6, one beyond the page) and by
+/// bytes (?7), as in the PostgreSQL tier: rows whose predecessors already
+/// hold more than ?7 bytes are not read (the first two always are). Cut by
+/// [`PageBuilder`] with the size in the last column.
 const LIST_LIVE: &str = concat!(
     "SELECT ",
     row_columns!(),
-    " FROM records WHERE collection = ?1 AND id > ?2 AND id >= ?3 AND id < ?4 AND ",
+    ", size FROM (SELECT ",
+    row_columns!(),
+    ", length(CAST(data AS BLOB)) AS size, ",
+    "sum(length(CAST(data AS BLOB))) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) ",
+    "- length(CAST(data AS BLOB)) AS before, ",
+    "row_number() OVER (ORDER BY id) AS n ",
+    "FROM records WHERE collection = ?1 AND id > ?2 AND id >= ?3 AND id < ?4 AND ",
     live!("?5"),
-    " ORDER BY id LIMIT ?6"
+    " ORDER BY id LIMIT ?6) WHERE before <= ?7 OR n <= 2 ORDER BY id"
 );
 
 const SCAN_STATES: &str = concat!(
@@ -887,7 +898,7 @@ impl DurableStore for SqliteStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(collection = %query.collection))]
-    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>> {
+    async fn list(&self, query: &ListQuery) -> StoreResult<ListPage> {
         let query = query.clone();
         self.read(move |tx| {
             let prefix = query.prefix.as_deref().unwrap_or("");
@@ -900,13 +911,18 @@ impl DurableStore for SqliteStore {
                     prefix,
                     prefix_upper_bound(prefix),
                     micros(query.now),
-                    i64::from(query.limit),
+                    i64::from(query.limit) + 1,
+                    i64::try_from(query.max_bytes).unwrap_or(i64::MAX),
                 ],
-                StoredRow::read,
+                |row| Ok((StoredRow::read(row)?, row.get::<_, i64>(7)?)),
             )?;
-            rows.into_iter()
-                .map(|row| row.into_record(&query.collection))
-                .collect()
+            let mut page = PageBuilder::new(&query);
+            for (row, size) in rows {
+                if !page.offer(row.into_record(&query.collection)?, size.max(0) as usize) {
+                    break;
+                }
+            }
+            Ok(page.finish())
         })
         .await
     }

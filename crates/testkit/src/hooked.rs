@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hybridstore_core::{
     ApplyMode, Bucket, BucketValues, Change, CollectionName, ControlState, CounterIncrement,
-    CounterScope, CounterValue, DurableStore, IndexEntry, IndexName, ListQuery, Precondition,
-    Record, RecordId, RecordKey, RecordWrite, StoreResult, Version, WriteOutcome,
+    CounterScope, CounterValue, DurableStore, IndexEntry, IndexName, ListPage, ListQuery,
+    Precondition, Record, RecordId, RecordKey, RecordWrite, StoreResult, Version, WriteOutcome,
 };
 use time::OffsetDateTime;
 use tokio::sync::{Notify, watch};
@@ -127,7 +127,7 @@ impl DurableStore for HookedDurable {
     ) -> StoreResult<Version> {
         self.inner().delete(key, p, now).await
     }
-    async fn list(&self, query: &ListQuery) -> StoreResult<Vec<Record>> {
+    async fn list(&self, query: &ListQuery) -> StoreResult<ListPage> {
         self.inner().list(query).await
     }
     async fn lookup(

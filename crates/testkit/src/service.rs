@@ -44,6 +44,19 @@ impl ServiceProcess {
         std::fs::read_to_string(self.dir.path().join("service.log")).unwrap_or_default()
     }
 
+    /// The process's resident memory now and at its peak (`VmRSS`,
+    /// `VmHWM` of /proc), in bytes; `None` when it is not running.
+    pub fn memory(&self) -> Option<(u64, u64)> {
+        let pid = self.child.lock().expect("child lock").as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| -> Option<u64> {
+            let line = status.lines().find(|l| l.starts_with(name))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        };
+        Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
     /// `kill -9`: no shutdown of any kind.
     pub fn kill(&self) {
         if let Some(mut child) = self.child.lock().expect("child lock").take() {

@@ -2,6 +2,7 @@
 //! the engine, map the result. Errors are problem+json ([`problem`]).
 
 mod admin;
+pub mod admission;
 mod conditional;
 mod counters;
 mod extract;
@@ -37,6 +38,7 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     pub auth: Arc<Authenticator>,
     pub metrics: Arc<HttpMetrics>,
+    pub admission: Arc<admission::Admission>,
 }
 
 /// The request id header, taken from the client or made up, echoed back.
@@ -180,6 +182,10 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .layer(Extension(openapi::Spec::new(&spec)))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(Extension(BodyLimit(body_limit)))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            admission::admit,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             track_requests,

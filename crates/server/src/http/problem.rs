@@ -141,6 +141,26 @@ impl ApiError {
                         "no storage tier can serve this request now; retry later".into(),
                     )
                 },
+                Error::Overloaded { retry_after } => Problem {
+                    retry_after_secs: Some(retry_after.as_secs().max(1)),
+                    ..plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overloaded",
+                        "Overloaded",
+                        "the service is at capacity; nothing of this request was applied, retry later"
+                            .into(),
+                    )
+                },
+                Error::OutcomeUnknown { retry_after } => Problem {
+                    retry_after_secs: Some(retry_after.as_secs().max(1)),
+                    ..plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "outcome_unknown",
+                        "Outcome unknown",
+                        "the storage tier did not answer in time: the write may or may not have been applied; retry it with the same Idempotency-Key"
+                            .into(),
+                    )
+                },
                 Error::Internal(_) => plain(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",
