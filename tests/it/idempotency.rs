@@ -152,3 +152,114 @@ async fn record_writes_replay_their_first_response() {
         .unwrap();
     assert_eq!(read.status(), StatusCode::NOT_FOUND);
 }
+
+/// What stored responses take of the cache is bounded per caller and in
+/// all, in count and in bytes: past a bound the call still runs, answers
+/// `Idempotent-Stored: false`, and its retry runs again instead of being
+/// replayed; another caller keeps its own room; responses stored before
+/// still replay. In both modes. (Before, every response was kept 24 h
+/// without any bound: a flood of 1 MiB writes filled Redis or the process.)
+#[tokio::test]
+async fn stored_responses_are_bounded_per_caller_and_say_when_not_kept() {
+    use hybridstore_testkit::API_KEYS_WRITER_TOKEN;
+    for embedded in [false, true] {
+        let mut builder = TestApp::builder()
+            .config("idempotency.caller_max_responses", 3)
+            .config("idempotency.caller_max_bytes", 64 * 1024);
+        if embedded {
+            builder = builder.embedded();
+        }
+        let app = builder.spawn().await;
+        let what = format!("embedded: {embedded}");
+        let put = |token: &'static str, collection: &str, id: &str, key: &str, data: Value| {
+            app.request(
+                Method::PUT,
+                &format!("/v1/collections/{collection}/records/{id}"),
+                Some(token),
+            )
+            .header("idempotency-key", key.to_owned())
+            .json(&data)
+        };
+        let stored = |response: &reqwest::Response| {
+            response
+                .headers()
+                .get("idempotent-stored")
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        // Three small responses fit; the fourth is past the count.
+        for n in 0..3 {
+            let first = put(
+                ADMIN_TOKEN,
+                "accounts",
+                &format!("a{n}"),
+                &format!("k{n}"),
+                json!({"n": n}),
+            )
+            .send()
+            .await
+            .unwrap();
+            assert_eq!(first.status(), StatusCode::CREATED, "{what}");
+            assert_eq!(stored(&first), None, "{what}: kept");
+        }
+        let fourth = put(ADMIN_TOKEN, "accounts", "a3", "k3", json!({"n": 3}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(fourth.status(), StatusCode::CREATED, "{what}: the call ran");
+        assert_eq!(stored(&fourth).as_deref(), Some("false"), "{what}");
+        let again = put(ADMIN_TOKEN, "accounts", "a3", "k3", json!({"n": 3}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            again.status(),
+            StatusCode::OK,
+            "{what}: the retry ran again"
+        );
+        assert!(
+            again.headers().get("idempotent-replayed").is_none(),
+            "{what}"
+        );
+        let replayed = put(ADMIN_TOKEN, "accounts", "a0", "k0", json!({"n": 0}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(replayed.status(), StatusCode::CREATED, "{what}: replayed");
+        assert_eq!(
+            replayed.headers().get("idempotent-replayed").unwrap(),
+            "true",
+            "{what}"
+        );
+        // Another caller has its own room, bounded in bytes: 40 KiB fits
+        // within 64 KiB, a second 40 KiB does not.
+        let blob = "y".repeat(40 * 1024);
+        let big = put(
+            API_KEYS_WRITER_TOKEN,
+            "api_keys",
+            "b0",
+            "b0",
+            json!({"key_hash": "h0", "blob": blob}),
+        )
+        .send()
+        .await
+        .unwrap();
+        assert!(big.status().is_success(), "{what}: {}", big.status());
+        assert_eq!(stored(&big), None, "{what}: the other caller's room");
+        let bigger = put(
+            API_KEYS_WRITER_TOKEN,
+            "api_keys",
+            "b1",
+            "b1",
+            json!({"key_hash": "h1", "blob": blob}),
+        )
+        .send()
+        .await
+        .unwrap();
+        assert!(bigger.status().is_success(), "{what}");
+        assert_eq!(
+            stored(&bigger).as_deref(),
+            Some("false"),
+            "{what}: past the bytes"
+        );
+    }
+}

@@ -39,6 +39,6 @@ pub use record::{
 };
 pub use store::{
     ApplyMode, CacheEntry, CacheStore, CachedState, CopyOutcome, DurableStore, IdempotencyClaim,
-    StoreResult,
+    ReplayBounds, StoreResult,
 };
 pub use version::{Version, VersionParseError};

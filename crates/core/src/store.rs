@@ -45,6 +45,28 @@ pub struct CachedState {
     pub authoritative: bool,
 }
 
+/// How much the cache keeps of stored idempotent responses, per caller and
+/// in all: a response past either bound is not stored (the call ran; its
+/// retry runs again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayBounds {
+    pub caller_responses: u64,
+    pub caller_bytes: u64,
+    pub total_responses: u64,
+    pub total_bytes: u64,
+}
+
+impl Default for ReplayBounds {
+    fn default() -> Self {
+        Self {
+            caller_responses: 10_000,
+            caller_bytes: 16 << 20,
+            total_responses: 100_000,
+            total_bytes: 64 << 20,
+        }
+    }
+}
+
 /// What [`CacheStore::claim_idempotency`] found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IdempotencyClaim {
@@ -454,25 +476,30 @@ pub trait CacheStore: Send + Sync + 'static {
     /// Drops every counter bucket of this service; returns how many.
     async fn forget_counters(&self) -> StoreResult<u64>;
 
-    /// Claims an idempotency key (already scoped to its caller) for the
-    /// request with this fingerprint; an unfinished claim lapses after
-    /// `pending_ttl`.
+    /// Claims an idempotency key (`key` is already scoped to its caller,
+    /// `owner`) for the request with this fingerprint; an unfinished claim
+    /// lapses after `pending_ttl`.
     async fn claim_idempotency(
         &self,
+        owner: &str,
         key: &str,
         fingerprint: &str,
         pending_ttl: Duration,
     ) -> StoreResult<IdempotencyClaim>;
 
-    /// Stores the response of a claimed key for `ttl`.
+    /// Stores the response of a claimed key for `ttl`, if it fits within
+    /// `bounds`; otherwise gives the key up (a retry runs again). Returns
+    /// whether it was stored.
     async fn complete_idempotency(
         &self,
+        owner: &str,
         key: &str,
         fingerprint: &str,
         response: &[u8],
         ttl: Duration,
-    ) -> StoreResult<()>;
+        bounds: ReplayBounds,
+    ) -> StoreResult<bool>;
 
     /// Gives a claimed key up (the request failed inside; a retry may run).
-    async fn release_idempotency(&self, key: &str) -> StoreResult<()>;
+    async fn release_idempotency(&self, owner: &str, key: &str) -> StoreResult<()>;
 }

@@ -39,6 +39,8 @@ pub struct EngineSettings {
     /// Most bytes of record data one list page holds (one record always
     /// fits; a full page says where the next one starts).
     pub page_bytes: usize,
+    /// How much of the cache stored idempotent responses may take.
+    pub replay_bounds: hybridstore_core::ReplayBounds,
     /// How long a cache keeps the marker of a deleted record. It must outlive any
     /// read that started before the delete, so that read cannot fill the old copy.
     pub deleted_marker_ttl: Duration,
@@ -58,6 +60,7 @@ impl Default for EngineSettings {
             strategy: Strategy::DualWrite,
             max_data_bytes: 1024 * 1024,
             page_bytes: 4 * 1024 * 1024,
+            replay_bounds: hybridstore_core::ReplayBounds::default(),
             deleted_marker_ttl: Duration::from_secs(60),
             tombstone_retention: Duration::from_secs(3600),
             retry_after: Duration::from_secs(1),

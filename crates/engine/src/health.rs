@@ -37,7 +37,7 @@ use hybridstore_core::{
     CounterIncrement, CounterJournalEntry, CounterScope, CounterValue, DurableStore,
     IdempotencyClaim, IndexEntry, IndexName, JournalAck, JournalEntry, JournalKind,
     JournalPosition, ListPage, ListQuery, Precondition, Record, RecordId, RecordKey, RecordWrite,
-    StoreError, StoreResult, Tier, Version, WriteOutcome,
+    ReplayBounds, StoreError, StoreResult, Tier, Version, WriteOutcome,
 };
 use serde::Serialize;
 
@@ -1219,27 +1219,32 @@ impl CacheStore for GuardedCache {
     }
     async fn claim_idempotency(
         &self,
+        owner: &str,
         key: &str,
         fingerprint: &str,
         pending_ttl: Duration,
     ) -> StoreResult<IdempotencyClaim> {
-        let call = self.inner.claim_idempotency(key, fingerprint, pending_ttl);
+        let call = self
+            .inner
+            .claim_idempotency(owner, key, fingerprint, pending_ttl);
         self.breaker.call(self.timeout, call).await
     }
     async fn complete_idempotency(
         &self,
+        owner: &str,
         key: &str,
         fingerprint: &str,
         response: &[u8],
         ttl: Duration,
-    ) -> StoreResult<()> {
+        bounds: ReplayBounds,
+    ) -> StoreResult<bool> {
         let call = self
             .inner
-            .complete_idempotency(key, fingerprint, response, ttl);
+            .complete_idempotency(owner, key, fingerprint, response, ttl, bounds);
         self.breaker.call(self.timeout, call).await
     }
-    async fn release_idempotency(&self, key: &str) -> StoreResult<()> {
-        let call = self.inner.release_idempotency(key);
+    async fn release_idempotency(&self, owner: &str, key: &str) -> StoreResult<()> {
+        let call = self.inner.release_idempotency(owner, key);
         self.breaker.call(self.timeout, call).await
     }
 }

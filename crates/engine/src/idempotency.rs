@@ -24,6 +24,7 @@ impl Engine {
     /// cannot be asked: the request then runs without replay protection.
     pub async fn claim_idempotency(
         &self,
+        owner: &str,
         key: &str,
         fingerprint: &str,
     ) -> Option<IdempotencyClaim> {
@@ -31,26 +32,45 @@ impl Engine {
             return None;
         }
         self.cache
-            .claim_idempotency(key, fingerprint, IDEMPOTENCY_PENDING)
+            .claim_idempotency(owner, key, fingerprint, IDEMPOTENCY_PENDING)
             .await
             .inspect_err(|err| tracing::warn!(error = %err, "idempotency key not claimed"))
             .ok()
     }
 
-    /// Stores the response of a claimed key (best effort: logged).
-    pub async fn complete_idempotency(&self, key: &str, fingerprint: &str, response: &[u8]) {
+    /// Stores the response of a claimed key, within the bounds of the
+    /// settings; false when it was not stored (past a bound, or the cache
+    /// failed: logged), and a retry runs again.
+    pub async fn complete_idempotency(
+        &self,
+        owner: &str,
+        key: &str,
+        fingerprint: &str,
+        response: &[u8],
+    ) -> bool {
         let stored = self
             .cache
-            .complete_idempotency(key, fingerprint, response, IDEMPOTENCY_TTL)
+            .complete_idempotency(
+                owner,
+                key,
+                fingerprint,
+                response,
+                IDEMPOTENCY_TTL,
+                self.settings.replay_bounds,
+            )
             .await;
-        if let Err(err) = stored {
-            tracing::warn!(error = %err, "idempotent response not stored");
+        match stored {
+            Ok(stored) => stored,
+            Err(err) => {
+                tracing::warn!(error = %err, "idempotent response not stored");
+                false
+            }
         }
     }
 
     /// Gives a claimed key up.
-    pub async fn release_idempotency(&self, key: &str) {
-        if let Err(err) = self.cache.release_idempotency(key).await {
+    pub async fn release_idempotency(&self, owner: &str, key: &str) {
+        if let Err(err) = self.cache.release_idempotency(owner, key).await {
             tracing::warn!(error = %err, "idempotency key not released");
         }
     }

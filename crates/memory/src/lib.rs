@@ -9,8 +9,10 @@
 //! holds one mutex for the step. Nothing here awaits, so the lock is never
 //! held across a suspension point.
 //!
-//! Memory is bounded by `max_records`: past it, expired copies go first, then
-//! plain copies (never pinned or authoritative ones) until a tenth is free.
+//! Memory is bounded by `max_records` and by `max_bytes` (the copies' data
+//! as JSON, plus a fixed allowance each): past either, expired copies go
+//! first, then plain copies (never pinned or authoritative ones) until a
+//! tenth is free.
 //! Everything lives in the process: a restart starts cold, and journaled
 //! writes not yet replayed (`cache_first`, or an outage of the durable tier)
 //! die with the process, as they would with a Redis without persistence. The
@@ -29,8 +31,8 @@ use hybridstore_core::{
     CacheWriteOutcome, CachedState, Change, CollectionName, ControlState, CopyOutcome,
     CounterIncrement, CounterJournalEntry, CounterScope, FieldName, Granularity, IdempotencyClaim,
     IndexName, JournalAck, JournalEntry, JournalKind, JournalPosition, ListPage, ListQuery,
-    PageBuilder, Precondition, Record, RecordId, RecordKey, StoreError, StoreResult, Tier, Version,
-    WriteChange, json_size, prefix_upper_bound,
+    PageBuilder, Precondition, Record, RecordId, RecordKey, ReplayBounds, StoreError, StoreResult,
+    Tier, Version, WriteChange, json_size, prefix_upper_bound,
 };
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
@@ -87,6 +89,20 @@ struct Copy {
     pinned: Option<Version>,
     /// The truth of a cache-only collection.
     authoritative: bool,
+    /// What the copy counts against the byte bound (see [`copy_bytes`]).
+    bytes: usize,
+}
+
+/// What a copy counts against the cache's byte bound: its data as compact
+/// JSON plus a fixed allowance for the key, the version and the map entry.
+/// (Parsed data can take more memory than its JSON; the bound is set with
+/// that margin in mind.)
+fn copy_bytes(record: Option<&Record>) -> usize {
+    const OVERHEAD: usize = 256;
+    OVERHEAD
+        + record.map_or(0, |record| {
+            json_size(&record.data) + record.id.as_str().len()
+        })
 }
 
 impl Copy {
@@ -99,6 +115,7 @@ impl Copy {
                 expires: None,
                 pinned: None,
                 authoritative: false,
+                bytes: copy_bytes(Some(record)),
             },
             Change::Delete { version, at, .. } => Self {
                 version: *version,
@@ -107,6 +124,7 @@ impl Copy {
                 expires: None,
                 pinned: None,
                 authoritative: false,
+                bytes: copy_bytes(None),
             },
         }
     }
@@ -233,9 +251,18 @@ struct HeldBucket {
 }
 
 struct IdempotencyRecord {
+    owner: String,
     fingerprint: String,
     response: Option<Vec<u8>>,
     expires: Option<Instant>,
+}
+
+/// Stored idempotent responses of one caller, or of all: how many, how
+/// many bytes.
+#[derive(Clone, Copy, Default)]
+struct ReplayUsage {
+    responses: u64,
+    bytes: u64,
 }
 
 type HintKey = (CollectionName, IndexName, String);
@@ -244,6 +271,8 @@ type HintKey = (CollectionName, IndexName, String);
 struct State {
     records: HashMap<CollectionName, BTreeMap<RecordId, Copy>>,
     record_count: usize,
+    /// What the copies count against the byte bound.
+    record_bytes: usize,
     hints: HashMap<HintKey, (RecordId, Option<Instant>)>,
     journals: Option<[Journal<Change>; 2]>,
     counter_journal: Option<Journal<CounterIncrement>>,
@@ -251,6 +280,8 @@ struct State {
     op_markers: HashMap<String, Option<Instant>>,
     control: Option<ControlState>,
     idempotency: HashMap<String, IdempotencyRecord>,
+    replay_usage: HashMap<String, ReplayUsage>,
+    replay_total: ReplayUsage,
     scan_cursors: BTreeMap<u64, RecordId>,
     next_cursor: u64,
     last_sweep: Option<Instant>,
@@ -282,48 +313,59 @@ impl State {
             .get(&key.id)
             .is_some_and(|copy| expired(copy.expires, Instant::now()))
         {
-            copies.remove(&key.id);
-            self.record_count -= 1;
+            if let Some(removed) = copies.remove(&key.id) {
+                self.record_count -= 1;
+                self.record_bytes -= removed.bytes;
+            }
             return None;
         }
         self.records.get_mut(&key.collection)?.get_mut(&key.id)
     }
 
-    fn put_copy(&mut self, key: &RecordKey, copy: Copy, max_records: usize) {
+    fn put_copy(&mut self, key: &RecordKey, copy: Copy, bounds: Bounds) {
         let copies = self.records.entry(key.collection.clone()).or_default();
-        if copies.insert(key.id.clone(), copy).is_none() {
-            self.record_count += 1;
-            if self.record_count > max_records {
-                self.evict(max_records);
-            }
+        self.record_bytes += copy.bytes;
+        match copies.insert(key.id.clone(), copy) {
+            Some(replaced) => self.record_bytes -= replaced.bytes,
+            None => self.record_count += 1,
+        }
+        if self.record_count > bounds.records || self.record_bytes > bounds.bytes {
+            self.evict(bounds);
         }
     }
 
     fn remove_copy(&mut self, key: &RecordKey) -> Option<Copy> {
         let removed = self.records.get_mut(&key.collection)?.remove(&key.id);
-        if removed.is_some() {
+        if let Some(removed) = &removed {
             self.record_count -= 1;
+            self.record_bytes -= removed.bytes;
         }
         removed
     }
 
-    /// Drops expired copies, then plain copies, until a tenth of the room is free.
-    fn evict(&mut self, max_records: usize) {
+    /// Drops expired copies, then plain copies, until a tenth of the room
+    /// (in count and in bytes) is free.
+    fn evict(&mut self, bounds: Bounds) {
         self.sweep(Instant::now());
-        let target = max_records - max_records / 10;
+        let count_target = bounds.records - bounds.records / 10;
+        let bytes_target = bounds.bytes - bounds.bytes / 10;
         for copies in self.records.values_mut() {
-            if self.record_count <= target {
+            if self.record_count <= count_target && self.record_bytes <= bytes_target {
                 break;
             }
             let plain: Vec<RecordId> = copies
                 .iter()
                 .filter(|(_, copy)| copy.is_plain())
                 .map(|(id, _)| id.clone())
-                .take(self.record_count - target)
                 .collect();
             for id in plain {
-                copies.remove(&id);
-                self.record_count -= 1;
+                if self.record_count <= count_target && self.record_bytes <= bytes_target {
+                    break;
+                }
+                if let Some(removed) = copies.remove(&id) {
+                    self.record_count -= 1;
+                    self.record_bytes -= removed.bytes;
+                }
             }
         }
     }
@@ -331,19 +373,30 @@ impl State {
     /// Removes everything expired (at most once a second unless evicting).
     fn sweep(&mut self, now: Instant) {
         self.last_sweep = Some(now);
-        let mut removed = 0;
+        let (mut removed, mut bytes) = (0, 0);
         for copies in self.records.values_mut() {
             copies.retain(|_, copy| {
                 let keep = !expired(copy.expires, now);
-                removed += usize::from(!keep);
+                if !keep {
+                    removed += 1;
+                    bytes += copy.bytes;
+                }
                 keep
             });
         }
         self.record_count -= removed;
+        self.record_bytes -= bytes;
         self.hints.retain(|_, (_, expires)| !expired(*expires, now));
         self.op_markers.retain(|_, expires| !expired(*expires, now));
-        self.idempotency
-            .retain(|_, record| !expired(record.expires, now));
+        let gone: Vec<String> = self
+            .idempotency
+            .iter()
+            .filter(|(_, record)| expired(record.expires, now))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in gone {
+            self.drop_idempotency(&key);
+        }
         let wall = OffsetDateTime::now_utc();
         self.buckets
             .retain(|_, bucket| bucket.expires_at.is_none_or(|at| at > wall));
@@ -356,6 +409,30 @@ impl State {
             .is_none_or(|last| now.duration_since(last) >= SWEEP_EVERY)
         {
             self.sweep(now);
+        }
+    }
+
+    /// Removes a key's record, and its response from the usage.
+    fn drop_idempotency(&mut self, key: &str) {
+        let Some(record) = self.idempotency.remove(key) else {
+            return;
+        };
+        if let Some(response) = &record.response {
+            let size = response.len() as u64;
+            for usage in [
+                self.replay_usage.entry(record.owner.clone()).or_default(),
+                &mut self.replay_total,
+            ] {
+                usage.responses -= 1;
+                usage.bytes -= size;
+            }
+            if self
+                .replay_usage
+                .get(&record.owner)
+                .is_some_and(|usage| usage.responses == 0)
+            {
+                self.replay_usage.remove(&record.owner);
+            }
         }
     }
 
@@ -381,19 +458,32 @@ pub struct MemoryCache {
     state: Mutex<State>,
     control: broadcast::Sender<ControlState>,
     run_id: String,
-    max_records: usize,
+    bounds: Bounds,
+}
+
+/// What the cache holds at most: record copies and markers, and the bytes
+/// they count (see [`copy_bytes`]). Pinned and authoritative copies are
+/// never evicted, so they can take the cache past either bound.
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    pub records: usize,
+    pub bytes: usize,
 }
 
 impl MemoryCache {
-    /// A cache holding at most `max_records` record copies and markers.
-    pub fn new(max_records: usize) -> Self {
+    /// A cache holding at most `max_records` record copies and markers,
+    /// and at most `max_bytes` of them.
+    pub fn new(max_records: usize, max_bytes: usize) -> Self {
         let (control, _) = broadcast::channel(16);
         let started = OffsetDateTime::now_utc().unix_timestamp_nanos();
         Self {
             state: Mutex::new(State::default()),
             control,
             run_id: format!("memory-{}-{started}", std::process::id()),
-            max_records: max_records.max(10),
+            bounds: Bounds {
+                records: max_records.max(10),
+                bytes: max_bytes.max(64 * 1024),
+            },
         }
     }
 
@@ -416,7 +506,7 @@ impl MemoryCache {
             expires: deadline(ttl),
             ..copy
         };
-        state.put_copy(key, copy, self.max_records);
+        state.put_copy(key, copy, self.bounds);
         true
     }
 }
@@ -449,15 +539,19 @@ impl CacheStore for MemoryCache {
         let mut state = self.lock();
         let mut removed = state.hints.len();
         state.hints.clear();
-        let mut copies_removed = 0;
+        let (mut copies_removed, mut bytes) = (0, 0);
         for copies in state.records.values_mut() {
             copies.retain(|_, copy| {
                 let keep = copy.authoritative || (!pinned_too && copy.pinned.is_some());
-                copies_removed += usize::from(!keep);
+                if !keep {
+                    copies_removed += 1;
+                    bytes += copy.bytes;
+                }
                 keep
             });
         }
         state.record_count -= copies_removed;
+        state.record_bytes -= bytes;
         removed += copies_removed;
         Ok(removed as u64)
     }
@@ -598,7 +692,7 @@ impl CacheStore for MemoryCache {
                 WriteChange::Delete => copy.expires = deadline(write.deleted_marker_ttl),
             },
         }
-        state.put_copy(&write.key, copy, self.max_records);
+        state.put_copy(&write.key, copy, self.bounds);
         Ok(CacheWriteOutcome::Written {
             version,
             created,
@@ -830,7 +924,7 @@ impl CacheStore for MemoryCache {
             }
             _ => copy.expires = deadline(lifetime),
         }
-        state.put_copy(&key, copy, self.max_records);
+        state.put_copy(&key, copy, self.bounds);
         Ok(CopyOutcome::Written)
     }
 
@@ -1048,21 +1142,26 @@ impl CacheStore for MemoryCache {
 
     async fn claim_idempotency(
         &self,
+        owner: &str,
         key: &str,
         fingerprint: &str,
         pending_ttl: Duration,
     ) -> StoreResult<IdempotencyClaim> {
         let mut state = self.lock();
         let now = Instant::now();
-        match state
+        if state
             .idempotency
             .get(key)
-            .filter(|held| !expired(held.expires, now))
+            .is_some_and(|held| expired(held.expires, now))
         {
+            state.drop_idempotency(key);
+        }
+        match state.idempotency.get(key) {
             None => {
                 state.idempotency.insert(
                     key.to_owned(),
                     IdempotencyRecord {
+                        owner: owner.to_owned(),
                         fingerprint: fingerprint.to_owned(),
                         response: None,
                         expires: deadline(pending_ttl),
@@ -1080,24 +1179,47 @@ impl CacheStore for MemoryCache {
 
     async fn complete_idempotency(
         &self,
+        owner: &str,
         key: &str,
         fingerprint: &str,
         response: &[u8],
         ttl: Duration,
-    ) -> StoreResult<()> {
-        self.lock().idempotency.insert(
+        bounds: ReplayBounds,
+    ) -> StoreResult<bool> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        state.drop_idempotency(key);
+        let size = response.len() as u64;
+        let caller = state.replay_usage.get(owner).copied().unwrap_or_default();
+        let total = state.replay_total;
+        let fits = caller.responses < bounds.caller_responses
+            && caller.bytes + size <= bounds.caller_bytes
+            && total.responses < bounds.total_responses
+            && total.bytes + size <= bounds.total_bytes;
+        if !fits {
+            return Ok(false);
+        }
+        for usage in [
+            state.replay_usage.entry(owner.to_owned()).or_default(),
+            &mut state.replay_total,
+        ] {
+            usage.responses += 1;
+            usage.bytes += size;
+        }
+        state.idempotency.insert(
             key.to_owned(),
             IdempotencyRecord {
+                owner: owner.to_owned(),
                 fingerprint: fingerprint.to_owned(),
                 response: Some(response.to_vec()),
                 expires: deadline(ttl),
             },
         );
-        Ok(())
+        Ok(true)
     }
 
-    async fn release_idempotency(&self, key: &str) -> StoreResult<()> {
-        self.lock().idempotency.remove(key);
+    async fn release_idempotency(&self, _owner: &str, key: &str) -> StoreResult<()> {
+        self.lock().drop_idempotency(key);
         Ok(())
     }
 }

@@ -43,7 +43,7 @@ fn journaled_put(id: &str) -> CacheWrite {
 
 #[tokio::test]
 async fn an_older_copy_never_replaces_a_newer_one() {
-    let cache = MemoryCache::new(100);
+    let cache = MemoryCache::new(100, 64 << 20);
     let ttl = Duration::from_secs(60);
     assert!(cache.store(&record("a", 5), ttl).await.unwrap());
     assert!(!cache.store(&record("a", 4), ttl).await.unwrap());
@@ -67,7 +67,7 @@ async fn an_older_copy_never_replaces_a_newer_one() {
 
 #[tokio::test]
 async fn a_journaled_write_stays_pinned_until_acknowledged_and_is_redelivered_if_not() {
-    let cache = MemoryCache::new(100);
+    let cache = MemoryCache::new(100, 64 << 20);
     let outcome = cache.accept_write(&journaled_put("a")).await.unwrap();
     let CacheWriteOutcome::Written { version, .. } = outcome else {
         panic!("{outcome:?}")
@@ -134,7 +134,7 @@ async fn a_journaled_write_stays_pinned_until_acknowledged_and_is_redelivered_if
 
 #[tokio::test]
 async fn eviction_keeps_pinned_copies_and_memory_bounded() {
-    let cache = MemoryCache::new(100);
+    let cache = MemoryCache::new(100, 64 << 20);
     cache.accept_write(&journaled_put("pinned")).await.unwrap();
     for n in 0..500 {
         cache
@@ -151,7 +151,7 @@ async fn eviction_keeps_pinned_copies_and_memory_bounded() {
 
 #[tokio::test]
 async fn a_scan_sees_every_entry_present_throughout_even_while_others_go() {
-    let cache = MemoryCache::new(1000);
+    let cache = MemoryCache::new(1000, 64 << 20);
     let collection = CollectionName::parse("items").unwrap();
     for n in 0..50 {
         cache
@@ -172,4 +172,43 @@ async fn a_scan_sees_every_entry_present_throughout_even_while_others_go() {
     }
     let expected: Vec<String> = (0..50).map(|n| format!("r{n:02}")).collect();
     assert_eq!(seen, expected);
+}
+
+#[tokio::test]
+async fn copies_are_bounded_in_bytes_and_pinned_ones_are_never_evicted() {
+    let cache = MemoryCache::new(100_000, 1 << 20);
+    let ttl = Duration::from_secs(60);
+    let big = |id: &str| {
+        let mut record = record(id, 1);
+        record
+            .data
+            .insert("blob".into(), serde_json::json!("x".repeat(100 * 1024)));
+        record
+    };
+    cache.accept_write(&journaled_put("pinned")).await.unwrap();
+    for n in 0..30 {
+        cache.store(&big(&format!("b{n}")), ttl).await.unwrap();
+    }
+    let held = cache.lock().record_bytes;
+    assert!(
+        held <= 1 << 20,
+        "30 copies of 100 KiB kept within 1 MiB: {held}"
+    );
+    assert!(
+        matches!(
+            cache.get(&key("b29")).await.unwrap(),
+            CacheEntry::Present(_)
+        ),
+        "the newest copy is held"
+    );
+    assert!(
+        matches!(
+            cache.get(&key("pinned")).await.unwrap(),
+            CacheEntry::Present(_)
+        ),
+        "a journaled copy is never evicted"
+    );
+    // Replacing and removing copies keeps the count exact.
+    cache.invalidate_all(true).await.unwrap();
+    assert_eq!(cache.lock().record_bytes, 0);
 }

@@ -174,10 +174,29 @@ impl KeySpace {
         format!("{}:{{{shard}}}:op:{op_id}", self.prefix)
     }
 
-    /// An idempotency key's record (`key` is already a digest).
-    pub fn idempotency(&self, key: &str) -> String {
-        let shard = shard_of(&[key]);
+    /// An idempotency key's record (`key` is already a digest), in its
+    /// caller's shard, beside the caller's ledger of stored responses.
+    pub fn idempotency(&self, owner: &str, key: &str) -> String {
+        let shard = shard_of(&[owner]);
         format!("{}:{{{shard}}}:idem:{key}", self.prefix)
+    }
+
+    /// The ledger of a caller's stored responses (a sorted set by expiry)
+    /// and their sizes (a hash).
+    pub fn replay_ledger(&self, owner: &str) -> (String, String) {
+        let shard = shard_of(&[owner]);
+        (
+            format!("{}:{{{shard}}}:idem-ledger:{owner}", self.prefix),
+            format!("{}:{{{shard}}}:idem-sizes:{owner}", self.prefix),
+        )
+    }
+
+    /// The ledger of every caller's stored responses, and their sizes.
+    pub fn replay_ledger_all(&self) -> (String, String) {
+        (
+            format!("{}:{{all}}:idem-ledger", self.prefix),
+            format!("{}:{{all}}:idem-sizes", self.prefix),
+        )
     }
 
     /// A `SCAN MATCH` pattern for every counter bucket.

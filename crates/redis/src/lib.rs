@@ -20,8 +20,8 @@ use hybridstore_core::{
     CacheWriteOutcome, CachedState, Change, CollectionName, ControlState, CopyOutcome,
     CounterIncrement, CounterJournalEntry, CounterScope, FieldName, IdempotencyClaim, IndexName,
     JournalAck, JournalEntry, JournalKind, JournalPosition, JsonObject, ListPage, ListQuery,
-    MAX_DEAD_LETTERS, PageBuilder, Precondition, Record, RecordId, RecordKey, StoreError,
-    StoreResult, Tier, Version, WriteChange, json_size,
+    MAX_DEAD_LETTERS, PageBuilder, Precondition, Record, RecordId, RecordKey, ReplayBounds,
+    StoreError, StoreResult, Tier, Version, WriteChange, json_size,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
@@ -68,6 +68,7 @@ struct Scripts {
     counter_increment: Script,
     counter_seed: Script,
     idempotency_claim: Script,
+    idempotency_store: Script,
 }
 
 /// Sorts a driver error into "Redis is unavailable" or an internal error.
@@ -390,6 +391,7 @@ impl RedisStore {
                 counter_increment: Script::new(include_str!("lua/counter_increment.lua")),
                 counter_seed: Script::new(include_str!("lua/counter_seed.lua")),
                 idempotency_claim: Script::new(include_str!("lua/idempotency_claim.lua")),
+                idempotency_store: Script::new(include_str!("lua/idempotency_store.lua")),
             },
         })
     }
@@ -1419,6 +1421,7 @@ impl CacheStore for RedisStore {
 
     async fn claim_idempotency(
         &self,
+        owner: &str,
         key: &str,
         fingerprint: &str,
         pending_ttl: Duration,
@@ -1426,7 +1429,7 @@ impl CacheStore for RedisStore {
         let reply: Vec<Vec<u8>> = self
             .scripts
             .idempotency_claim
-            .key(self.keys.idempotency(key))
+            .key(self.keys.idempotency(owner, key))
             .arg(fingerprint)
             .arg(ttl_millis(pending_ttl))
             .invoke_async(&mut self.conn.clone())
@@ -1444,34 +1447,42 @@ impl CacheStore for RedisStore {
 
     async fn complete_idempotency(
         &self,
+        owner: &str,
         key: &str,
         fingerprint: &str,
         response: &[u8],
         ttl: Duration,
-    ) -> StoreResult<()> {
-        let key = self.keys.idempotency(key);
-        redis::pipe()
-            .cmd("HSET")
-            .arg(&key)
-            .arg("f")
+        bounds: ReplayBounds,
+    ) -> StoreResult<bool> {
+        let (ledger, sizes) = self.keys.replay_ledger(owner);
+        let (all_ledger, all_sizes) = self.keys.replay_ledger_all();
+        let now = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        let stored: i64 = self
+            .scripts
+            .idempotency_store
+            .key(self.keys.idempotency(owner, key))
+            .key(ledger)
+            .key(sizes)
+            .key(all_ledger)
+            .key(all_sizes)
             .arg(fingerprint)
-            .arg("s")
-            .arg("done")
-            .arg("r")
             .arg(response)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&key)
             .arg(ttl_millis(ttl))
-            .ignore()
-            .query_async::<()>(&mut self.conn.clone())
+            .arg(now as i64)
+            .arg(bounds.caller_responses)
+            .arg(bounds.caller_bytes)
+            .arg(bounds.total_responses)
+            .arg(bounds.total_bytes)
+            .arg(key)
+            .invoke_async(&mut self.conn.clone())
             .await
-            .map_err(classify)
+            .map_err(classify)?;
+        Ok(stored == 1)
     }
 
-    async fn release_idempotency(&self, key: &str) -> StoreResult<()> {
+    async fn release_idempotency(&self, owner: &str, key: &str) -> StoreResult<()> {
         redis::cmd("DEL")
-            .arg(self.keys.idempotency(key))
+            .arg(self.keys.idempotency(owner, key))
             .query_async::<()>(&mut self.conn.clone())
             .await
             .map_err(classify)

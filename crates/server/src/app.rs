@@ -127,7 +127,10 @@ fn embedded_tiers(config: &Config) -> Result<Tiers, StartError> {
         cache_max_records = config.embedded.cache_max_records,
         "hybridstore mode: embedded; data in SQLite (WAL, synchronous=FULL), cache in process"
     );
-    let cache = MemoryCache::new(config.embedded.cache_max_records);
+    let cache = MemoryCache::new(
+        config.embedded.cache_max_records,
+        config.embedded.cache_max_bytes,
+    );
     Ok((Arc::new(sqlite), Arc::new(cache)))
 }
 
@@ -209,6 +212,12 @@ impl ServerBuilder {
             strategy: config.strategy,
             max_data_bytes: config.body_limit_bytes,
             page_bytes: config.limits.page_bytes,
+            replay_bounds: hybridstore_core::ReplayBounds {
+                caller_responses: config.idempotency.caller_max_responses,
+                caller_bytes: config.idempotency.caller_max_bytes,
+                total_responses: config.idempotency.max_responses,
+                total_bytes: config.idempotency.max_bytes,
+            },
             deleted_marker_ttl: Duration::from_secs(config.records.deleted_marker_ttl_secs),
             tombstone_retention: Duration::from_secs(config.records.tombstone_retention_secs),
             health: HealthSettings {

@@ -162,6 +162,7 @@ pub struct Config {
     pub strategy: Strategy,
     pub body_limit_bytes: usize,
     pub limits: LimitsConfig,
+    pub idempotency: IdempotencyConfig,
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
     pub cache: CacheConfig,
@@ -177,6 +178,16 @@ pub struct Config {
     pub tokens: Vec<TokenConfig>,
     #[serde(default)]
     pub collections: BTreeMap<String, CollectionConfig>,
+}
+
+/// What stored Idempotency-Key responses may take of the cache.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    pub caller_max_responses: u64,
+    pub caller_max_bytes: u64,
+    pub max_responses: u64,
+    pub max_bytes: u64,
 }
 
 /// Work the service takes on at once (see `http::admission`).
@@ -349,6 +360,8 @@ pub struct EmbeddedConfig {
     pub data_dir: std::path::PathBuf,
     /// Record copies and markers the in-process cache keeps at most.
     pub cache_max_records: usize,
+    /// Bytes of record data the in-process cache keeps at most.
+    pub cache_max_bytes: usize,
 }
 
 impl EmbeddedConfig {

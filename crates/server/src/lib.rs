@@ -18,6 +18,7 @@ pub use config::Config;
 /// Loads the configuration from files and environment, and serves until
 /// SIGINT / SIGTERM. Exit code 2 for a configuration error, 1 for a failed start.
 pub fn run_from_env() -> ExitCode {
+    return_large_buffers();
     let config = match Config::load() {
         Ok(config) => config,
         Err(err) => {
@@ -81,4 +82,18 @@ async fn shutdown_signal() {
         () = terminate => {},
     }
     tracing::info!("shutting down");
+}
+
+/// Has the allocator give large buffers (request bodies, records, list
+/// pages: 128 KiB and up) back to the system when they are freed. glibc
+/// otherwise raises its mmap threshold after the first such free and serves
+/// later large buffers from its heaps, where freed memory stays resident: a
+/// flood of 1 MiB writes kept several hundred MiB after it had passed.
+fn return_large_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: called before any other thread exists; mallopt only changes
+    // allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
 }

@@ -5,6 +5,10 @@
 //! request: the same key with another method, path, preconditions or body is
 //! a 422 `idempotency_key_reused`. A response that failed inside (5xx), or
 //! an auth or rate refusal (401, 403, 429), is not stored: the retry runs.
+//! What the cache keeps of stored responses is bounded per caller and in
+//! all, in count and bytes (`idempotency.*`): past a bound, or above 2 MiB,
+//! the response is not stored, says so with `Idempotent-Stored: false`, and
+//! a retry runs again.
 //! Only matched routes take part: an unknown path or method answers 404 or
 //! 405 whatever key it carries. Keys live in the cache tier; while it is down,
 //! calls run without replay protection (counter increments still count once:
@@ -25,6 +29,9 @@ use super::problem::ApiError;
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// On a response that was not stored for replay (past a bound of what the
+/// cache keeps, or too large): `false`. A retry with the key runs again.
+const STORED: HeaderName = HeaderName::from_static("idempotent-stored");
 /// Largest response stored for replay.
 const MAX_STORED_RESPONSE: usize = 2 * 1024 * 1024;
 
@@ -136,20 +143,30 @@ pub async fn idempotency(State(state): State<AppState>, request: Request, next: 
     // From the claim on, the work runs to its end even if the client goes
     // away (a timeout): a claim left behind would hold the key for a minute,
     // while a finished first attempt lets the retry replay at once.
-    let work = tokio::spawn(claim_and_run(state, next, request, digest, fingerprint));
+    let claim = Claim {
+        owner,
+        digest,
+        fingerprint,
+    };
+    let work = tokio::spawn(claim_and_run(state, next, request, claim));
     work.await.unwrap_or_else(|err| {
         ApiError::from(Error::Internal(format!("idempotent request failed: {err}"))).into_response()
     })
 }
 
-async fn claim_and_run(
-    state: AppState,
-    next: Next,
-    request: Request,
+/// Whose key, which key, for which request.
+struct Claim {
+    owner: String,
     digest: String,
     fingerprint: String,
-) -> Response {
-    match state.engine.claim_idempotency(&digest, &fingerprint).await {
+}
+
+async fn claim_and_run(state: AppState, next: Next, request: Request, claim: Claim) -> Response {
+    let claimed = state
+        .engine
+        .claim_idempotency(&claim.owner, &claim.digest, &claim.fingerprint)
+        .await;
+    match claimed {
         None => next.run(request).await,
         Some(IdempotencyClaim::Mismatch) => ApiError::IdempotencyKeyReused.into_response(),
         Some(IdempotencyClaim::InProgress) => ApiError::IdempotencyInProgress.into_response(),
@@ -159,21 +176,13 @@ async fn claim_and_run(
             ))
             .into_response()
         }),
-        Some(IdempotencyClaim::Claimed) => {
-            run_and_store(state, next, request, digest, fingerprint).await
-        }
+        Some(IdempotencyClaim::Claimed) => run_and_store(state, next, request, claim).await,
     }
 }
 
 /// Runs the claimed request and stores its response (or releases the key
-/// when it failed inside).
-async fn run_and_store(
-    state: AppState,
-    next: Next,
-    request: Request,
-    digest: String,
-    fingerprint: String,
-) -> Response {
+/// when it failed inside, or when the response cannot be kept).
+async fn run_and_store(state: AppState, next: Next, request: Request, claim: Claim) -> Response {
     let response = next.run(request).await;
     // Not the outcome of the request, only of this attempt: a failure inside
     // (5xx), or a refusal a retry may not meet (the caller's rights were
@@ -184,14 +193,21 @@ async fn run_and_store(
         || status == StatusCode::FORBIDDEN
         || status == StatusCode::TOO_MANY_REQUESTS
     {
-        state.engine.release_idempotency(&digest).await;
+        state
+            .engine
+            .release_idempotency(&claim.owner, &claim.digest)
+            .await;
         return response;
     }
-    let (parts, body) = response.into_parts();
-    let Ok(body) = to_bytes(body, MAX_STORED_RESPONSE).await else {
-        state.engine.release_idempotency(&digest).await;
-        return ApiError::from(Error::Internal("response too large to store".into()))
-            .into_response();
+    let (mut parts, body) = response.into_parts();
+    // The handlers' answers are bounded (a record is at most the body
+    // limit); the cap only guards against a bug.
+    let Ok(body) = to_bytes(body, 4 * MAX_STORED_RESPONSE).await else {
+        state
+            .engine
+            .release_idempotency(&claim.owner, &claim.digest)
+            .await;
+        return ApiError::from(Error::Internal("response too large".into())).into_response();
     };
     let kept = [header::CONTENT_TYPE, header::ETAG, header::LOCATION];
     let stored = StoredResponse {
@@ -205,14 +221,26 @@ async fn run_and_store(
             .collect(),
         body: String::from_utf8_lossy(&body).into_owned(),
     };
-    match serde_json::to_vec(&stored) {
-        Ok(bytes) => {
+    let bytes = serde_json::to_vec(&stored).ok();
+    let stored = match bytes.filter(|bytes| bytes.len() <= MAX_STORED_RESPONSE) {
+        Some(bytes) => {
             state
                 .engine
-                .complete_idempotency(&digest, &fingerprint, &bytes)
+                .complete_idempotency(&claim.owner, &claim.digest, &claim.fingerprint, &bytes)
                 .await
         }
-        Err(_) => state.engine.release_idempotency(&digest).await,
+        None => {
+            state
+                .engine
+                .release_idempotency(&claim.owner, &claim.digest)
+                .await;
+            false
+        }
+    };
+    if !stored {
+        parts
+            .headers
+            .insert(STORED, HeaderValue::from_static("false"));
     }
     Response::from_parts(parts, Body::from(body))
 }
