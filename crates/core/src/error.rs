@@ -38,6 +38,18 @@ pub enum StoreError {
         #[source]
         source: BoxError,
     },
+    /// The tier did not answer within the call's deadline, or had no room
+    /// for the call (no pooled connection free in time). A busy tier is not
+    /// a dead one: breakers leave the verdict to their probe.
+    /// `maybe_applied`: the call reached the tier and may have taken effect
+    /// (a write's outcome is unknown).
+    #[error("{tier} tier busy: {source}")]
+    Busy {
+        tier: Tier,
+        #[source]
+        source: BoxError,
+        maybe_applied: bool,
+    },
     /// The record's state did not satisfy the write's precondition.
     #[error("precondition failed")]
     PreconditionFailed,
@@ -74,9 +86,28 @@ impl StoreError {
         }
     }
 
-    /// True when the failure says the tier is down rather than the request wrong.
+    /// A call that timed out or found no room; see [`StoreError::Busy`].
+    pub fn busy(tier: Tier, source: impl Into<BoxError>, maybe_applied: bool) -> Self {
+        StoreError::Busy {
+            tier,
+            source: source.into(),
+            maybe_applied,
+        }
+    }
+
+    /// True when the tier could not serve the call (down, or too busy to
+    /// answer in time): the request goes elsewhere or fails, rather than
+    /// being wrong.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, StoreError::Unavailable { .. })
+        matches!(
+            self,
+            StoreError::Unavailable { .. } | StoreError::Busy { .. }
+        )
+    }
+
+    /// True when the tier is busy rather than known to be down.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, StoreError::Busy { .. })
     }
 
     /// True when the tier's server refused the connection: nothing listens

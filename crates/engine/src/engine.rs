@@ -271,6 +271,18 @@ impl Engine {
         }
     }
 
+    /// A tier too busy to answer in time: the request was shed, or (when
+    /// it reached the tier) its outcome is unknown; either way the tier is
+    /// not declared down for it.
+    pub(crate) fn busy(&self, maybe_applied: bool) -> Error {
+        let retry_after = self.settings.retry_after;
+        if maybe_applied {
+            Error::OutcomeUnknown { retry_after }
+        } else {
+            Error::Overloaded { retry_after }
+        }
+    }
+
     /// The strategy a collection follows now (its own, or the service's).
     pub fn strategy_of(&self, collection: &Collection) -> Strategy {
         collection.strategy(self.control.strategy())
@@ -344,6 +356,10 @@ impl Engine {
             StoreError::Unavailable { .. } => {
                 tracing::debug!(error = %err, backend = self.durable.backend(), "durable tier unavailable");
                 self.unavailable()
+            }
+            StoreError::Busy { maybe_applied, .. } => {
+                tracing::debug!(error = %err, backend = self.durable.backend(), "durable tier busy");
+                self.busy(maybe_applied)
             }
             StoreError::PreconditionFailed => Error::VersionConflict { current: None },
             StoreError::NotFound => Error::NotFound("record not found".into()),
@@ -481,9 +497,19 @@ impl Engine {
         if self.cache.overtaken(key, version) {
             return;
         }
-        let result = self
+        let result = match self
             .update_copy(&*self.cache, collection, key, update, now)
-            .await;
+            .await
+        {
+            // The update reached a busy cache and may land or not: sent
+            // again (it only ever moves the copy forward) and waited for.
+            Err(err) if err.is_busy() => {
+                self.cache
+                    .patiently(|tier| self.update_copy(tier, collection, key, update, now))
+                    .await
+            }
+            other => other,
+        };
         if let Err(err) = result {
             if self.cache.breaker.is_closed() {
                 tracing::warn!(error = %err, collection = %key.collection, "cache update after commit failed; cache suspended until recovery");

@@ -122,6 +122,10 @@ pub struct Breaker {
     /// Asks for a probe now: a live call failed, and the probe can tell a
     /// dead tier (connection refused) from a slow one at once.
     pub(crate) probe_wanted: tokio::sync::Notify,
+    /// Calls running past half their timeout right now. A probe that fails
+    /// meanwhile opens the breaker at once: live calls and the ping both
+    /// got no answer, the tier is hung rather than busy.
+    stalled: AtomicU64,
 }
 
 /// A snapshot of one tier's health, for status pages and metrics.
@@ -160,6 +164,7 @@ impl Breaker {
             simulated_outage: AtomicBool::new(false),
             opened: tokio::sync::Notify::new(),
             probe_wanted: tokio::sync::Notify::new(),
+            stalled: AtomicU64::new(0),
         }
     }
 
@@ -336,7 +341,11 @@ impl Breaker {
         self.simulated_outage.load(Ordering::SeqCst)
     }
 
-    /// Runs `call` under `timeout`, or fails it at once during a simulated outage.
+    /// Runs `call` under `timeout`, or fails it at once during a simulated
+    /// outage. A call that takes more than half its timeout asks the probe
+    /// to look at once; one that times out is [`StoreError::Busy`]: it
+    /// reached the tier, which may have carried it out, and a slow answer
+    /// alone does not say the tier is down (the probe decides that).
     async fn attempt<T>(
         &self,
         timeout: Duration,
@@ -348,11 +357,19 @@ impl Breaker {
                 format!("{} is down (simulated outage)", self.backend),
             ));
         }
-        match tokio::time::timeout(timeout, call).await {
+        tokio::pin!(call);
+        let half = timeout / 2;
+        if let Ok(result) = tokio::time::timeout(half, &mut call).await {
+            return result;
+        }
+        let _stalled = Stalled::enter(&self.stalled);
+        self.probe_wanted.notify_one();
+        match tokio::time::timeout(timeout - half, call).await {
             Ok(result) => result,
-            Err(_) => Err(StoreError::unavailable(
+            Err(_) => Err(StoreError::busy(
                 self.tier,
                 format!("{} did not answer within {timeout:?}", self.backend),
+                true,
             )),
         }
     }
@@ -396,6 +413,11 @@ impl Breaker {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         self.stats.latency.record(started.elapsed());
         match &result {
+            // Busy, not dead: the probe, asked to look now, decides.
+            Err(err) if err.is_busy() => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                self.probe_wanted.notify_one();
+            }
             Err(err) if err.is_unavailable() => {
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 self.record_failure(err);
@@ -412,7 +434,20 @@ impl Breaker {
         self.begin_trial();
         let epoch = self.failure_epoch();
         let started = Instant::now();
-        let result = self.attempt(timeout, ping).await;
+        let result = if self.outage_simulated() {
+            Err(StoreError::unavailable(
+                self.tier,
+                format!("{} is down (simulated outage)", self.backend),
+            ))
+        } else {
+            match tokio::time::timeout(timeout, ping).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::unavailable(
+                    self.tier,
+                    format!("{} did not answer a ping within {timeout:?}", self.backend),
+                )),
+            }
+        };
         match result {
             Ok(()) => {
                 self.probe_took(started.elapsed());
@@ -420,9 +455,30 @@ impl Breaker {
             }
             Err(err) => {
                 tracing::debug!(tier = %self.tier, error = %err, elapsed = ?started.elapsed(), "probe failed");
-                self.record_failure(&err);
+                if self.stalled.load(Ordering::SeqCst) > 0 {
+                    // Calls hang and the ping got no answer either.
+                    self.force_open(&err);
+                } else {
+                    self.record_failure(&err);
+                }
             }
         }
+    }
+}
+
+/// Counts a call among the stalled ones for as long as it lives.
+struct Stalled<'a>(&'a AtomicU64);
+
+impl<'a> Stalled<'a> {
+    fn enter(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Stalled<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -479,6 +535,10 @@ const FLOOR_KEPT: Duration = Duration::from_secs(30);
 /// answers within a few milliseconds; a hung one must not hold every request
 /// for the call timeout.
 const PAST_BREAKER_WAIT: Duration = Duration::from_millis(25);
+
+/// Longest a commit waits for its copy's update in a busy cache before the
+/// cache is taken out of service (see [`GuardedCache::patiently`]).
+const PATIENCE: Duration = Duration::from_secs(5);
 
 /// Longest a restarted cache's reconciliation may take before the probe
 /// gives up (the next one goes on from where it stopped).
@@ -721,6 +781,39 @@ impl GuardedCache {
             .await
             .ok()
             .and_then(Result::ok)
+    }
+
+    /// Runs `call` on the cache once more, waiting past the call timeout
+    /// (up to [`PATIENCE`]) while the breaker stays closed: for the copy of
+    /// a commit that must land, a busy cache is waited for rather than
+    /// taken out of service. Opening (the probe found the tier down) ends
+    /// the wait.
+    pub async fn patiently<'a, T, F>(
+        &'a self,
+        call: impl FnOnce(&'a dyn CacheStore) -> F,
+    ) -> StoreResult<T>
+    where
+        F: Future<Output = StoreResult<T>>,
+    {
+        let opened = self.breaker.opened.notified();
+        tokio::pin!(opened);
+        opened.as_mut().enable();
+        if !self.breaker.is_closed() || self.breaker.outage_simulated() {
+            return Err(StoreError::unavailable(
+                Tier::Cache,
+                "the cache is out of service",
+            ));
+        }
+        tokio::select! {
+            result = tokio::time::timeout(PATIENCE, call(&*self.inner)) => {
+                result.unwrap_or_else(|_| Err(StoreError::busy(
+                    Tier::Cache,
+                    format!("no answer within {PATIENCE:?}"),
+                    true,
+                )))
+            }
+            () = opened => Err(StoreError::unavailable(Tier::Cache, "the cache went down")),
+        }
     }
 
     /// Removes the copies older than what was committed around the cache.
@@ -1366,15 +1459,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_open_breaker_fails_fast_and_a_slow_call_times_out() {
+    async fn a_slow_call_is_busy_and_an_open_breaker_fails_fast() {
         let breaker = Breaker::new(Tier::Durable, "postgres", 1);
         let slow = breaker
             .call(Duration::from_millis(20), async {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 Ok(())
             })
-            .await;
-        assert!(slow.unwrap_err().is_unavailable());
+            .await
+            .unwrap_err();
+        assert!(slow.is_busy() && slow.is_unavailable(), "{slow}");
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Closed,
+            "a timeout alone does not say the tier is down"
+        );
+        breaker.record_failure(&down());
         assert_eq!(breaker.state(), BreakerState::Open);
         let started = Instant::now();
         let refused = breaker.call(Duration::from_secs(5), async { Ok(()) }).await;
@@ -1383,6 +1483,48 @@ mod tests {
             started.elapsed() < Duration::from_millis(5),
             "no waiting while open"
         );
+    }
+
+    /// Busy or hung: while a call hangs past half its timeout, the probe
+    /// is asked at once; a ping that answers keeps the breaker closed, one
+    /// that does not opens it at once (both got no answer).
+    #[tokio::test]
+    async fn the_probe_tells_a_busy_tier_from_a_hung_one() {
+        let breaker = Arc::new(Breaker::new(Tier::Cache, "redis", 3));
+        let hanging = {
+            let breaker = breaker.clone();
+            tokio::spawn(async move {
+                breaker
+                    .call(Duration::from_millis(400), async {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        tokio::time::timeout(Duration::from_secs(1), breaker.probe_wanted.notified())
+            .await
+            .expect("a stalled call asks for a probe");
+        breaker
+            .probe(Duration::from_millis(50), async { Ok(()) })
+            .await;
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Closed,
+            "busy: the ping answers"
+        );
+        breaker
+            .probe(Duration::from_millis(50), async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok(())
+            })
+            .await;
+        assert_eq!(
+            breaker.state(),
+            BreakerState::Open,
+            "hung: the ping does not"
+        );
+        assert!(hanging.await.unwrap().unwrap_err().is_unavailable());
     }
 
     #[tokio::test]

@@ -148,6 +148,7 @@ impl Engine {
             StoreError::Internal { .. } => {
                 Error::Internal(format!("{err} ({})", self.cache.backend()))
             }
+            StoreError::Busy { maybe_applied, .. } => self.busy(maybe_applied),
             _ => self.unavailable(),
         }
     }

@@ -49,6 +49,10 @@ pub struct PostgresStore {
     /// Set once the migrations have been applied by this process: a server
     /// that was down at start gets its schema on the first successful ping.
     migrated: Arc<AtomicBool>,
+    /// The probe's own connection, opened on first use and again after a
+    /// failure: a ping must not wait for a pooled connection while every
+    /// one is at work, or a busy server would look like a dead one.
+    probe: Arc<tokio::sync::Mutex<Option<sqlx::PgConnection>>>,
 }
 
 impl PostgresStore {
@@ -70,6 +74,7 @@ impl PostgresStore {
         Self {
             pool,
             migrated: Arc::new(AtomicBool::new(false)),
+            probe: Arc::default(),
         }
     }
 
@@ -92,18 +97,29 @@ impl PostgresStore {
 /// Sorts a driver error into "PostgreSQL is unavailable" (drives degradation) or
 /// an internal error.
 fn classify(err: sqlx::Error) -> StoreError {
+    match &err {
+        // No pooled connection came free in time: every connection is at
+        // work, the call never left. A busy tier, not a dead one (the
+        // probe, on a connection of its own, tells which).
+        sqlx::Error::PoolTimedOut => return StoreError::busy(Tier::Durable, err, false),
+        // 57014: the statement ran past statement_timeout and was
+        // cancelled, its transaction rolled back.
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("57014") => {
+            return StoreError::busy(Tier::Durable, err, false);
+        }
+        _ => {}
+    }
     let unavailable = match &err {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_)
         | sqlx::Error::BeginFailed => true,
         // 08: connection exception, 57P: operator intervention (shutdown, crash
-        // recovery), 53300: too many connections, 57014: statement timeout.
+        // recovery), 53300: too many connections.
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08") || code.starts_with("57P") || code == "53300" || code == "57014"
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
         }),
         _ => false,
     };
@@ -701,11 +717,26 @@ impl DurableStore for PostgresStore {
         if !self.migrated.load(Ordering::Acquire) {
             self.migrate().await?;
         }
+        // Taken out while in use and put back only after an answer: a ping
+        // cut off by its timeout drops the connection with it, rather than
+        // leaving one with a query half-done for the next ping.
+        let held = self.probe.lock().await.take();
+        let mut connection = match held {
+            Some(connection) => connection,
+            None => {
+                use sqlx::Connection;
+                let options = self.pool.connect_options();
+                sqlx::PgConnection::connect_with(&options)
+                    .await
+                    .map_err(classify)?
+            }
+        };
         sqlx::query("SELECT 1")
-            .execute(&self.pool)
+            .execute(&mut connection)
             .await
-            .map(drop)
-            .map_err(classify)
+            .map_err(classify)?;
+        *self.probe.lock().await = Some(connection);
+        Ok(())
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(collection = %key.collection, id = %key.id))]

@@ -51,6 +51,10 @@ pub struct RedisStore {
     client: redis::Client,
     connect_timeout: Duration,
     conn: ConnectionManager,
+    /// The probe's own connection: a ping must not queue behind the
+    /// commands of a busy moment on the shared one, or a busy server would
+    /// look like a hung one.
+    probe_conn: ConnectionManager,
     keys: KeySpace,
     scripts: Scripts,
 }
@@ -73,8 +77,12 @@ struct Scripts {
 
 /// Sorts a driver error into "Redis is unavailable" or an internal error.
 fn classify(err: RedisError) -> StoreError {
+    if err.is_timeout() {
+        // Sent, and no answer in time: a busy server, or a hung one (the
+        // probe tells which).
+        return StoreError::busy(Tier::Cache, err, true);
+    }
     let unavailable = err.is_io_error()
-        || err.is_timeout()
         || err.is_connection_dropped()
         || err.is_connection_refusal()
         || matches!(
@@ -370,12 +378,15 @@ impl RedisStore {
             .set_response_timeout(Some(options.response_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn =
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+            .map_err(classify)?;
+        let probe_conn =
             ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(classify)?;
         Ok(Self {
             client,
             connect_timeout: options.connect_timeout,
             conn,
+            probe_conn,
             keys: KeySpace::new(options.key_prefix.clone()),
             scripts: Scripts {
                 store_if_newer: Script::new(include_str!("lua/store_if_newer.lua")),
@@ -637,7 +648,7 @@ impl CacheStore for RedisStore {
 
     async fn ping(&self) -> StoreResult<()> {
         redis::cmd("PING")
-            .query_async::<()>(&mut self.conn.clone())
+            .query_async::<()>(&mut self.probe_conn.clone())
             .await
             .map_err(classify)
     }
