@@ -374,6 +374,45 @@ impl Breaker {
         }
     }
 
+    /// Runs one of the probe's own calls under `timeout` (or fails it at
+    /// once during a simulated outage). Unlike a live call's, a timeout
+    /// here is the probe's evidence, not a request for a probe.
+    async fn within<T>(
+        &self,
+        timeout: Duration,
+        call: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        if self.outage_simulated() {
+            return Err(StoreError::unavailable(
+                self.tier,
+                format!("{} is down (simulated outage)", self.backend),
+            ));
+        }
+        match tokio::time::timeout(timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::busy(
+                self.tier,
+                format!(
+                    "{} did not answer the probe within {timeout:?}",
+                    self.backend
+                ),
+                true,
+            )),
+        }
+    }
+
+    /// The probe's ping failed: a failure like any other, except while
+    /// live calls hang as well, which opens the breaker at once (both got
+    /// no answer: the tier is hung, not busy).
+    fn probe_failed(&self, err: &StoreError) {
+        tracing::debug!(tier = %self.tier, error = %err, "probe failed");
+        if self.stalled.load(Ordering::SeqCst) > 0 {
+            self.force_open(err);
+        } else {
+            self.record_failure(err);
+        }
+    }
+
     /// Remembers the round trip of a successful probe.
     fn probe_took(&self, elapsed: Duration) {
         *self.last_probe.lock().unwrap_or_else(|e| e.into_inner()) = Some(elapsed);
@@ -434,34 +473,12 @@ impl Breaker {
         self.begin_trial();
         let epoch = self.failure_epoch();
         let started = Instant::now();
-        let result = if self.outage_simulated() {
-            Err(StoreError::unavailable(
-                self.tier,
-                format!("{} is down (simulated outage)", self.backend),
-            ))
-        } else {
-            match tokio::time::timeout(timeout, ping).await {
-                Ok(result) => result,
-                Err(_) => Err(StoreError::unavailable(
-                    self.tier,
-                    format!("{} did not answer a ping within {timeout:?}", self.backend),
-                )),
-            }
-        };
-        match result {
+        match self.within(timeout, ping).await {
             Ok(()) => {
                 self.probe_took(started.elapsed());
                 self.close_unless_failed_since(epoch);
             }
-            Err(err) => {
-                tracing::debug!(tier = %self.tier, error = %err, elapsed = ?started.elapsed(), "probe failed");
-                if self.stalled.load(Ordering::SeqCst) > 0 {
-                    // Calls hang and the ping got no answer either.
-                    self.force_open(&err);
-                } else {
-                    self.record_failure(&err);
-                }
-            }
+            Err(err) => self.probe_failed(&err),
         }
     }
 }
@@ -668,23 +685,32 @@ impl GuardedCache {
     {
         self.breaker.begin_trial();
         let started = Instant::now();
-        // Under `attempt`, so a simulated outage fails the probe too.
+        // First the ping, on the tier's probe connection: a dead or hung
+        // cache shows there within the call timeout; a busy one answers.
+        if let Err(err) = self.breaker.within(self.timeout, self.inner.ping()).await {
+            return self.breaker.probe_failed(&err);
+        }
         let check = self.check(durable_generation);
-        let checked = match self.breaker.attempt(self.timeout * 4, check).await {
+        let checked = match self.breaker.within(self.timeout * 4, check).await {
             Ok(checked) => checked,
+            // It answered the ping: busy. A heartbeat looks again next time.
+            Err(err) if err.is_busy() && self.breaker.is_closed() => {
+                tracing::debug!(error = %err, "cache heartbeat cut short: the cache is busy");
+                return;
+            }
             Err(err) => return self.breaker.force_open(&err),
         };
         let _recovering = (!self.breaker.is_closed()).then(|| Recovering::begin(&self.recovering));
         if checked.everything {
             let reconciled = reconcile();
-            if let Err(err) = self.breaker.attempt(RECONCILE_TIMEOUT, reconciled).await {
+            if let Err(err) = self.breaker.within(RECONCILE_TIMEOUT, reconciled).await {
                 tracing::warn!(error = %err, "the cache could not be reconciled yet; it stays out of service");
                 return self.breaker.force_open(&err);
             }
         }
         if let Some(generation) = checked.stale_below {
             let recorded = self.inner.set_reconciled_generation(generation);
-            if let Err(err) = self.breaker.attempt(self.timeout, recorded).await {
+            if let Err(err) = self.breaker.within(self.timeout, recorded).await {
                 return self.breaker.force_open(&err);
             }
         }
@@ -708,7 +734,7 @@ impl GuardedCache {
         if !written.is_empty() {
             let removed = self
                 .breaker
-                .attempt(self.timeout * 4, self.remove_older(&written));
+                .within(self.timeout * 4, self.remove_older(&written));
             if let Err(err) = removed.await {
                 // Remembered again for the next trial.
                 for (key, version) in &written {
