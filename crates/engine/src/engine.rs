@@ -13,7 +13,7 @@ use futures_util::future::join_all;
 use hybridstore_core::{
     CacheEntry, CacheStore, CollectionName, DurableStore, Error, JsonObject, ListPage, ListQuery,
     Precondition, Record, RecordId, RecordKey, RecordWrite, StoreError, Strategy, Tier, Version,
-    WriteOutcome, merge_patch,
+    WriteOutcome, json_size, merge_patch,
 };
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -80,12 +80,20 @@ pub struct Page {
 }
 
 /// The answer to a batch get.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct BatchGet {
     /// Found records, in the order their ids were asked for.
     pub records: Vec<Record>,
     pub missing: Vec<RecordId>,
+    /// Ids not read because the answer was full (`page_bytes` of record
+    /// data): ask for them again.
+    pub unread: Vec<RecordId>,
 }
+
+/// Ids a batch-get reads at once: what one chunk can cost is bounded
+/// (this many records of at most the body limit), and the answer stops at
+/// `page_bytes` of data.
+const BATCH_CHUNK: usize = 16;
 
 /// What a committed write leaves in the cache.
 #[derive(Clone, Copy)]
@@ -928,10 +936,7 @@ impl Engine {
             }
         }
 
-        let mut result = BatchGet {
-            records: Vec::new(),
-            missing: Vec::new(),
-        };
+        let mut result = BatchGet::default();
         for (id, answer) in ids.into_iter().zip(answers) {
             match answer.flatten() {
                 Some(record) => result.records.push(record),
@@ -1141,7 +1146,35 @@ impl Engine {
         collection: &CollectionName,
         ids: Vec<RecordId>,
     ) -> Result<BatchGet, Error> {
-        let work = self.read_many(collection, ids);
+        let work = async {
+            let mut seen = HashSet::new();
+            let ids: Vec<RecordId> = ids
+                .into_iter()
+                .filter(|id| seen.insert(id.clone()))
+                .collect();
+            let mut answer = BatchGet::default();
+            let (mut bytes, mut full) = (0, false);
+            for chunk in ids.chunks(BATCH_CHUNK) {
+                if full {
+                    answer.unread.extend_from_slice(chunk);
+                    continue;
+                }
+                let read = self.read_many(collection, chunk.to_vec()).await?;
+                answer.missing.extend(read.missing);
+                for record in read.records {
+                    let size = json_size(&record.data);
+                    full = full
+                        || (!answer.records.is_empty() && bytes + size > self.settings.page_bytes);
+                    if full {
+                        answer.unread.push(record.id);
+                    } else {
+                        bytes += size;
+                        answer.records.push(record);
+                    }
+                }
+            }
+            Ok(answer)
+        };
         self.observed(Operation::BatchGet, work).await
     }
 

@@ -64,6 +64,9 @@ pub struct BatchGetRequestDoc {
 pub struct BatchGetDoc {
     records: Vec<RecordDoc>,
     missing: Vec<String>,
+    /// Ids not read because the answer was full (`limits.page_bytes` of
+    /// record data); ask for them again.
+    unread: Vec<String>,
 }
 
 struct BearerAuth;

@@ -237,6 +237,8 @@ struct BatchGetRequest {
 struct BatchGetResponse {
     records: Vec<Record>,
     missing: Vec<RecordId>,
+    /// Ids not read: the answer was full (`limits.page_bytes` of data).
+    unread: Vec<RecordId>,
 }
 
 #[tracing::instrument(skip_all, fields(%collection))]
@@ -264,6 +266,7 @@ pub async fn batch_get(
     Ok(Json(BatchGetResponse {
         records: found.records,
         missing: found.missing,
+        unread: found.unread,
     })
     .into_response())
 }
