@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 mod campaign;
 mod flood;
+mod schemathesis;
 
 /// One load test at a time.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

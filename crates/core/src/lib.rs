@@ -31,7 +31,8 @@ pub use journal::{
 };
 pub use merge_patch::merge_patch;
 pub use names::{
-    CollectionName, CounterScope, FieldName, IndexName, NameError, RecordId, validate_id_prefix,
+    CollectionName, CounterScope, FieldName, ID_PATTERN, ID_PREFIX_PATTERN, IndexName,
+    NAME_PATTERN, NameError, RecordId, validate_id_prefix,
 };
 pub use record::{
     IndexEntry, JsonObject, ListPage, ListQuery, MAX_DATA_DEPTH, PageBuilder, Precondition, Record,

@@ -20,6 +20,13 @@ pub struct NameError {
 const COLLECTION_RULE: &str = "[a-z][a-z0-9_]{0,62}";
 const ID_RULE: &str = "[A-Za-z0-9][A-Za-z0-9._:@-]{0,254}";
 
+/// The rules as anchored regular expressions, for documents that describe
+/// the API (the OpenAPI document): collection, index and field names; ids
+/// and counter scopes; id prefixes (any leading part of an id).
+pub const NAME_PATTERN: &str = "^[a-z][a-z0-9_]{0,62}$";
+pub const ID_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._:@-]{0,254}$";
+pub const ID_PREFIX_PATTERN: &str = "^([A-Za-z0-9][A-Za-z0-9._:@-]{0,254})?$";
+
 fn is_lower_name(s: &str) -> bool {
     let bytes = s.as_bytes();
     (1..=63).contains(&bytes.len())

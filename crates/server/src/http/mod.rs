@@ -179,7 +179,10 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         ))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(Extension(openapi::Spec::new(&spec)))
+        .layer(Extension(openapi::Spec::new(
+            &spec,
+            &openapi::Facts::of(state.engine.catalog()),
+        )))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(Extension(BodyLimit(body_limit)))
         .layer(middleware::from_fn_with_state(

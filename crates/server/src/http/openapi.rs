@@ -11,6 +11,7 @@ use axum::Extension;
 use axum::http::header;
 use axum::response::{Html, IntoResponse, Response};
 use serde::Serialize;
+use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
@@ -109,13 +110,197 @@ pub struct Spec {
 }
 
 impl Spec {
-    pub fn new(openapi: &utoipa::openapi::OpenApi) -> Self {
-        let json = openapi
-            .to_pretty_json()
-            .expect("the generated document serializes");
+    /// The document of this server: the annotations' paths, tightened with
+    /// what the annotations cannot say (see [`tighten`]).
+    pub fn new(openapi: &utoipa::openapi::OpenApi, facts: &Facts) -> Self {
+        let mut document =
+            serde_json::to_value(openapi).expect("the generated document serializes");
+        tighten(&mut document, facts);
+        let json = serde_json::to_string_pretty(&document).expect("a JSON value serializes");
         Self {
             json: Arc::new(json),
             page: Arc::new(docs_page(openapi)),
+        }
+    }
+}
+
+/// What the document says about this deployment: its collections and the
+/// unique indexes they declare.
+pub struct Facts {
+    pub collections: Vec<String>,
+    pub indexes: Vec<String>,
+}
+
+impl Facts {
+    pub fn of(catalog: &hybridstore_engine::Catalog) -> Self {
+        let mut indexes: Vec<String> = catalog
+            .iter()
+            .flat_map(|c| c.spec.unique_indexes.iter().map(|i| i.to_string()))
+            .collect();
+        indexes.sort();
+        indexes.dedup();
+        Self {
+            collections: catalog.iter().map(|c| c.spec.name.to_string()).collect(),
+            indexes,
+        }
+    }
+}
+
+/// Every parameter and body as precisely as the server checks it (the rules
+/// come from core: names, ids, limits), every operation a unique id, and
+/// links from a write to the reads of what it wrote, for clients and for
+/// stateful testing (schemathesis runs over this document in CI).
+fn tighten(document: &mut Value, facts: &Facts) {
+    use hybridstore_core::{ID_PATTERN, ID_PREFIX_PATTERN, MAX_DELTA_UNITS, NAME_PATTERN};
+    let version_tag = r#"^"[0-9]{1,19}"$"#;
+    let parameter = |name: &str, location: &str| -> Option<Value> {
+        Some(match (name, location) {
+            ("collection", _) => json!({"type": "string", "enum": facts.collections}),
+            ("id", "path") | ("after", "query") => json!({"type": "string", "pattern": ID_PATTERN}),
+            ("scope", "path") => json!({"type": "string", "pattern": ID_PATTERN}),
+            ("prefix", "query") => json!({"type": "string", "pattern": ID_PREFIX_PATTERN}),
+            ("index", "path") => json!({"type": "string", "enum": facts.indexes}),
+            ("value", "path") => json!({"type": "string", "minLength": 1}),
+            ("limit", "query") => json!({"type": "integer", "minimum": 1, "maximum": 1000}),
+            ("ttl", "query") => {
+                json!({"type": "integer", "minimum": 1, "maximum": super::records::MAX_TTL_SECS})
+            }
+            ("granularity", "query") => {
+                json!({"type": "string", "enum": ["total", "hour", "day", "month"]})
+            }
+            ("from" | "to", "query") => json!({"type": "string", "format": "date-time"}),
+            ("force" | "repair", "query") => json!({"type": "boolean"}),
+            ("name", "path") => json!({"type": "string", "enum": [
+                "dual-write", "cache-first", "database-first", "redis-only", "postgres-only"]}),
+            ("If-Match", "header") => {
+                json!({"type": "string", "pattern": format!(r#"^(\*|{})$"#, &version_tag[1..version_tag.len() - 1])})
+            }
+            _ => return None,
+        })
+    };
+    // Any JSON a record can hold: strings and names without U+0000 (the
+    // durable tier cannot store it).
+    let no_nul = r"^[^\u0000]*$";
+    let schemas = document
+        .pointer_mut("/components/schemas")
+        .and_then(Value::as_object_mut)
+        .expect("the document has schemas");
+    schemas.insert(
+        "JsonValue".into(),
+        json!({"anyOf": [
+            {"type": "null"}, {"type": "boolean"}, {"type": "number"},
+            {"type": "string", "pattern": no_nul},
+            {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
+            {"$ref": "#/components/schemas/RecordData"},
+        ]}),
+    );
+    schemas.insert(
+        "RecordData".into(),
+        json!({"type": "object", "propertyNames": {"pattern": no_nul},
+               "additionalProperties": {"$ref": "#/components/schemas/JsonValue"}}),
+    );
+    let max_delta = MAX_DELTA_UNITS as i64;
+    let bodies: [(&str, Value); 4] = [
+        ("put", json!({"$ref": "#/components/schemas/RecordData"})),
+        ("patch", json!({"$ref": "#/components/schemas/RecordData"})),
+        (
+            "increment",
+            json!({
+            "type": "object", "required": ["deltas"], "additionalProperties": false,
+            "properties": {
+                "deltas": {"type": "object", "minProperties": 1, "maxProperties": 32,
+                    "propertyNames": {"pattern": NAME_PATTERN},
+                    "additionalProperties": {"type": "number",
+                        "minimum": -max_delta, "maximum": max_delta,
+                        "description": "An exact decimal with at most 9 decimals"}},
+                "at": {"type": ["string", "null"], "format": "date-time",
+                    "description": "When it happened (default now; not in the future)"}
+            }}),
+        ),
+        (
+            "batch_get",
+            json!({
+            "type": "object", "required": ["ids"], "additionalProperties": false,
+            "properties": {"ids": {"type": "array", "maxItems": 1000,
+                "items": {"type": "string", "pattern": ID_PATTERN}}}}),
+        ),
+    ];
+    let record_links = json!({
+        "GetRecord": {"operationId": "get", "parameters": {
+            "collection": "$request.path.collection", "id": "$request.path.id"}},
+        "PatchRecord": {"operationId": "patch", "parameters": {
+            "collection": "$request.path.collection", "id": "$request.path.id"}},
+        "DeleteRecord": {"operationId": "delete", "parameters": {
+            "collection": "$request.path.collection", "id": "$request.path.id"}},
+    });
+    let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, operation) in item.iter_mut() {
+            let Some(operation) = operation.as_object_mut() else {
+                continue;
+            };
+            // `health` and `metrics` exist twice (probe and admin API).
+            if path.starts_with("/admin/")
+                && let Some(Value::String(id)) = operation.get_mut("operationId")
+            {
+                *id = format!("admin_{id}");
+            }
+            let id = operation
+                .get("operationId")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            if let Some(Value::Array(parameters)) = operation.get_mut("parameters") {
+                for parameter_doc in parameters.iter_mut() {
+                    let name = parameter_doc["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    let location = parameter_doc["in"].as_str().unwrap_or_default().to_owned();
+                    let schema = match (name.as_str(), location.as_str(), method.as_str()) {
+                        ("If-None-Match", "header", "put") => {
+                            Some(json!({"type": "string", "enum": ["*"]}))
+                        }
+                        ("If-None-Match", "header", _) => Some(json!({"type": "string",
+                            "pattern": r#"^(\*|(W/)?"[0-9]{1,19}"( *, *(W/)?"[0-9]{1,19}")*)$"#})),
+                        _ => parameter(&name, &location),
+                    };
+                    if let Some(schema) = schema {
+                        parameter_doc["schema"] = schema;
+                    }
+                }
+            }
+            if let Some((_, body)) = bodies.iter().find(|(op, _)| *op == id)
+                && let Some(Value::Object(content)) = operation
+                    .get_mut("requestBody")
+                    .and_then(|b| b.get_mut("content"))
+            {
+                for media in content.values_mut() {
+                    media["schema"] = body.clone();
+                }
+            }
+            if id == "put"
+                && let Some(Value::Object(responses)) = operation.get_mut("responses")
+            {
+                for status in ["200", "201"] {
+                    if let Some(response) = responses.get_mut(status) {
+                        response["links"] = record_links.clone();
+                    }
+                }
+            }
+            if id == "increment"
+                && let Some(response) = operation
+                    .get_mut("responses")
+                    .and_then(|responses| responses.get_mut("200"))
+            {
+                response["links"] = json!({"ReadCounters": {"operationId": "read",
+                    "parameters": {"scope": "$request.path.scope"}}});
+            }
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::auth::Access;
 const MAX_PAGE: u32 = 1000;
 const DEFAULT_PAGE: u32 = 100;
 /// Longest `?ttl=`: ten years.
-const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+pub(super) const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// Checks the caller's scope, then that the collection exists (in that order,
 /// so a caller without access cannot probe which collections exist).
