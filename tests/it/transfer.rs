@@ -93,14 +93,23 @@ async fn write_data_set(app: &TestApp) {
     }
     app.increment("usage:key_2", json!({"deltas": {"requests": 2}}))
         .await;
-    // Two legal deltas whose sum is above what one delta may be.
-    for _ in 0..2 {
-        let deltas =
-            json!({"deltas": {"tokens": 600_000_000_000_000_i64, "cost_usd": 0.000000001}});
-        assert_eq!(
-            app.increment("usage:big", deltas).await.status(),
-            StatusCode::OK
-        );
+    // The largest totals the arithmetic allows, both ways: a thousand of
+    // the largest delta make exactly +10^18 and -10^18, beside a fraction
+    // in the last decimal.
+    for _ in 0..50 {
+        let batch = (0..20).map(|_| {
+            app.increment(
+                "usage:big",
+                json!({"deltas": {
+                    "tokens": 1_000_000_000_000_000_i64,
+                    "debt": -1_000_000_000_000_000_i64,
+                    "cost_usd": 0.000000001,
+                }}),
+            )
+        });
+        for response in futures_util::future::join_all(batch).await {
+            assert_eq!(response.status(), StatusCode::OK);
+        }
     }
     // Increments written behind (cache_first) must reach the durable tier first.
     assert!(
@@ -163,6 +172,19 @@ async fn restore_drill(mode: Mode) {
     let source = spawn(mode).await;
     write_data_set(&source).await;
     let original = exported(&source).await;
+    for (field, total) in [
+        ("tokens", "1000000000000000000"),
+        ("debt", "-1000000000000000000"),
+    ] {
+        assert!(
+            original.iter().any(|line| line["type"] == "counter"
+                && line["scope"] == "usage:big"
+                && line["granularity"] == "total"
+                && line["field"] == field
+                && line["value"] == total),
+            "the export carries the {field} total {total}"
+        );
+    }
     assert_eq!(original.last().unwrap()["type"], "end");
 
     let backups = tempfile::tempdir().unwrap();
