@@ -201,9 +201,10 @@ impl JsonBody {
         })
     }
 
-    /// The body as a JSON object.
-    pub fn object(&self) -> Result<JsonObject, ApiError> {
-        match self.parse::<Value>()? {
+    /// The body as a JSON object (parsed off the runtime when large).
+    pub async fn object(self) -> Result<JsonObject, ApiError> {
+        let size = self.bytes.len();
+        match super::offload(size, move || self.parse::<Value>()).await? {
             Value::Object(object) => Ok(object),
             other => Err(ApiError::InvalidJson(format!(
                 "the body must be a JSON object, not {}",

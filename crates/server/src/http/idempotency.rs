@@ -134,8 +134,14 @@ pub async fn idempotency(State(state): State<AppState>, request: Request, next: 
         fingerprint.update(part.as_bytes());
         fingerprint.update([0]);
     }
-    fingerprint.update(&bytes);
-    let fingerprint = hex(fingerprint.finalize());
+    let fingerprint = {
+        let bytes = bytes.clone();
+        super::offload(bytes.len(), move || {
+            fingerprint.update(&bytes);
+            hex(fingerprint.finalize())
+        })
+        .await
+    };
     let digest = hex(Sha256::digest(format!("{owner}\0{key}")));
     parts.extensions.insert(IdempotencyKey(digest.clone()));
     let request = Request::from_parts(parts, Body::from(bytes));

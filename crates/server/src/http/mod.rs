@@ -32,6 +32,28 @@ use crate::metrics::HttpMetrics;
 use extract::BodyLimit;
 use problem::ApiError;
 
+/// Work on this many bytes or more runs on the blocking pool rather than on
+/// a runtime worker (see [`offload`]).
+const OFFLOAD_BYTES: usize = 64 * 1024;
+
+/// Runs CPU work over `size` bytes (parsing or writing a large body,
+/// hashing it) on the blocking pool when it is large: a 1 MiB body takes
+/// milliseconds, and a runtime worker held that long delays every request
+/// queued behind it, `/health` included. Small work stays inline, where a
+/// hand-off would cost more than it saves.
+pub(crate) async fn offload<T: Send + 'static>(
+    size: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    if size < OFFLOAD_BYTES {
+        return work();
+    }
+    match tokio::task::spawn_blocking(work).await {
+        Ok(done) => done,
+        Err(err) => std::panic::resume_unwind(err.into_panic()),
+    }
+}
+
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {

@@ -49,6 +49,19 @@ fn record_response(status: StatusCode, record: &Record) -> Response {
     (status, [(ETAG, etag(record.version))], Json(record)).into_response()
 }
 
+/// A list or batch-get answer, written off the runtime: a page holds up to
+/// `limits.page_bytes` of data, milliseconds of work.
+async fn many_response<T: Serialize + Send + 'static>(answer: T) -> Result<Response, ApiError> {
+    let body = super::offload(usize::MAX, move || serde_json::to_vec(&answer))
+        .await
+        .map_err(|err| Error::Internal(format!("answer not written: {err}")))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
+}
+
 #[derive(Serialize)]
 struct CollectionView<'a> {
     #[serde(flatten)]
@@ -107,7 +120,7 @@ pub async fn put(
     authorize(&state, &caller, Access::Write, &key.collection)?;
     let precondition = write_precondition(&headers)?;
     let ttl = ttl_param(params.ttl)?;
-    let data = body.object()?;
+    let data = body.object().await?;
     let outcome = state.engine.put(key, data, precondition, ttl).await?;
     let status = if outcome.created {
         StatusCode::CREATED
@@ -131,7 +144,7 @@ pub async fn patch(
 ) -> Result<Response, ApiError> {
     authorize(&state, &caller, Access::Write, &key.collection)?;
     let precondition = write_precondition(&headers)?;
-    let patch = body.object()?;
+    let patch = body.object().await?;
     let outcome = state.engine.patch(key, patch, precondition).await?;
     Ok(record_response(StatusCode::OK, &outcome.record))
 }
@@ -220,11 +233,11 @@ pub async fn list(
         .engine
         .list(&collection, after, params.prefix, limit)
         .await?;
-    Ok(Json(ListPage {
+    many_response(ListPage {
         records: page.records,
         next: page.next,
     })
-    .into_response())
+    .await
 }
 
 #[derive(Deserialize)]
@@ -263,12 +276,12 @@ pub async fn batch_get(
         .collect::<Result<Vec<_>, _>>()
         .map_err(Error::from)?;
     let found = state.engine.batch_get(&collection, ids).await?;
-    Ok(Json(BatchGetResponse {
+    many_response(BatchGetResponse {
         records: found.records,
         missing: found.missing,
         unread: found.unread,
     })
-    .into_response())
+    .await
 }
 
 #[tracing::instrument(skip_all, fields(collection = %path.collection, index = %path.index))]
