@@ -414,3 +414,49 @@ async fn both_tiers_down_under_load_answers_fast_503s_and_resumes_losing_nothing
     settle(&app).await;
     assert_nothing_lost(&app, &observed).await;
 }
+
+/// A write the durable tier carried out but answered too late has an
+/// unknown outcome, and the answer says so: `503 outcome_unknown` with
+/// `Retry-After` (not `backends_unavailable`, which says no tier could
+/// serve). The tier answered pings meanwhile: busy, not dead, so its
+/// breaker stays closed. Retried with its Idempotency-Key (a 5xx is not
+/// stored, so the retry runs), the write lands on the record it made.
+#[tokio::test]
+async fn a_write_answered_too_late_says_its_outcome_is_unknown() {
+    let (builder, hooked) = TestApp::builder()
+        .config("postgres.call_timeout_ms", 400)
+        .hooked();
+    let app = builder.spawn().await;
+    let put = || {
+        app.admin(
+            reqwest::Method::PUT,
+            "/v1/collections/accounts/records/late",
+        )
+        .header("idempotency-key", "write-late-1")
+        .json(&json!({"n": 1}))
+    };
+    hooked.answer_puts_late(Duration::from_millis(1500));
+    let answer = put().send().await.unwrap();
+    assert_eq!(answer.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(answer.headers().contains_key("retry-after"));
+    let problem: Value = answer.json().await.unwrap();
+    assert_eq!(problem["code"], "outcome_unknown", "{problem}");
+    let taken = app.postgres_copy("accounts", "late").await;
+    assert!(taken.is_some(), "the tier carried the write out");
+    hooked.answer_puts_late(Duration::ZERO);
+    let (_, status) = app
+        .admin_call(reqwest::Method::GET, "/admin/database/status")
+        .await;
+    assert_eq!(
+        status["tiers"]["durable"]["degradations"], 0,
+        "a late answer alone does not open the breaker: {status}"
+    );
+    let retry = put().send().await.unwrap();
+    assert_eq!(
+        retry.status(),
+        reqwest::StatusCode::OK,
+        "it existed already"
+    );
+    let stored = app.postgres_copy("accounts", "late").await.unwrap();
+    assert_eq!(stored.version, etag_version(&retry));
+}

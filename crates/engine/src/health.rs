@@ -443,9 +443,12 @@ impl Breaker {
                 // may or may not have reached it, like a timeout.
                 self.stats.calls.fetch_add(1, Ordering::Relaxed);
                 self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                return Err(StoreError::unavailable(
+                // Sent, so it may have been carried out: its outcome is
+                // unknown, as a timeout's is.
+                return Err(StoreError::busy(
                     self.tier,
                     format!("{} went down while the call waited", self.backend),
+                    true,
                 ));
             }
         };

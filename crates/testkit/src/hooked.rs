@@ -26,6 +26,9 @@ pub struct HookedDurable {
     applies_held: AtomicU64,
     /// Scans that still succeed before every scan fails (`u64::MAX`: never).
     scans_left: AtomicU64,
+    /// How long a `put` waits, after the real tier carried it out, before
+    /// it answers (ms; 0: at once): a write taken but answered late.
+    put_answer_delay_ms: AtomicU64,
 }
 
 impl HookedDurable {
@@ -38,6 +41,7 @@ impl HookedDurable {
             held_apply: watch::Sender::new(None),
             applies_held: AtomicU64::new(0),
             scans_left: AtomicU64::new(u64::MAX),
+            put_answer_delay_ms: AtomicU64::new(0),
         }
     }
 
@@ -49,6 +53,13 @@ impl HookedDurable {
         self.real
             .get()
             .expect("attached when the service was built")
+    }
+
+    /// Every `put` is carried out by the real tier and answered `delay`
+    /// later (zero: at once again).
+    pub fn answer_puts_late(&self, delay: Duration) {
+        self.put_answer_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// The next `get` reads the durable tier and then waits, before it
@@ -117,7 +128,12 @@ impl DurableStore for HookedDurable {
         self.inner().get_many(c, ids, now).await
     }
     async fn put(&self, write: &RecordWrite) -> StoreResult<WriteOutcome> {
-        self.inner().put(write).await
+        let done = self.inner().put(write).await;
+        let delay = self.put_answer_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        done
     }
     async fn delete(
         &self,
