@@ -175,6 +175,19 @@ async fn collections_are_listed_with_their_policies() {
     assert_eq!(sessions["record_ttl_secs"], 86400);
 }
 
+/// A 200 answer of at most the default `limits.page_bytes` (4 MiB) of data,
+/// plus its envelope, parsed.
+async fn within_page_bytes(answer: reqwest::Response, what: &str) -> Value {
+    assert_eq!(answer.status(), StatusCode::OK, "{what}");
+    let bytes = answer.bytes().await.unwrap();
+    assert!(
+        bytes.len() < 4 * 1024 * 1024 + 64 * 1024,
+        "{what}: an answer of {} bytes",
+        bytes.len()
+    );
+    serde_json::from_slice(&bytes).unwrap()
+}
+
 /// A list page is bounded in bytes as well as in count (`limits.page_bytes`,
 /// 4 MiB by default), by the tier's own query: ten records of 700 KiB
 /// asked for with `limit=1000` come in pages of at most 4 MiB of data, each
@@ -224,14 +237,7 @@ async fn list_pages_are_bounded_in_bytes() {
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(answer.status(), StatusCode::OK, "{what}");
-            let bytes = answer.bytes().await.unwrap();
-            assert!(
-                bytes.len() < 4 * 1024 * 1024 + 64 * 1024,
-                "{what}: a page of {} bytes",
-                bytes.len()
-            );
-            let page: Value = serde_json::from_slice(&bytes).unwrap();
+            let page = within_page_bytes(answer, &what).await;
             seen.extend(hybridstore_testkit::record_ids(&page));
             pages += 1;
             match page["next"].as_str() {
@@ -271,14 +277,7 @@ async fn batch_get_answers_are_bounded_in_bytes() {
             .send()
             .await
             .unwrap();
-        assert_eq!(answer.status(), StatusCode::OK, "{what}");
-        let bytes = answer.bytes().await.unwrap();
-        assert!(
-            bytes.len() < 4 * 1024 * 1024 + 64 * 1024,
-            "{what}: {} bytes",
-            bytes.len()
-        );
-        let body: Value = serde_json::from_slice(&bytes).unwrap();
+        let body = within_page_bytes(answer, &what).await;
         let read = hybridstore_testkit::record_ids(&body);
         assert_eq!(read, ["b9", "b8", "b7", "b6", "b5"], "{what}");
         assert_eq!(body["missing"], json!(["nope"]), "{what}");
