@@ -35,8 +35,20 @@ fn an_invalid_configuration_stops_the_start_and_names_the_key() {
         ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/none"),
         ("REDIS_URL", "redis://127.0.0.1:1"),
     ];
-    let cases: [(&[(&str, &str)], &str); 7] = [
+    let cases: [(&[(&str, &str)], &str); 10] = [
         (&[("PORT", "eighty")], "PORT"),
+        // A named layer or tokens file that is not there stops the start
+        // instead of starting without what it holds.
+        (&[("HYBRIDSTORE_ENV", "prodd")], "config/prodd.toml"),
+        (&[("TOKENS_FILE", "tokens.tmol")], "TOKENS_FILE"),
+        // A scope on an undeclared collection (a typo) names its token.
+        (
+            &[(
+                "HYBRIDSTORE_TOKENS",
+                "[{name=\"relay\", token=\"relay-0123456789abcdef\", scopes=[\"write:apikeys\"]}]",
+            )],
+            "relay",
+        ),
         (&[("DATABASE_STRATEGY", "fastest")], "DATABASE_STRATEGY"),
         (&[("REDIS_PORT", "-1")], "REDIS_PORT"),
         (&[("ADMIN_TOKEN", "")], "ADMIN_TOKEN"),
@@ -394,4 +406,63 @@ async fn record_ids_stay_out_of_the_log_at_the_default_level() {
     let log = service.log();
     assert!(log.contains("WARN"), "a tier failure was logged:\n{log}");
     assert!(!log.contains(secret), "the record id is in the log:\n{log}");
+}
+
+/// `hybridstore token new` prints a strong token with its config entry; put
+/// in a file named by TOKENS_FILE, it works at the next start with exactly
+/// its scopes (read and write api_keys here, nothing else).
+#[tokio::test]
+async fn a_new_token_in_the_tokens_file_works_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let printed = hybridstore(dir.path(), &[])
+        .args(["token", "new", "--name", "relay"])
+        .args(["--scope", "read:api_keys", "--scope", "write:api_keys"])
+        .output()
+        .unwrap();
+    assert!(printed.status.success());
+    let entry = String::from_utf8(printed.stdout).unwrap();
+    let token = entry
+        .lines()
+        .find_map(|line| line.strip_prefix("token = "))
+        .expect("a token line")
+        .trim_matches('"')
+        .to_owned();
+    assert_eq!(token.len(), 64, "256 bits as hex: {entry}");
+    std::fs::write(dir.path().join("tokens.toml"), &entry).unwrap();
+    let port = free_port();
+    let server = hybridstore(
+        dir.path(),
+        &[
+            ("PORT", port.to_string()),
+            ("TOKENS_FILE", "tokens.toml".to_owned()),
+            (
+                "DATA_DIR",
+                dir.path().join("data").to_string_lossy().into_owned(),
+            ),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let _server = Running(server);
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}");
+    wait_for_health(&http, &base).await;
+    let put = http
+        .put(format!("{base}/v1/collections/api_keys/records/k1"))
+        .bearer_auth(&token)
+        .json(&json!({"key_hash": "h1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), reqwest::StatusCode::CREATED);
+    let elsewhere = http
+        .put(format!("{base}/v1/collections/accounts/records/a1"))
+        .bearer_auth(&token)
+        .json(&json!({"n": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), reqwest::StatusCode::FORBIDDEN);
 }

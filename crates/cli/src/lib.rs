@@ -126,6 +126,11 @@ pub enum Command {
         #[command(subcommand)]
         action: BackupAction,
     },
+    /// Client tokens.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
     /// Import an MCP hub's mcp_settings.json (mcpServers, users, groups,
     /// systemConfig) into mcp_servers, users, groups and settings.
     ImportMcphub {
@@ -157,6 +162,33 @@ pub enum BackupAction {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum TokenAction {
+    /// Print a new strong token and the config entry that grants it (for
+    /// the tokens file, TOKENS_FILE, or a config file); nothing is sent to
+    /// a server, and the server takes it at its next start.
+    New {
+        /// Who uses it (shown in logs as the caller).
+        #[arg(long)]
+        name: String,
+        /// read:<collection|*>, write:<collection|*> or counters; repeat it.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+    },
+}
+
+/// The config entry of a new token, as TOML.
+pub fn token_entry(name: &str, scopes: &[String]) -> String {
+    let quoted = |text: &str| serde_json::Value::from(text).to_string();
+    let scopes: Vec<String> = scopes.iter().map(|s| quoted(s)).collect();
+    format!(
+        "[[tokens]]\nname = {}\ntoken = {}\nscopes = [{}]\n",
+        quoted(name),
+        quoted(&hybridstore_core::new_token()),
+        scopes.join(", ")
+    )
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TierName {
     Redis,
@@ -175,6 +207,14 @@ pub fn parse() -> Cli {
 
 /// Runs an admin subcommand against a server.
 pub fn run(command: Command, remote: Remote) -> ExitCode {
+    // Local commands: no server, no runtime.
+    if let Command::Token {
+        action: TokenAction::New { name, scopes },
+    } = &command
+    {
+        print!("{}", token_entry(name, scopes));
+        return ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -305,6 +345,7 @@ impl Client {
     async fn run(&self, command: Command) -> Outcome {
         match command {
             Command::Serve => unreachable!("serve is handled by the binary"),
+            Command::Token { .. } => unreachable!("a local command, handled by run"),
             Command::Ping => self.ping().await,
             Command::Health { verbose } => self.health(verbose).await,
             Command::Status => self.status().await,

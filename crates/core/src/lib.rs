@@ -43,3 +43,10 @@ pub use store::{
     ReplayBounds, StoreResult,
 };
 pub use version::{Version, VersionParseError};
+
+/// A new secret for a bearer token: 256 random bits from the operating
+/// system's generator, as 64 hex digits.
+pub fn new_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -148,9 +148,7 @@ fn embedded_admin_token(config: &Config) -> Result<Secret, StartError> {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(failed(err)),
     }
-    let token: String = (0..32)
-        .map(|_| format!("{:x}", rand::random::<u8>() & 0x0f))
-        .collect();
+    let token = hybridstore_core::new_token();
     std::fs::create_dir_all(&config.embedded.data_dir).map_err(failed)?;
     write_private(&path, &token).map_err(failed)?;
     tracing::info!(path = %path.display(), "made an admin token (no ADMIN_TOKEN set)");

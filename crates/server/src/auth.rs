@@ -42,6 +42,16 @@ pub enum Access {
 }
 
 impl Scope {
+    /// The one collection this scope is about, if it names one.
+    pub fn collection(&self) -> Option<&CollectionName> {
+        match self {
+            Scope::Read(Target::Collection(name)) | Scope::Write(Target::Collection(name)) => {
+                Some(name)
+            }
+            _ => None,
+        }
+    }
+
     pub fn parse(text: &str) -> Result<Scope, String> {
         if text == "counters" {
             return Ok(Scope::Counters);

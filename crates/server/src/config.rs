@@ -91,6 +91,10 @@ impl From<figment::Error> for ConfigError {
     }
 }
 
+fn cwd() -> std::path::PathBuf {
+    std::env::current_dir().unwrap_or_default()
+}
+
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -460,11 +464,39 @@ impl Config {
         Figment::from(Toml::string(BUILTIN_DEFAULTS))
     }
 
-    /// Every layer: defaults, config files, environment.
+    /// The files named by the environment, which must exist: the layer
+    /// `config/<HYBRIDSTORE_ENV>.toml` and the tokens file `TOKENS_FILE`. A
+    /// misspelt name would otherwise start the service silently without
+    /// what the file holds (its tokens, say).
+    fn named_files() -> Result<(Option<String>, Option<String>), ConfigError> {
+        let layer = std::env::var("HYBRIDSTORE_ENV")
+            .ok()
+            .filter(|env| !env.is_empty())
+            .map(|env| format!("config/{env}.toml"));
+        let tokens = std::env::var("TOKENS_FILE").ok().filter(|f| !f.is_empty());
+        for (variable, file) in [("HYBRIDSTORE_ENV", &layer), ("TOKENS_FILE", &tokens)] {
+            if let Some(file) = file
+                && !std::path::Path::new(file).is_file()
+            {
+                return Err(invalid(
+                    variable,
+                    format!("names {file}, which does not exist (from {:?})", cwd()),
+                ));
+            }
+        }
+        Ok((layer, tokens))
+    }
+
+    /// Every layer: defaults, config files, the tokens file, environment.
     pub fn figment() -> Figment {
+        let (layer, tokens) = Self::named_files().unwrap_or_default();
         let mut figment = Self::builtin_figment().merge(Toml::file("config/default.toml"));
-        if let Ok(env) = std::env::var("HYBRIDSTORE_ENV") {
-            figment = figment.merge(Toml::file(format!("config/{env}.toml")));
+        if let Some(layer) = layer {
+            figment = figment.merge(Toml::file(layer));
+        }
+        // Its tokens add to those of the config files.
+        if let Some(tokens) = tokens {
+            figment = figment.admerge(Toml::file(tokens));
         }
         figment
             .merge(Env::raw().filter_map(|key| {
@@ -482,6 +514,7 @@ impl Config {
 
     /// Loads every layer and validates the result.
     pub fn load() -> Result<Config, ConfigError> {
+        Self::named_files()?;
         Self::from_figment(Self::figment())
     }
 
@@ -667,7 +700,26 @@ impl Config {
                 return Err(invalid(key("token"), "must differ from every other token"));
             }
             for scope in &token.scopes {
-                Scope::parse(scope).map_err(|problem| invalid(key("scopes"), problem))?;
+                let parsed =
+                    Scope::parse(scope).map_err(|problem| invalid(key("scopes"), problem))?;
+                // A scope on a collection nobody declared is a typo
+                // (`write:apikeys`): it would grant nothing, silently.
+                if let Some(collection) = parsed.collection()
+                    && !self.collections.contains_key(collection.as_str())
+                {
+                    return Err(invalid(
+                        key("scopes"),
+                        format!(
+                            "token {:?}: scope {scope:?} names no declared collection (declared: {})",
+                            token.name,
+                            self.collections
+                                .keys()
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
@@ -816,6 +868,46 @@ mod tests {
             "[{name=\"a\", token=\"abcdefghijklmnopq\", scopes=[\"root\"]}]",
         )]);
         assert!(scope.contains("tokens[0].scopes"), "{scope}");
+        let typo = error_of(&[(
+            "HYBRIDSTORE_TOKENS",
+            "[{name=\"relay\", token=\"abcdefghijklmnopq\", scopes=[\"write:apikeys\"]}]",
+        )]);
+        assert!(
+            typo.contains("tokens[0].scopes") && typo.contains("relay") && typo.contains("apikeys"),
+            "{typo}"
+        );
+        let layer = error_of(&[("HYBRIDSTORE_ENV", "prodd")]);
+        assert!(
+            layer.contains("HYBRIDSTORE_ENV") && layer.contains("config/prodd.toml"),
+            "{layer}"
+        );
+        let tokens = error_of(&[("TOKENS_FILE", "no-such-tokens.toml")]);
+        assert!(tokens.contains("TOKENS_FILE"), "{tokens}");
+    }
+
+    #[test]
+    fn a_tokens_file_adds_its_tokens_to_the_config_files() {
+        Jail::expect_with(|jail| {
+            jail.create_dir("config")?;
+            jail.create_file(
+                "config/default.toml",
+                "[[tokens]]\nname = \"reader\"\ntoken = \"reader-0123456789abc\"\nscopes = [\"read:*\"]\n",
+            )?;
+            jail.create_file(
+                "tokens.toml",
+                "[[tokens]]\nname = \"relay\"\ntoken = \"relay-0123456789abcd\"\nscopes = [\"read:api_keys\", \"write:api_keys\", \"counters\"]\n",
+            )?;
+            jail.set_env("TOKENS_FILE", "tokens.toml");
+            let config = load_in(jail).expect("valid");
+            let names: Vec<&str> = config.tokens.iter().map(|t| t.name.as_str()).collect();
+            assert_eq!(names, ["reader", "relay"]);
+            // The compose deployment's file, as shipped: no tokens yet.
+            jail.create_file("shipped.toml", include_str!("../../../deploy/tokens.toml"))?;
+            jail.set_env("TOKENS_FILE", "shipped.toml");
+            let config = load_in(jail).expect("the shipped tokens file loads");
+            assert_eq!(config.tokens.len(), 1, "the config file's reader only");
+            Ok(())
+        });
     }
 
     #[test]
