@@ -41,7 +41,13 @@ async fn postgres_killed_answers_503_serves_cached_reads_and_recovers_after_rest
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(refused.headers().contains_key("retry-after"));
     let problem: Value = refused.json().await.unwrap();
-    assert_eq!(problem["code"], "backends_unavailable");
+    // Refused at once once the breaker is open; a write already waiting on
+    // the tier when it was found dead is released with its outcome unknown
+    // (it may have been sent before the kill).
+    assert!(
+        problem["code"] == "backends_unavailable" || problem["code"] == "outcome_unknown",
+        "{problem}"
+    );
     assert!(
         !problem.to_string().contains("127.0.0.1"),
         "no internals in the body"
