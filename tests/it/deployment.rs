@@ -222,3 +222,51 @@ async fn the_dashboard_and_alerts_query_only_metrics_the_service_exports() {
     assert!(missing.is_empty(), "queried but not exported: {missing:?}");
     assert!(queried.len() >= 15, "{queried:?}");
 }
+
+/// The image's default run (embedded mode, as its non-root user, from its
+/// working directory) has somewhere to keep its data, and nothing of a
+/// local run reaches the build context. Checked on the files (no Docker
+/// engine runs here): the runtime stage makes and hands its data directory
+/// to the user it runs as, works there, declares it a volume and points
+/// DATA_DIR and BACKUP_DIR into it; `.dockerignore` leaves out data,
+/// backups, admin tokens, database files and the tokens file.
+#[test]
+fn the_image_keeps_its_data_in_a_volume_its_user_owns_and_builds_without_local_data() {
+    let dockerfile = std::fs::read_to_string(repo("Dockerfile")).unwrap();
+    let runtime = dockerfile
+        .rsplit_once("\nFROM ")
+        .map(|(_, stage)| stage)
+        .expect("a runtime stage");
+    for needed in [
+        "useradd --system --uid 10001",
+        "chown -R hybridstore:hybridstore /var/lib/hybridstore",
+        "USER hybridstore",
+        "WORKDIR /var/lib/hybridstore",
+        "VOLUME [\"/var/lib/hybridstore\"]",
+        "DATA_DIR=/var/lib/hybridstore/data",
+        "BACKUP_DIR=/var/lib/hybridstore/backups",
+    ] {
+        assert!(
+            runtime.contains(needed),
+            "the runtime stage lacks {needed:?}"
+        );
+    }
+    let user = runtime.find("USER hybridstore").unwrap();
+    let owned = runtime.find("chown -R hybridstore").unwrap();
+    assert!(
+        owned < user,
+        "the directory is handed over before the user switch"
+    );
+    let ignored = std::fs::read_to_string(repo(".dockerignore")).unwrap();
+    let ignored: BTreeSet<&str> = ignored.lines().map(str::trim).collect();
+    for path in [
+        "data",
+        "backups",
+        "**/admin-token",
+        "*.db",
+        "deploy/tokens.toml",
+        ".env",
+    ] {
+        assert!(ignored.contains(path), ".dockerignore lacks {path}");
+    }
+}

@@ -552,6 +552,13 @@ impl Config {
                     "required: set a random secret of at least 16 characters",
                 ));
             }
+            // The .env.example placeholder would be a known admin token.
+            Some(token) if token.expose().starts_with("change-me") => {
+                return Err(invalid(
+                    "admin_token (ADMIN_TOKEN)",
+                    "is the placeholder of .env.example: set a random secret (hybridstore token new prints one)",
+                ));
+            }
             Some(token) if token.expose().len() < 16 => {
                 return Err(invalid(
                     "admin_token (ADMIN_TOKEN)",
@@ -854,6 +861,8 @@ mod tests {
         assert!(error_of(&[("PORT", "eighty")]).contains("PORT"));
         assert!(error_of(&[("DATABASE_STRATEGY", "fastest")]).contains("DATABASE_STRATEGY"));
         assert!(error_of(&[("ADMIN_TOKEN", "short")]).contains("ADMIN_TOKEN"));
+        let placeholder = error_of(&[("ADMIN_TOKEN", "change-me-to-a-long-random-admin-token")]);
+        assert!(placeholder.contains("placeholder"), "{placeholder}");
         assert!(error_of(&[("HYBRIDSTORE_REDIS__KEY_PREFX", "x")]).contains("key_prefx"));
         assert!(error_of(&[("DATABASE_URL", "mysql://x")]).contains("DATABASE_URL"));
         let schema = error_of(&[(
