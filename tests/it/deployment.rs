@@ -20,7 +20,7 @@ fn run(program: &str, args: &[&str]) -> Output {
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
-        .unwrap_or_else(|err| panic!("{program} (installed by .ci/run): {err}"))
+        .unwrap_or_else(|err| panic!("{program} (installed by scripts/test.sh): {err}"))
 }
 
 fn assert_success(output: &Output, what: &str) {

@@ -11,7 +11,7 @@
 //! precondition on a record's current state, a delta's nine decimals (a
 //! generated float like 7.000000000000001e-9 has more).
 //!
-//! schemathesis comes from pip (`.ci/run` installs the pinned version); the
+//! schemathesis comes from pip (`scripts/test.sh` installs the pinned version); the
 //! test says so when it is missing. `--exclude-path /admin/database/import`:
 //! its body is NDJSON, which schemathesis cannot generate.
 
@@ -23,7 +23,7 @@ use hybridstore_testkit::{
 
 use crate::ONE_AT_A_TIME;
 
-/// The version `.ci/run` installs.
+/// The version `scripts/test-tools.sh` installs.
 const SCHEMATHESIS: &str = "schemathesis==4.32.5";
 const AT_LEAST: u64 = 10_000;
 
@@ -33,7 +33,7 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_answer() {
     let found = Command::new("schemathesis").arg("--version").output();
     assert!(
         found.is_ok_and(|out| out.status.success()),
-        "schemathesis is not installed: pip install '{SCHEMATHESIS}' (.ci/run does)"
+        "schemathesis is not installed: pip install '{SCHEMATHESIS}' (bash scripts/test.sh does)"
     );
     let postgres = blocking(Postgres::start).await;
     let redis = blocking(|| Redis::start(RedisPersistence::None)).await;
