@@ -575,7 +575,9 @@ async fn a_hub_settings_file_is_imported_once_and_a_malformed_one_changes_nothin
             },
             "users": [{"username": "admin", "password": "$2b$10$hash", "isAdmin": true}],
             "groups": [{"id": "g1", "name": "dev", "servers": ["fetch"]}],
-            "systemConfig": {"routing": {"enableGlobalRoute": true}}
+            "systemConfig": {"routing": {"enableGlobalRoute": true}},
+            // Part of MCPHub's settings type: per-user routing.
+            "userConfigs": {"admin": {"routing": {"enableGlobalRoute": false}}}
         })
         .to_string(),
     )
@@ -600,6 +602,41 @@ async fn a_hub_settings_file_is_imported_once_and_a_malformed_one_changes_nothin
     assert_eq!(
         app.get("settings", "systemConfig").await.status(),
         StatusCode::OK
+    );
+    let configs: Value = app
+        .get("settings", "userConfigs")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        configs["data"]["admin"]["routing"]["enableGlobalRoute"],
+        false
+    );
+    // The users' password hashes: not for a read:* token.
+    let reader = app
+        .request(
+            Method::GET,
+            "/v1/collections/users/records/admin",
+            Some(hybridstore_testkit::READER_TOKEN),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reader.status(), StatusCode::FORBIDDEN);
+    let elsewhere = app
+        .request(
+            Method::GET,
+            "/v1/collections/mcp_servers/records/fetch",
+            Some(hybridstore_testkit::READER_TOKEN),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        elsewhere.status(),
+        StatusCode::OK,
+        "read:* reaches the rest"
     );
 
     let second = cli(&app, &["--json", "import-mcphub", path]).await;

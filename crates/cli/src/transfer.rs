@@ -326,11 +326,6 @@ fn map_mcphub(settings: &Value) -> Result<Mapped, Vec<String>> {
         return Err(vec!["the file must hold a JSON object".into()]);
     };
     let valid_id = |id: &str| hybridstore_core::RecordId::parse(id).is_ok();
-    for key in top.keys() {
-        if !["mcpServers", "users", "systemConfig", "groups"].contains(&key.as_str()) {
-            problems.push(format!("unknown top-level key {key:?}"));
-        }
-    }
     match top.get("mcpServers") {
         None => {}
         Some(Value::Object(servers)) => {
@@ -376,12 +371,22 @@ fn map_mcphub(settings: &Value) -> Result<Mapped, Vec<String>> {
     };
     listed("users", "users", "username");
     listed("groups", "groups", "id");
-    match top.get("systemConfig") {
-        None => {}
-        Some(config @ Value::Object(_)) => {
-            records.push(("settings", "systemConfig".into(), config.clone()))
+    // Every other object of the hub's settings (`userConfigs`, and what
+    // later hub versions add) is kept whole as a settings record under its
+    // key, as `systemConfig` is: nothing of the file is dropped.
+    for (key, value) in top {
+        if ["mcpServers", "users", "groups"].contains(&key.as_str()) {
+            continue;
         }
-        Some(_) => problems.push("systemConfig: must be an object".into()),
+        match value {
+            Value::Object(_) if valid_id(key) => {
+                records.push(("settings", key.clone(), value.clone()))
+            }
+            Value::Object(_) => problems.push(format!("{key:?} cannot be a record id")),
+            _ => problems.push(format!(
+                "{key}: an unknown key whose value is not an object"
+            )),
+        }
     }
     if problems.is_empty() {
         Ok(records)
@@ -400,7 +405,8 @@ mod tests {
             "mcpServers": {"fetch": {"command": "uvx", "args": ["mcp-server-fetch"]}},
             "users": [{"username": "admin", "password": "$2b$...", "isAdmin": true}],
             "groups": [{"id": "g1", "name": "dev", "servers": ["fetch"]}],
-            "systemConfig": {"routing": {"enableGlobalRoute": true}}
+            "systemConfig": {"routing": {"enableGlobalRoute": true}},
+            "userConfigs": {"admin": {"routing": {"enableGlobalRoute": false}}}
         });
         let records = map_mcphub(&settings).unwrap();
         let ids: Vec<(&str, &str)> = records.iter().map(|(c, id, _)| (*c, id.as_str())).collect();
@@ -410,7 +416,8 @@ mod tests {
                 ("mcp_servers", "fetch"),
                 ("users", "admin"),
                 ("groups", "g1"),
-                ("settings", "systemConfig")
+                ("settings", "systemConfig"),
+                ("settings", "userConfigs"),
             ]
         );
         assert_eq!(

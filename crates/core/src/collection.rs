@@ -60,6 +60,10 @@ pub struct CollectionSpec {
     /// Overrides the global strategy for this collection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub strategy: Option<Strategy>,
+    /// Only scopes that name this collection reach it: `read:*` and
+    /// `write:*` do not (the users of an MCP hub hold password hashes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private: bool,
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

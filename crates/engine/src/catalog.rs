@@ -193,6 +193,7 @@ mod tests {
             unique_indexes: vec![IndexName::parse("handle").unwrap()],
             schema: None,
             strategy: None,
+            private: false,
         }
     }
 

@@ -18,9 +18,11 @@ pub enum Target {
 }
 
 impl Target {
-    fn covers(&self, collection: &CollectionName) -> bool {
+    /// Whether this target reaches `collection`; `*` does not reach a
+    /// private one (only a scope that names it does).
+    fn covers(&self, collection: &CollectionName, private: bool) -> bool {
         match self {
-            Target::All => true,
+            Target::All => !private,
             Target::Collection(name) => name == collection,
         }
     }
@@ -89,11 +91,13 @@ impl Principal {
         self.admin || self.scopes.contains(&Scope::Counters)
     }
 
-    pub fn may(&self, access: Access, collection: &CollectionName) -> bool {
+    /// Whether this caller may `access` `collection` (`private`: see
+    /// `CollectionSpec::private`).
+    pub fn may(&self, access: Access, collection: &CollectionName, private: bool) -> bool {
         self.admin
             || self.scopes.iter().any(|scope| match (scope, access) {
                 (Scope::Read(target), Access::Read) | (Scope::Write(target), Access::Write) => {
-                    target.covers(collection)
+                    target.covers(collection, private)
                 }
                 _ => false,
             })
@@ -191,8 +195,16 @@ mod tests {
                 Scope::Write(Target::Collection(name("api_keys"))),
             ],
         };
-        assert!(principal.may(Access::Read, &name("users")));
-        assert!(principal.may(Access::Write, &name("api_keys")));
-        assert!(!principal.may(Access::Write, &name("users")));
+        assert!(principal.may(Access::Read, &name("users"), false));
+        assert!(principal.may(Access::Write, &name("api_keys"), false));
+        assert!(!principal.may(Access::Write, &name("users"), false));
+        // `*` does not reach a private collection; a scope naming it does.
+        assert!(!principal.may(Access::Read, &name("users"), true));
+        let named = Principal {
+            name: "hub".into(),
+            admin: false,
+            scopes: vec![Scope::Read(Target::Collection(name("users")))],
+        };
+        assert!(named.may(Access::Read, &name("users"), true));
     }
 }

@@ -456,6 +456,8 @@ pub struct CollectionConfig {
     pub schema: Option<serde_json::Value>,
     #[serde(default)]
     pub strategy: Option<Strategy>,
+    #[serde(default)]
+    pub private: bool,
 }
 
 impl Config {
@@ -758,6 +760,7 @@ impl Config {
                     unique_indexes,
                     schema: c.schema.clone(),
                     strategy: c.strategy,
+                    private: c.private,
                 })
             })
             .collect()

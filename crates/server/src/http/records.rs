@@ -32,7 +32,12 @@ fn authorize(
     access: Access,
     collection: &CollectionName,
 ) -> Result<(), ApiError> {
-    if !caller.0.may(access, collection) {
+    let private = state
+        .engine
+        .catalog()
+        .get(collection)
+        .is_ok_and(|c| c.spec.private);
+    if !caller.0.may(access, collection, private) {
         let verb = match access {
             Access::Read => "read",
             Access::Write => "write",
