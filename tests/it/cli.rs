@@ -132,3 +132,30 @@ async fn the_cli_reports_switches_syncs_and_checks() {
     // Open, or half-open while a probe tries it.
     assert_ne!(health["tiers"]["cache"]["state"], "closed");
 }
+
+/// A server that cannot be reached is exit 3 with the reason the system
+/// gave (connection refused), and a local file that cannot be read is exit
+/// 1: 3 is kept for the server.
+#[tokio::test]
+async fn unreachable_servers_and_local_files_fail_with_their_own_codes_and_reasons() {
+    let port = hybridstore_testkit::free_port();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_hybridstore"));
+    command
+        .arg("status")
+        .env_remove("ADMIN_TOKEN")
+        .env("HYBRIDSTORE_URL", format!("http://127.0.0.1:{port}"))
+        .env("HYBRIDSTORE_ADMIN_TOKEN", ADMIN_TOKEN);
+    let refused = blocking(move || command.output().unwrap()).await;
+    let said = String::from_utf8_lossy(&refused.stderr).to_lowercase();
+    assert_eq!(code(&refused), 3, "{said}");
+    assert!(said.contains("connection refused"), "{said}");
+
+    let app = TestApp::builder().embedded().spawn().await;
+    let missing = cli(&app, &["import", "/nonexistent/export.ndjson"]).await;
+    assert_eq!(
+        code(&missing),
+        1,
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+}

@@ -194,6 +194,15 @@ async fn restore_drill(mode: Mode) {
     let (manifest, data) = backup_files(backups.path());
     let verified = cli(&source, &["backup", "verify", manifest.to_str().unwrap()]).await;
     assert!(verified.status.success(), "{}", text(&verified));
+    // --json: the report as JSON, as every other subcommand.
+    let as_json = cli(
+        &source,
+        &["--json", "backup", "verify", manifest.to_str().unwrap()],
+    )
+    .await;
+    let report: Value = serde_json::from_slice(&as_json.stdout)
+        .unwrap_or_else(|err| panic!("verify --json printed no JSON ({err}): {}", text(&as_json)));
+    assert_eq!(report["ok"], true, "{report}");
     let stated: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
     assert_eq!(stated["records"]["accounts"], 32);
     assert_eq!(stated["records"]["users"], 3);
@@ -301,6 +310,12 @@ async fn embedded_data_moves_to_production_and_checks_clean() {
     let file = file.to_str().unwrap();
     let exported_file = cli(&embedded, &["export", "--output", file]).await;
     assert!(exported_file.status.success(), "{}", text(&exported_file));
+    // What it holds, not its lines (a header and an end line are no data).
+    assert!(
+        text(&exported_file).contains("exported 35 records, 1 deletions,"),
+        "{}",
+        text(&exported_file)
+    );
 
     let production = spawn(Mode::Production).await;
     let imported = cli(&production, &["import", file]).await;
@@ -348,7 +363,7 @@ async fn embedded_data_moves_to_production_and_checks_clean() {
     let bad = files.path().join("bad.ndjson");
     std::fs::write(&bad, "{\"type\":\"header\"}\nnot json\n").unwrap();
     let refused = cli(&production, &["import", bad.to_str().unwrap()]).await;
-    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
 }
 
 #[tokio::test]

@@ -196,7 +196,38 @@ pub enum TierName {
 }
 
 /// A failure of the command itself (exit code 3).
-struct Failure(String);
+struct Failure {
+    message: String,
+    /// 3: the server could not be reached or refused; 1: something here
+    /// (a file that cannot be read or written).
+    code: u8,
+}
+
+impl Failure {
+    fn remote(message: String) -> Self {
+        Self { message, code: 3 }
+    }
+
+    fn local(message: String) -> Self {
+        Self { message, code: 1 }
+    }
+}
+
+/// An error with its causes, down to the one that says what happened
+/// ("Connection refused"), which a request error's own text leaves out.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(inner) = cause {
+        let said = inner.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = inner.source();
+    }
+    text
+}
 
 type Outcome = Result<ExitCode, Failure>;
 
@@ -228,9 +259,9 @@ pub fn run(command: Command, remote: Remote) -> ExitCode {
     let client = Client::new(remote);
     match runtime.block_on(client.run(command)) {
         Ok(code) => code,
-        Err(Failure(message)) => {
+        Err(Failure { message, code }) => {
             eprintln!("hybridstore: {message}");
-            ExitCode::from(3)
+            ExitCode::from(code)
         }
     }
 }
@@ -296,7 +327,7 @@ impl Client {
         let response = request
             .send()
             .await
-            .map_err(|err| Failure(format!("cannot reach {url}: {err}")))?;
+            .map_err(|err| Failure::remote(format!("cannot reach {url}: {}", with_causes(&err))))?;
         let status = response.status().as_u16();
         let body = response.text().await.unwrap_or_default();
         let value = serde_json::from_str(&body).unwrap_or(Value::String(body));
@@ -330,7 +361,7 @@ impl Client {
         }
         let code = body["code"].as_str().unwrap_or("error");
         let detail = body["detail"].as_str().unwrap_or("");
-        Err(Failure(format!(
+        Err(Failure::remote(format!(
             "the server answered {status} {code}: {detail}"
         )))
     }
@@ -391,7 +422,9 @@ impl Client {
             .await?;
         if status != 200 && status != 503 {
             let detail = body["detail"].as_str().unwrap_or("");
-            return Err(Failure(format!("the server answered {status}: {detail}")));
+            return Err(Failure::remote(format!(
+                "the server answered {status}: {detail}"
+            )));
         }
         let overall = body["status"].as_str().unwrap_or("unknown");
         if self.json {

@@ -10,14 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use hybridstore_transfer::{
-    AtomicFile, BackupWriter, Line, TransferError, parse_line, read_export,
+    AtomicFile, BackupWriter, Counts, Line, TransferError, parse_line, read_export,
 };
 use serde_json::{Map, Value, json};
 
 use crate::{Client, Failure, Outcome};
 
 fn failed(err: TransferError) -> Failure {
-    Failure(err.to_string())
+    Failure::local(err.to_string())
 }
 
 /// Splits a byte stream into export lines, checking each.
@@ -39,7 +39,7 @@ impl LineSplitter {
             let raw: Vec<u8> = self.pending.drain(..=at).collect();
             self.number += 1;
             let text = std::str::from_utf8(&raw)
-                .map_err(|_| Failure(format!("line {}: not UTF-8", self.number)))?;
+                .map_err(|_| Failure::remote(format!("line {}: not UTF-8", self.number)))?;
             let line = parse_line(text.trim_end(), self.number).map_err(failed)?;
             self.ended = matches!(line, Line::End(_));
             each(&line, &raw)?;
@@ -49,7 +49,7 @@ impl LineSplitter {
 
     fn finish(&self) -> Result<(), Failure> {
         if !self.pending.is_empty() || !self.ended {
-            return Err(Failure(
+            return Err(Failure::remote(
                 "the export broke off before its end line (see the server's log)".into(),
             ));
         }
@@ -62,9 +62,9 @@ fn read_checked(path: &Path) -> Result<Vec<u8>, Failure> {
     let mut reader = hybridstore_transfer::open_maybe_gzip(path).map_err(failed)?;
     let mut bytes = Vec::new();
     std::io::Read::read_to_end(&mut reader, &mut bytes)
-        .map_err(|err| Failure(format!("{}: {err}", path.display())))?;
+        .map_err(|err| Failure::local(format!("{}: {err}", path.display())))?;
     read_export(&bytes[..], |_| Ok(()))
-        .map_err(|err| Failure(format!("{}: {err}", path.display())))?;
+        .map_err(|err| Failure::local(format!("{}: {err}", path.display())))?;
     Ok(bytes)
 }
 
@@ -79,11 +79,13 @@ impl Client {
             .authorized(self.http.get(&url))
             .send()
             .await
-            .map_err(|err| Failure(format!("cannot reach {url}: {err}")))?;
+            .map_err(|err| {
+                Failure::remote(format!("cannot reach {url}: {}", super::with_causes(&err)))
+            })?;
         if !response.status().is_success() {
             let status = response.status().as_u16();
             let body: Value = response.json().await.unwrap_or(Value::Null);
-            return Err(Failure(format!(
+            return Err(Failure::remote(format!(
                 "the server answered {status} {}: {}",
                 body["code"].as_str().unwrap_or("error"),
                 body["detail"].as_str().unwrap_or("")
@@ -94,7 +96,7 @@ impl Client {
             let chunk = response
                 .chunk()
                 .await
-                .map_err(|err| Failure(format!("the export broke off: {err}")))?;
+                .map_err(|err| Failure::remote(format!("the export broke off: {err}")))?;
             match chunk {
                 Some(bytes) => splitter.feed(&bytes, &mut each)?,
                 None => return splitter.finish(),
@@ -111,36 +113,44 @@ impl Client {
         // Streamed to a temporary file, renamed into place only once the end
         // line came: a broken export never stands under the final name.
         let file = AtomicFile::create(&path).map_err(failed)?;
-        let write_failed = |err: std::io::Error| Failure(format!("{}: {err}", path.display()));
-        let lines = if gzip {
+        let write_failed =
+            |err: std::io::Error| Failure::local(format!("{}: {err}", path.display()));
+        let counts = if gzip {
             let mut encoder = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
-            let lines = self.export_into(&mut encoder).await?;
+            let counts = self.export_into(&mut encoder).await?;
             encoder
                 .finish()
                 .map_err(write_failed)?
                 .commit()
                 .map_err(failed)?;
-            lines
+            counts
         } else {
             let mut file = file;
-            let lines = self.export_into(&mut file).await?;
+            let counts = self.export_into(&mut file).await?;
             file.commit().map_err(failed)?;
-            lines
+            counts
         };
-        eprintln!("exported {lines} lines to {}", path.display());
+        eprintln!(
+            "exported {} records, {} deletions, {} counter values to {}",
+            counts.total_records(),
+            counts.deletions,
+            counts.counters,
+            path.display()
+        );
         Ok(ExitCode::SUCCESS)
     }
 
-    /// Writes the whole export into `out`; returns how many lines.
-    async fn export_into(&self, out: &mut impl Write) -> Result<u64, Failure> {
-        let mut lines = 0;
-        self.fetch_export(|_, raw| {
-            lines += 1;
+    /// Writes the whole export into `out`; returns what it held (records,
+    /// deletions, counter values: not its header and end lines).
+    async fn export_into(&self, out: &mut impl Write) -> Result<Counts, Failure> {
+        let mut counts = Counts::default();
+        self.fetch_export(|line, raw| {
+            counts.add(line);
             out.write_all(raw)
-                .map_err(|err| Failure(format!("writing the export: {err}")))
+                .map_err(|err| Failure::local(format!("writing the export: {err}")))
         })
         .await?;
-        Ok(lines)
+        Ok(counts)
     }
 
     /// Sends a checked export to `/admin/database/import`.
@@ -153,11 +163,13 @@ impl Client {
             .body(bytes)
             .send()
             .await
-            .map_err(|err| Failure(format!("cannot reach {url}: {err}")))?;
+            .map_err(|err| {
+                Failure::remote(format!("cannot reach {url}: {}", super::with_causes(&err)))
+            })?;
         let status = response.status().as_u16();
         let body: Value = response.json().await.unwrap_or(Value::Null);
         if !(200..300).contains(&status) {
-            return Err(Failure(format!(
+            return Err(Failure::remote(format!(
                 "the server answered {status} {}: {}",
                 body["code"].as_str().unwrap_or("error"),
                 body["detail"].as_str().unwrap_or("")
@@ -217,6 +229,14 @@ impl Client {
 
     pub(crate) fn backup_verify(&self, file: &Path) -> Outcome {
         match hybridstore_transfer::verify(file) {
+            Ok((data, manifest)) if self.json => {
+                self.print_json(&json!({
+                    "ok": true,
+                    "data": data.display().to_string(),
+                    "manifest": serde_json::to_value(&manifest).unwrap_or_default(),
+                }));
+                Ok(ExitCode::SUCCESS)
+            }
             Ok((data, manifest)) => {
                 println!(
                     "ok: {} ({} records, {} deletions, {} counter values, sha256 matches)",
@@ -226,6 +246,10 @@ impl Client {
                     manifest.counts.counters
                 );
                 Ok(ExitCode::SUCCESS)
+            }
+            Err(err) if self.json => {
+                self.print_json(&json!({"ok": false, "error": err.to_string()}));
+                Ok(ExitCode::from(1))
             }
             Err(err) => {
                 eprintln!("hybridstore: backup verification failed: {err}");
@@ -249,8 +273,8 @@ impl Client {
     /// Maps an MCP hub's `mcp_settings.json` onto collections and writes
     /// what differs (see README, "Legacy JSON import").
     pub(crate) async fn import_mcphub(&self, file: &Path, dry_run: bool) -> Outcome {
-        let text =
-            std::fs::read(file).map_err(|err| Failure(format!("{}: {err}", file.display())))?;
+        let text = std::fs::read(file)
+            .map_err(|err| Failure::local(format!("{}: {err}", file.display())))?;
         let settings: Value = match serde_json::from_slice(&text) {
             Ok(value) => value,
             Err(err) => {
@@ -283,7 +307,7 @@ impl Client {
                 200 => 2,
                 404 => 0,
                 other => {
-                    return Err(Failure(format!(
+                    return Err(Failure::remote(format!(
                         "reading {path}: the server answered {other}"
                     )));
                 }
