@@ -159,3 +159,62 @@ async fn unreachable_servers_and_local_files_fail_with_their_own_codes_and_reaso
         String::from_utf8_lossy(&missing.stderr)
     );
 }
+
+/// `metrics --watch` into a pipe prints one report after the other, without
+/// the clear-screen codes it uses on a terminal; `import -` reads standard
+/// input (plain or gzipped).
+#[tokio::test]
+async fn watch_into_a_pipe_has_no_screen_codes_and_import_reads_standard_input() {
+    let app = TestApp::builder().embedded().spawn().await;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_hybridstore"));
+    command
+        .args(["metrics", "--watch", "--interval", "1"])
+        .env_remove("ADMIN_TOKEN")
+        .env("HYBRIDSTORE_URL", app.url(""))
+        .env("HYBRIDSTORE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .stdout(std::process::Stdio::piped());
+    let mut watching = command.spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    watching.kill().unwrap();
+    let watched = watching.wait_with_output().unwrap();
+    let printed = String::from_utf8_lossy(&watched.stdout);
+    assert!(!printed.is_empty(), "it printed reports");
+    assert!(!printed.contains('\x1b'), "no terminal codes: {printed:?}");
+
+    assert!(
+        app.put("accounts", "piped", json!({"n": 1}))
+            .await
+            .status()
+            .is_success()
+    );
+    let export = cli(&app, &["export"]).await;
+    assert_eq!(code(&export), 0);
+    let other = TestApp::builder().embedded().spawn().await;
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_hybridstore"));
+    command
+        .args(["import", "-"])
+        .env_remove("ADMIN_TOKEN")
+        .env("HYBRIDSTORE_URL", other.url(""))
+        .env("HYBRIDSTORE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut importing = command.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(
+            importing.stdin.take().unwrap(),
+            flate2::Compression::fast(),
+        );
+        gz.write_all(&export.stdout).unwrap();
+        gz.finish().unwrap();
+    }
+    let imported = blocking(move || importing.wait_with_output().unwrap()).await;
+    assert_eq!(
+        code(&imported),
+        0,
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    assert_eq!(other.get("accounts", "piped").await.status(), 200);
+}

@@ -115,7 +115,7 @@ pub enum Command {
     },
     /// Upsert an export's records and counters (version-guarded, idempotent).
     Import {
-        /// An export, plain or gzipped.
+        /// An export, plain or gzipped (`-`: standard input).
         file: PathBuf,
         /// Overwrite newer versions and counter values already held.
         #[arg(long)]
@@ -528,8 +528,9 @@ impl Client {
             let body = self
                 .expect(reqwest::Method::GET, "/admin/database/metrics")
                 .await?;
-            if watch && !self.json {
-                // Clear the screen and go home: refresh in place.
+            if watch && !self.json && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                // Clear the screen and go home: refresh in place (into a
+                // pipe or a file, one report after the other instead).
                 print!("\x1b[2J\x1b[H");
             }
             if self.json {

@@ -59,10 +59,26 @@ impl LineSplitter {
 
 /// Reads a whole export file (gzipped or not), checked line by line.
 fn read_checked(path: &Path) -> Result<Vec<u8>, Failure> {
-    let mut reader = hybridstore_transfer::open_maybe_gzip(path).map_err(failed)?;
+    let unreadable = |err: std::io::Error| Failure::local(format!("{}: {err}", path.display()));
     let mut bytes = Vec::new();
-    std::io::Read::read_to_end(&mut reader, &mut bytes)
-        .map_err(|err| Failure::local(format!("{}: {err}", path.display())))?;
+    if path == Path::new("-") {
+        // Standard input, plain or gzipped (`zcat x.gz | ... import -`
+        // or `... import - < x.gz`).
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut raw).map_err(unreadable)?;
+        if raw.starts_with(&[0x1f, 0x8b]) {
+            std::io::Read::read_to_end(
+                &mut flate2::read::MultiGzDecoder::new(&raw[..]),
+                &mut bytes,
+            )
+            .map_err(unreadable)?;
+        } else {
+            bytes = raw;
+        }
+    } else {
+        let mut reader = hybridstore_transfer::open_maybe_gzip(path).map_err(failed)?;
+        std::io::Read::read_to_end(&mut reader, &mut bytes).map_err(unreadable)?;
+    }
     read_export(&bytes[..], |_| Ok(()))
         .map_err(|err| Failure::local(format!("{}: {err}", path.display())))?;
     Ok(bytes)
