@@ -648,23 +648,31 @@ impl Client {
         let bar = if self.json {
             ProgressBar::hidden()
         } else {
-            let bar = ProgressBar::new(job["progress"]["total"].as_u64().unwrap_or(0));
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} {msg} [{bar:30}] {pos}/{len} records ({per_sec}, {elapsed})",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
+            let bar = ProgressBar::new(0);
+            bar.set_style(counting_style("records"));
             bar.set_message(text(&job["kind"]).replace('_', " "));
             bar
         };
         let started = Instant::now();
         let mut current = job;
+        let mut sized = false;
         loop {
             let progress = &current["progress"];
             let total = progress["total"].as_u64().unwrap_or(0);
             let scanned = progress["scanned"].as_u64().unwrap_or(0);
+            // A bar only once the total is known: an empty one at 0/0
+            // would show as full.
+            if total > 0 && !sized {
+                sized = true;
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{spinner} {msg} [{bar:30}] {pos}/{len} records ({rate}, {elapsed})",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .with_key("rate", whole_rate)
+                    .progress_chars("=> "),
+                );
+            }
             bar.set_length(total.max(scanned));
             bar.set_position(scanned);
             if current["state"] != "running" {
@@ -684,6 +692,45 @@ impl Client {
                 .await?;
         }
     }
+}
+
+/// The rate of a progress bar in whole units per second (`17,489/s`).
+fn whole_rate(state: &indicatif::ProgressState, out: &mut dyn std::fmt::Write) {
+    let _ = write!(out, "{}/s", grouped(state.per_sec().round() as u64));
+}
+
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A spinner that counts what went by, for work of unknown size.
+fn counting_style(unit: &str) -> ProgressStyle {
+    ProgressStyle::with_template(&format!(
+        "{{spinner}} {{msg}} {{pos}} {unit} ({{rate}}, {{elapsed}})"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_spinner())
+    .with_key("rate", whole_rate)
+}
+
+/// A counter on standard error while an export streams in, when it is a
+/// terminal (hidden otherwise, and with --json).
+pub(crate) fn export_progress(json: bool, what: &str) -> ProgressBar {
+    if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(counting_style("lines"));
+    bar.set_message(what.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
 }
 
 fn text(value: &Value) -> &str {

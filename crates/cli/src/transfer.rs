@@ -160,12 +160,15 @@ impl Client {
     /// deletions, counter values: not its header and end lines).
     async fn export_into(&self, out: &mut impl Write) -> Result<Counts, Failure> {
         let mut counts = Counts::default();
+        let progress = super::export_progress(self.json, "exporting");
         self.fetch_export(|line, raw| {
             counts.add(line);
+            progress.inc(1);
             out.write_all(raw)
                 .map_err(|err| Failure::local(format!("writing the export: {err}")))
         })
         .await?;
+        progress.finish_and_clear();
         Ok(counts)
     }
 
@@ -220,8 +223,13 @@ impl Client {
 
     pub(crate) async fn backup_create(&self, dir: &Path, keep: Option<usize>) -> Outcome {
         let mut writer = BackupWriter::create(dir).map_err(failed)?;
-        self.fetch_export(|line, _| writer.write(line).map_err(failed))
-            .await?;
+        let progress = super::export_progress(self.json, "backing up");
+        self.fetch_export(|line, _| {
+            progress.inc(1);
+            writer.write(line).map_err(failed)
+        })
+        .await?;
+        progress.finish_and_clear();
         let (path, manifest) = writer.finish().map_err(failed)?;
         if let Some(keep) = keep {
             for removed in hybridstore_transfer::prune(dir, keep.max(1)).map_err(failed)? {
