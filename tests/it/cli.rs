@@ -151,6 +151,31 @@ async fn unreachable_servers_and_local_files_fail_with_their_own_codes_and_reaso
     assert!(said.contains("connection refused"), "{said}");
 
     let app = TestApp::builder().embedded().spawn().await;
+    // A 401 says which token was sent, or where none was found.
+    let wrong = cli_with_token(&app, "not-the-admin-token-at-all", &["status"]).await;
+    let said = String::from_utf8_lossy(&wrong.stderr).into_owned();
+    assert_eq!(code(&wrong), 3, "{said}");
+    assert!(
+        said.contains("401") && said.contains("--admin-token"),
+        "{said}"
+    );
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_hybridstore"));
+    command
+        .arg("status")
+        .current_dir(elsewhere.path())
+        .env_remove("ADMIN_TOKEN")
+        .env_remove("HYBRIDSTORE_ADMIN_TOKEN")
+        .env_remove("DATA_DIR")
+        .env("HYBRIDSTORE_URL", app.url(""));
+    let none = blocking(move || command.output().unwrap()).await;
+    let said = String::from_utf8_lossy(&none.stderr).into_owned();
+    assert_eq!(code(&none), 3, "{said}");
+    assert!(
+        said.contains("no token") && said.contains("data/admin-token"),
+        "{said}"
+    );
+
     let missing = cli(&app, &["import", "/nonexistent/export.ndjson"]).await;
     assert_eq!(
         code(&missing),

@@ -270,6 +270,9 @@ struct Client {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
+    /// Where the token came from, or where it was looked for: said with a
+    /// 401, which otherwise leaves the operator guessing.
+    token_source: String,
     json: bool,
 }
 
@@ -281,14 +284,30 @@ impl Client {
         });
         // An embedded server started without ADMIN_TOKEN keeps the one it
         // made in its data directory.
-        let token = remote
-            .admin_token
-            .or_else(|| std::env::var("ADMIN_TOKEN").ok())
-            .or_else(|| {
-                let dir = std::env::var("DATA_DIR").unwrap_or_else(|_| "./data".into());
-                let token = std::fs::read_to_string(PathBuf::from(dir).join("admin-token")).ok()?;
-                Some(token.trim().to_owned())
-            });
+        let kept = PathBuf::from(std::env::var("DATA_DIR").unwrap_or_else(|_| "./data".into()))
+            .join("admin-token");
+        let kept = std::path::absolute(&kept).unwrap_or(kept);
+        let (token, token_source) = if let Some(token) = remote.admin_token {
+            (
+                Some(token),
+                "the token of --admin-token / HYBRIDSTORE_ADMIN_TOKEN".to_owned(),
+            )
+        } else if let Ok(token) = std::env::var("ADMIN_TOKEN") {
+            (Some(token), "the token of ADMIN_TOKEN".to_owned())
+        } else if let Ok(token) = std::fs::read_to_string(&kept) {
+            (
+                Some(token.trim().to_owned()),
+                format!("the token in {}", kept.display()),
+            )
+        } else {
+            (
+                None,
+                format!(
+                    "no token: none given (--admin-token, HYBRIDSTORE_ADMIN_TOKEN, ADMIN_TOKEN) and none in {} (run from the server's directory, or set DATA_DIR)",
+                    kept.display()
+                ),
+            )
+        };
         Self {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(600))
@@ -296,6 +315,7 @@ impl Client {
                 .expect("a default HTTP client builds"),
             base: base.trim_end_matches('/').to_owned(),
             token,
+            token_source,
             json: remote.json,
         }
     }
@@ -329,9 +349,21 @@ impl Client {
             .await
             .map_err(|err| Failure::remote(format!("cannot reach {url}: {}", with_causes(&err))))?;
         let status = response.status().as_u16();
+        self.refused_token(status)?;
         let body = response.text().await.unwrap_or_default();
         let value = serde_json::from_str(&body).unwrap_or(Value::String(body));
         Ok((status, value))
+    }
+
+    /// A 401 says which token was sent, or where none was found.
+    fn refused_token(&self, status: u16) -> Result<(), Failure> {
+        if status == 401 {
+            return Err(Failure::remote(format!(
+                "the server answered 401 unauthorized to {}",
+                self.token_source
+            )));
+        }
+        Ok(())
     }
 
     /// A call that must succeed (2xx); a problem document becomes the message.

@@ -100,6 +100,7 @@ impl Client {
             })?;
         if !response.status().is_success() {
             let status = response.status().as_u16();
+            self.refused_token(status)?;
             let body: Value = response.json().await.unwrap_or(Value::Null);
             return Err(Failure::remote(format!(
                 "the server answered {status} {}: {}",
@@ -186,6 +187,7 @@ impl Client {
                 Failure::remote(format!("cannot reach {url}: {}", super::with_causes(&err)))
             })?;
         let status = response.status().as_u16();
+        self.refused_token(status)?;
         let body: Value = response.json().await.unwrap_or(Value::Null);
         if !(200..300).contains(&status) {
             return Err(Failure::remote(format!(
