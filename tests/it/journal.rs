@@ -3,9 +3,10 @@
 
 use std::time::Duration;
 
+use hybridstore_core::prelude::*;
 use hybridstore_core::{
-    CacheStore, CacheWrite, CacheWriteOutcome, CollectionName, JournalAck, JournalKind,
-    Precondition, RecordId, RecordKey, WriteChange,
+    CacheWrite, CacheWriteOutcome, CollectionName, JournalAck, JournalKind, Precondition, RecordId,
+    RecordKey, WriteChange,
 };
 use hybridstore_redis::{RedisOptions, RedisStore};
 use hybridstore_testkit::{blocking, shared};

@@ -36,7 +36,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hybridstore_core::{CacheStore, JournalKind};
+use hybridstore_core::JournalKind;
+use hybridstore_core::prelude::*;
 use hybridstore_redis::{RedisOptions, RedisStore};
 use hybridstore_testkit::{
     ADMIN_TOKEN, Postgres, Redis, RedisPersistence, ServiceProcess, blocking, create_database,

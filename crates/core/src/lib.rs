@@ -2,9 +2,9 @@
 //!
 //! This crate is deliberately small and free of I/O: it names what a record, a
 //! version and a collection are, which errors a storage tier can report, and the
-//! two traits every tier implements ([`DurableStore`] for the source of truth,
-//! [`CacheStore`] for the hot copy). The engine is written against these traits
-//! only, so a tier (PostgreSQL, Redis, later SQLite or an in-process cache) can be
+//! traits every tier implements: small role traits, summed up as
+//! [`DurableStore`] for the source of truth and [`CacheStore`] for the hot
+//! copy. The engine is written against these traits only, so a tier (PostgreSQL, Redis, later SQLite or an in-process cache) can be
 //! swapped without the strategy logic noticing.
 
 mod collection;
@@ -39,8 +39,10 @@ pub use record::{
     RecordKey, RecordWrite, WriteOutcome, json_size, prefix_upper_bound, unstorable,
 };
 pub use store::{
-    ApplyMode, CacheEntry, CacheStore, CachedState, CopyOutcome, DurableStore, IdempotencyClaim,
-    ReplayBounds, StoreResult,
+    ApplyMode, Backend, CacheCounters, CacheEntry, CacheJournal, CacheLedger, CacheRecords,
+    CacheRecovery, CacheStates, CacheStore, CachedState, ControlChannel, CopyOutcome,
+    DurableControl, DurableCounters, DurableRecords, DurableStates, DurableStore, IdempotencyClaim,
+    IdempotencyLedger, ReplayBounds, StoreResult,
 };
 pub use version::{Version, VersionParseError};
 
@@ -49,4 +51,14 @@ pub use version::{Version, VersionParseError};
 pub fn new_token() -> String {
     let bytes: [u8; 32] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every role trait of the tiers, for code that calls a concrete tier
+/// (`RedisStore`, `PostgresStore`, ...) rather than a `dyn` one.
+pub mod prelude {
+    pub use crate::store::{
+        Backend, CacheCounters, CacheJournal, CacheLedger, CacheRecords, CacheRecovery,
+        CacheStates, ControlChannel, DurableControl, DurableCounters, DurableRecords,
+        DurableStates, IdempotencyLedger,
+    };
 }

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use hybridstore_core::{CacheStore, ControlState, DurableStore, Error, Strategy};
+use hybridstore_core::{ControlState, Error, Strategy};
 use serde::Serialize;
 
 use crate::engine::{Engine, now};
@@ -101,9 +101,9 @@ impl Engine {
     /// Loads the saved state at start: from the durable tier, or the cache's
     /// mirror when the durable tier is down.
     pub async fn load_control_state(&self) {
-        let saved = match self.durable.load_control().await {
+        let saved = match self.durable.call(|t| t.load_control()).await {
             Ok(saved) => saved,
-            Err(_) => self.cache.load_control().await.ok().flatten(),
+            Err(_) => self.cache.call(|t| t.load_control()).await.ok().flatten(),
         };
         if let Some(state) = saved {
             self.apply_control(state, false).await;
@@ -126,7 +126,7 @@ impl Engine {
         if flush {
             // The strategy in force stays the old one until the copies are
             // gone, so nothing reads a stale copy meanwhile.
-            match self.cache.inner.invalidate_all(false).await {
+            match self.cache.tier.invalidate_all(false).await {
                 Ok(removed) => {
                     tracing::info!(
                         removed,
@@ -136,7 +136,7 @@ impl Engine {
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, "could not drop cache copies; the cache stays suspended until its recovery drops them");
-                    self.cache.suspend_until_flushed(&err);
+                    self.recovery.suspend_until_flushed(&err);
                 }
             }
         }
@@ -239,7 +239,7 @@ impl Engine {
         };
         let saved = self
             .durable
-            .save_control(&state)
+            .call(|t| t.save_control(&state))
             .await
             .map_err(|err| self.durable_failed(err))?;
         if !saved {
@@ -251,7 +251,7 @@ impl Engine {
             ));
         }
         self.apply_control(state.clone(), true).await;
-        if let Err(err) = self.cache.publish_control(&state).await {
+        if let Err(err) = self.cache.call(|t| t.publish_control(&state)).await {
             tracing::warn!(error = %err, "could not broadcast the switch; other instances pick it up from PostgreSQL within seconds");
         }
         Ok(SwitchOutcome {
@@ -266,9 +266,9 @@ impl Engine {
 
     /// Applies the saved state if it is newer than the one in force.
     async fn reconcile_control(&self) {
-        let saved = match self.durable.load_control().await {
+        let saved = match self.durable.call(|t| t.load_control()).await {
             Ok(saved) => saved,
-            Err(_) => self.cache.load_control().await.ok().flatten(),
+            Err(_) => self.cache.call(|t| t.load_control()).await.ok().flatten(),
         };
         if let Some(state) = saved {
             self.apply_control(state, true).await;
@@ -279,7 +279,7 @@ impl Engine {
     /// speed, a poll of the saved state for certainty.
     pub async fn run_control_sync(self: Arc<Self>) {
         loop {
-            match self.cache.subscribe_control().await {
+            match self.cache.call(|t| t.subscribe_control()).await {
                 Ok(mut changes) => {
                     // A switch made while this instance was not subscribed.
                     self.reconcile_control().await;

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hybridstore_core::{
-    Amount, Bucket, BucketValues, CacheIncrementOutcome, CacheStore, CounterIncrement,
-    CounterScope, DurableStore, Error, FieldName, Granularity, StoreError, Strategy,
+    Amount, Bucket, BucketValues, CacheIncrementOutcome, CounterIncrement, CounterScope, Error,
+    FieldName, Granularity, StoreError, Strategy,
 };
 use time::OffsetDateTime;
 
@@ -229,7 +229,7 @@ impl Engine {
         increment: &CounterIncrement,
     ) -> Result<CounterValues, StoreError> {
         for _ in 0..SEED_ATTEMPTS {
-            match self.cache.increment(increment).await? {
+            match self.cache.call(|t| t.increment(increment)).await? {
                 CacheIncrementOutcome::Applied(applied) => {
                     self.counters.backlog.mark();
                     let complete = applied.iter().all(|(_, complete)| *complete);
@@ -245,7 +245,9 @@ impl Engine {
                             .filter(|(_, complete)| !complete)
                             .map(|(values, _)| values.bucket.clone())
                             .collect();
-                        self.cache.forget_buckets(&increment.scope, &stale).await?;
+                        self.cache
+                            .call(|t| t.forget_buckets(&increment.scope, &stale))
+                            .await?;
                     }
                     return Ok(CounterValues {
                         scope: increment.scope.clone(),
@@ -258,7 +260,7 @@ impl Engine {
                 CacheIncrementOutcome::Duplicate => {
                     let held = self
                         .cache
-                        .counter_buckets(&increment.scope, &increment.buckets)
+                        .call(|t| t.counter_buckets(&increment.scope, &increment.buckets))
                         .await?;
                     let complete = held.iter().all(|h| h.as_ref().is_some_and(|(_, ok)| *ok));
                     let fields: Vec<&FieldName> = increment.deltas.iter().map(|(f, _)| f).collect();
@@ -291,7 +293,7 @@ impl Engine {
     async fn seed(&self, scope: &CounterScope, buckets: &[Bucket]) -> Result<(), StoreError> {
         let pending = if self.durable.breaker.is_closed() {
             self.cache
-                .pending_increments(scope, MAX_PENDING_READ)
+                .call(|t| t.pending_increments(scope, MAX_PENDING_READ))
                 .await?
         } else {
             None
@@ -299,20 +301,31 @@ impl Engine {
         let Some(pending) = pending else {
             // Keep accepting increments; the values count from here on and
             // are seeded again once the durable tier is back and caught up.
-            return self.cache.seed_buckets(scope, buckets, &[], false).await;
+            return self
+                .cache
+                .call(|t| t.seed_buckets(scope, buckets, &[], false))
+                .await;
         };
         let op_ids: Vec<String> = pending.iter().map(|i| i.op_id.clone()).collect();
-        match self.durable.counter_snapshot(scope, buckets, &op_ids).await {
+        match self
+            .durable
+            .call(|t| t.counter_snapshot(scope, buckets, &op_ids))
+            .await
+        {
             Ok((mut values, applied)) => {
                 let unapplied: Vec<CounterIncrement> = pending
                     .into_iter()
                     .filter(|i| !applied.contains(&i.op_id))
                     .collect();
                 add_pending(&mut values, buckets, &unapplied);
-                self.cache.seed_buckets(scope, buckets, &values, true).await
+                self.cache
+                    .call(|t| t.seed_buckets(scope, buckets, &values, true))
+                    .await
             }
             Err(err) if err.is_unavailable() => {
-                self.cache.seed_buckets(scope, buckets, &[], false).await
+                self.cache
+                    .call(|t| t.seed_buckets(scope, buckets, &[], false))
+                    .await
             }
             Err(err) => Err(err),
         }
@@ -324,13 +337,13 @@ impl Engine {
     ) -> Result<CounterValues, Error> {
         if self.counters_journaled() {
             // The cache's bucket values miss this increment from now on.
-            self.cache
+            self.recovery
                 .counters_dirty
                 .store(true, std::sync::atomic::Ordering::Release);
             self.write_around().await?;
         }
         self.durable
-            .apply_increments(std::slice::from_ref(increment))
+            .call(|t| t.apply_increments(std::slice::from_ref(increment)))
             .await
             .map_err(|err| self.durable_failed(err))?;
         if self.counters_journaled() {
@@ -338,19 +351,19 @@ impl Engine {
             // without this increment: drop them now if it is up (they are
             // seeded again), and have its next probe drop every bucket in
             // case a recovery raced with this write.
-            self.cache
+            self.recovery
                 .counters_dirty
                 .store(true, std::sync::atomic::Ordering::Release);
             if self.cache.breaker.is_closed() {
                 let _ = self
                     .cache
-                    .forget_buckets(&increment.scope, &increment.buckets)
+                    .call(|t| t.forget_buckets(&increment.scope, &increment.buckets))
                     .await;
             }
         }
         let (values, _) = self
             .durable
-            .counter_snapshot(&increment.scope, &increment.buckets, &[])
+            .call(|t| t.counter_snapshot(&increment.scope, &increment.buckets, &[]))
             .await
             .map_err(|err| self.durable_failed(err))?;
         let fields: Vec<&FieldName> = increment.deltas.iter().map(|(f, _)| f).collect();
@@ -429,7 +442,11 @@ impl Engine {
         let journaled = self.counters_journaled();
         let cache_up = journaled && self.cache.breaker.is_closed();
         if cache_up {
-            match self.cache.counter_buckets(&scope, &buckets).await {
+            match self
+                .cache
+                .call(|t| t.counter_buckets(&scope, &buckets))
+                .await
+            {
                 Ok(cached) if cached.iter().all(|c| c.as_ref().is_some_and(|(_, ok)| *ok)) => {
                     return Ok(CounterValues {
                         scope,
@@ -451,7 +468,7 @@ impl Engine {
         }
         let pending = if cache_up {
             self.cache
-                .pending_increments(&scope, MAX_PENDING_READ)
+                .call(|t| t.pending_increments(&scope, MAX_PENDING_READ))
                 .await
                 .map_err(|err| self.journal_failed(err))?
         } else {
@@ -463,7 +480,7 @@ impl Engine {
         let op_ids: Vec<String> = pending.iter().map(|i| i.op_id.clone()).collect();
         let (mut values, applied) = self
             .durable
-            .counter_snapshot(&scope, &buckets, &op_ids)
+            .call(|t| t.counter_snapshot(&scope, &buckets, &op_ids))
             .await
             .map_err(|err| self.durable_failed(err))?;
         let unapplied: Vec<CounterIncrement> = pending
@@ -517,18 +534,25 @@ impl Engine {
         let epoch = self.counters.backlog.epoch();
         let entries = self
             .cache
-            .read_counter_journal(&self.instance_id, self.settings.journal.batch_size, recover)
+            .call(|t| {
+                t.read_counter_journal(&self.instance_id, self.settings.journal.batch_size, recover)
+            })
             .await?;
         if entries.is_empty() {
-            let length = self.cache.counter_backlog().await?;
+            let length = self.cache.call(|t| t.counter_backlog()).await?;
             self.counters.backlog.settle(epoch, length);
             return Ok(0);
         }
         let increments: Vec<CounterIncrement> =
             entries.iter().map(|e| e.increment.clone()).collect();
-        let applied = self.durable.apply_increments(&increments).await?;
+        let applied = self
+            .durable
+            .call(|t| t.apply_increments(&increments))
+            .await?;
         let positions: Vec<_> = entries.into_iter().map(|e| e.position).collect();
-        self.cache.ack_counter_journal(&positions).await?;
+        self.cache
+            .call(|t| t.ack_counter_journal(&positions))
+            .await?;
         tracing::debug!(
             entries = positions.len(),
             applied,
@@ -540,7 +564,7 @@ impl Engine {
     /// How many increments wait in the counter journal.
     pub async fn counter_backlog(&self) -> Result<u64, Error> {
         self.cache
-            .counter_backlog()
+            .call(|t| t.counter_backlog())
             .await
             .map_err(|_| self.unavailable())
     }

@@ -18,13 +18,15 @@ use hybridstore_core::{
 use serde_json::Value;
 use time::OffsetDateTime;
 
+use crate::breaker::{Breaker, HealthSettings, TierHealth};
 use crate::catalog::{Catalog, Collection, index_value};
 use crate::control::Control;
 use crate::counters::{CounterSettings, CounterState};
-use crate::health::{Breaker, GuardedCache, GuardedDurable, HealthSettings, TierHealth};
+use crate::guarded::Guarded;
 use crate::jobs::Jobs;
 use crate::journal::{Backlog, JournalSettings, ReplayProgress};
 use crate::pending::{Access, Unreplayed, above};
+use crate::recovery::Recovery;
 use crate::stats::{EngineStats, Operation, Outcome};
 use crate::strategy::{Plan, ReadPath, WritePath};
 
@@ -111,8 +113,10 @@ const BUMP_COVERS: Duration = Duration::from_millis(100);
 const PATCH_ATTEMPTS: usize = 8;
 
 pub struct Engine {
-    pub(crate) durable: Arc<GuardedDurable>,
-    pub(crate) cache: Arc<GuardedCache>,
+    pub(crate) durable: Arc<Guarded<dyn DurableStore>>,
+    pub(crate) cache: Arc<Guarded<dyn CacheStore>>,
+    /// What the cache's recovery remembers, and its probe.
+    pub(crate) recovery: Recovery,
     pub(crate) catalog: Catalog,
     pub(crate) settings: EngineSettings,
     /// Whether writes taken during a durable-tier outage may still wait in
@@ -163,22 +167,22 @@ impl Engine {
         settings: EngineSettings,
     ) -> Self {
         let health = &settings.health;
-        let durable = GuardedDurable {
-            breaker: Arc::new(Breaker::new(
-                Tier::Durable,
-                durable.backend(),
-                health.failure_threshold,
-            )),
-            timeout: health.durable_call_timeout,
-            inner: durable,
-        };
+        let durable = Arc::new(Guarded::new(
+            durable.clone(),
+            Breaker::new(Tier::Durable, durable.backend(), health.failure_threshold),
+            health.durable_call_timeout,
+        ));
         // Threshold 1: any cache failure may hide a restart that lost writes,
         // so the cache stops serving until its recovery trial has checked.
-        let cache_breaker = Arc::new(Breaker::new(Tier::Cache, cache.backend(), 1));
-        let cache = GuardedCache::new(cache, cache_breaker, health.cache_call_timeout);
+        let cache = Arc::new(Guarded::new(
+            cache.clone(),
+            Breaker::new(Tier::Cache, cache.backend(), 1),
+            health.cache_call_timeout,
+        ));
         Self {
-            durable: Arc::new(durable),
-            cache: Arc::new(cache),
+            recovery: Recovery::new(cache.clone()),
+            durable,
+            cache,
             catalog,
             outage_backlog: Backlog::default(),
             write_behind_backlog: Backlog::default(),
@@ -204,7 +208,7 @@ impl Engine {
     /// The tiers themselves, without breakers (tools and tests that look
     /// into them behind the service's back).
     pub fn raw_tiers(&self) -> (Arc<dyn DurableStore>, Arc<dyn CacheStore>) {
-        (self.durable.inner.clone(), self.cache.inner.clone())
+        (self.durable.tier.clone(), self.cache.tier.clone())
     }
 
     /// Makes every call to `tier` fail as if it were unreachable (`down`),
@@ -221,7 +225,7 @@ impl Engine {
     /// answer, so a service started during an outage routes around it at once.
     pub async fn check_tiers_at_start(&self) {
         // The durable tier first: the cache's check compares its generation.
-        match self.durable.inner.ping().await {
+        match self.durable.tier.ping().await {
             Ok(()) => self.durable.breaker.record_success(),
             Err(err) => self.durable.breaker.force_open(&err),
         }
@@ -233,7 +237,7 @@ impl Engine {
     /// the durable cache generation, and the journal replay.
     async fn probe_cache(&self) {
         let generation = self.durable_cache_generation().await;
-        self.cache
+        self.recovery
             .probe(generation, || self.reconcile_cache())
             .await;
     }
@@ -328,7 +332,7 @@ impl Engine {
     ) -> Result<Option<Record>, Error> {
         let plan = self.plan_for(collection)?;
         if plan.write.through_cache() {
-            match self.cache.get(key).await {
+            match self.cache.call(|t| t.get(key)).await {
                 Ok(CacheEntry::Present(record)) if !record.is_expired(now) => {
                     return Ok(Some(record));
                 }
@@ -344,7 +348,7 @@ impl Engine {
                 .await?;
         }
         self.durable
-            .get(key, now)
+            .call(|t| t.get(key, now))
             .await
             .map_err(|err| self.durable_failed(err))
     }
@@ -407,7 +411,7 @@ impl Engine {
     /// and records durably what the memory of this process cannot keep.)
     fn before_commit(&self, collection: &Collection, plan: Plan, key: &RecordKey) {
         if self.configured_plan(collection).uses_cache() && plan.write == WritePath::DurableOnly {
-            self.cache.mark_dirty(key);
+            self.recovery.mark_dirty(key);
         }
     }
 
@@ -417,19 +421,19 @@ impl Engine {
     /// after that matters: another instance may have reconciled the cache
     /// to the last bump meanwhile, and must learn of the writes since.
     pub(crate) async fn write_around(&self) -> Result<(), Error> {
-        let mut bumped = self.cache.bumped.lock().await;
+        let mut bumped = self.recovery.bumped.lock().await;
         if bumped.is_some_and(|at| at.elapsed() < BUMP_COVERS) {
             return Ok(());
         }
         let at = Instant::now();
         let generation = self
             .durable
-            .bump_cache_generation()
+            .call(|t| t.bump_cache_generation())
             .await
             .map_err(|err| self.durable_failed(err))?;
         *bumped = Some(at);
         let mut own = self
-            .cache
+            .recovery
             .own_bumps
             .lock()
             .unwrap_or_else(|e| e.into_inner());
@@ -450,7 +454,7 @@ impl Engine {
         if !self.durable.breaker.is_closed() {
             return None;
         }
-        self.durable.cache_generation().await.ok()
+        self.durable.call(|t| t.cache_generation()).await.ok()
     }
 
     /// After a write committed: bring the cache copy up to date. If that
@@ -474,7 +478,7 @@ impl Engine {
             CacheUpdate::Record(record) => record.version,
             CacheUpdate::Deleted(version) => version,
         };
-        if self.cache.wrote_around(key, version).await {
+        if self.recovery.wrote_around(key, version).await {
             // Remembered for this instance's recovery. But another instance
             // may have seen the cache back first and serve it already (this
             // one has not probed yet): the copy is brought up to date on the
@@ -484,11 +488,11 @@ impl Engine {
             // "Several instances": a partition is the exception). The attempt
             // costs a refused connection, or a short wait on a hung cache (a
             // store that lands later still only moves forward).
-            if self.cache.overtaken(key, version) {
+            if self.recovery.overtaken(key, version) {
                 return;
             }
             let updated = self
-                .cache
+                .recovery
                 .past_breaker(|tier| self.update_copy(tier, collection, key, update, now))
                 .await
                 .is_some();
@@ -502,17 +506,18 @@ impl Engine {
             }
             return;
         }
-        if self.cache.overtaken(key, version) {
+        if self.recovery.overtaken(key, version) {
             return;
         }
         let result = match self
-            .update_copy(&*self.cache, collection, key, update, now)
+            .cache
+            .call(|tier| self.update_copy(tier, collection, key, update, now))
             .await
         {
             // The update reached a busy cache and may land or not: sent
             // again (it only ever moves the copy forward) and waited for.
             Err(err) if err.is_busy() => {
-                self.cache
+                self.recovery
                     .patiently(|tier| self.update_copy(tier, collection, key, update, now))
                     .await
             }
@@ -522,7 +527,7 @@ impl Engine {
             if self.cache.breaker.is_closed() {
                 tracing::warn!(error = %err, collection = %key.collection, "cache update after commit failed; cache suspended until recovery");
             }
-            self.cache.write_failed(key, version, &err);
+            self.recovery.write_failed(key, version, &err);
             // The copy may be stale: recorded durably as well, in case this
             // process dies before the cache recovers.
             if let Err(err) = self.write_around().await {
@@ -562,7 +567,7 @@ impl Engine {
         let Some(ttl) = record.cache_lifetime(collection.spec.cache_ttl, now) else {
             return;
         };
-        if let Err(err) = self.cache.store(record, ttl).await {
+        if let Err(err) = self.cache.call(|t| t.store(record, ttl)).await {
             self.cache_failed("store", &err);
         }
     }
@@ -615,7 +620,7 @@ impl Engine {
         self.before_commit(collection, plan, &write.key);
         let outcome = self
             .durable
-            .put(&write)
+            .call(|t| t.put(&write))
             .await
             .map_err(|err| self.durable_failed(err))?;
         // The durable tier now holds a version above any journaled one.
@@ -713,7 +718,7 @@ impl Engine {
         // it was not asked, or failed, the durable tier may be behind.
         let mut cache_missed = false;
         if plan.read != ReadPath::DurableOnly {
-            let entry = self.cache.get(key).await;
+            let entry = self.cache.call(|t| t.get(key)).await;
             self.stats.cache_lookup(
                 matches!(&entry, Ok(CacheEntry::Present(r)) if !r.is_expired(now))
                     || matches!(entry, Ok(CacheEntry::Deleted(_))),
@@ -742,7 +747,7 @@ impl Engine {
         }
         let record = self
             .durable
-            .get(key, now)
+            .call(|t| t.get(key, now))
             .await
             .map_err(|err| self.durable_failed(err))?;
         if let (Some(record), ReadPath::CacheThenDurable) = (&record, plan.read) {
@@ -774,7 +779,7 @@ impl Engine {
         self.before_commit(collection, plan, key);
         let version = self
             .durable
-            .delete(key, precondition, now)
+            .call(|t| t.delete(key, precondition, now))
             .await
             .map_err(|err| self.durable_failed(err))?;
         self.unreplayed.replayed(key, version);
@@ -807,12 +812,12 @@ impl Engine {
             plan.read == ReadPath::CacheAuthoritative || self.settle_range(spec, &query).await?;
         let ListPage { records, more } = if plan.read == ReadPath::CacheAuthoritative {
             self.cache
-                .list(&query)
+                .call(|t| t.list(&query))
                 .await
                 .map_err(|err| self.journal_failed(err))?
         } else {
             self.durable
-                .list(&query)
+                .call(|t| t.list(&query))
                 .await
                 .map_err(|err| self.durable_failed(err))?
         };
@@ -835,7 +840,7 @@ impl Engine {
             // Or one another instance journaled and published.
             if self
                 .durable
-                .any_held_above(collection, query.after.as_ref(), until)
+                .call(|t| t.any_held_above(collection, query.after.as_ref(), until))
                 .await
                 .map_err(|err| self.durable_failed(err))?
             {
@@ -874,7 +879,7 @@ impl Engine {
                 .iter()
                 .map(|id| RecordKey::new(collection_name.clone(), id.clone()))
                 .collect();
-            match self.cache.get_many(&keys).await {
+            match self.cache.call(|t| t.get_many(&keys)).await {
                 Ok(entries) => {
                     cache_answered = true;
                     for (answer, entry) in answers.iter_mut().zip(entries) {
@@ -915,7 +920,7 @@ impl Engine {
         if !unknown.is_empty() && plan.read != ReadPath::CacheAuthoritative {
             let mut fetched = self
                 .durable
-                .get_many(collection_name, &unknown, now)
+                .call(|t| t.get_many(collection_name, &unknown, now))
                 .await
                 .map_err(|err| self.durable_failed(err))?;
             if plan.read == ReadPath::CacheThenDurable {
@@ -981,7 +986,7 @@ impl Engine {
         let cached = plan.read == ReadPath::CacheThenDurable;
         let mut record = self
             .durable
-            .lookup(collection_name, index, value, now)
+            .call(|t| t.lookup(collection_name, index, value, now))
             .await
             .map_err(|err| self.durable_failed(err))?;
         // The hint said nothing of the record the durable tier found: a
@@ -996,7 +1001,7 @@ impl Engine {
                 // A newer version (or a deletion) of the record was applied.
                 record = self
                     .durable
-                    .get(&key, now)
+                    .call(|t| t.get(&key, now))
                     .await
                     .map_err(|err| self.durable_failed(err))?
                     .filter(|newer| {
@@ -1007,17 +1012,20 @@ impl Engine {
         // With writes journaled, the cache may hold a newer version of the
         // record PostgreSQL found (indexed values cannot change meanwhile).
         let record = match (plan.write, record) {
-            (WritePath::CacheJournaled, Some(found)) => match self.cache.get(&found.key()).await {
-                Ok(CacheEntry::Present(newer)) if newer.version >= found.version => {
-                    (!newer.is_expired(now)).then_some(newer)
+            (WritePath::CacheJournaled, Some(found)) => {
+                let key = found.key();
+                match self.cache.call(|t| t.get(&key)).await {
+                    Ok(CacheEntry::Present(newer)) if newer.version >= found.version => {
+                        (!newer.is_expired(now)).then_some(newer)
+                    }
+                    Ok(CacheEntry::Deleted(version)) if version > found.version => None,
+                    Ok(_) => Some(found),
+                    Err(err) => {
+                        self.cache_read_failed(plan, "get", &err)?;
+                        Some(found)
+                    }
                 }
-                Ok(CacheEntry::Deleted(version)) if version > found.version => None,
-                Ok(_) => Some(found),
-                Err(err) => {
-                    self.cache_read_failed(plan, "get", &err)?;
-                    Some(found)
-                }
-            },
+            }
             (_, record) => record,
         };
         if let (true, Some(record)) = (cached, &record) {
@@ -1025,7 +1033,7 @@ impl Engine {
             if let Some(ttl) = record.cache_lifetime(collection.spec.cache_ttl, now) {
                 let hint = self
                     .cache
-                    .store_lookup_hint(collection_name, index, value, &record.id, ttl)
+                    .call(|t| t.store_lookup_hint(collection_name, index, value, &record.id, ttl))
                     .await;
                 if let Err(err) = hint {
                     self.cache_failed("store_lookup_hint", &err);
@@ -1042,11 +1050,15 @@ impl Engine {
         value: &str,
         now: OffsetDateTime,
     ) -> Result<Option<Record>, StoreError> {
-        let Some(id) = self.cache.lookup_hint(collection, index, value).await? else {
+        let Some(id) = self
+            .cache
+            .call(|t| t.lookup_hint(collection, index, value))
+            .await?
+        else {
             return Ok(None);
         };
         let key = RecordKey::new(collection.clone(), id);
-        Ok(match self.cache.get(&key).await? {
+        Ok(match self.cache.call(|t| t.get(&key)).await? {
             CacheEntry::Present(record)
                 if !record.is_expired(now)
                     && index_value(&record.data, index).ok().flatten().as_deref()
@@ -1061,7 +1073,7 @@ impl Engine {
     /// Removes expired records and old deletion markers from the durable tier.
     pub async fn purge_expired(&self) -> Result<u64, Error> {
         self.durable
-            .purge_expired(now(), self.settings.tombstone_retention)
+            .call(|t| t.purge_expired(now(), self.settings.tombstone_retention))
             .await
             .map_err(|err| self.durable_failed(err))
     }

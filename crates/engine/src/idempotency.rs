@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use hybridstore_core::{CacheStore, IdempotencyClaim};
+use hybridstore_core::IdempotencyClaim;
 
 use crate::engine::Engine;
 
@@ -32,7 +32,7 @@ impl Engine {
             return None;
         }
         self.cache
-            .claim_idempotency(owner, key, fingerprint, IDEMPOTENCY_PENDING)
+            .call(|t| t.claim_idempotency(owner, key, fingerprint, IDEMPOTENCY_PENDING))
             .await
             .inspect_err(|err| tracing::warn!(error = %err, "idempotency key not claimed"))
             .ok()
@@ -50,14 +50,16 @@ impl Engine {
     ) -> bool {
         let stored = self
             .cache
-            .complete_idempotency(
-                owner,
-                key,
-                fingerprint,
-                response,
-                IDEMPOTENCY_TTL,
-                self.settings.replay_bounds,
-            )
+            .call(|t| {
+                t.complete_idempotency(
+                    owner,
+                    key,
+                    fingerprint,
+                    response,
+                    IDEMPOTENCY_TTL,
+                    self.settings.replay_bounds,
+                )
+            })
             .await;
         match stored {
             Ok(stored) => stored,
@@ -70,7 +72,7 @@ impl Engine {
 
     /// Gives a claimed key up.
     pub async fn release_idempotency(&self, owner: &str, key: &str) {
-        if let Err(err) = self.cache.release_idempotency(owner, key).await {
+        if let Err(err) = self.cache.call(|t| t.release_idempotency(owner, key)).await {
             tracing::warn!(error = %err, "idempotency key not released");
         }
     }

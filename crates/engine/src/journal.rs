@@ -17,14 +17,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hybridstore_core::{
-    ApplyMode, CacheEntry, CacheStore, CacheWrite, CacheWriteOutcome, Change, DurableStore, Error,
-    IndexEntry, JournalAck, JournalEntry, JournalKind, Precondition, Record, RecordKey,
-    RecordWrite, StoreError, Version, WriteChange, WriteOutcome,
+    ApplyMode, CacheEntry, CacheWrite, CacheWriteOutcome, Change, Error, IndexEntry, JournalAck,
+    JournalEntry, JournalKind, Precondition, Record, RecordKey, RecordWrite, StoreError, Version,
+    WriteChange, WriteOutcome,
 };
 use time::OffsetDateTime;
 
 use crate::catalog::Collection;
 use crate::engine::Engine;
+use crate::guarded::Route;
 use crate::strategy::WritePath;
 
 /// How long a write guarded by a version it read itself (not by the
@@ -163,7 +164,7 @@ impl Engine {
     ) -> Result<(), Error> {
         let current = self
             .durable
-            .get(key, now)
+            .call(|t| t.get(key, now))
             .await
             .map_err(|err| self.durable_failed(err))?;
         let stored = match &current {
@@ -171,12 +172,14 @@ impl Engine {
                 let ttl = record
                     .cache_lifetime(collection.spec.cache_ttl, now)
                     .unwrap_or(Duration::from_secs(1));
-                self.cache.store(record, ttl).await
+                self.cache.call(|t| t.store(record, ttl)).await
             }
             // "Known absent": a marker below every real version.
             None => {
                 self.cache
-                    .store_deleted(key, Version::new(0), self.settings.deleted_marker_ttl)
+                    .call(|t| {
+                        t.store_deleted(key, Version::new(0), self.settings.deleted_marker_ttl)
+                    })
                     .await
             }
         };
@@ -193,7 +196,7 @@ impl Engine {
         for _ in 0..3 {
             let outcome = self
                 .cache
-                .accept_write(write)
+                .call(|t| t.accept_write(write))
                 .await
                 .map_err(|err| self.journal_failed(err))?;
             match outcome {
@@ -327,7 +330,7 @@ impl Engine {
         asked: Precondition,
         now: OffsetDateTime,
     ) -> Result<Precondition, Error> {
-        let current = match self.cache.get(key).await {
+        let current = match self.cache.call(|t| t.get(key)).await {
             Ok(CacheEntry::Present(record)) if !record.is_expired(now) => record,
             _ => return Err(self.unavailable()),
         };
@@ -383,7 +386,7 @@ impl Engine {
         let mut empty = [false; 2];
         for (kind, empty) in JournalKind::ALL.into_iter().zip(&mut empty) {
             let epoch = self.backlog(kind).epoch();
-            if let Ok(length) = self.cache.journal_backlog(kind).await {
+            if let Ok(length) = self.cache.call(|t| t.journal_backlog(kind)).await {
                 let cleared = self.backlog(kind).settle(epoch, length);
                 if cleared && kind == JournalKind::Outage {
                     tracing::info!("outage journal replayed");
@@ -402,8 +405,14 @@ impl Engine {
 
     /// How many entries wait in each journal (for status and metrics).
     pub async fn journal_backlog(&self) -> Result<(u64, u64), Error> {
-        let write_behind = self.cache.journal_backlog(JournalKind::WriteBehind).await;
-        let outage = self.cache.journal_backlog(JournalKind::Outage).await;
+        let write_behind = self
+            .cache
+            .call(|t| t.journal_backlog(JournalKind::WriteBehind))
+            .await;
+        let outage = self
+            .cache
+            .call(|t| t.journal_backlog(JournalKind::Outage))
+            .await;
         match (write_behind, outage) {
             (Ok(write_behind), Ok(outage)) => Ok((write_behind, outage)),
             _ => Err(self.unavailable()),
@@ -451,7 +460,7 @@ impl Engine {
 
     /// One batch: read, apply, acknowledge. Returns how many entries it took.
     pub async fn replay_once(&self, recover: Option<Duration>) -> Result<usize, StoreError> {
-        self.replay_from(&*self.cache, recover).await
+        self.replay_from(Route::Breaker, recover).await
     }
 
     /// Before a recovering cache whose copies may all be stale serves again
@@ -465,13 +474,12 @@ impl Engine {
     /// version-guarded: a pinned copy is then confirmed (the durable tier has
     /// its version) or dropped (it has a newer one).
     pub(crate) async fn reconcile_cache(&self) -> Result<(), StoreError> {
-        let raw = &*self.cache.inner;
         if !self.durable.breaker.is_closed() {
             // Nothing can tell which copies are stale: none is kept. The
             // journal entries stay and replay once the durable tier is back;
             // meanwhile the cache takes writes, and answers for what it is
             // written from now on.
-            let removed = raw.invalidate_all(true).await?;
+            let removed = self.cache.tier.invalidate_all(true).await?;
             tracing::warn!(
                 removed,
                 "the durable tier is down: every copy of the recovering cache dropped, pinned ones too"
@@ -481,7 +489,10 @@ impl Engine {
         let started = std::time::Instant::now();
         let mut replayed = 0;
         loop {
-            match self.replay_from(raw, Some(Duration::ZERO)).await? {
+            match self
+                .replay_from(Route::Direct, Some(Duration::ZERO))
+                .await?
+            {
                 0 => break,
                 taken => replayed += taken,
             }
@@ -494,15 +505,17 @@ impl Engine {
         Ok(())
     }
 
-    /// One batch from `cache`: the guarded tier, or the raw one during a
+    /// One batch from the cache: through its breaker, or past it during a
     /// restarted cache's reconciliation.
     async fn replay_from(
         &self,
-        cache: &dyn CacheStore,
+        route: Route,
         recover: Option<Duration>,
     ) -> Result<usize, StoreError> {
-        let entries = cache
-            .read_journal(&self.instance_id, self.settings.journal.batch_size, recover)
+        let batch = self.settings.journal.batch_size;
+        let entries = self
+            .cache
+            .call_on(route, |t| t.read_journal(&self.instance_id, batch, recover))
             .await?;
         if entries.is_empty() {
             self.refresh_backlogs().await;
@@ -577,7 +590,7 @@ impl Engine {
                     (entry, reason)
                 })
                 .collect();
-            cache.set_aside(&reasons).await?;
+            self.cache.call_on(route, |t| t.set_aside(&reasons)).await?;
             for (entry, _) in &reasons {
                 // Not coming: what the durable tier holds is the truth.
                 self.unreplayed
@@ -617,7 +630,7 @@ impl Engine {
                 }
             })
             .collect();
-        cache.ack_journal(&acks).await?;
+        self.cache.call_on(route, |t| t.ack_journal(&acks)).await?;
         let batch = ReplayStats {
             entries: entries.len() as u64,
             applied: applied_count as u64,
@@ -650,7 +663,7 @@ impl Engine {
     ) -> Result<(Vec<bool>, HashMap<RecordKey, String>), StoreError> {
         match self
             .durable
-            .apply_changes(changes, ApplyMode::IfNewer)
+            .call(|t| t.apply_changes(changes, ApplyMode::IfNewer))
             .await
         {
             Ok(applied) => return Ok((applied, HashMap::new())),
@@ -664,7 +677,7 @@ impl Engine {
         for change in changes {
             match self
                 .durable
-                .apply_changes(std::slice::from_ref(change), ApplyMode::IfNewer)
+                .call(|t| t.apply_changes(std::slice::from_ref(change), ApplyMode::IfNewer))
                 .await
             {
                 Ok(one) => applied.push(one.first().copied().unwrap_or(false)),

@@ -6,26 +6,28 @@
 //! `hybridstore-core` only, so it runs unchanged over PostgreSQL + Redis or over
 //! any other pair of tiers, and unit tests can drive it with in-memory fakes.
 
+mod breaker;
 mod catalog;
 mod control;
 mod counters;
 mod engine;
-mod health;
+mod guarded;
 mod idempotency;
 mod jobs;
 mod journal;
 mod maintenance;
 mod pending;
+mod recovery;
 mod stats;
 mod status;
 mod strategy;
 mod transfer;
 
+pub use breaker::{BreakerState, HealthSettings, TierHealth};
 pub use catalog::{Catalog, CatalogError, Collection};
 pub use control::SwitchOutcome;
 pub use counters::{CounterSettings, CounterValues};
 pub use engine::{BatchGet, Engine, EngineSettings, Page};
-pub use health::{BreakerState, HealthSettings, TierHealth};
 pub use jobs::{JobState, JobView, ProgressView};
 pub use journal::{JournalSettings, ReplayStats};
 pub use maintenance::{

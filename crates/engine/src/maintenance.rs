@@ -25,8 +25,8 @@ use std::sync::Arc;
 
 use futures_util::future::join_all;
 use hybridstore_core::{
-    ApplyMode, CacheEntry, CacheStore, Change, CollectionName, CopyOutcome, DurableStore, Error,
-    RecordKey, StoreError, Strategy,
+    ApplyMode, CacheEntry, Change, CollectionName, CopyOutcome, Error, RecordKey, StoreError,
+    Strategy,
 };
 use serde::Serialize;
 
@@ -268,7 +268,7 @@ impl Engine {
         job: &Job,
     ) -> Result<(), Error> {
         for name in collections {
-            let count = self.durable.count(name).await.unwrap_or(0);
+            let count = self.durable.call(|t| t.count(name)).await.unwrap_or(0);
             Progress::add(&job.progress.total, count);
         }
         for name in collections {
@@ -298,13 +298,13 @@ impl Engine {
         loop {
             let (next, states) = self
                 .cache
-                .scan(collection, cursor, PAGE)
+                .call(|t| t.scan(collection, cursor, PAGE))
                 .await
                 .map_err(|err| self.work_stopped("job", err))?;
             let changes: Vec<Change> = states.into_iter().map(|s| s.state).collect();
             Progress::add(&job.progress.scanned, changes.len() as u64);
             if !changes.is_empty() {
-                let applied = match self.durable.apply_changes(&changes, mode).await {
+                let applied = match self.durable.call(|t| t.apply_changes(&changes, mode)).await {
                     Ok(applied) => applied.into_iter().map(Some).collect(),
                     Err(err) if err.is_unavailable() => return Err(self.work_stopped("job", err)),
                     // One bad record fails its page's transaction: apply the
@@ -337,7 +337,7 @@ impl Engine {
         for change in changes {
             match self
                 .durable
-                .apply_changes(std::slice::from_ref(change), mode)
+                .call(|t| t.apply_changes(std::slice::from_ref(change), mode))
                 .await
             {
                 Ok(applied) => outcomes.push(applied.first().copied()),
@@ -365,7 +365,7 @@ impl Engine {
         loop {
             let states = self
                 .durable
-                .scan(name, after.as_ref(), PAGE, now())
+                .call(|t| t.scan(name, after.as_ref(), PAGE, now()))
                 .await
                 .map_err(|err| self.work_stopped("job", err))?;
             Progress::add(&job.progress.scanned, states.len() as u64);
@@ -413,7 +413,7 @@ impl Engine {
             Change::Delete { .. } => self.settings.deleted_marker_ttl,
         };
         self.cache
-            .copy_in(state, lifetime, authoritative, force)
+            .call(|t| t.copy_in(state, lifetime, authoritative, force))
             .await
             .map(Some)
     }
@@ -425,7 +425,7 @@ impl Engine {
         job: &Job,
     ) -> Result<ConsistencyReport, Error> {
         for name in collections {
-            let count = self.durable.count(name).await.unwrap_or(0);
+            let count = self.durable.call(|t| t.count(name)).await.unwrap_or(0);
             Progress::add(&job.progress.total, count);
         }
         let mut reports = Vec::with_capacity(collections.len());
@@ -467,7 +467,7 @@ impl Engine {
         loop {
             let states = self
                 .durable
-                .scan(name, after.as_ref(), PAGE, now())
+                .call(|t| t.scan(name, after.as_ref(), PAGE, now()))
                 .await
                 .map_err(|err| self.work_stopped("job", err))?;
             report.scanned_postgres += states.len() as u64;
@@ -475,7 +475,7 @@ impl Engine {
             let keys: Vec<RecordKey> = states.iter().map(Change::key).collect();
             let entries = self
                 .cache
-                .get_many(&keys)
+                .call(|t| t.get_many(&keys))
                 .await
                 .map_err(|err| self.work_stopped("job", err))?;
             for (state, cache) in states.iter().zip(entries) {
@@ -499,14 +499,14 @@ impl Engine {
         loop {
             let (next, cached) = self
                 .cache
-                .scan(name, cursor, PAGE)
+                .call(|t| t.scan(name, cursor, PAGE))
                 .await
                 .map_err(|err| self.work_stopped("job", err))?;
             report.scanned_redis += cached.len() as u64;
             let ids: Vec<_> = cached.iter().map(|c| c.state.key().id).collect();
             let held = self
                 .durable
-                .get_states(name, &ids, now())
+                .call(|t| t.get_states(name, &ids, now()))
                 .await
                 .map_err(|err| self.work_stopped("job", err))?;
             for entry in &cached {
@@ -529,13 +529,13 @@ impl Engine {
     async fn pair(&self, key: &RecordKey) -> Result<Pair, Error> {
         let durable = self
             .durable
-            .get_states(&key.collection, std::slice::from_ref(&key.id), now())
+            .call(|t| t.get_states(&key.collection, std::slice::from_ref(&key.id), now()))
             .await
             .map_err(|err| self.work_stopped("job", err))?
             .pop();
         let cache = self
             .cache
-            .get(key)
+            .call(|t| t.get(key))
             .await
             .map_err(|err| self.work_stopped("job", err))?;
         Ok(Pair { durable, cache })
@@ -582,7 +582,7 @@ impl Engine {
                 .cache_change(key)
                 .expect("a difference has a cache side");
             self.durable
-                .apply_changes(std::slice::from_ref(&change), mode)
+                .call(|t| t.apply_changes(std::slice::from_ref(&change), mode))
                 .await
                 .map(|applied| applied.first().copied().unwrap_or(false))
                 .map_err(|err| self.work_stopped("job", err))

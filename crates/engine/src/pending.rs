@@ -30,8 +30,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hybridstore_core::{
-    ApplyMode, CacheStore, Change, CollectionName, DurableStore, Error, ListQuery, Precondition,
-    RecordId, RecordKey, Strategy, Version,
+    ApplyMode, Change, CollectionName, Error, ListQuery, Precondition, RecordId, RecordKey,
+    Strategy, Version,
 };
 use time::OffsetDateTime;
 
@@ -302,13 +302,15 @@ impl Engine {
         // it), whatever the backlog flags last said.
         let states = if closed {
             self.cache
-                .get_states(keys)
+                .call(|t| t.get_states(keys))
                 .await
                 // The breaker is open now: decide as without a cache.
                 .map_err(|err| self.cache_failed("get_states", &err))
                 .ok()
         } else {
-            self.cache.past_breaker(|tier| tier.get_states(keys)).await
+            self.recovery
+                .past_breaker(|tier| tier.get_states(keys))
+                .await
         };
         if let Some(states) = states {
             let pinned: Vec<_> = states
@@ -345,7 +347,7 @@ impl Engine {
         if !not_mine.is_empty() {
             let held = self
                 .durable
-                .held_above(&collection.spec.name, &not_mine)
+                .call(|t| t.held_above(&collection.spec.name, &not_mine))
                 .await
                 .map_err(|err| self.durable_failed(err))?;
             for (_, version) in held {
@@ -379,7 +381,7 @@ impl Engine {
             }
             let held = self.unreplayed.take_unpublished();
             if !held.is_empty()
-                && let Err(err) = self.durable.hold(&held).await
+                && let Err(err) = self.durable.call(|t| t.hold(&held)).await
             {
                 tracing::debug!(error = %err, keys = held.len(), "publishing held keys failed");
                 self.unreplayed.publish_failed(held);
@@ -391,7 +393,7 @@ impl Engine {
                     && !self.outage_backlog.pending()
                     && !self.write_behind_backlog.pending();
                 let stale = journals_empty.then_some(HELD_STALE);
-                if let Err(err) = self.durable.release_held(stale).await {
+                if let Err(err) = self.durable.call(|t| t.release_held(stale)).await {
                     tracing::debug!(error = %err, "releasing held keys failed");
                 }
             }
@@ -417,12 +419,12 @@ impl Engine {
         // As in `settle`: with the breaker open the tier is asked, briefly.
         let pinned = if closed {
             self.cache
-                .pinned(query)
+                .call(|t| t.pinned(query))
                 .await
                 .map_err(|err| self.cache_failed("pinned", &err))
                 .ok()
         } else {
-            self.cache.past_breaker(|tier| tier.pinned(query)).await
+            self.recovery.past_breaker(|tier| tier.pinned(query)).await
         };
         match pinned {
             Some(pinned) => {
@@ -441,7 +443,7 @@ impl Engine {
             return Ok(());
         }
         self.durable
-            .apply_changes(pinned, ApplyMode::IfNewer)
+            .call(|t| t.apply_changes(pinned, ApplyMode::IfNewer))
             .await
             .map_err(|err| self.durable_failed(err))?;
         for change in pinned {

@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use hybridstore_core::{CacheStore, Strategy};
+use hybridstore_core::Strategy;
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use crate::breaker::{Breaker, BreakerState, TierHealth};
 use crate::engine::Engine;
-use crate::health::{Breaker, BreakerState, TierHealth};
 use crate::journal::ReplayStats;
 use crate::stats::{LatencySummary, Operation, OperationCounts, TierStats};
 use crate::strategy::Plan;
@@ -227,7 +227,7 @@ impl Engine {
             journal_backlog: match (
                 self.journal_backlog().await,
                 self.counter_backlog().await,
-                self.cache.dead_letters().await,
+                self.cache.call(|t| t.dead_letters()).await,
             ) {
                 (Ok((write_behind, outage)), Ok(counters), Ok(dead_letters)) => {
                     Some(JournalBacklog {

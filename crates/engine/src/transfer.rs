@@ -16,8 +16,8 @@ use std::sync::atomic::Ordering;
 
 use futures_util::Stream;
 use hybridstore_core::{
-    ApplyMode, Bucket, CacheStore as _, Change, CollectionName, CopyOutcome, CounterScope,
-    CounterValue, DurableStore as _, Error, RecordId, RecordKey, StoreError, Strategy,
+    ApplyMode, Bucket, Change, CollectionName, CopyOutcome, CounterScope, CounterValue, Error,
+    RecordId, RecordKey, StoreError, Strategy,
 };
 use hybridstore_transfer::{Counts, Deletion, Header, Line, Source};
 use serde::Serialize;
@@ -96,7 +96,7 @@ impl Engine {
                         };
                         let page = engine
                             .durable
-                            .scan(name, after.as_ref(), PAGE, now)
+                            .call(|t| t.scan(name, after.as_ref(), PAGE, now))
                             .await
                             .map_err(|err| engine.work_stopped("export", err))?;
                         let next = match page.last() {
@@ -115,7 +115,7 @@ impl Engine {
                     Stage::Counters { after } => {
                         let page = engine
                             .durable
-                            .scan_counters(after.as_ref(), PAGE, now)
+                            .call(|t| t.scan_counters(after.as_ref(), PAGE, now))
                             .await
                             .map_err(|err| engine.work_stopped("export", err))?;
                         let next = match page.last() {
@@ -234,12 +234,12 @@ impl Engine {
         if !self.cache.breaker.is_closed() {
             // A copy the cache keeps through its outage goes when it returns.
             for key in &keys {
-                self.cache.mark_dirty(key);
+                self.recovery.mark_dirty(key);
             }
         }
         let applied = self
             .durable
-            .apply_changes(&changes, mode)
+            .call(|t| t.apply_changes(&changes, mode))
             .await
             .map_err(|err| self.work_stopped("import", err))?;
         let now = OffsetDateTime::now_utc();
@@ -254,8 +254,9 @@ impl Engine {
             if let Change::Put(record) = change
                 && let Some(entries) = collection.index_entries(&record.data)?
             {
+                let key = record.key();
                 self.durable
-                    .set_index_entries(&record.key(), &entries, now)
+                    .call(|t| t.set_index_entries(&key, &entries, now))
                     .await
                     .map_err(|err| match err {
                         StoreError::UniqueViolation { index, value } => {
@@ -267,7 +268,7 @@ impl Engine {
         }
         if self.configured_plan(collection).uses_cache()
             && !written.is_empty()
-            && let Err(err) = self.cache.invalidate(&written).await
+            && let Err(err) = self.cache.call(|t| t.invalidate(&written)).await
         {
             tracing::warn!(error = %err, "imported records: cache copies left to the recovery");
         }
@@ -282,7 +283,7 @@ impl Engine {
     ) -> Result<(), Error> {
         let written = self
             .durable
-            .restore_counters(&values, force)
+            .call(|t| t.restore_counters(&values, force))
             .await
             .map_err(|err| self.work_stopped("import", err))?;
         let mut scopes: BTreeMap<CounterScope, Vec<Bucket>> = BTreeMap::new();
@@ -300,8 +301,13 @@ impl Engine {
         }
         // Cached buckets were seeded from the old values: seed them again.
         for (scope, buckets) in scopes {
-            if self.cache.forget_buckets(&scope, &buckets).await.is_err() {
-                self.cache.counters_dirty.store(true, Ordering::Release);
+            if self
+                .cache
+                .call(|t| t.forget_buckets(&scope, &buckets))
+                .await
+                .is_err()
+            {
+                self.recovery.counters_dirty.store(true, Ordering::Release);
             }
         }
         Ok(())

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hybridstore_core::{
-    ApplyMode, Bucket, BucketValues, Change, CollectionName, ControlState, CounterIncrement,
-    CounterScope, CounterValue, DurableStore, IndexEntry, IndexName, ListPage, ListQuery,
-    Precondition, Record, RecordId, RecordKey, RecordWrite, StoreResult, Version, WriteOutcome,
+    ApplyMode, Backend, Bucket, BucketValues, CacheLedger, Change, CollectionName, ControlState,
+    CounterIncrement, CounterScope, CounterValue, DurableControl, DurableCounters, DurableRecords,
+    DurableStates, DurableStore, IndexEntry, IndexName, ListPage, ListQuery, Precondition, Record,
+    RecordId, RecordKey, RecordWrite, StoreResult, Version, WriteOutcome,
 };
 use time::OffsetDateTime;
 use tokio::sync::{Notify, watch};
@@ -104,13 +105,18 @@ impl HookedDurable {
 }
 
 #[async_trait]
-impl DurableStore for HookedDurable {
+impl Backend for HookedDurable {
     fn backend(&self) -> &'static str {
         self.inner().backend()
     }
     async fn ping(&self) -> StoreResult<()> {
         self.inner().ping().await
     }
+}
+
+// Hooked: `get` and `put`.
+#[async_trait]
+impl DurableRecords for HookedDurable {
     async fn get(&self, key: &RecordKey, now: OffsetDateTime) -> StoreResult<Option<Record>> {
         let result = self.inner().get(key, now).await;
         if self.get_armed.swap(false, Ordering::SeqCst) {
@@ -155,6 +161,11 @@ impl DurableStore for HookedDurable {
     ) -> StoreResult<Option<Record>> {
         self.inner().lookup(c, i, v, now).await
     }
+}
+
+// Hooked: `apply_changes` and `scan`.
+#[async_trait]
+impl DurableStates for HookedDurable {
     async fn apply_changes(&self, changes: &[Change], mode: ApplyMode) -> StoreResult<Vec<bool>> {
         let mut held = self.held_apply.subscribe();
         let holds = |held: &Option<RecordKey>| {
@@ -197,12 +208,62 @@ impl DurableStore for HookedDurable {
     async fn count(&self, c: &CollectionName) -> StoreResult<u64> {
         self.inner().count(c).await
     }
+    async fn set_index_entries(
+        &self,
+        key: &RecordKey,
+        entries: &[IndexEntry],
+        now: OffsetDateTime,
+    ) -> StoreResult<()> {
+        self.inner().set_index_entries(key, entries, now).await
+    }
+    async fn purge_expired(&self, now: OffsetDateTime, retention: Duration) -> StoreResult<u64> {
+        self.inner().purge_expired(now, retention).await
+    }
+}
+
+// The roles below are the real tier's, unhooked.
+#[async_trait]
+impl DurableCounters for HookedDurable {
+    async fn apply_increments(&self, increments: &[CounterIncrement]) -> StoreResult<usize> {
+        self.inner().apply_increments(increments).await
+    }
+    async fn counter_snapshot(
+        &self,
+        scope: &CounterScope,
+        buckets: &[Bucket],
+        op_ids: &[String],
+    ) -> StoreResult<(Vec<BucketValues>, std::collections::HashSet<String>)> {
+        self.inner().counter_snapshot(scope, buckets, op_ids).await
+    }
+    async fn scan_counters(
+        &self,
+        after: Option<&CounterValue>,
+        limit: usize,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<CounterValue>> {
+        self.inner().scan_counters(after, limit, now).await
+    }
+    async fn restore_counters(
+        &self,
+        values: &[CounterValue],
+        force: bool,
+    ) -> StoreResult<Vec<bool>> {
+        self.inner().restore_counters(values, force).await
+    }
+}
+
+#[async_trait]
+impl DurableControl for HookedDurable {
     async fn load_control(&self) -> StoreResult<Option<ControlState>> {
         self.inner().load_control().await
     }
     async fn save_control(&self, state: &ControlState) -> StoreResult<bool> {
         self.inner().save_control(state).await
     }
+}
+
+#[async_trait]
+impl CacheLedger for HookedDurable {
     async fn cache_generation(&self) -> StoreResult<u64> {
         self.inner().cache_generation().await
     }
@@ -229,42 +290,5 @@ impl DurableStore for HookedDurable {
     }
     async fn release_held(&self, stale: Option<Duration>) -> StoreResult<u64> {
         self.inner().release_held(stale).await
-    }
-    async fn apply_increments(&self, increments: &[CounterIncrement]) -> StoreResult<usize> {
-        self.inner().apply_increments(increments).await
-    }
-    async fn counter_snapshot(
-        &self,
-        scope: &CounterScope,
-        buckets: &[Bucket],
-        op_ids: &[String],
-    ) -> StoreResult<(Vec<BucketValues>, std::collections::HashSet<String>)> {
-        self.inner().counter_snapshot(scope, buckets, op_ids).await
-    }
-    async fn set_index_entries(
-        &self,
-        key: &RecordKey,
-        entries: &[IndexEntry],
-        now: OffsetDateTime,
-    ) -> StoreResult<()> {
-        self.inner().set_index_entries(key, entries, now).await
-    }
-    async fn scan_counters(
-        &self,
-        after: Option<&CounterValue>,
-        limit: usize,
-        now: OffsetDateTime,
-    ) -> StoreResult<Vec<CounterValue>> {
-        self.inner().scan_counters(after, limit, now).await
-    }
-    async fn restore_counters(
-        &self,
-        values: &[CounterValue],
-        force: bool,
-    ) -> StoreResult<Vec<bool>> {
-        self.inner().restore_counters(values, force).await
-    }
-    async fn purge_expired(&self, now: OffsetDateTime, retention: Duration) -> StoreResult<u64> {
-        self.inner().purge_expired(now, retention).await
     }
 }

@@ -1,0 +1,193 @@
+//! Counter buckets and the increment journal.
+
+use super::*;
+
+/// How long an applied increment id is remembered (a retry comes sooner).
+const OP_MARKER_TTL: Duration = Duration::from_secs(2 * 86_400);
+
+const COUNTER_STREAM: &str = "counters";
+
+fn bucket_key(scope: &CounterScope, bucket: &Bucket) -> BucketKey {
+    (scope.clone(), bucket.granularity, bucket.start)
+}
+
+#[async_trait]
+impl CacheCounters for MemoryCache {
+    async fn increment(&self, increment: &CounterIncrement) -> StoreResult<CacheIncrementOutcome> {
+        let mut state = self.lock();
+        let cold: Vec<Bucket> = increment
+            .buckets
+            .iter()
+            .filter(|bucket| {
+                state
+                    .bucket(&bucket_key(&increment.scope, bucket))
+                    .is_none()
+            })
+            .cloned()
+            .collect();
+        if !cold.is_empty() {
+            return Ok(CacheIncrementOutcome::Cold(cold));
+        }
+        if state.op_markers.contains_key(&increment.op_id) {
+            return Ok(CacheIncrementOutcome::Duplicate);
+        }
+        // Every sum is checked before any is changed: all or nothing.
+        let mut applied = Vec::with_capacity(increment.buckets.len());
+        for bucket in &increment.buckets {
+            let held = state
+                .bucket(&bucket_key(&increment.scope, bucket))
+                .expect("checked above");
+            let mut values = Vec::with_capacity(increment.deltas.len());
+            for (field, delta) in &increment.deltas {
+                let current = held.values.get(field).copied().unwrap_or(Amount::ZERO);
+                let sum =
+                    current
+                        .add_to_total(*delta)
+                        .ok_or_else(|| StoreError::CounterOutOfRange {
+                            field: field.to_string(),
+                        })?;
+                values.push((field.clone(), sum));
+            }
+            applied.push((
+                BucketValues {
+                    bucket: bucket.clone(),
+                    values,
+                },
+                held.complete,
+            ));
+        }
+        for (bucket_values, _) in &applied {
+            let held = state
+                .bucket(&bucket_key(&increment.scope, &bucket_values.bucket))
+                .expect("checked above");
+            held.values.extend(bucket_values.values.iter().cloned());
+            held.expires_at = bucket_values.bucket.expires_at;
+        }
+        state
+            .op_markers
+            .insert(increment.op_id.clone(), deadline(OP_MARKER_TTL));
+        state.counter_journal().append(increment.clone());
+        Ok(CacheIncrementOutcome::Applied(applied))
+    }
+
+    async fn seed_buckets(
+        &self,
+        scope: &CounterScope,
+        buckets: &[Bucket],
+        values: &[BucketValues],
+        complete: bool,
+    ) -> StoreResult<()> {
+        let mut state = self.lock();
+        for bucket in buckets {
+            let key = bucket_key(scope, bucket);
+            if state.bucket(&key).is_some() {
+                continue;
+            }
+            let held = values.iter().find(|v| {
+                v.bucket.granularity == bucket.granularity && v.bucket.start == bucket.start
+            });
+            state.buckets.insert(
+                key,
+                HeldBucket {
+                    values: held
+                        .into_iter()
+                        .flat_map(|v| v.values.iter().cloned())
+                        .collect(),
+                    complete,
+                    expires_at: bucket.expires_at,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn counter_buckets(
+        &self,
+        scope: &CounterScope,
+        buckets: &[Bucket],
+    ) -> StoreResult<Vec<Option<(BucketValues, bool)>>> {
+        let mut state = self.lock();
+        Ok(buckets
+            .iter()
+            .map(|bucket| {
+                state.bucket(&bucket_key(scope, bucket)).map(|held| {
+                    let values = held
+                        .values
+                        .iter()
+                        .map(|(field, amount)| (field.clone(), *amount))
+                        .collect();
+                    (
+                        BucketValues {
+                            bucket: bucket.clone(),
+                            values,
+                        },
+                        held.complete,
+                    )
+                })
+            })
+            .collect())
+    }
+
+    async fn read_counter_journal(
+        &self,
+        consumer: &str,
+        max: usize,
+        recover: Option<Duration>,
+    ) -> StoreResult<Vec<CounterJournalEntry>> {
+        let read = self.lock().counter_journal().read(consumer, max, recover);
+        Ok(read
+            .into_iter()
+            .map(|(seq, increment)| CounterJournalEntry {
+                position: position(COUNTER_STREAM, seq),
+                increment,
+            })
+            .collect())
+    }
+
+    async fn ack_counter_journal(&self, positions: &[JournalPosition]) -> StoreResult<()> {
+        let mut state = self.lock();
+        for position in positions {
+            state.counter_journal().ack(sequence(position)?);
+        }
+        Ok(())
+    }
+
+    async fn counter_backlog(&self) -> StoreResult<u64> {
+        Ok(self.lock().counter_journal().len())
+    }
+
+    async fn pending_increments(
+        &self,
+        scope: &CounterScope,
+        limit: usize,
+    ) -> StoreResult<Option<Vec<CounterIncrement>>> {
+        let mut state = self.lock();
+        let journal = state.counter_journal();
+        if journal.len() > limit as u64 {
+            return Ok(None);
+        }
+        Ok(Some(
+            journal
+                .entries
+                .values()
+                .filter(|delivery| &delivery.item.scope == scope)
+                .map(|delivery| delivery.item.clone())
+                .collect(),
+        ))
+    }
+
+    async fn forget_buckets(&self, scope: &CounterScope, buckets: &[Bucket]) -> StoreResult<()> {
+        let mut state = self.lock();
+        for bucket in buckets {
+            state.buckets.remove(&bucket_key(scope, bucket));
+        }
+        Ok(())
+    }
+
+    async fn forget_counters(&self) -> StoreResult<u64> {
+        let mut state = self.lock();
+        let count = state.buckets.len() as u64;
+        state.buckets.clear();
+        Ok(count)
+    }
+}
