@@ -18,62 +18,19 @@
 //!   since PostgreSQL-only reads would not see them.
 
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use hybridstore_core::{ControlState, Error, Strategy};
 use serde::Serialize;
 
-use crate::engine::{Engine, now};
+use crate::journal::Journal;
+use crate::shared::{Shared, now};
 use crate::strategy::Plan;
 
 /// How often an instance re-reads the saved state (in case it missed a broadcast).
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
-
-/// The service-wide strategy in force on this instance.
-pub(crate) struct Control {
-    configured: Strategy,
-    /// Index into `Strategy::ALL`; read on every request, so an atomic.
-    strategy: AtomicU8,
-    applied: Mutex<Option<ControlState>>,
-    /// Serialises applying states (an apply may flush the cache first).
-    applying: tokio::sync::Mutex<()>,
-}
-
-fn index_of(strategy: Strategy) -> u8 {
-    Strategy::ALL
-        .iter()
-        .position(|s| *s == strategy)
-        .expect("every strategy is in ALL") as u8
-}
-
-impl Control {
-    pub fn new(configured: Strategy) -> Self {
-        Self {
-            configured,
-            strategy: AtomicU8::new(index_of(configured)),
-            applied: Mutex::new(None),
-            applying: tokio::sync::Mutex::new(()),
-        }
-    }
-
-    pub fn strategy(&self) -> Strategy {
-        Strategy::ALL[usize::from(self.strategy.load(Ordering::Acquire))]
-    }
-
-    pub fn configured(&self) -> Strategy {
-        self.configured
-    }
-
-    pub fn applied(&self) -> Option<ControlState> {
-        self.applied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
 
 /// The answer to a switch.
 #[derive(Clone, Debug, Serialize)]
@@ -90,10 +47,23 @@ pub struct SwitchOutcome {
     pub collections: Vec<String>,
 }
 
-impl Engine {
+/// Strategy switches: applied here, saved, broadcast and polled.
+pub(crate) struct Switches {
+    shared: Arc<Shared>,
+    journal: Arc<Journal>,
+}
+
+impl Switches {
+    pub fn new(shared: Arc<Shared>, journal: Arc<Journal>) -> Self {
+        Self { shared, journal }
+    }
+}
+
+impl Switches {
     /// Collections without a strategy of their own.
     fn following_collections(&self) -> impl Iterator<Item = &crate::Collection> {
-        self.catalog
+        self.shared
+            .catalog
             .iter()
             .filter(|collection| collection.spec.strategy.is_none())
     }
@@ -101,9 +71,15 @@ impl Engine {
     /// Loads the saved state at start: from the durable tier, or the cache's
     /// mirror when the durable tier is down.
     pub async fn load_control_state(&self) {
-        let saved = match self.durable.call(|t| t.load_control()).await {
+        let saved = match self.shared.durable.call(|t| t.load_control()).await {
             Ok(saved) => saved,
-            Err(_) => self.cache.call(|t| t.load_control()).await.ok().flatten(),
+            Err(_) => self
+                .shared
+                .cache
+                .call(|t| t.load_control())
+                .await
+                .ok()
+                .flatten(),
         };
         if let Some(state) = saved {
             self.apply_control(state, false).await;
@@ -113,8 +89,8 @@ impl Engine {
     /// Applies `state` unless this instance already has it (or a newer one).
     /// With `flush_allowed`, a newer cache generation first drops every copy.
     async fn apply_control(&self, state: ControlState, flush_allowed: bool) {
-        let _serial = self.control.applying.lock().await;
-        let current = self.control.applied();
+        let _serial = self.shared.control.applying.lock().await;
+        let current = self.shared.control.applied();
         if current
             .as_ref()
             .is_some_and(|held| held.revision >= state.revision)
@@ -126,7 +102,7 @@ impl Engine {
         if flush {
             // The strategy in force stays the old one until the copies are
             // gone, so nothing reads a stale copy meanwhile.
-            match self.cache.tier.invalidate_all(false).await {
+            match self.shared.cache.tier.invalidate_all(false).await {
                 Ok(removed) => {
                     tracing::info!(
                         removed,
@@ -136,28 +112,21 @@ impl Engine {
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, "could not drop cache copies; the cache stays suspended until its recovery drops them");
-                    self.recovery.suspend_until_flushed(&err);
+                    self.shared.recovery.suspend_until_flushed(&err);
                 }
             }
         }
-        let strategy = state.strategy.unwrap_or(self.control.configured);
-        let previous = self.control.strategy();
+        let strategy = state.strategy.unwrap_or(self.shared.control.configured());
+        let previous = self.shared.control.strategy();
         if previous == Strategy::CacheFirst {
             // Its write-behind entries may still wait; set before the switch
             // is visible, so no request misses them.
-            self.wrote_behind.store(true, Ordering::Release);
+            self.journal.wrote_behind.store(true, Ordering::Release);
         }
-        self.control
-            .strategy
-            .store(index_of(strategy), Ordering::Release);
         if previous != strategy {
             tracing::warn!(%previous, %strategy, revision = state.revision, changed_by = %state.changed_by, "service strategy switched");
         }
-        *self
-            .control
-            .applied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(state);
+        self.shared.control.install(strategy, state);
     }
 
     /// Switches the service-wide strategy on every instance sharing the stores.
@@ -167,7 +136,7 @@ impl Engine {
         target: Strategy,
         force: bool,
     ) -> Result<SwitchOutcome, Error> {
-        let previous = self.control.strategy();
+        let previous = self.shared.control.strategy();
         let collections: Vec<String> = self
             .following_collections()
             .map(|c| c.spec.name.to_string())
@@ -182,7 +151,7 @@ impl Engine {
         if !refusals.is_empty() {
             return Err(Error::NotAllowed(refusals.join("; ")));
         }
-        let current = self.control.applied();
+        let current = self.shared.control.applied();
         let revision = current.as_ref().map_or(0, |held| held.revision);
         if previous == target {
             return Ok(SwitchOutcome {
@@ -194,7 +163,7 @@ impl Engine {
                 collections,
             });
         }
-        if !force && target == Strategy::RedisOnly && self.durable.breaker.is_closed() {
+        if !force && target == Strategy::RedisOnly && self.shared.durable.breaker.is_closed() {
             return Err(Error::ForceRequired(
                 "switching to redis_only stops writing to PostgreSQL: acknowledged writes would \
                  live in Redis only. Repeat with force, then sync postgres-to-redis so that Redis \
@@ -210,7 +179,7 @@ impl Engine {
             ));
         }
         if target == Strategy::PostgresOnly {
-            let (write_behind, outage) = self.journal_backlog().await?;
+            let (write_behind, outage) = self.journal.journal_backlog().await?;
             if write_behind + outage > 0 {
                 return Err(Error::NotAllowed(format!(
                     "{} journaled writes are not in PostgreSQL yet and postgres_only reads would \
@@ -220,7 +189,7 @@ impl Engine {
                 )));
             }
         }
-        if !self.durable.breaker.is_closed() {
+        if !self.shared.durable.breaker.is_closed() {
             return Err(Error::NotAllowed(
                 "PostgreSQL is unavailable: a switch is saved there to survive restarts; retry \
                  when it is back"
@@ -235,13 +204,14 @@ impl Engine {
             strategy: Some(target),
             cache_generation: generation + u64::from(stale_copies),
             changed_at: now(),
-            changed_by: self.instance_id.clone(),
+            changed_by: self.shared.instance_id.clone(),
         };
         let saved = self
+            .shared
             .durable
             .call(|t| t.save_control(&state))
             .await
-            .map_err(|err| self.durable_failed(err))?;
+            .map_err(|err| self.shared.durable_failed(err))?;
         if !saved {
             // Another instance switched first; learn what it did.
             self.reconcile_control().await;
@@ -251,7 +221,7 @@ impl Engine {
             ));
         }
         self.apply_control(state.clone(), true).await;
-        if let Err(err) = self.cache.call(|t| t.publish_control(&state)).await {
+        if let Err(err) = self.shared.cache.call(|t| t.publish_control(&state)).await {
             tracing::warn!(error = %err, "could not broadcast the switch; other instances pick it up from PostgreSQL within seconds");
         }
         Ok(SwitchOutcome {
@@ -266,9 +236,15 @@ impl Engine {
 
     /// Applies the saved state if it is newer than the one in force.
     async fn reconcile_control(&self) {
-        let saved = match self.durable.call(|t| t.load_control()).await {
+        let saved = match self.shared.durable.call(|t| t.load_control()).await {
             Ok(saved) => saved,
-            Err(_) => self.cache.call(|t| t.load_control()).await.ok().flatten(),
+            Err(_) => self
+                .shared
+                .cache
+                .call(|t| t.load_control())
+                .await
+                .ok()
+                .flatten(),
         };
         if let Some(state) = saved {
             self.apply_control(state, true).await;
@@ -279,7 +255,7 @@ impl Engine {
     /// speed, a poll of the saved state for certainty.
     pub async fn run_control_sync(self: Arc<Self>) {
         loop {
-            match self.cache.call(|t| t.subscribe_control()).await {
+            match self.shared.cache.call(|t| t.subscribe_control()).await {
                 Ok(mut changes) => {
                     // A switch made while this instance was not subscribed.
                     self.reconcile_control().await;
@@ -293,7 +269,7 @@ impl Engine {
                                 self.reconcile_control().await;
                                 // A subscription on a connection that failed
                                 // may never end by itself: start afresh.
-                                if !self.cache.breaker.is_closed() {
+                                if !self.shared.cache.breaker.is_closed() {
                                     break;
                                 }
                             }

@@ -27,7 +27,8 @@ use hybridstore_core::{
 };
 use time::OffsetDateTime;
 
-use crate::engine::{Engine, now};
+use crate::journal::backlog::Backlog;
+use crate::shared::{Shared, now};
 
 /// Most journaled increments read to seed or answer exactly; with more
 /// waiting, values are marked incomplete until the replay has caught up.
@@ -36,64 +37,6 @@ const MAX_PENDING_READ: usize = 5_000;
 /// How often an increment seeds cold buckets and tries again before it goes
 /// to the durable tier instead.
 const SEED_ATTEMPTS: usize = 3;
-
-/// How counters behave.
-#[derive(Clone, Debug)]
-pub struct CounterSettings {
-    /// `cache_first` journals increments in the cache; any other strategy
-    /// writes them to the durable tier directly.
-    pub strategy: Strategy,
-    /// How long a bucket is kept after it ends, per granularity (`total`
-    /// forever).
-    pub hour_retention: Duration,
-    pub day_retention: Duration,
-    pub month_retention: Duration,
-    /// Most fields one increment may carry.
-    pub max_fields: usize,
-    /// Most buckets one read may span.
-    pub max_buckets_per_read: usize,
-    /// How far in the future an increment's `at` may be (clock skew).
-    pub max_future: Duration,
-}
-
-impl Default for CounterSettings {
-    fn default() -> Self {
-        Self {
-            strategy: Strategy::CacheFirst,
-            hour_retention: Duration::from_secs(7 * 86_400),
-            day_retention: Duration::from_secs(32 * 86_400),
-            month_retention: Duration::from_secs(365 * 86_400),
-            max_fields: 32,
-            max_buckets_per_read: 1000,
-            max_future: Duration::from_secs(300),
-        }
-    }
-}
-
-impl CounterSettings {
-    fn retention(&self, granularity: Granularity) -> Option<Duration> {
-        match granularity {
-            Granularity::Total => None,
-            Granularity::Hour => Some(self.hour_retention),
-            Granularity::Day => Some(self.day_retention),
-            Granularity::Month => Some(self.month_retention),
-        }
-    }
-
-    /// The bucket of `granularity` holding `at`, with its expiry.
-    fn bucket(&self, granularity: Granularity, at: OffsetDateTime) -> Bucket {
-        let start = granularity.bucket_start(at);
-        let expires_at = granularity
-            .bucket_end(start)
-            .zip(self.retention(granularity))
-            .map(|(end, retention)| end + retention);
-        Bucket {
-            granularity,
-            start,
-            expires_at,
-        }
-    }
-}
 
 /// Values of several buckets, and whether they are known to be complete.
 #[derive(Clone, Debug)]
@@ -109,7 +52,7 @@ pub struct CounterValues {
 pub(crate) struct CounterState {
     next_op: AtomicU64,
     /// Whether journaled increments may wait to be replayed.
-    pub(crate) backlog: crate::journal::Backlog,
+    pub(crate) backlog: Backlog,
 }
 
 /// Adds `pending` increments' deltas to `values` for these buckets.
@@ -143,9 +86,24 @@ fn add_pending(values: &mut Vec<BucketValues>, buckets: &[Bucket], pending: &[Co
     }
 }
 
-impl Engine {
+/// Counters through the tiers (see the module docs).
+pub(crate) struct Counters {
+    shared: Arc<Shared>,
+    state: CounterState,
+}
+
+impl Counters {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            state: CounterState::default(),
+        }
+    }
+}
+
+impl Counters {
     fn counters_journaled(&self) -> bool {
-        self.counter_settings.strategy == Strategy::CacheFirst
+        self.shared.settings.counters.strategy == Strategy::CacheFirst
     }
 
     /// Adds `deltas` to every bucket `at` (default: now) falls into.
@@ -160,7 +118,7 @@ impl Engine {
         at: Option<OffsetDateTime>,
         op_id: Option<String>,
     ) -> Result<CounterValues, Error> {
-        let settings = &self.counter_settings;
+        let settings = &self.shared.settings.counters;
         if deltas.is_empty() {
             return Err(Error::InvalidRequest(
                 "deltas must name at least one field".into(),
@@ -194,8 +152,8 @@ impl Engine {
         let op_id = op_id.unwrap_or_else(|| {
             format!(
                 "{}-{}",
-                self.instance_id,
-                self.counters.next_op.fetch_add(1, Ordering::Relaxed)
+                self.shared.instance_id,
+                self.state.next_op.fetch_add(1, Ordering::Relaxed)
             )
         });
         let increment = CounterIncrement {
@@ -205,18 +163,18 @@ impl Engine {
             at,
             buckets,
         };
-        if self.counters_journaled() && self.cache.breaker.is_closed() {
+        if self.counters_journaled() && self.shared.cache.breaker.is_closed() {
             match self.increment_in_cache(&increment).await {
                 Ok(values) => return Ok(values),
                 Err(StoreError::CounterOutOfRange { field }) => {
-                    return Err(crate::engine::out_of_range(&field));
+                    return Err(crate::shared::out_of_range(&field));
                 }
                 // A timeout may still have run the script: the same id makes
                 // the durable tier count it once whichever way it arrives.
                 Err(err) => {
                     tracing::debug!(error = %err, "cache increment failed; going to the durable tier");
-                    if !self.durable.breaker.is_closed() {
-                        return Err(self.journal_failed(err));
+                    if !self.shared.durable.breaker.is_closed() {
+                        return Err(self.shared.journal_failed(err));
                     }
                 }
             }
@@ -229,13 +187,13 @@ impl Engine {
         increment: &CounterIncrement,
     ) -> Result<CounterValues, StoreError> {
         for _ in 0..SEED_ATTEMPTS {
-            match self.cache.call(|t| t.increment(increment)).await? {
+            match self.shared.cache.call(|t| t.increment(increment)).await? {
                 CacheIncrementOutcome::Applied(applied) => {
-                    self.counters.backlog.mark();
+                    self.state.backlog.mark();
                     let complete = applied.iter().all(|(_, complete)| *complete);
                     if !complete
-                        && self.durable.breaker.is_closed()
-                        && !self.counters.backlog.pending()
+                        && self.shared.durable.breaker.is_closed()
+                        && !self.state.backlog.pending()
                     {
                         // Seeded without the durable tier's values (it was
                         // down, or the journal was long): now that the
@@ -245,7 +203,8 @@ impl Engine {
                             .filter(|(_, complete)| !complete)
                             .map(|(values, _)| values.bucket.clone())
                             .collect();
-                        self.cache
+                        self.shared
+                            .cache
                             .call(|t| t.forget_buckets(&increment.scope, &stale))
                             .await?;
                     }
@@ -259,6 +218,7 @@ impl Engine {
                 // Applied before (a retry with the same key): today's values.
                 CacheIncrementOutcome::Duplicate => {
                     let held = self
+                        .shared
                         .cache
                         .call(|t| t.counter_buckets(&increment.scope, &increment.buckets))
                         .await?;
@@ -291,8 +251,9 @@ impl Engine {
     /// Installs exact values for buckets the cache does not hold: the
     /// durable tier's, plus journaled increments it has not applied yet.
     async fn seed(&self, scope: &CounterScope, buckets: &[Bucket]) -> Result<(), StoreError> {
-        let pending = if self.durable.breaker.is_closed() {
-            self.cache
+        let pending = if self.shared.durable.breaker.is_closed() {
+            self.shared
+                .cache
                 .call(|t| t.pending_increments(scope, MAX_PENDING_READ))
                 .await?
         } else {
@@ -302,12 +263,14 @@ impl Engine {
             // Keep accepting increments; the values count from here on and
             // are seeded again once the durable tier is back and caught up.
             return self
+                .shared
                 .cache
                 .call(|t| t.seed_buckets(scope, buckets, &[], false))
                 .await;
         };
         let op_ids: Vec<String> = pending.iter().map(|i| i.op_id.clone()).collect();
         match self
+            .shared
             .durable
             .call(|t| t.counter_snapshot(scope, buckets, &op_ids))
             .await
@@ -318,12 +281,14 @@ impl Engine {
                     .filter(|i| !applied.contains(&i.op_id))
                     .collect();
                 add_pending(&mut values, buckets, &unapplied);
-                self.cache
+                self.shared
+                    .cache
                     .call(|t| t.seed_buckets(scope, buckets, &values, true))
                     .await
             }
             Err(err) if err.is_unavailable() => {
-                self.cache
+                self.shared
+                    .cache
                     .call(|t| t.seed_buckets(scope, buckets, &[], false))
                     .await
             }
@@ -337,35 +302,40 @@ impl Engine {
     ) -> Result<CounterValues, Error> {
         if self.counters_journaled() {
             // The cache's bucket values miss this increment from now on.
-            self.recovery
+            self.shared
+                .recovery
                 .counters_dirty
                 .store(true, std::sync::atomic::Ordering::Release);
-            self.write_around().await?;
+            self.shared.write_around().await?;
         }
-        self.durable
+        self.shared
+            .durable
             .call(|t| t.apply_increments(std::slice::from_ref(increment)))
             .await
-            .map_err(|err| self.durable_failed(err))?;
+            .map_err(|err| self.shared.durable_failed(err))?;
         if self.counters_journaled() {
             // The cache may have come back meanwhile and seeded these buckets
             // without this increment: drop them now if it is up (they are
             // seeded again), and have its next probe drop every bucket in
             // case a recovery raced with this write.
-            self.recovery
+            self.shared
+                .recovery
                 .counters_dirty
                 .store(true, std::sync::atomic::Ordering::Release);
-            if self.cache.breaker.is_closed() {
+            if self.shared.cache.breaker.is_closed() {
                 let _ = self
+                    .shared
                     .cache
                     .call(|t| t.forget_buckets(&increment.scope, &increment.buckets))
                     .await;
             }
         }
         let (values, _) = self
+            .shared
             .durable
             .call(|t| t.counter_snapshot(&increment.scope, &increment.buckets, &[]))
             .await
-            .map_err(|err| self.durable_failed(err))?;
+            .map_err(|err| self.shared.durable_failed(err))?;
         let fields: Vec<&FieldName> = increment.deltas.iter().map(|(f, _)| f).collect();
         let buckets = values
             .into_iter()
@@ -379,7 +349,7 @@ impl Engine {
             buckets,
             // Increments journaled before the cache went down are not in
             // the durable tier yet.
-            complete: !self.counters_journaled() || !self.counters.backlog.pending(),
+            complete: !self.counters_journaled() || !self.state.backlog.pending(),
         })
     }
 
@@ -394,7 +364,7 @@ impl Engine {
         from: Option<OffsetDateTime>,
         to: Option<OffsetDateTime>,
     ) -> Result<CounterValues, Error> {
-        let settings = &self.counter_settings;
+        let settings = &self.shared.settings.counters;
         let now = now();
         let to = to.unwrap_or(now);
         if from.is_some_and(|from| from > to) {
@@ -440,9 +410,10 @@ impl Engine {
             }
         }
         let journaled = self.counters_journaled();
-        let cache_up = journaled && self.cache.breaker.is_closed();
+        let cache_up = journaled && self.shared.cache.breaker.is_closed();
         if cache_up {
             match self
+                .shared
                 .cache
                 .call(|t| t.counter_buckets(&scope, &buckets))
                 .await
@@ -454,7 +425,7 @@ impl Engine {
                         complete: true,
                     });
                 }
-                Ok(cached) if !self.durable.breaker.is_closed() => {
+                Ok(cached) if !self.shared.durable.breaker.is_closed() => {
                     let complete = cached.iter().all(|c| c.as_ref().is_some_and(|(_, ok)| *ok));
                     return Ok(CounterValues {
                         scope,
@@ -467,10 +438,11 @@ impl Engine {
             }
         }
         let pending = if cache_up {
-            self.cache
+            self.shared
+                .cache
                 .call(|t| t.pending_increments(&scope, MAX_PENDING_READ))
                 .await
-                .map_err(|err| self.journal_failed(err))?
+                .map_err(|err| self.shared.journal_failed(err))?
         } else {
             Some(Vec::new())
         };
@@ -479,10 +451,11 @@ impl Engine {
         let pending = pending.unwrap_or_default();
         let op_ids: Vec<String> = pending.iter().map(|i| i.op_id.clone()).collect();
         let (mut values, applied) = self
+            .shared
             .durable
             .call(|t| t.counter_snapshot(&scope, &buckets, &op_ids))
             .await
-            .map_err(|err| self.durable_failed(err))?;
+            .map_err(|err| self.shared.durable_failed(err))?;
         let unapplied: Vec<CounterIncrement> = pending
             .into_iter()
             .filter(|i| !applied.contains(&i.op_id))
@@ -492,16 +465,18 @@ impl Engine {
         Ok(CounterValues {
             scope,
             buckets: values,
-            complete: exact && (!journaled || cache_up || !self.counters.backlog.pending()),
+            complete: exact && (!journaled || cache_up || !self.state.backlog.pending()),
         })
     }
 
     /// Replays journaled increments into the durable tier, forever.
     pub async fn run_counter_replay(self: Arc<Self>) {
-        let claim_idle = self.settings.journal.claim_idle;
+        let claim_idle = self.shared.settings.journal.claim_idle;
         let mut recover = true;
         loop {
-            let replayed = if self.durable.breaker.is_closed() && self.cache.breaker.is_closed() {
+            let replayed = if self.shared.durable.breaker.is_closed()
+                && self.shared.cache.breaker.is_closed()
+            {
                 match self
                     .replay_counters_once(recover.then_some(claim_idle))
                     .await
@@ -521,7 +496,7 @@ impl Engine {
                 0
             };
             if replayed == 0 {
-                tokio::time::sleep(self.settings.journal.idle_interval).await;
+                tokio::time::sleep(self.shared.settings.journal.idle_interval).await;
             }
         }
     }
@@ -531,26 +506,33 @@ impl Engine {
         &self,
         recover: Option<Duration>,
     ) -> Result<usize, StoreError> {
-        let epoch = self.counters.backlog.epoch();
+        let epoch = self.state.backlog.epoch();
         let entries = self
+            .shared
             .cache
             .call(|t| {
-                t.read_counter_journal(&self.instance_id, self.settings.journal.batch_size, recover)
+                t.read_counter_journal(
+                    &self.shared.instance_id,
+                    self.shared.settings.journal.batch_size,
+                    recover,
+                )
             })
             .await?;
         if entries.is_empty() {
-            let length = self.cache.call(|t| t.counter_backlog()).await?;
-            self.counters.backlog.settle(epoch, length);
+            let length = self.shared.cache.call(|t| t.counter_backlog()).await?;
+            self.state.backlog.settle(epoch, length);
             return Ok(0);
         }
         let increments: Vec<CounterIncrement> =
             entries.iter().map(|e| e.increment.clone()).collect();
         let applied = self
+            .shared
             .durable
             .call(|t| t.apply_increments(&increments))
             .await?;
         let positions: Vec<_> = entries.into_iter().map(|e| e.position).collect();
-        self.cache
+        self.shared
+            .cache
             .call(|t| t.ack_counter_journal(&positions))
             .await?;
         tracing::debug!(
@@ -563,10 +545,11 @@ impl Engine {
 
     /// How many increments wait in the counter journal.
     pub async fn counter_backlog(&self) -> Result<u64, Error> {
-        self.cache
+        self.shared
+            .cache
             .call(|t| t.counter_backlog())
             .await
-            .map_err(|_| self.unavailable())
+            .map_err(|_| self.shared.unavailable())
     }
 }
 

@@ -12,14 +12,27 @@ use std::time::Duration;
 
 use hybridstore_core::IdempotencyClaim;
 
-use crate::engine::Engine;
+use std::sync::Arc;
+
+use crate::shared::Shared;
 
 /// How long an answered Idempotency-Key replays its response.
 const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long a first attempt holds its key before a retry may run again.
 const IDEMPOTENCY_PENDING: Duration = Duration::from_secs(60);
 
-impl Engine {
+/// Stored responses for `Idempotency-Key` retries, in the cache tier.
+pub(crate) struct Replays {
+    shared: Arc<Shared>,
+}
+
+impl Replays {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+impl Replays {
     /// Claims an idempotency key; `None` when the cache (which keeps them)
     /// cannot be asked: the request then runs without replay protection.
     pub async fn claim_idempotency(
@@ -28,10 +41,11 @@ impl Engine {
         key: &str,
         fingerprint: &str,
     ) -> Option<IdempotencyClaim> {
-        if !self.cache.breaker.is_closed() {
+        if !self.shared.cache.breaker.is_closed() {
             return None;
         }
-        self.cache
+        self.shared
+            .cache
             .call(|t| t.claim_idempotency(owner, key, fingerprint, IDEMPOTENCY_PENDING))
             .await
             .inspect_err(|err| tracing::warn!(error = %err, "idempotency key not claimed"))
@@ -49,6 +63,7 @@ impl Engine {
         response: &[u8],
     ) -> bool {
         let stored = self
+            .shared
             .cache
             .call(|t| {
                 t.complete_idempotency(
@@ -57,7 +72,7 @@ impl Engine {
                     fingerprint,
                     response,
                     IDEMPOTENCY_TTL,
-                    self.settings.replay_bounds,
+                    self.shared.settings.replay_bounds,
                 )
             })
             .await;
@@ -72,7 +87,12 @@ impl Engine {
 
     /// Gives a claimed key up.
     pub async fn release_idempotency(&self, owner: &str, key: &str) {
-        if let Err(err) = self.cache.call(|t| t.release_idempotency(owner, key)).await {
+        if let Err(err) = self
+            .shared
+            .cache
+            .call(|t| t.release_idempotency(owner, key))
+            .await
+        {
             tracing::warn!(error = %err, "idempotency key not released");
         }
     }

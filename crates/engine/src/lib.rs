@@ -16,8 +16,10 @@ mod idempotency;
 mod jobs;
 mod journal;
 mod maintenance;
-mod pending;
+mod records;
 mod recovery;
+mod settings;
+mod shared;
 mod stats;
 mod status;
 mod strategy;
@@ -26,13 +28,15 @@ mod transfer;
 pub use breaker::{BreakerState, HealthSettings, TierHealth};
 pub use catalog::{Catalog, CatalogError, Collection};
 pub use control::SwitchOutcome;
-pub use counters::{CounterSettings, CounterValues};
-pub use engine::{BatchGet, Engine, EngineSettings, Page};
+pub use counters::CounterValues;
+pub use engine::Engine;
 pub use jobs::{JobState, JobView, ProgressView};
-pub use journal::{JournalSettings, ReplayStats};
+pub use journal::ReplayStats;
 pub use maintenance::{
     ClassReport, CollectionReport, ConsistencyReport, DriftClass, SyncDirection,
 };
+pub use records::{BatchGet, Page};
+pub use settings::{CounterSettings, EngineSettings, JournalSettings};
 pub use stats::{
     EngineStats, Histogram, LatencySummary, Operation, OperationCounts, Outcome, TierStats,
 };

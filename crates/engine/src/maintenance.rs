@@ -31,8 +31,9 @@ use hybridstore_core::{
 use serde::Serialize;
 
 use crate::catalog::Collection;
-use crate::engine::{Engine, now};
+use crate::jobs::Jobs;
 use crate::jobs::{Job, JobView, Progress};
+use crate::shared::{Shared, now};
 
 /// Records per page read from either tier.
 const PAGE: usize = 500;
@@ -153,7 +154,22 @@ impl Pair {
     }
 }
 
-impl Engine {
+/// Sync and the consistency check, run as jobs.
+pub(crate) struct Maintenance {
+    shared: Arc<Shared>,
+    jobs: Jobs,
+}
+
+impl Maintenance {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            jobs: Jobs::default(),
+        }
+    }
+}
+
+impl Maintenance {
     /// Starts a sync job; `collection: None` syncs every collection.
     pub fn start_sync(
         self: &Arc<Self>,
@@ -168,10 +184,12 @@ impl Engine {
             "force": force,
         });
         let job = self.jobs.create(direction.kind(), params);
-        let engine = self.clone();
+        let maintenance = self.clone();
         let running = job.clone();
         tokio::spawn(async move {
-            let outcome = engine.sync(direction, &collections, force, &running).await;
+            let outcome = maintenance
+                .sync(direction, &collections, force, &running)
+                .await;
             match &outcome {
                 Ok(()) => {
                     tracing::info!(job = %running.id, progress = ?running.view().progress, "sync finished")
@@ -195,10 +213,10 @@ impl Engine {
             "repair": repair,
         });
         let job = self.jobs.create("consistency_check", params);
-        let engine = self.clone();
+        let maintenance = self.clone();
         let running = job.clone();
         tokio::spawn(async move {
-            let outcome = engine.check(&collections, repair, &running).await;
+            let outcome = maintenance.check(&collections, repair, &running).await;
             if let Err(err) = &outcome {
                 tracing::warn!(job = %running.id, error = %err, "consistency check failed");
             }
@@ -243,8 +261,13 @@ impl Engine {
 
     fn selected(&self, collection: Option<&CollectionName>) -> Result<Vec<CollectionName>, Error> {
         match collection {
-            Some(name) => Ok(vec![self.catalog.get(name)?.spec.name.clone()]),
-            None => Ok(self.catalog.iter().map(|c| c.spec.name.clone()).collect()),
+            Some(name) => Ok(vec![self.shared.catalog.get(name)?.spec.name.clone()]),
+            None => Ok(self
+                .shared
+                .catalog
+                .iter()
+                .map(|c| c.spec.name.clone())
+                .collect()),
         }
     }
 
@@ -268,11 +291,16 @@ impl Engine {
         job: &Job,
     ) -> Result<(), Error> {
         for name in collections {
-            let count = self.durable.call(|t| t.count(name)).await.unwrap_or(0);
+            let count = self
+                .shared
+                .durable
+                .call(|t| t.count(name))
+                .await
+                .unwrap_or(0);
             Progress::add(&job.progress.total, count);
         }
         for name in collections {
-            let collection = self.catalog.get(name)?;
+            let collection = self.shared.catalog.get(name)?;
             match direction {
                 SyncDirection::RedisToPostgres => self.sync_to_durable(name, force, job).await?,
                 SyncDirection::PostgresToRedis => {
@@ -297,6 +325,7 @@ impl Engine {
         let mut cursor = 0;
         loop {
             let (next, states) = self
+                .shared
                 .cache
                 .call(|t| t.scan(collection, cursor, PAGE))
                 .await
@@ -304,7 +333,12 @@ impl Engine {
             let changes: Vec<Change> = states.into_iter().map(|s| s.state).collect();
             Progress::add(&job.progress.scanned, changes.len() as u64);
             if !changes.is_empty() {
-                let applied = match self.durable.call(|t| t.apply_changes(&changes, mode)).await {
+                let applied = match self
+                    .shared
+                    .durable
+                    .call(|t| t.apply_changes(&changes, mode))
+                    .await
+                {
                     Ok(applied) => applied.into_iter().map(Some).collect(),
                     Err(err) if err.is_unavailable() => return Err(self.work_stopped("job", err)),
                     // One bad record fails its page's transaction: apply the
@@ -336,6 +370,7 @@ impl Engine {
         let mut outcomes = Vec::with_capacity(changes.len());
         for change in changes {
             match self
+                .shared
                 .durable
                 .call(|t| t.apply_changes(std::slice::from_ref(change), mode))
                 .await
@@ -364,6 +399,7 @@ impl Engine {
         let mut after = None;
         loop {
             let states = self
+                .shared
                 .durable
                 .call(|t| t.scan(name, after.as_ref(), PAGE, now()))
                 .await
@@ -404,15 +440,16 @@ impl Engine {
         state: &Change,
         force: bool,
     ) -> Result<Option<CopyOutcome>, StoreError> {
-        let authoritative = self.strategy_of(collection) == Strategy::RedisOnly;
+        let authoritative = self.shared.strategy_of(collection) == Strategy::RedisOnly;
         let lifetime = match state {
             Change::Put(record) => match record.cache_lifetime(collection.spec.cache_ttl, now()) {
                 Some(lifetime) => lifetime,
                 None => return Ok(None),
             },
-            Change::Delete { .. } => self.settings.deleted_marker_ttl,
+            Change::Delete { .. } => self.shared.settings.deleted_marker_ttl,
         };
-        self.cache
+        self.shared
+            .cache
             .call(|t| t.copy_in(state, lifetime, authoritative, force))
             .await
             .map(Some)
@@ -425,12 +462,17 @@ impl Engine {
         job: &Job,
     ) -> Result<ConsistencyReport, Error> {
         for name in collections {
-            let count = self.durable.call(|t| t.count(name)).await.unwrap_or(0);
+            let count = self
+                .shared
+                .durable
+                .call(|t| t.count(name))
+                .await
+                .unwrap_or(0);
             Progress::add(&job.progress.total, count);
         }
         let mut reports = Vec::with_capacity(collections.len());
         for name in collections {
-            let collection = self.catalog.get(name)?;
+            let collection = self.shared.catalog.get(name)?;
             reports.push(self.check_collection(collection, repair, job).await?);
         }
         let consistent = reports.iter().all(|report| {
@@ -453,7 +495,7 @@ impl Engine {
         job: &Job,
     ) -> Result<CollectionReport, Error> {
         let name = &collection.spec.name;
-        let strategy = self.strategy_of(collection);
+        let strategy = self.shared.strategy_of(collection);
         let mut report = CollectionReport {
             collection: name.to_string(),
             strategy,
@@ -466,6 +508,7 @@ impl Engine {
         let mut after = None;
         loop {
             let states = self
+                .shared
                 .durable
                 .call(|t| t.scan(name, after.as_ref(), PAGE, now()))
                 .await
@@ -474,6 +517,7 @@ impl Engine {
             Progress::add(&job.progress.scanned, states.len() as u64);
             let keys: Vec<RecordKey> = states.iter().map(Change::key).collect();
             let entries = self
+                .shared
                 .cache
                 .call(|t| t.get_many(&keys))
                 .await
@@ -498,6 +542,7 @@ impl Engine {
         let mut cursor = 0;
         loop {
             let (next, cached) = self
+                .shared
                 .cache
                 .call(|t| t.scan(name, cursor, PAGE))
                 .await
@@ -505,6 +550,7 @@ impl Engine {
             report.scanned_redis += cached.len() as u64;
             let ids: Vec<_> = cached.iter().map(|c| c.state.key().id).collect();
             let held = self
+                .shared
                 .durable
                 .call(|t| t.get_states(name, &ids, now()))
                 .await
@@ -528,12 +574,14 @@ impl Engine {
     /// Both tiers' states of one record, read now.
     async fn pair(&self, key: &RecordKey) -> Result<Pair, Error> {
         let durable = self
+            .shared
             .durable
             .call(|t| t.get_states(&key.collection, std::slice::from_ref(&key.id), now()))
             .await
             .map_err(|err| self.work_stopped("job", err))?
             .pop();
         let cache = self
+            .shared
             .cache
             .call(|t| t.get(key))
             .await
@@ -550,7 +598,7 @@ impl Engine {
         repair: bool,
         report: &mut CollectionReport,
     ) -> Result<(), Error> {
-        let reads_cache = self.configured_plan(collection).reads_cache();
+        let reads_cache = self.shared.configured_plan(collection).reads_cache();
         let pair = self.pair(key).await?;
         let Some(class) = pair.classify(reads_cache) else {
             return Ok(());
@@ -576,12 +624,13 @@ impl Engine {
         class: DriftClass,
         pair: &Pair,
     ) -> Result<bool, Error> {
-        let redis_is_truth = self.strategy_of(collection) == Strategy::RedisOnly;
+        let redis_is_truth = self.shared.strategy_of(collection) == Strategy::RedisOnly;
         let to_durable = |mode| async move {
             let change = pair
                 .cache_change(key)
                 .expect("a difference has a cache side");
-            self.durable
+            self.shared
+                .durable
                 .call(|t| t.apply_changes(std::slice::from_ref(&change), mode))
                 .await
                 .map(|applied| applied.first().copied().unwrap_or(false))

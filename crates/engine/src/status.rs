@@ -143,8 +143,8 @@ impl Engine {
     }
 
     fn overall(&self) -> Overall {
-        let durable = self.durable.breaker.is_closed();
-        let cache = self.cache.breaker.is_closed();
+        let durable = self.shared.durable.breaker.is_closed();
+        let cache = self.shared.cache.breaker.is_closed();
         match (durable, cache) {
             (true, true) => Overall::Healthy,
             (false, false) => Overall::Down,
@@ -161,8 +161,8 @@ impl Engine {
 
     /// Why health narrowed a collection's plan.
     fn degradation_reason(&self, configured: Plan, effective: Option<Plan>) -> Option<String> {
-        let durable = self.durable.breaker.state() == BreakerState::Closed;
-        let cache = self.cache.breaker.state() == BreakerState::Closed;
+        let durable = self.shared.durable.breaker.state() == BreakerState::Closed;
+        let cache = self.shared.cache.breaker.state() == BreakerState::Closed;
         if effective == Some(configured) {
             return None;
         }
@@ -182,15 +182,16 @@ impl Engine {
     }
 
     pub async fn status_report(&self) -> StatusReport {
-        let service = self.control.strategy();
-        let applied = self.control.applied();
+        let service = self.shared.control.strategy();
+        let applied = self.shared.control.applied();
         let collections = self
+            .shared
             .catalog
             .iter()
             .map(|collection| {
-                let strategy = self.strategy_of(collection);
+                let strategy = self.shared.strategy_of(collection);
                 let configured = Plan::of(strategy);
-                let effective = self.plan_for(collection).ok();
+                let effective = self.shared.plan_for(collection).ok();
                 let name = match effective {
                     None => "unavailable".to_owned(),
                     Some(plan) if plan == configured => strategy.to_string(),
@@ -207,11 +208,11 @@ impl Engine {
             })
             .collect();
         StatusReport {
-            instance_id: self.instance_id.clone(),
-            uptime_secs: self.started.elapsed().as_secs(),
+            instance_id: self.shared.instance_id.clone(),
+            uptime_secs: self.shared.started.elapsed().as_secs(),
             status: self.overall(),
             strategy: StrategyStatus {
-                configured: self.control.configured(),
+                configured: self.shared.control.configured(),
                 service,
                 switched: applied
                     .as_ref()
@@ -225,9 +226,9 @@ impl Engine {
             collections,
             tiers: self.tiers(),
             journal_backlog: match (
-                self.journal_backlog().await,
-                self.counter_backlog().await,
-                self.cache.call(|t| t.dead_letters()).await,
+                self.journal.journal_backlog().await,
+                self.counters.counter_backlog().await,
+                self.shared.cache.call(|t| t.dead_letters()).await,
             ) {
                 (Ok((write_behind, outage)), Ok(counters), Ok(dead_letters)) => {
                     Some(JournalBacklog {
@@ -239,9 +240,9 @@ impl Engine {
                 }
                 _ => None,
             },
-            replay: self.replay_stats(),
+            replay: self.journal.replay_stats(),
             unreplayed: {
-                let (keys, unknown) = self.unreplayed.summary();
+                let (keys, unknown) = self.journal.unreplayed.summary();
                 Unreplayed { keys, unknown }
             },
             cache_generation: applied.map_or(0, |state| state.cache_generation),
@@ -260,16 +261,19 @@ impl Engine {
     pub fn metrics_report(&self) -> MetricsReport {
         let operations: BTreeMap<&'static str, OperationCounts> = Operation::ALL
             .iter()
-            .map(|op| (op.as_str(), self.stats.counts(*op)))
+            .map(|op| (op.as_str(), self.shared.stats.counts(*op)))
             .collect();
         let requests: u64 = operations
             .values()
             .map(|c| c.ok + c.rejected + c.failed)
             .sum();
         let failed: u64 = operations.values().map(|c| c.failed).sum();
-        let (hits, misses) = (self.stats.cache_hits(), self.stats.cache_misses());
-        let durable = Self::tier_metrics(&self.durable.breaker);
-        let cache = Self::tier_metrics(&self.cache.breaker);
+        let (hits, misses) = (
+            self.shared.stats.cache_hits(),
+            self.shared.stats.cache_misses(),
+        );
+        let durable = Self::tier_metrics(&self.shared.durable.breaker);
+        let cache = Self::tier_metrics(&self.shared.cache.breaker);
         MetricsReport {
             operations,
             requests,
@@ -279,20 +283,26 @@ impl Engine {
             cache_hit_rate: ratio(hits, hits + misses),
             degradations: durable.degradations + cache.degradations,
             tiers: BTreeMap::from([("durable", durable), ("cache", cache)]),
-            replay: self.replay_stats(),
+            replay: self.journal.replay_stats(),
         }
     }
 
     /// The engine's counters, for exporters (Prometheus).
     pub fn stats(&self) -> &crate::stats::EngineStats {
-        &self.stats
+        &self.shared.stats
     }
 
     /// Each tier's health and call statistics (durable, then cache).
     pub fn tier_stats(&self) -> [(TierHealth, &TierStats); 2] {
         [
-            (self.durable.breaker.health(), &self.durable.breaker.stats),
-            (self.cache.breaker.health(), &self.cache.breaker.stats),
+            (
+                self.shared.durable.breaker.health(),
+                &self.shared.durable.breaker.stats,
+            ),
+            (
+                self.shared.cache.breaker.health(),
+                &self.shared.cache.breaker.stats,
+            ),
         ]
     }
 }

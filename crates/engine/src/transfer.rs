@@ -23,7 +23,8 @@ use hybridstore_transfer::{Counts, Deletion, Header, Line, Source};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::Engine;
+use crate::maintenance::Maintenance;
+use crate::shared::Shared;
 
 /// Records or counter values read per durable call.
 const PAGE: usize = 1000;
@@ -58,18 +59,34 @@ fn count(map: &mut BTreeMap<String, u64>, collection: &CollectionName) {
     *map.entry(collection.to_string()).or_default() += 1;
 }
 
-impl Engine {
+/// Export and import (see the module docs).
+pub(crate) struct Transfer {
+    shared: Arc<Shared>,
+    maintenance: Arc<Maintenance>,
+}
+
+impl Transfer {
+    pub fn new(shared: Arc<Shared>, maintenance: Arc<Maintenance>) -> Self {
+        Self {
+            shared,
+            maintenance,
+        }
+    }
+}
+
+impl Transfer {
     /// Every record, deletion marker and counter value the durable tier
     /// holds, as export lines in pages: a header first and an end line
     /// with the counts last.
     pub fn export(self: Arc<Self>) -> impl Stream<Item = Result<Vec<Line>, Error>> + Send {
         let collections: Vec<CollectionName> = self
+            .shared
             .catalog
             .iter()
             .map(|collection| collection.spec.name.clone())
             .collect();
         let state = (self, Stage::Header, Counts::default());
-        futures_util::stream::try_unfold(state, move |(engine, stage, mut counts)| {
+        futures_util::stream::try_unfold(state, move |(transfer, stage, mut counts)| {
             let collections = collections.clone();
             async move {
                 let now = OffsetDateTime::now_utc();
@@ -77,8 +94,8 @@ impl Engine {
                     Stage::Done => return Ok(None),
                     Stage::Header => {
                         let source = Source {
-                            backend: engine.durable.backend().to_owned(),
-                            instance: engine.instance_id.clone(),
+                            backend: transfer.shared.durable.backend().to_owned(),
+                            instance: transfer.shared.instance_id.clone(),
                             service_version: env!("CARGO_PKG_VERSION").to_owned(),
                         };
                         let next = Stage::Records {
@@ -91,14 +108,15 @@ impl Engine {
                         let Some(name) = collections.get(collection) else {
                             return Ok(Some((
                                 Vec::new(),
-                                (engine, Stage::Counters { after: None }, counts),
+                                (transfer, Stage::Counters { after: None }, counts),
                             )));
                         };
-                        let page = engine
+                        let page = transfer
+                            .shared
                             .durable
                             .call(|t| t.scan(name, after.as_ref(), PAGE, now))
                             .await
-                            .map_err(|err| engine.work_stopped("export", err))?;
+                            .map_err(|err| transfer.maintenance.work_stopped("export", err))?;
                         let next = match page.last() {
                             Some(last) if page.len() == PAGE => Stage::Records {
                                 collection,
@@ -113,11 +131,12 @@ impl Engine {
                         (lines, next)
                     }
                     Stage::Counters { after } => {
-                        let page = engine
+                        let page = transfer
+                            .shared
                             .durable
                             .call(|t| t.scan_counters(after.as_ref(), PAGE, now))
                             .await
-                            .map_err(|err| engine.work_stopped("export", err))?;
+                            .map_err(|err| transfer.maintenance.work_stopped("export", err))?;
                         let next = match page.last() {
                             Some(last) if page.len() == PAGE => Stage::Counters {
                                 after: Some(last.clone()),
@@ -131,7 +150,7 @@ impl Engine {
                 for line in &lines {
                     counts.add(line);
                 }
-                Ok(Some((lines, (engine, next, counts))))
+                Ok(Some((lines, (transfer, next, counts))))
             }
         })
     }
@@ -151,7 +170,8 @@ impl Engine {
             Line::Counter(_) => return Ok(()),
             Line::Header(_) | Line::End(_) => return Ok(()),
         };
-        self.catalog
+        self.shared
+            .catalog
             .get(collection)
             .map(drop)
             .map_err(|_| format!("collection {collection} is not declared here"))
@@ -205,14 +225,15 @@ impl Engine {
         force: bool,
         report: &mut ImportReport,
     ) -> Result<(), Error> {
-        let collection = self.catalog.get(name)?;
-        if self.strategy_of(collection) == Strategy::RedisOnly {
+        let collection = self.shared.catalog.get(name)?;
+        if self.shared.strategy_of(collection) == Strategy::RedisOnly {
             // The cache is this collection's truth.
             for change in &changes {
                 let outcome = self
+                    .maintenance
                     .copy_to_cache(collection, change, force)
                     .await
-                    .map_err(|err| self.work_stopped("import", err))?;
+                    .map_err(|err| self.maintenance.work_stopped("import", err))?;
                 let written = outcome == Some(CopyOutcome::Written);
                 count(
                     if written {
@@ -231,17 +252,18 @@ impl Engine {
             ApplyMode::IfNewer
         };
         let keys: Vec<RecordKey> = changes.iter().map(Change::key).collect();
-        if !self.cache.breaker.is_closed() {
+        if !self.shared.cache.breaker.is_closed() {
             // A copy the cache keeps through its outage goes when it returns.
             for key in &keys {
-                self.recovery.mark_dirty(key);
+                self.shared.recovery.mark_dirty(key);
             }
         }
         let applied = self
+            .shared
             .durable
             .call(|t| t.apply_changes(&changes, mode))
             .await
-            .map_err(|err| self.work_stopped("import", err))?;
+            .map_err(|err| self.maintenance.work_stopped("import", err))?;
         let now = OffsetDateTime::now_utc();
         let mut written = Vec::new();
         for (change, applied) in changes.iter().zip(applied) {
@@ -255,20 +277,21 @@ impl Engine {
                 && let Some(entries) = collection.index_entries(&record.data)?
             {
                 let key = record.key();
-                self.durable
+                self.shared
+                    .durable
                     .call(|t| t.set_index_entries(&key, &entries, now))
                     .await
                     .map_err(|err| match err {
                         StoreError::UniqueViolation { index, value } => {
                             Error::UniqueViolation { index, value }
                         }
-                        other => self.work_stopped("import", other),
+                        other => self.maintenance.work_stopped("import", other),
                     })?;
             }
         }
-        if self.configured_plan(collection).uses_cache()
+        if self.shared.configured_plan(collection).uses_cache()
             && !written.is_empty()
-            && let Err(err) = self.cache.call(|t| t.invalidate(&written)).await
+            && let Err(err) = self.shared.cache.call(|t| t.invalidate(&written)).await
         {
             tracing::warn!(error = %err, "imported records: cache copies left to the recovery");
         }
@@ -282,10 +305,11 @@ impl Engine {
         report: &mut ImportReport,
     ) -> Result<(), Error> {
         let written = self
+            .shared
             .durable
             .call(|t| t.restore_counters(&values, force))
             .await
-            .map_err(|err| self.work_stopped("import", err))?;
+            .map_err(|err| self.maintenance.work_stopped("import", err))?;
         let mut scopes: BTreeMap<CounterScope, Vec<Bucket>> = BTreeMap::new();
         for (value, written) in values.iter().zip(written) {
             if written {
@@ -302,12 +326,16 @@ impl Engine {
         // Cached buckets were seeded from the old values: seed them again.
         for (scope, buckets) in scopes {
             if self
+                .shared
                 .cache
                 .call(|t| t.forget_buckets(&scope, &buckets))
                 .await
                 .is_err()
             {
-                self.recovery.counters_dirty.store(true, Ordering::Release);
+                self.shared
+                    .recovery
+                    .counters_dirty
+                    .store(true, Ordering::Release);
             }
         }
         Ok(())

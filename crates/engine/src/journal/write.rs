@@ -1,0 +1,267 @@
+//! Writes through the cache's journal: the cache checks the precondition,
+//! assigns the version and appends the entry in one atomic step.
+
+use std::time::Duration;
+
+use hybridstore_core::{
+    CacheEntry, CacheWrite, CacheWriteOutcome, Error, IndexEntry, JournalKind, Precondition,
+    Record, RecordKey, RecordWrite, Version, WriteChange, WriteOutcome,
+};
+use time::OffsetDateTime;
+
+use super::Journal;
+use crate::catalog::Collection;
+use crate::strategy::WritePath;
+
+/// How long a write guarded by a version it read itself (not by the
+/// client) keeps reading again after concurrent writers got in between,
+/// before it answers 503 (busy), never 412.
+const GUARDED_RETRY_FOR: Duration = Duration::from_secs(2);
+
+/// A short random pause before another attempt, so that writers racing on
+/// one record stop meeting in lockstep.
+async fn backoff(attempt: u32) {
+    let nanos = u64::from(OffsetDateTime::now_utc().nanosecond());
+    let ceiling = 200 * u64::from(attempt.min(10));
+    tokio::time::sleep(Duration::from_micros(nanos % ceiling)).await;
+}
+
+impl Journal {
+    /// Which journal a write of `collection` through the cache goes to;
+    /// `None` when the cache is its only tier.
+    pub(crate) fn journal_kind(&self, collection: &Collection) -> Option<JournalKind> {
+        match self.shared.configured_plan(collection).write {
+            WritePath::CacheOnly => None,
+            WritePath::CacheJournaled => Some(JournalKind::WriteBehind),
+            _ => Some(JournalKind::Outage),
+        }
+    }
+
+    /// Loads the durable tier's state of a record into the cache, so that the
+    /// cache can check preconditions and continue the version sequence.
+    pub(crate) async fn load_state(
+        &self,
+        collection: &Collection,
+        key: &RecordKey,
+        now: OffsetDateTime,
+    ) -> Result<(), Error> {
+        let current = self
+            .shared
+            .durable
+            .call(|t| t.get(key, now))
+            .await
+            .map_err(|err| self.shared.durable_failed(err))?;
+        let stored = match &current {
+            Some(record) => {
+                let ttl = record
+                    .cache_lifetime(collection.spec.cache_ttl, now)
+                    .unwrap_or(Duration::from_secs(1));
+                self.shared.cache.call(|t| t.store(record, ttl)).await
+            }
+            // "Known absent": a marker below every real version.
+            None => {
+                self.shared
+                    .cache
+                    .call(|t| {
+                        t.store_deleted(
+                            key,
+                            Version::new(0),
+                            self.shared.settings.deleted_marker_ttl,
+                        )
+                    })
+                    .await
+            }
+        };
+        stored
+            .map(drop)
+            .map_err(|err| self.shared.journal_failed(err))
+    }
+
+    /// Runs a journaled write, loading the record's state first if the cache
+    /// knows nothing of it.
+    pub(crate) async fn journal(
+        &self,
+        collection: &Collection,
+        write: &mut CacheWrite,
+    ) -> Result<CacheWriteOutcome, Error> {
+        for _ in 0..3 {
+            let outcome = self
+                .shared
+                .cache
+                .call(|t| t.accept_write(write))
+                .await
+                .map_err(|err| self.shared.journal_failed(err))?;
+            match outcome {
+                CacheWriteOutcome::UnknownState => {
+                    if self.shared.durable.breaker.is_closed() {
+                        self.load_state(collection, &write.key, write.now).await?;
+                    } else if write.precondition == Precondition::None
+                        && matches!(write.change, WriteChange::Put { .. })
+                    {
+                        // Nobody can say whether the record exists; an
+                        // unconditional replace is right either way, and its
+                        // clock-based version is above any the record had.
+                        write.unknown_state_ok = true;
+                    } else {
+                        return Err(self.shared.unavailable());
+                    }
+                }
+                CacheWriteOutcome::Written { version, .. } => {
+                    if let Some(kind) = write.journal {
+                        self.backlog(kind).mark();
+                        self.unreplayed.journaled(&write.key, version);
+                    }
+                    return Ok(outcome);
+                }
+                CacheWriteOutcome::Conflict { current } => {
+                    return Err(Error::VersionConflict { current });
+                }
+                CacheWriteOutcome::NotFound => {
+                    return Err(Error::NotFound("record not found".into()));
+                }
+            }
+        }
+        Err(self.shared.unavailable())
+    }
+
+    /// A put through the journal. A collection with unique indexes can only
+    /// be written this way (during an outage) if the write keeps every indexed
+    /// value as it is: only the durable tier can check a new value. The check
+    /// is made against the copy the write replaces, so the write is guarded
+    /// by that copy's version; if a concurrent write got in between, a write
+    /// without `If-Match` checks again rather than failing with 412, which is
+    /// only ever the answer to a precondition the client gave.
+    pub(crate) async fn put_journaled(
+        &self,
+        collection: &Collection,
+        write: RecordWrite,
+    ) -> Result<WriteOutcome, Error> {
+        let mut journaled = CacheWrite {
+            journal: self.journal_kind(collection),
+            deleted_marker_ttl: self.shared.settings.deleted_marker_ttl,
+            key: write.key.clone(),
+            change: WriteChange::Put {
+                data: write.data,
+                expires_at: write.expires_at,
+            },
+            precondition: write.precondition,
+            now: write.now,
+            unknown_state_ok: false,
+        };
+        let mut outcome = None;
+        let started = std::time::Instant::now();
+        for attempt in 0.. {
+            if attempt > 0 {
+                if started.elapsed() > GUARDED_RETRY_FOR {
+                    break;
+                }
+                backoff(attempt).await;
+            }
+            if let Some(entries) = &write.index_entries {
+                journaled.precondition = self
+                    .index_guard(
+                        collection,
+                        &write.key,
+                        entries,
+                        write.precondition,
+                        write.now,
+                    )
+                    .await?;
+            }
+            match self.journal(collection, &mut journaled).await {
+                Err(Error::VersionConflict { .. })
+                    if write.index_entries.is_some()
+                        && !matches!(write.precondition, Precondition::IfMatch(_)) =>
+                {
+                    continue;
+                }
+                result => {
+                    outcome = Some(result?);
+                    break;
+                }
+            }
+        }
+        // Every attempt lost to a concurrent writer: busy, not a conflict.
+        let outcome = outcome.ok_or_else(|| self.shared.unavailable())?;
+        // The data moves back out of the write rather than being copied.
+        let WriteChange::Put { data, .. } = journaled.change else {
+            unreachable!("built as a put above")
+        };
+        match outcome {
+            CacheWriteOutcome::Written {
+                version,
+                created,
+                created_at,
+            } => Ok(WriteOutcome {
+                created,
+                record: Record {
+                    collection: write.key.collection,
+                    id: write.key.id,
+                    version,
+                    data,
+                    created_at,
+                    updated_at: write.now,
+                    expires_at: write.expires_at,
+                },
+            }),
+            other => Err(Error::Internal(format!(
+                "unexpected journal outcome {other:?}"
+            ))),
+        }
+    }
+
+    /// For a journaled put in a collection with unique indexes: the
+    /// precondition that makes it safe. The copy it replaces must be cached
+    /// and carry the same indexed values; the write is then guarded by that
+    /// copy's version. A client's own precondition is checked here.
+    pub(crate) async fn index_guard(
+        &self,
+        collection: &Collection,
+        key: &RecordKey,
+        entries: &[IndexEntry],
+        asked: Precondition,
+        now: OffsetDateTime,
+    ) -> Result<Precondition, Error> {
+        let current = match self.shared.cache.call(|t| t.get(key)).await {
+            Ok(CacheEntry::Present(record)) if !record.is_expired(now) => record,
+            _ => return Err(self.shared.unavailable()),
+        };
+        if collection.index_entries(&current.data)?.as_deref() != Some(entries) {
+            return Err(self.shared.unavailable());
+        }
+        match asked {
+            Precondition::IfMatch(v) if v != current.version => Err(Error::VersionConflict {
+                current: Some(current.version),
+            }),
+            Precondition::Absent => Err(Error::VersionConflict {
+                current: Some(current.version),
+            }),
+            _ => Ok(Precondition::IfMatch(current.version)),
+        }
+    }
+
+    /// A delete through the journal.
+    pub(crate) async fn delete_journaled(
+        &self,
+        collection: &Collection,
+        key: &RecordKey,
+        precondition: Precondition,
+        now: OffsetDateTime,
+    ) -> Result<Version, Error> {
+        let mut journaled = CacheWrite {
+            journal: self.journal_kind(collection),
+            deleted_marker_ttl: self.shared.settings.deleted_marker_ttl,
+            key: key.clone(),
+            change: WriteChange::Delete,
+            precondition,
+            now,
+            unknown_state_ok: false,
+        };
+        match self.journal(collection, &mut journaled).await? {
+            CacheWriteOutcome::Written { version, .. } => Ok(version),
+            other => Err(Error::Internal(format!(
+                "unexpected journal outcome {other:?}"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! The engine's settings, as the server parses them from its configuration.
+
+use std::time::Duration;
+
+use hybridstore_core::{Bucket, Granularity, Strategy};
+use time::OffsetDateTime;
+
+use crate::breaker::HealthSettings;
+
+/// Limits and timings of the engine.
+#[derive(Clone, Debug)]
+pub struct EngineSettings {
+    /// The service-wide strategy from the configuration (an operator's switch,
+    /// persisted in the stores, takes precedence).
+    pub strategy: Strategy,
+    /// Largest `data` object, in bytes of JSON.
+    pub max_data_bytes: usize,
+    /// Most bytes of record data one list page holds (one record always
+    /// fits; a full page says where the next one starts).
+    pub page_bytes: usize,
+    /// How much of the cache stored idempotent responses may take.
+    pub replay_bounds: hybridstore_core::ReplayBounds,
+    /// How long a cache keeps the marker of a deleted record. It must outlive any
+    /// read that started before the delete, so that read cannot fill the old copy.
+    pub deleted_marker_ttl: Duration,
+    /// How long PostgreSQL keeps deleted rows (the version sequence of a record
+    /// continues across a re-create within this window).
+    pub tombstone_retention: Duration,
+    /// Suggested client back-off when no tier can serve.
+    pub retry_after: Duration,
+    pub health: HealthSettings,
+    pub journal: JournalSettings,
+    pub counters: CounterSettings,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::DualWrite,
+            max_data_bytes: 1024 * 1024,
+            page_bytes: 4 * 1024 * 1024,
+            replay_bounds: hybridstore_core::ReplayBounds::default(),
+            deleted_marker_ttl: Duration::from_secs(60),
+            tombstone_retention: Duration::from_secs(3600),
+            retry_after: Duration::from_secs(1),
+            health: HealthSettings::default(),
+            journal: JournalSettings::default(),
+            counters: CounterSettings::default(),
+        }
+    }
+}
+
+/// How the replay loop works.
+#[derive(Clone, Debug)]
+pub struct JournalSettings {
+    /// Size of a replay batch: each poll reads up to a quarter of it from
+    /// every journal stream, and one durable-tier transaction applies the
+    /// newest change per record of what the poll read.
+    pub batch_size: usize,
+    /// Entries another instance took but did not acknowledge for this long are
+    /// taken over (that instance probably died).
+    pub claim_idle: Duration,
+    /// Pause between polls while the journal is empty.
+    pub idle_interval: Duration,
+}
+
+impl Default for JournalSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            claim_idle: Duration::from_secs(30),
+            idle_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// How counters behave.
+#[derive(Clone, Debug)]
+pub struct CounterSettings {
+    /// `cache_first` journals increments in the cache; any other strategy
+    /// writes them to the durable tier directly.
+    pub strategy: Strategy,
+    /// How long a bucket is kept after it ends, per granularity (`total`
+    /// forever).
+    pub hour_retention: Duration,
+    pub day_retention: Duration,
+    pub month_retention: Duration,
+    /// Most fields one increment may carry.
+    pub max_fields: usize,
+    /// Most buckets one read may span.
+    pub max_buckets_per_read: usize,
+    /// How far in the future an increment's `at` may be (clock skew).
+    pub max_future: Duration,
+}
+
+impl Default for CounterSettings {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::CacheFirst,
+            hour_retention: Duration::from_secs(7 * 86_400),
+            day_retention: Duration::from_secs(32 * 86_400),
+            month_retention: Duration::from_secs(365 * 86_400),
+            max_fields: 32,
+            max_buckets_per_read: 1000,
+            max_future: Duration::from_secs(300),
+        }
+    }
+}
+
+impl CounterSettings {
+    pub(crate) fn retention(&self, granularity: Granularity) -> Option<Duration> {
+        match granularity {
+            Granularity::Total => None,
+            Granularity::Hour => Some(self.hour_retention),
+            Granularity::Day => Some(self.day_retention),
+            Granularity::Month => Some(self.month_retention),
+        }
+    }
+
+    /// The bucket of `granularity` holding `at`, with its expiry.
+    pub(crate) fn bucket(&self, granularity: Granularity, at: OffsetDateTime) -> Bucket {
+        let start = granularity.bucket_start(at);
+        let expires_at = granularity
+            .bucket_end(start)
+            .zip(self.retention(granularity))
+            .map(|(end, retention)| end + retention);
+        Bucket {
+            granularity,
+            start,
+            expires_at,
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! What every component of the engine reads: the tiers behind their
+//! breakers, the cache's recovery, the catalog, the settings, the strategy in
+//! force and the statistics; and the rules every component applies the same
+//! way: which plan a collection follows now, and which API error a tier
+//! failure means.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use hybridstore_core::{CacheStore, ControlState, DurableStore, Error, StoreError, Strategy};
+use time::OffsetDateTime;
+
+use crate::catalog::{Catalog, Collection};
+use crate::guarded::Guarded;
+use crate::recovery::Recovery;
+use crate::settings::EngineSettings;
+use crate::stats::EngineStats;
+use crate::strategy::Plan;
+
+/// How long one bump of the durable cache generation covers the writes
+/// around the cache that follow it (see `Engine::write_around`).
+const BUMP_COVERS: Duration = Duration::from_millis(100);
+
+/// State every component reads (see the module docs).
+pub(crate) struct Shared {
+    pub durable: Arc<Guarded<dyn DurableStore>>,
+    pub cache: Arc<Guarded<dyn CacheStore>>,
+    /// What the cache's recovery remembers, and its probe.
+    pub recovery: Recovery,
+    pub catalog: Catalog,
+    pub settings: EngineSettings,
+    /// The service-wide strategy in force and the control state it came from.
+    pub control: Control,
+    pub stats: EngineStats,
+    /// This instance's name as a journal consumer.
+    pub instance_id: String,
+    pub started: Instant,
+}
+
+/// The service-wide strategy in force on this instance.
+pub(crate) struct Control {
+    configured: Strategy,
+    /// Index into `Strategy::ALL`; read on every request, so an atomic.
+    strategy: AtomicU8,
+    applied: Mutex<Option<ControlState>>,
+    /// Serialises applying states (an apply may flush the cache first).
+    pub(crate) applying: tokio::sync::Mutex<()>,
+}
+
+fn index_of(strategy: Strategy) -> u8 {
+    Strategy::ALL
+        .iter()
+        .position(|s| *s == strategy)
+        .expect("every strategy is in ALL") as u8
+}
+
+impl Control {
+    pub fn new(configured: Strategy) -> Self {
+        Self {
+            configured,
+            strategy: AtomicU8::new(index_of(configured)),
+            applied: Mutex::new(None),
+            applying: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        Strategy::ALL[usize::from(self.strategy.load(Ordering::Acquire))]
+    }
+
+    pub fn configured(&self) -> Strategy {
+        self.configured
+    }
+
+    /// Puts `strategy`, from `state`, in force.
+    pub fn install(&self, strategy: Strategy, state: ControlState) {
+        self.strategy.store(index_of(strategy), Ordering::Release);
+        *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+    }
+
+    pub fn applied(&self) -> Option<ControlState> {
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// A name for this process among the journal's consumers.
+pub(crate) fn instance_id() -> String {
+    let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
+    format!("hs-{}-{:x}", std::process::id(), nanos)
+}
+
+/// Wall-clock time at the precision both tiers store (microseconds).
+pub(crate) fn now() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(now)
+}
+
+impl Shared {
+    /// A cache failure on the journaled path: the write cannot be taken.
+    pub(crate) fn journal_failed(&self, err: StoreError) -> Error {
+        match err {
+            StoreError::Internal { .. } => {
+                Error::Internal(format!("{err} ({})", self.cache.backend()))
+            }
+            StoreError::Busy { maybe_applied, .. } => self.busy(maybe_applied),
+            _ => self.unavailable(),
+        }
+    }
+
+    pub(crate) fn unavailable(&self) -> Error {
+        Error::BackendsUnavailable {
+            retry_after: self.settings.retry_after,
+        }
+    }
+
+    /// A tier too busy to answer in time: the request was shed, or (when
+    /// it reached the tier) its outcome is unknown; either way the tier is
+    /// not declared down for it.
+    pub(crate) fn busy(&self, maybe_applied: bool) -> Error {
+        let retry_after = self.settings.retry_after;
+        if maybe_applied {
+            Error::OutcomeUnknown { retry_after }
+        } else {
+            Error::Overloaded { retry_after }
+        }
+    }
+
+    /// The strategy a collection follows now (its own, or the service's).
+    pub fn strategy_of(&self, collection: &Collection) -> Strategy {
+        collection.strategy(self.control.strategy())
+    }
+
+    /// The plan of the strategy a collection follows, before health narrows it.
+    pub(crate) fn configured_plan(&self, collection: &Collection) -> Plan {
+        Plan::of(self.strategy_of(collection))
+    }
+
+    /// The plan a collection follows now: its configured plan, narrowed by
+    /// which tiers are usable. Fails at once when none is.
+    pub(crate) fn plan_for(&self, collection: &Collection) -> Result<Plan, Error> {
+        let durable_up = self.durable.breaker.is_closed();
+        let cache_up = self.cache.breaker.is_closed();
+        self.configured_plan(collection)
+            .degraded(durable_up, cache_up)
+            .ok_or_else(|| self.unavailable())
+    }
+
+    /// Turns a durable-tier failure into the API error it means.
+    pub(crate) fn durable_failed(&self, err: StoreError) -> Error {
+        match err {
+            // The breaker logs the outage once; per request it is only debug.
+            StoreError::Unavailable { .. } => {
+                tracing::debug!(error = %err, backend = self.durable.backend(), "durable tier unavailable");
+                self.unavailable()
+            }
+            StoreError::Busy { maybe_applied, .. } => {
+                tracing::debug!(error = %err, backend = self.durable.backend(), "durable tier busy");
+                self.busy(maybe_applied)
+            }
+            StoreError::PreconditionFailed => Error::VersionConflict { current: None },
+            StoreError::NotFound => Error::NotFound("record not found".into()),
+            StoreError::UniqueViolation { index, value } => Error::UniqueViolation { index, value },
+            StoreError::CounterOutOfRange { field } => out_of_range(&field),
+            StoreError::Internal { .. } => {
+                Error::Internal(format!("{} ({})", err, self.durable.backend()))
+            }
+        }
+    }
+
+    /// A cache read failed. The durable tier can answer instead, unless
+    /// writes currently go through the cache's journal: then the cache may
+    /// hold versions the durable tier does not have yet.
+    pub(crate) fn cache_read_failed(
+        &self,
+        plan: Plan,
+        operation: &'static str,
+        err: &StoreError,
+    ) -> Result<(), Error> {
+        self.cache_failed(operation, err);
+        if plan.write.through_cache() {
+            return Err(self.unavailable());
+        }
+        Ok(())
+    }
+
+    /// A cache failure is not the request's failure: log it and go on.
+    pub(crate) fn cache_failed(&self, operation: &'static str, err: &StoreError) {
+        tracing::warn!(error = %err, backend = self.cache.backend(), operation, "cache tier call failed; bypassing cache");
+    }
+
+    /// Records durably that writes go around the cache: bumps the durable
+    /// cache generation, unless this instance did within the last
+    /// [`BUMP_COVERS`] (concurrent writers share one bump). Bumping again
+    /// after that matters: another instance may have reconciled the cache
+    /// to the last bump meanwhile, and must learn of the writes since.
+    pub(crate) async fn write_around(&self) -> Result<(), Error> {
+        let mut bumped = self.recovery.bumped.lock().await;
+        if bumped.is_some_and(|at| at.elapsed() < BUMP_COVERS) {
+            return Ok(());
+        }
+        let at = Instant::now();
+        let generation = self
+            .durable
+            .call(|t| t.bump_cache_generation())
+            .await
+            .map_err(|err| self.durable_failed(err))?;
+        *bumped = Some(at);
+        let mut own = self
+            .recovery
+            .own_bumps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if own.is_empty() {
+            tracing::info!(
+                generation,
+                "writes go around the cache: cache generation bumped"
+            );
+        }
+        if own.len() < 10_000 {
+            own.insert(generation);
+        }
+        Ok(())
+    }
+
+    /// The durable tier's cache generation, when it can be read.
+    pub(crate) async fn durable_cache_generation(&self) -> Option<u64> {
+        if !self.durable.breaker.is_closed() {
+            return None;
+        }
+        self.durable.call(|t| t.cache_generation()).await.ok()
+    }
+}
+
+/// The API error for an increment refused by [`StoreError::CounterOutOfRange`].
+pub(crate) fn out_of_range(field: &str) -> Error {
+    Error::CounterOutOfRange(format!(
+        "the increment would take {field} past {}, the largest total a counter keeps; nothing was applied",
+        hybridstore_core::MAX_TOTAL_UNITS
+    ))
+}
