@@ -15,6 +15,11 @@ use crate::{CounterScope, FieldName};
 
 const NANOS_PER_UNIT: i128 = 1_000_000_000;
 /// Largest |delta| accepted, in units.
+/// How long every tier remembers the id of an increment it applied, so
+/// that a retry or a second replay of it changes nothing (those come within
+/// seconds; an id older than this may be applied again).
+pub const OP_ID_RETENTION: std::time::Duration = std::time::Duration::from_secs(2 * 86_400);
+
 pub const MAX_DELTA_UNITS: i128 = 1_000_000_000_000_000;
 /// Largest |value| a stored amount (a sum of deltas) is read back with, in
 /// units: within Redis's signed 64-bit units (9.2 * 10^18), PostgreSQL's

@@ -7,6 +7,7 @@
 //! copy. The engine is written against these traits only, so a tier (PostgreSQL, Redis, later SQLite or an in-process cache) can be
 //! swapped without the strategy logic noticing.
 
+mod clock;
 mod collection;
 mod control;
 mod counters;
@@ -18,11 +19,12 @@ mod record;
 mod store;
 mod version;
 
+pub use clock::{Micros, now};
 pub use collection::{CollectionSpec, Strategy};
 pub use control::ControlState;
 pub use counters::{
     Amount, Bucket, BucketValues, CacheIncrementOutcome, CounterIncrement, CounterJournalEntry,
-    CounterValue, Granularity, MAX_DELTA_UNITS, MAX_TOTAL_UNITS,
+    CounterValue, Granularity, MAX_DELTA_UNITS, MAX_TOTAL_UNITS, OP_ID_RETENTION,
 };
 pub use error::{Error, StoreError, Tier};
 pub use journal::{
@@ -42,7 +44,7 @@ pub use store::{
     ApplyMode, Backend, CacheCounters, CacheEntry, CacheJournal, CacheLedger, CacheRecords,
     CacheRecovery, CacheStates, CacheStore, CachedState, ControlChannel, CopyOutcome,
     DurableControl, DurableCounters, DurableRecords, DurableStates, DurableStore, IdempotencyClaim,
-    IdempotencyLedger, ReplayBounds, StoreResult,
+    IdempotencyLedger, PURGE_BATCH, ReplayBounds, StoreResult,
 };
 pub use version::{Version, VersionParseError};
 

@@ -177,6 +177,21 @@ pub enum Precondition {
     Absent,
 }
 
+impl Precondition {
+    /// Whether a write under this precondition may go ahead over a record
+    /// whose live version is `live` (`None`: no live record). Every tier
+    /// that checks preconditions in Rust asks this; the SQL of PostgreSQL
+    /// and the Lua of Redis state the same rule in their own words.
+    pub fn admits(self, live: Option<Version>) -> bool {
+        match self {
+            Precondition::None => true,
+            Precondition::IfMatch(expected) => live == Some(expected),
+            Precondition::Exists => live.is_some(),
+            Precondition::Absent => live.is_none(),
+        }
+    }
+}
+
 /// One entry of a unique index: the indexed field's value as text.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IndexEntry {

@@ -50,6 +50,18 @@ impl Version {
         u64::try_from(micros).unwrap_or(0).max(1)
     }
 
+    /// The version as the durable tiers store it (a signed 64-bit
+    /// integer); one above [`Version::MAX`] cannot be stored.
+    pub fn to_i64(self) -> crate::StoreResult<i64> {
+        i64::try_from(self.0)
+            .map_err(|_| crate::StoreError::internal(crate::Tier::Durable, "version out of range"))
+    }
+
+    /// A version as a durable tier stored it.
+    pub fn from_i64(value: i64) -> Version {
+        Version(value.max(0) as u64)
+    }
+
     /// Fixed-width decimal form, so that byte-wise string comparison orders
     /// versions correctly (used where only strings compare, e.g. Lua in Redis).
     pub fn to_padded(self) -> String {

@@ -26,8 +26,9 @@ use hybridstore_core::{ControlState, Error, Strategy};
 use serde::Serialize;
 
 use crate::journal::Journal;
-use crate::shared::{Shared, now};
+use crate::shared::Shared;
 use crate::strategy::Plan;
+use hybridstore_core::now;
 
 /// How often an instance re-reads the saved state (in case it missed a broadcast).
 const POLL_INTERVAL: Duration = Duration::from_secs(2);

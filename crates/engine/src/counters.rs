@@ -28,7 +28,8 @@ use hybridstore_core::{
 use time::OffsetDateTime;
 
 use crate::journal::backlog::Backlog;
-use crate::shared::{Shared, now};
+use crate::shared::Shared;
+use hybridstore_core::now;
 
 /// Most journaled increments read to seed or answer exactly; with more
 /// waiting, values are marked incomplete until the replay has caught up.

@@ -41,5 +41,5 @@ pub use stats::{
     EngineStats, Histogram, LatencySummary, Operation, OperationCounts, Outcome, TierStats,
 };
 pub use status::{HealthReport, MetricsReport, Overall, StatusReport};
-pub use strategy::{Plan, ReadPath, WritePath};
+pub use strategy::{OnMiss, Plan, ReadPath, WritePath};
 pub use transfer::ImportReport;

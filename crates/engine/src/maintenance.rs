@@ -33,7 +33,8 @@ use serde::Serialize;
 use crate::catalog::Collection;
 use crate::jobs::Jobs;
 use crate::jobs::{Job, JobView, Progress};
-use crate::shared::{Shared, now};
+use crate::shared::Shared;
+use hybridstore_core::now;
 
 /// Records per page read from either tier.
 const PAGE: usize = 500;

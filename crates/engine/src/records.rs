@@ -24,9 +24,10 @@ use time::OffsetDateTime;
 use crate::catalog::{Collection, index_value};
 use crate::journal::Journal;
 use crate::journal::settle::{Access, above};
-use crate::shared::{Shared, now};
+use crate::shared::Shared;
 use crate::stats::{Operation, Outcome};
-use crate::strategy::{Plan, ReadPath, WritePath};
+use crate::strategy::{OnMiss, Plan, ReadPath, WritePath};
+use hybridstore_core::now;
 
 /// One page of a listing.
 #[derive(Debug)]
@@ -336,18 +337,16 @@ impl Records {
         for _ in 0..PATCH_ATTEMPTS {
             let now = now();
             let current = self.current(collection, &key, now).await?;
-            let current = match (current, precondition) {
-                (None, _) => return Err(Error::NotFound("record not found".into())),
-                (Some(_), Precondition::Absent) => {
-                    return Err(Error::VersionConflict { current: None });
-                }
-                (Some(current), Precondition::IfMatch(expected)) if current.version != expected => {
-                    return Err(Error::VersionConflict {
-                        current: Some(current.version),
-                    });
-                }
-                (Some(current), _) => current,
+            let Some(current) = current else {
+                return Err(Error::NotFound("record not found".into()));
             };
+            if !precondition.admits(Some(current.version)) {
+                // A version is named only to a client that named one.
+                let named = matches!(precondition, Precondition::IfMatch(_));
+                return Err(Error::VersionConflict {
+                    current: named.then_some(current.version),
+                });
+            }
             let mut data = Value::Object(current.data);
             merge_patch(&mut data, &patch);
             let Value::Object(data) = data else {
@@ -390,7 +389,7 @@ impl Records {
         // A cache that answered "miss" holds no pinned copy of the key; if
         // it was not asked, or failed, the durable tier may be behind.
         let mut cache_missed = false;
-        if plan.read != ReadPath::DurableOnly {
+        if plan.reads_cache() {
             let entry = self.shared.cache.call(|t| t.get(key)).await;
             self.shared.stats.cache_lookup(
                 matches!(&entry, Ok(CacheEntry::Present(r)) if !r.is_expired(now))
@@ -405,13 +404,10 @@ impl Records {
                 Ok(_) => cache_missed = true,
                 Err(err) => self.shared.cache_read_failed(plan, "get", &err)?,
             }
-            match plan.read {
-                // The cache is the truth: a miss means no such record.
-                ReadPath::CacheAuthoritative => return Ok(None),
-                // A miss says nothing about the record while the durable tier
-                // that knows is down.
-                ReadPath::CacheOnly => return Err(self.shared.unavailable()),
-                _ => {}
+            match plan.on_miss() {
+                OnMiss::NotFound => return Ok(None),
+                OnMiss::Unavailable => return Err(self.shared.unavailable()),
+                OnMiss::Durable { .. } => {}
             }
         }
         if !cache_missed {
@@ -425,7 +421,7 @@ impl Records {
             .call(|t| t.get(key, now))
             .await
             .map_err(|err| self.shared.durable_failed(err))?;
-        if let (Some(record), ReadPath::CacheThenDurable) = (&record, plan.read) {
+        if let (Some(record), OnMiss::Durable { fill: true }) = (&record, plan.on_miss()) {
             self.cache_record(collection, record, now).await;
         }
         Ok(record)
@@ -559,7 +555,7 @@ impl Records {
         // Per id: Some(found) / None (known missing), or still unknown.
         let mut answers: Vec<Option<Option<Record>>> = vec![None; ids.len()];
         let mut cache_answered = false;
-        if plan.read != ReadPath::DurableOnly {
+        if plan.reads_cache() {
             let keys: Vec<RecordKey> = ids
                 .iter()
                 .map(|id| RecordKey::new(collection_name.clone(), id.clone()))
@@ -587,16 +583,19 @@ impl Records {
             .filter(|(_, answer)| answer.is_none())
             .map(|(id, _)| id.clone())
             .collect();
-        if plan.read != ReadPath::DurableOnly {
+        if plan.reads_cache() {
             let misses = unknown.len() as u64;
             self.shared
                 .stats
                 .cache_lookup(true, ids.len() as u64 - misses);
             self.shared.stats.cache_lookup(false, misses);
         }
-        if !unknown.is_empty() && plan.read == ReadPath::CacheOnly {
-            return Err(self.shared.unavailable());
-        }
+        let fill = match plan.on_miss() {
+            _ if unknown.is_empty() => false,
+            OnMiss::NotFound => false,
+            OnMiss::Unavailable => return Err(self.shared.unavailable()),
+            OnMiss::Durable { fill } => fill,
+        };
         if !unknown.is_empty() && !cache_answered {
             let keys: Vec<RecordKey> = unknown
                 .iter()
@@ -604,14 +603,14 @@ impl Records {
                 .collect();
             self.journal.settle(collection, &keys, Access::Read).await?;
         }
-        if !unknown.is_empty() && plan.read != ReadPath::CacheAuthoritative {
+        if !unknown.is_empty() && plan.on_miss() != OnMiss::NotFound {
             let mut fetched = self
                 .shared
                 .durable
                 .call(|t| t.get_many(collection_name, &unknown, now))
                 .await
                 .map_err(|err| self.shared.durable_failed(err))?;
-            if plan.read == ReadPath::CacheThenDurable {
+            if fill {
                 // Concurrent calls share the multiplexed connection: one
                 // pipelined burst instead of a round trip per record.
                 join_all(
@@ -655,7 +654,7 @@ impl Records {
         let index = collection.index(index)?;
         let plan = self.shared.plan_for(collection)?;
         let now = now();
-        if plan.read != ReadPath::DurableOnly {
+        if plan.reads_cache() {
             match self.lookup_cached(collection_name, index, value, now).await {
                 Ok(Some(record)) => {
                     self.shared.stats.cache_lookup(true, 1);
@@ -664,14 +663,13 @@ impl Records {
                 Ok(None) => {}
                 Err(err) => self.shared.cache_read_failed(plan, "lookup", &err)?,
             }
-        }
-        if plan.read != ReadPath::DurableOnly {
             self.shared.stats.cache_lookup(false, 1);
         }
-        if plan.read == ReadPath::CacheOnly {
-            return Err(self.shared.unavailable());
-        }
-        let cached = plan.read == ReadPath::CacheThenDurable;
+        let cached = match plan.on_miss() {
+            OnMiss::NotFound => return Ok(None),
+            OnMiss::Unavailable => return Err(self.shared.unavailable()),
+            OnMiss::Durable { fill } => fill,
+        };
         let mut record = self
             .shared
             .durable

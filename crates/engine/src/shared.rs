@@ -94,13 +94,6 @@ pub(crate) fn instance_id() -> String {
     format!("hs-{}-{:x}", std::process::id(), nanos)
 }
 
-/// Wall-clock time at the precision both tiers store (microseconds).
-pub(crate) fn now() -> OffsetDateTime {
-    let now = OffsetDateTime::now_utc();
-    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
-        .unwrap_or(now)
-}
-
 impl Shared {
     /// A cache failure on the journaled path: the write cannot be taken.
     pub(crate) fn journal_failed(&self, err: StoreError) -> Error {

@@ -66,6 +66,19 @@ pub struct Plan {
     pub read: ReadPath,
 }
 
+/// What a read does about a key the cache does not hold (see
+/// [`Plan::on_miss`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnMiss {
+    /// The cache is the truth: there is no such record.
+    NotFound,
+    /// The durable tier that would know is down: the answer is unknown.
+    Unavailable,
+    /// The durable tier answers; `fill`: what it finds is offered to the
+    /// cache.
+    Durable { fill: bool },
+}
+
 impl Plan {
     pub fn of(strategy: Strategy) -> Plan {
         use ReadPath as R;
@@ -89,6 +102,18 @@ impl Plan {
     /// Whether reads may be answered from the cache.
     pub fn reads_cache(self) -> bool {
         self.read != ReadPath::DurableOnly
+    }
+
+    /// What a read does about a key the cache was asked for and did not
+    /// hold (or did not answer for, when the durable tier can answer
+    /// instead): the one rule every read path follows.
+    pub fn on_miss(self) -> OnMiss {
+        match self.read {
+            ReadPath::CacheAuthoritative => OnMiss::NotFound,
+            ReadPath::CacheOnly => OnMiss::Unavailable,
+            ReadPath::CacheThenDurable => OnMiss::Durable { fill: true },
+            ReadPath::DurableOnly => OnMiss::Durable { fill: false },
+        }
     }
 
     /// Whether this plan keeps copies in the cache at all.

@@ -2,9 +2,6 @@
 
 use super::*;
 
-/// How long an applied increment id is remembered (a retry comes sooner).
-const OP_MARKER_TTL: Duration = Duration::from_secs(2 * 86_400);
-
 const COUNTER_STREAM: &str = "counters";
 
 fn bucket_key(scope: &CounterScope, bucket: &Bucket) -> BucketKey {
@@ -63,9 +60,10 @@ impl CacheCounters for MemoryCache {
             held.values.extend(bucket_values.values.iter().cloned());
             held.expires_at = bucket_values.bucket.expires_at;
         }
-        state
-            .op_markers
-            .insert(increment.op_id.clone(), deadline(OP_MARKER_TTL));
+        state.op_markers.insert(
+            increment.op_id.clone(),
+            deadline(hybridstore_core::OP_ID_RETENTION),
+        );
         state.counter_journal().append(increment.clone());
         Ok(CacheIncrementOutcome::Applied(applied))
     }

@@ -23,13 +23,7 @@ impl CacheJournal for MemoryCache {
             .and_then(|copy| copy.record.as_ref())
             .filter(|record| !record.is_expired(write.now));
         let current_version = current.as_ref().map(|copy| copy.version);
-        let allowed = match write.precondition {
-            Precondition::None => true,
-            Precondition::IfMatch(expected) => live.is_some_and(|r| r.version == expected),
-            Precondition::Exists => live.is_some(),
-            Precondition::Absent => live.is_none(),
-        };
-        if !allowed {
+        if !write.precondition.admits(live.map(|record| record.version)) {
             return Ok(CacheWriteOutcome::Conflict {
                 current: current_version,
             });

@@ -32,8 +32,8 @@ use hybridstore_core::{
     CachedState, Change, CollectionName, ControlChannel, ControlState, CopyOutcome,
     CounterIncrement, CounterJournalEntry, CounterScope, FieldName, Granularity, IdempotencyClaim,
     IdempotencyLedger, IndexName, JournalAck, JournalEntry, JournalKind, JournalPosition, ListPage,
-    ListQuery, PageBuilder, Precondition, Record, RecordId, RecordKey, ReplayBounds, StoreError,
-    StoreResult, Tier, Version, WriteChange, json_size, prefix_upper_bound,
+    ListQuery, PageBuilder, Record, RecordId, RecordKey, ReplayBounds, StoreError, StoreResult,
+    Tier, Version, WriteChange, json_size, prefix_upper_bound,
 };
 use time::OffsetDateTime;
 use tokio::sync::broadcast;

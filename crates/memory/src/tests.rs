@@ -2,6 +2,7 @@
 //! (The engine suite in `tests/it` runs the whole service over it too.)
 
 use super::*;
+use hybridstore_core::Precondition;
 
 fn key(id: &str) -> RecordKey {
     RecordKey::new(

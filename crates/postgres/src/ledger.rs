@@ -58,7 +58,7 @@ impl CacheLedger for PostgresStore {
         for (key, version) in held {
             collections.push(key.collection.as_str());
             ids.push(key.id.as_str());
-            versions.push(version_param(*version)?);
+            versions.push(version.to_i64()?);
         }
         sqlx::query(HOLD)
             .bind(&collections)

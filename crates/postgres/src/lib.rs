@@ -130,15 +130,6 @@ fn classify(err: sqlx::Error) -> StoreError {
     }
 }
 
-fn version_param(version: Version) -> StoreResult<i64> {
-    i64::try_from(version.get())
-        .map_err(|_| StoreError::internal(Tier::Durable, "version out of range"))
-}
-
-fn version_from(value: i64) -> Version {
-    Version::new(value.max(0) as u64)
-}
-
 /// The columns `record_from_row` reads, from a `records` row aliased `r`.
 macro_rules! record_columns {
     () => {
@@ -153,7 +144,7 @@ fn record_from_row(collection: &CollectionName, row: &PgRow) -> StoreResult<Reco
     Ok(Record {
         collection: collection.clone(),
         id,
-        version: version_from(row.try_get("version").map_err(classify)?),
+        version: Version::from_i64(row.try_get("version").map_err(classify)?),
         data,
         created_at: row.try_get("created_at").map_err(classify)?,
         updated_at: row.try_get("updated_at").map_err(classify)?,
@@ -317,7 +308,7 @@ impl ApplyColumns {
         let key = change.key();
         self.collection.push(key.collection.to_string());
         self.id.push(key.id.to_string());
-        self.version.push(version_param(change.version())?);
+        self.version.push(change.version().to_i64()?);
         match change {
             Change::Put(record) => {
                 self.data.push(Json(record.data.clone()));

@@ -74,7 +74,7 @@ impl DurableRecords for PostgresStore {
         now: OffsetDateTime,
     ) -> StoreResult<Version> {
         let expected = match precondition {
-            Precondition::IfMatch(v) => Some(version_param(v)?),
+            Precondition::IfMatch(v) => Some(v.to_i64()?),
             Precondition::None | Precondition::Exists => None,
             // "Only if it does not exist": there is nothing to delete either way.
             Precondition::Absent => {
@@ -87,14 +87,14 @@ impl DurableRecords for PostgresStore {
         let row = sqlx::query(DELETE_LIVE)
             .bind(key.collection.as_str())
             .bind(key.id.as_str())
-            .bind(version_param(Version::next(None, now))?)
+            .bind(Version::next(None, now).to_i64()?)
             .bind(now)
             .bind(expected)
             .fetch_optional(&self.pool)
             .await
             .map_err(classify)?;
         if let Some(row) = row {
-            return Ok(version_from(row.try_get("version").map_err(classify)?));
+            return Ok(Version::from_i64(row.try_get("version").map_err(classify)?));
         }
         // Nothing deleted: tell "no such record" from "wrong version".
         match (precondition, self.get(key, now).await?) {
@@ -155,7 +155,7 @@ impl PostgresStore {
         executor: impl PgExecutor<'e>,
         write: &RecordWrite,
     ) -> StoreResult<Option<PgRow>> {
-        let version = version_param(Version::next(None, write.now))?;
+        let version = Version::next(None, write.now).to_i64()?;
         // $7 is the precondition: "must be absent" for the upsert, the expected
         // version (or NULL for "any") for the update of a live record.
         enum Guard {
@@ -171,7 +171,7 @@ impl PostgresStore {
             },
             Precondition::Exists => Guard::UpdateLive { expected: None },
             Precondition::IfMatch(v) => Guard::UpdateLive {
-                expected: Some(version_param(v)?),
+                expected: Some(v.to_i64()?),
             },
         };
         let sql = match guard {
@@ -200,7 +200,7 @@ impl PostgresStore {
             record: Record {
                 collection: write.key.collection.clone(),
                 id: write.key.id.clone(),
-                version: version_from(version),
+                version: Version::from_i64(version),
                 data: write.data.clone(),
                 created_at: row.try_get("created_at").map_err(classify)?,
                 updated_at: row.try_get("updated_at").map_err(classify)?,

@@ -35,15 +35,10 @@ const GET_STATES: &str = concat!(
 const PURGE_COUNTERS: &str = "DELETE FROM counters WHERE ctid IN (\
     SELECT ctid FROM counters WHERE expires_at <= $1 LIMIT $2)";
 
-/// Applied-increment ids are kept this long (replays come within seconds).
-const COUNTER_OPS_RETENTION: time::Duration = time::Duration::days(2);
-
-const PURGE_BATCH: &str = "DELETE FROM records WHERE ctid IN (\
+const PURGE_RECORDS: &str = "DELETE FROM records WHERE ctid IN (\
     SELECT ctid FROM records WHERE expires_at <= $1 \
     UNION ALL SELECT ctid FROM records WHERE deleted AND updated_at <= $2 \
     LIMIT $3)";
-
-const PURGE_BATCH_SIZE: i64 = 1000;
 
 #[async_trait]
 impl DurableStates for PostgresStore {
@@ -158,34 +153,34 @@ impl DurableStates for PostgresStore {
         let tombstones_before = now - tombstone_retention;
         let mut purged = 0;
         loop {
-            let done = sqlx::query(PURGE_BATCH)
+            let done = sqlx::query(PURGE_RECORDS)
                 .bind(now)
                 .bind(tombstones_before)
-                .bind(PURGE_BATCH_SIZE)
+                .bind(hybridstore_core::PURGE_BATCH as i64)
                 .execute(&self.pool)
                 .await
                 .map_err(classify)?
                 .rows_affected();
             purged += done;
-            if done < PURGE_BATCH_SIZE as u64 {
+            if done < hybridstore_core::PURGE_BATCH as u64 {
                 break;
             }
         }
         loop {
             let done = sqlx::query(PURGE_COUNTERS)
                 .bind(now)
-                .bind(PURGE_BATCH_SIZE)
+                .bind(hybridstore_core::PURGE_BATCH as i64)
                 .execute(&self.pool)
                 .await
                 .map_err(classify)?
                 .rows_affected();
             purged += done;
-            if done < PURGE_BATCH_SIZE as u64 {
+            if done < hybridstore_core::PURGE_BATCH as u64 {
                 break;
             }
         }
         sqlx::query("DELETE FROM counter_ops WHERE applied_at < $1")
-            .bind(now - COUNTER_OPS_RETENTION)
+            .bind(now - hybridstore_core::OP_ID_RETENTION)
             .execute(&self.pool)
             .await
             .map_err(classify)?;

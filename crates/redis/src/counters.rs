@@ -2,9 +2,6 @@
 
 use super::*;
 
-/// How long an applied increment id is remembered (a retry comes sooner).
-const OP_MARKER_TTL: Duration = Duration::from_secs(2 * 86_400);
-
 fn expiry_arg(bucket: &Bucket) -> String {
     bucket
         .expires_at
@@ -83,7 +80,7 @@ impl CacheCounters for RedisStore {
         for bucket in &increment.buckets {
             invocation.arg(expiry_arg(bucket));
         }
-        invocation.arg(ttl_millis(OP_MARKER_TTL));
+        invocation.arg(ttl_millis(hybridstore_core::OP_ID_RETENTION));
         let reply: Vec<redis::Value> = invocation
             .invoke_async(&mut self.conn.clone())
             .await

@@ -23,7 +23,7 @@ fn decode_journal_entry(
     let id = RecordId::parse(&text("id")?).map_err(|err| corrupt(err.to_string()))?;
     let key = RecordKey::new(collection, id);
     let version = parse_version(&text("v")?)?;
-    let updated_at = from_micros(number("u")?)?;
+    let updated_at = Micros::new(number("u")?).time(Tier::Cache)?;
     let change = match text("op")?.as_str() {
         "put" => {
             let expires = text("x")?;
@@ -32,13 +32,14 @@ fn decode_journal_entry(
                 id: key.id,
                 version,
                 data: parse_data(text("d")?.as_bytes())?,
-                created_at: from_micros(number("c")?)?,
+                created_at: Micros::new(number("c")?).time(Tier::Cache)?,
                 updated_at,
                 expires_at: match expires.as_str() {
                     "" => None,
-                    micros => Some(from_micros(
-                        micros.parse().map_err(|_| corrupt("bad expiry".into()))?,
-                    )?),
+                    micros => Some(
+                        Micros::new(micros.parse().map_err(|_| corrupt("bad expiry".into()))?)
+                            .time(Tier::Cache)?,
+                    ),
                 },
             })
         }
@@ -75,7 +76,7 @@ impl CacheJournal for RedisStore {
                 serde_json::to_string(data)
                     .map_err(|err| StoreError::internal(Tier::Cache, err))?,
                 expires_at
-                    .map(micros)
+                    .map(|at| Micros::of(at).get())
                     .map(|x| x.to_string())
                     .unwrap_or_default(),
             ),
@@ -102,7 +103,7 @@ impl CacheJournal for RedisStore {
             .arg(precondition)
             .arg(expected)
             .arg(data)
-            .arg(micros(write.now))
+            .arg(Micros::of(write.now).get())
             .arg(expires)
             .arg(if write.unknown_state_ok { "1" } else { "0" })
             .arg(write.key.collection.as_str())
@@ -117,11 +118,12 @@ impl CacheJournal for RedisStore {
             "ok" => Ok(CacheWriteOutcome::Written {
                 version: parse_version(field(1))?,
                 created: field(2) == "1",
-                created_at: from_micros(
+                created_at: Micros::new(
                     field(3)
                         .parse()
                         .map_err(|_| corrupt("bad created_at".into()))?,
-                )?,
+                )
+                .time(Tier::Cache)?,
             }),
             "unknown" => Ok(CacheWriteOutcome::UnknownState),
             "conflict" => Ok(CacheWriteOutcome::Conflict {

@@ -21,8 +21,9 @@ use hybridstore_core::{
     CachedState, Change, CollectionName, ControlChannel, ControlState, CopyOutcome,
     CounterIncrement, CounterJournalEntry, CounterScope, FieldName, IdempotencyClaim,
     IdempotencyLedger, IndexName, JournalAck, JournalEntry, JournalKind, JournalPosition,
-    JsonObject, ListPage, ListQuery, MAX_DEAD_LETTERS, PageBuilder, Precondition, Record, RecordId,
-    RecordKey, ReplayBounds, StoreError, StoreResult, Tier, Version, WriteChange, json_size,
+    JsonObject, ListPage, ListQuery, MAX_DEAD_LETTERS, Micros, PageBuilder, Precondition, Record,
+    RecordId, RecordKey, ReplayBounds, StoreError, StoreResult, Tier, Version, WriteChange,
+    json_size,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
@@ -113,15 +114,6 @@ fn ttl_millis(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-fn micros(at: OffsetDateTime) -> i64 {
-    (at.unix_timestamp_nanos() / 1_000) as i64
-}
-
-fn from_micros(value: i64) -> StoreResult<OffsetDateTime> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(value) * 1_000)
-        .map_err(|err| corrupt(format!("bad cached timestamp {value}: {err}")))
-}
-
 fn parse_version(text: &str) -> StoreResult<Version> {
     text.parse()
         .map_err(|err| corrupt(format!("bad cached version {text:?}: {err}")))
@@ -171,9 +163,11 @@ fn decode_entry(key: &RecordKey, raw: RawEntry) -> StoreResult<CacheEntry> {
         id: key.id.clone(),
         version,
         data: parse_data(&data)?,
-        created_at: from_micros(created.ok_or_else(|| missing("created_at"))?)?,
-        updated_at: from_micros(updated.ok_or_else(|| missing("updated_at"))?)?,
-        expires_at: expires.map(from_micros).transpose()?,
+        created_at: Micros::new(created.ok_or_else(|| missing("created_at"))?).time(Tier::Cache)?,
+        updated_at: Micros::new(updated.ok_or_else(|| missing("updated_at"))?).time(Tier::Cache)?,
+        expires_at: expires
+            .map(|at| Micros::new(at).time(Tier::Cache))
+            .transpose()?,
     }))
 }
 
@@ -189,15 +183,22 @@ fn copy_args(
         Some(record) => {
             let data = serde_json::to_vec(&record.data)
                 .map_err(|err| StoreError::internal(Tier::Cache, err))?;
-            let expires = record.expires_at.map(micros).map(|x| x.to_string());
+            let expires = record
+                .expires_at
+                .map(|at| Micros::of(at).get())
+                .map(|x| x.to_string());
             invocation
                 .arg(data)
-                .arg(micros(record.created_at))
-                .arg(micros(record.updated_at))
+                .arg(Micros::of(record.created_at).get())
+                .arg(Micros::of(record.updated_at).get())
                 .arg(expires.unwrap_or_default());
         }
         None => {
-            invocation.arg("").arg("").arg(micros(deleted_at)).arg("");
+            invocation
+                .arg("")
+                .arg("")
+                .arg(Micros::of(deleted_at).get())
+                .arg("");
         }
     }
     Ok(())

@@ -11,7 +11,7 @@ fn decode_scanned(key: RecordKey, raw: RawScanned) -> StoreResult<Option<CachedS
         CacheEntry::Deleted(version) => Change::Delete {
             key,
             version,
-            at: from_micros(updated.unwrap_or_default())?,
+            at: Micros::new(updated.unwrap_or_default()).time(Tier::Cache)?,
         },
     };
     Ok(Some(CachedState {

@@ -34,7 +34,7 @@ impl DurableControl for SqliteStore {
             i64::try_from(state.revision).map_err(|_| corrupt("control revision out of range"))?;
         let value =
             serde_json::to_string(state).map_err(|err| StoreError::internal(Tier::Durable, err))?;
-        let now = micros(OffsetDateTime::now_utc());
+        let now = Micros::of(OffsetDateTime::now_utc()).get();
         self.write(move |tx| {
             tx.execute(SAVE_CONTROL, params![revision, value, now])
                 .map(|changed| changed > 0)

@@ -9,7 +9,7 @@ const SCAN_COUNTERS: &str = "SELECT scope, granularity, bucket_start, field, nan
     ORDER BY scope, granularity, bucket_start, field LIMIT ?6";
 
 fn apply_increments_in(tx: &Connection, increments: &[CounterIncrement]) -> StoreResult<usize> {
-    let applied_at = micros(OffsetDateTime::now_utc());
+    let applied_at = Micros::of(OffsetDateTime::now_utc()).get();
     // One value per (scope, bucket, field): many increments, one write.
     type ValueKey = (String, Granularity, i64, String);
     let mut sums: BTreeMap<ValueKey, (Amount, Option<i64>)> = BTreeMap::new();
@@ -30,12 +30,13 @@ fn apply_increments_in(tx: &Connection, increments: &[CounterIncrement]) -> Stor
                 let key = (
                     increment.scope.to_string(),
                     bucket.granularity,
-                    micros(bucket.start),
+                    Micros::of(bucket.start).get(),
                     field.to_string(),
                 );
-                let entry = sums
-                    .entry(key)
-                    .or_insert((Amount::ZERO, bucket.expires_at.map(micros)));
+                let entry = sums.entry(key).or_insert((
+                    Amount::ZERO,
+                    bucket.expires_at.map(|at| Micros::of(at).get()),
+                ));
                 entry.0 =
                     entry
                         .0
@@ -141,10 +142,12 @@ fn decode_counter_value(
         scope: CounterScope::parse(&scope).map_err(|err| corrupt(err.to_string()))?,
         granularity: Granularity::parse(&granularity)
             .ok_or_else(|| corrupt(format!("unknown granularity {granularity:?}")))?,
-        bucket_start: from_micros(start)?,
+        bucket_start: Micros::new(start).time(Tier::Durable)?,
         field: FieldName::parse(&field).map_err(|err| corrupt(err.to_string()))?,
         value: amount_from(&nanos)?,
-        expires_at: expires_at.map(from_micros).transpose()?,
+        expires_at: expires_at
+            .map(|at| Micros::new(at).time(Tier::Durable))
+            .transpose()?,
     })
 }
 
@@ -184,7 +187,7 @@ impl DurableCounters for SqliteStore {
                     params![
                         scope.as_str(),
                         bucket.granularity.as_str(),
-                        micros(bucket.start)
+                        Micros::of(bucket.start).get()
                     ],
                     |row| {
                         Ok((
@@ -206,7 +209,9 @@ impl DurableCounters for SqliteStore {
                     bucket: Bucket {
                         granularity: bucket.granularity,
                         start: bucket.start,
-                        expires_at: expires_at.map(from_micros).transpose()?,
+                        expires_at: expires_at
+                            .map(|at| Micros::new(at).time(Tier::Durable))
+                            .transpose()?,
                     },
                     values: fields,
                 });
@@ -242,9 +247,9 @@ impl DurableCounters for SqliteStore {
                 params![
                     after.as_ref().map(|a| a.scope.as_str()),
                     after.as_ref().map(|a| a.granularity.as_str()),
-                    after.as_ref().map(|a| micros(a.bucket_start)),
+                    after.as_ref().map(|a| Micros::of(a.bucket_start).get()),
                     after.as_ref().map(|a| a.field.as_str()),
-                    micros(now),
+                    Micros::of(now).get(),
                     i64::try_from(limit).unwrap_or(i64::MAX),
                 ],
                 counter_value_from,
@@ -270,11 +275,11 @@ impl DurableCounters for SqliteStore {
                         (
                             value.scope.as_str(),
                             value.granularity,
-                            micros(value.bucket_start),
+                            Micros::of(value.bucket_start).get(),
                             value.field.as_str(),
                         ),
                         value.value,
-                        value.expires_at.map(micros),
+                        value.expires_at.map(|at| Micros::of(at).get()),
                         force,
                     )
                 })

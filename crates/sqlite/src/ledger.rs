@@ -19,7 +19,7 @@ impl CacheLedger for SqliteStore {
     }
 
     async fn bump_cache_generation(&self) -> StoreResult<u64> {
-        let now = micros(OffsetDateTime::now_utc());
+        let now = Micros::of(OffsetDateTime::now_utc()).get();
         self.write(move |tx| {
             tx.query_row(
                 "INSERT INTO control (name, revision, value, updated_at) VALUES ('cache', 1, '{}', ?1) \

@@ -26,8 +26,8 @@ use hybridstore_core::{
     Amount, ApplyMode, Backend, Bucket, BucketValues, CacheLedger, Change, CollectionName,
     ControlState, CounterIncrement, CounterScope, CounterValue, DurableControl, DurableCounters,
     DurableRecords, DurableStates, FieldName, Granularity, IndexEntry, IndexName, JsonObject,
-    ListPage, ListQuery, PageBuilder, Precondition, Record, RecordId, RecordKey, RecordWrite,
-    StoreError, StoreResult, Tier, Version, WriteOutcome, prefix_upper_bound,
+    ListPage, ListQuery, Micros, PageBuilder, Precondition, Record, RecordId, RecordKey,
+    RecordWrite, StoreError, StoreResult, Tier, Version, WriteOutcome, prefix_upper_bound,
 };
 use rusqlite::{
     Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior,
@@ -84,23 +84,6 @@ fn classify(err: rusqlite::Error) -> StoreError {
 
 fn corrupt(what: impl Into<String>) -> StoreError {
     StoreError::internal(Tier::Durable, what.into())
-}
-
-fn micros(at: OffsetDateTime) -> i64 {
-    (at.unix_timestamp_nanos() / 1_000) as i64
-}
-
-fn from_micros(value: i64) -> StoreResult<OffsetDateTime> {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(value) * 1_000)
-        .map_err(|err| corrupt(format!("bad stored time {value}: {err}")))
-}
-
-fn version_param(version: Version) -> StoreResult<i64> {
-    i64::try_from(version.get()).map_err(|_| corrupt("version out of range"))
-}
-
-fn version_from(value: i64) -> Version {
-    Version::new(value.max(0) as u64)
 }
 
 /// A record is live when it is neither deleted nor expired at `?now`.
@@ -164,11 +147,14 @@ impl StoredRow {
         Ok(Record {
             collection: collection.clone(),
             id: RecordId::parse(&self.id).map_err(|err| corrupt(err.to_string()))?,
-            version: version_from(self.version),
+            version: Version::from_i64(self.version),
             data,
-            created_at: from_micros(self.created_at)?,
-            updated_at: from_micros(self.updated_at)?,
-            expires_at: self.expires_at.map(from_micros).transpose()?,
+            created_at: Micros::new(self.created_at).time(Tier::Durable)?,
+            updated_at: Micros::new(self.updated_at).time(Tier::Durable)?,
+            expires_at: self
+                .expires_at
+                .map(|at| Micros::new(at).time(Tier::Durable))
+                .transpose()?,
         })
     }
 
@@ -464,7 +450,9 @@ fn claim_index_entries(
                     key.collection.clone(),
                     RecordId::parse(&holder).map_err(|err| corrupt(err.to_string()))?,
                 );
-                if Current::of(tx, &holder_key)?.is_some_and(|row| row.is_live(micros(now))) {
+                if Current::of(tx, &holder_key)?
+                    .is_some_and(|row| row.is_live(Micros::of(now).get()))
+                {
                     return Err(StoreError::UniqueViolation {
                         index: entry.index.to_string(),
                         value: entry.value.clone(),

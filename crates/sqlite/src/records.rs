@@ -35,26 +35,21 @@ const LOOKUP_LIVE: &str = concat!(
 );
 
 fn put_in(tx: &Connection, write: &RecordWrite) -> StoreResult<WriteOutcome> {
-    let now = micros(write.now);
+    let now = Micros::of(write.now).get();
     let current = Current::of(tx, &write.key)?;
-    let live = current.as_ref().is_some_and(|row| row.is_live(now));
-    let allowed = match write.precondition {
-        Precondition::None => true,
-        Precondition::Absent => !live,
-        Precondition::Exists => live,
-        Precondition::IfMatch(expected) => {
-            live && current.as_ref().map(|row| row.version) == Some(version_param(expected)?)
-        }
-    };
-    if !allowed {
+    let live = current
+        .as_ref()
+        .filter(|row| row.is_live(now))
+        .map(|row| Version::from_i64(row.version));
+    if !write.precondition.admits(live) {
         return Err(StoreError::PreconditionFailed);
     }
-    let clock = version_param(Version::next(None, write.now))?;
+    let clock = Version::next(None, write.now).to_i64()?;
     let version = current
         .as_ref()
         .map_or(clock, |row| clock.max(row.version + 1));
     let (created_version, created_at) = match &current {
-        Some(row) if live => (row.created_version, row.created_at),
+        Some(row) if live.is_some() => (row.created_version, row.created_at),
         _ => (version, now),
     };
     let data = data_text(&write.data)?;
@@ -65,7 +60,7 @@ fn put_in(tx: &Connection, write: &RecordWrite) -> StoreResult<WriteOutcome> {
         data: &data,
         created_at,
         updated_at: now,
-        expires_at: write.expires_at.map(micros),
+        expires_at: write.expires_at.map(|at| Micros::of(at).get()),
         deleted: false,
     }
     .write(tx)?;
@@ -77,18 +72,13 @@ fn put_in(tx: &Connection, write: &RecordWrite) -> StoreResult<WriteOutcome> {
         record: Record {
             collection: write.key.collection.clone(),
             id: write.key.id.clone(),
-            version: version_from(version),
+            version: Version::from_i64(version),
             data: write.data.clone(),
-            created_at: from_micros(created_at)?,
-            updated_at: from_micros(now)?,
-            expires_at: write.expires_at.map(truncated).transpose()?,
+            created_at: Micros::new(created_at).time(Tier::Durable)?,
+            updated_at: Micros::new(now).time(Tier::Durable)?,
+            expires_at: write.expires_at.map(Micros::truncate),
         },
     })
-}
-
-/// `at` as the tier stores it (microseconds: what a read gives back).
-fn truncated(at: OffsetDateTime) -> StoreResult<OffsetDateTime> {
-    from_micros(micros(at))
 }
 
 fn delete_in(
@@ -97,19 +87,15 @@ fn delete_in(
     precondition: Precondition,
     at: OffsetDateTime,
 ) -> StoreResult<Version> {
-    let now = micros(at);
+    let now = Micros::of(at).get();
     let current = Current::of(tx, key)?;
     let Some(row) = current.filter(|row| row.is_live(now)) else {
         return Err(StoreError::NotFound);
     };
-    match precondition {
-        Precondition::Absent => return Err(StoreError::PreconditionFailed),
-        Precondition::IfMatch(expected) if version_param(expected)? != row.version => {
-            return Err(StoreError::PreconditionFailed);
-        }
-        _ => {}
+    if !precondition.admits(Some(Version::from_i64(row.version))) {
+        return Err(StoreError::PreconditionFailed);
     }
-    let version = version_param(Version::next(None, at))?.max(row.version + 1);
+    let version = Version::next(None, at).to_i64()?.max(row.version + 1);
     NewRow {
         key,
         version,
@@ -121,7 +107,7 @@ fn delete_in(
         deleted: true,
     }
     .write(tx)?;
-    Ok(version_from(version))
+    Ok(Version::from_i64(version))
 }
 
 #[async_trait]
@@ -133,7 +119,11 @@ impl DurableRecords for SqliteStore {
             let rows = query_all(
                 tx,
                 GET_LIVE,
-                params![key.collection.as_str(), key.id.as_str(), micros(now)],
+                params![
+                    key.collection.as_str(),
+                    key.id.as_str(),
+                    Micros::of(now).get()
+                ],
                 StoredRow::read,
             )?;
             rows.into_iter()
@@ -158,7 +148,7 @@ impl DurableRecords for SqliteStore {
                 let rows = query_all(
                     tx,
                     GET_LIVE,
-                    params![collection.as_str(), id.as_str(), micros(now)],
+                    params![collection.as_str(), id.as_str(), Micros::of(now).get()],
                     StoredRow::read,
                 )?;
                 for row in rows {
@@ -201,7 +191,7 @@ impl DurableRecords for SqliteStore {
                     query.after.as_ref().map_or("", RecordId::as_str),
                     prefix,
                     prefix_upper_bound(prefix),
-                    micros(query.now),
+                    Micros::of(query.now).get(),
                     i64::from(query.limit) + 1,
                     i64::try_from(query.max_bytes).unwrap_or(i64::MAX),
                 ],
@@ -231,7 +221,12 @@ impl DurableRecords for SqliteStore {
             let rows = query_all(
                 tx,
                 LOOKUP_LIVE,
-                params![collection.as_str(), index.as_str(), value, micros(now)],
+                params![
+                    collection.as_str(),
+                    index.as_str(),
+                    value,
+                    Micros::of(now).get()
+                ],
                 StoredRow::read,
             )?;
             rows.into_iter()

@@ -2,9 +2,6 @@
 
 use super::*;
 
-/// Applied-increment ids are kept this long (replays come within seconds).
-const COUNTER_OPS_RETENTION: time::Duration = time::Duration::days(2);
-
 const GET_STATE: &str = concat!(
     "SELECT ",
     row_columns!(),
@@ -18,23 +15,21 @@ const SCAN_STATES: &str = concat!(
     "ORDER BY id LIMIT ?4"
 );
 
-const PURGE_BATCH: &str = "DELETE FROM records WHERE (collection, id) IN (\
+const PURGE_RECORDS: &str = "DELETE FROM records WHERE (collection, id) IN (\
     SELECT collection, id FROM records WHERE expires_at <= ?1 \
     UNION ALL SELECT collection, id FROM records WHERE deleted AND updated_at <= ?2 LIMIT ?3)";
-
-const PURGE_BATCH_SIZE: i64 = 1000;
 
 /// Applies one change carried over from the cache tier; whether it was.
 fn apply_in(tx: &Connection, change: &Change, force: bool) -> StoreResult<bool> {
     let key = change.key();
-    let version = version_param(change.version())?;
+    let version = change.version().to_i64()?;
     let current = Current::of(tx, &key)?;
     if !force && current.as_ref().is_some_and(|row| row.version >= version) {
         return Ok(false);
     }
     let row = match change {
         Change::Put(record) => {
-            let updated_at = micros(record.updated_at);
+            let updated_at = Micros::of(record.updated_at).get();
             let kept = current.as_ref().filter(|row| row.is_live(updated_at));
             let data = data_text(&record.data)?;
             return NewRow {
@@ -42,9 +37,9 @@ fn apply_in(tx: &Connection, change: &Change, force: bool) -> StoreResult<bool> 
                 version,
                 created_version: kept.map_or(version, |row| row.created_version),
                 data: &data,
-                created_at: kept.map_or(micros(record.created_at), |row| row.created_at),
+                created_at: kept.map_or(Micros::of(record.created_at).get(), |row| row.created_at),
                 updated_at,
-                expires_at: record.expires_at.map(micros),
+                expires_at: record.expires_at.map(|at| Micros::of(at).get()),
                 deleted: false,
             }
             .write(tx)
@@ -55,8 +50,10 @@ fn apply_in(tx: &Connection, change: &Change, force: bool) -> StoreResult<bool> 
             version,
             created_version: current.as_ref().map_or(version, |row| row.created_version),
             data: "{}",
-            created_at: current.as_ref().map_or(micros(*at), |row| row.created_at),
-            updated_at: micros(*at),
+            created_at: current
+                .as_ref()
+                .map_or(Micros::of(*at).get(), |row| row.created_at),
+            updated_at: Micros::of(*at).get(),
             expires_at: None,
             deleted: true,
         },
@@ -95,7 +92,7 @@ impl DurableStates for SqliteStore {
                 params![
                     collection.as_str(),
                     after.as_ref().map_or("", RecordId::as_str),
-                    micros(now),
+                    Micros::of(now).get(),
                     i64::try_from(limit).unwrap_or(i64::MAX),
                 ],
                 StoredRow::read,
@@ -121,7 +118,7 @@ impl DurableStates for SqliteStore {
                 let rows = query_all(
                     tx,
                     GET_STATE,
-                    params![collection.as_str(), id.as_str(), micros(now)],
+                    params![collection.as_str(), id.as_str(), Micros::of(now).get()],
                     StoredRow::read,
                 )?;
                 for row in rows {
@@ -164,22 +161,26 @@ impl DurableStates for SqliteStore {
         now: OffsetDateTime,
         tombstone_retention: Duration,
     ) -> StoreResult<u64> {
-        let (now, tombstones_before) = (micros(now), micros(now - tombstone_retention));
-        let ops_before = micros(OffsetDateTime::now_utc() - COUNTER_OPS_RETENTION);
+        let (now, tombstones_before) = (
+            Micros::of(now).get(),
+            Micros::of(now - tombstone_retention).get(),
+        );
+        let ops_before =
+            Micros::of(OffsetDateTime::now_utc() - hybridstore_core::OP_ID_RETENTION).get();
         let mut purged = 0;
         // Batches: the writer is not held for long at a time.
         loop {
             let done = self
                 .write(move |tx| {
                     tx.execute(
-                        PURGE_BATCH,
-                        params![now, tombstones_before, PURGE_BATCH_SIZE],
+                        PURGE_RECORDS,
+                        params![now, tombstones_before, hybridstore_core::PURGE_BATCH as i64],
                     )
                     .map_err(classify)
                 })
                 .await?;
             purged += done as u64;
-            if (done as i64) < PURGE_BATCH_SIZE {
+            if (done as usize) < hybridstore_core::PURGE_BATCH {
                 break;
             }
         }

@@ -28,7 +28,7 @@ pub use idempotency::{IdempotencyClaim, IdempotencyLedger, ReplayBounds};
 pub use journal::CacheJournal;
 pub use records::{
     ApplyMode, CacheEntry, CacheRecords, CacheStates, CachedState, CopyOutcome, DurableRecords,
-    DurableStates,
+    DurableStates, PURGE_BATCH,
 };
 pub use recovery::{CacheLedger, CacheRecovery};
 

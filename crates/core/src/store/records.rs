@@ -17,6 +17,10 @@ use crate::{
     RecordId, RecordKey, RecordWrite, StoreResult, Version, WriteOutcome,
 };
 
+/// How many rows a durable tier's purge removes per statement: a purge of
+/// millions of expired rows holds no lock for long.
+pub const PURGE_BATCH: usize = 1000;
+
 /// How a state carried over from the other tier is applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ApplyMode {

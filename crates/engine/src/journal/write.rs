@@ -229,14 +229,12 @@ impl Journal {
         if collection.index_entries(&current.data)?.as_deref() != Some(entries) {
             return Err(self.shared.unavailable());
         }
-        match asked {
-            Precondition::IfMatch(v) if v != current.version => Err(Error::VersionConflict {
+        if asked.admits(Some(current.version)) {
+            Ok(Precondition::IfMatch(current.version))
+        } else {
+            Err(Error::VersionConflict {
                 current: Some(current.version),
-            }),
-            Precondition::Absent => Err(Error::VersionConflict {
-                current: Some(current.version),
-            }),
-            _ => Ok(Precondition::IfMatch(current.version)),
+            })
         }
     }
 
