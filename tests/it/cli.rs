@@ -243,3 +243,52 @@ async fn watch_into_a_pipe_has_no_screen_codes_and_import_reads_standard_input()
     );
     assert_eq!(other.get("accounts", "piped").await.status(), 200);
 }
+
+/// Over SQLite and the in-process cache, the CLI takes and prints the tiers
+/// by their roles and their own names, never PostgreSQL or Redis.
+#[tokio::test]
+async fn embedded_tiers_are_named_by_their_roles_and_their_own_names() {
+    let app = TestApp::builder().embedded().spawn().await;
+    for id in ["a", "b", "c"] {
+        assert_eq!(
+            app.put("accounts", id, json!({"id": id})).await.status(),
+            201
+        );
+    }
+    app.drop_cached_copy("accounts", "b").await;
+    let sync = cli(
+        &app,
+        &[
+            "sync",
+            "--source",
+            "sqlite",
+            "--target",
+            "memory",
+            "--collection",
+            "accounts",
+        ],
+    )
+    .await;
+    assert_eq!(code(&sync), 0, "{}", stdout(&sync));
+    assert!(app.cached_copy("accounts", "b").await.is_some());
+    let by_role = cli(&app, &["sync", "--source", "durable", "--target", "cache"]).await;
+    assert_eq!(code(&by_role), 0, "{}", stdout(&by_role));
+
+    let check = cli(&app, &["check-consistency", "--collection", "accounts"]).await;
+    let said = stdout(&check);
+    assert_eq!(code(&check), 0, "{said}");
+    assert!(
+        said.contains("in the durable tier (sqlite)") && said.contains("in the cache (memory)"),
+        "{said}"
+    );
+
+    app.simulate_outage(hybridstore_core::Tier::Cache, true);
+    assert!(app.wait_for_tier("cache", "open").await);
+    let status = cli(&app, &["status"]).await;
+    let said = stdout(&status);
+    assert!(said.contains("the cache (memory) is unavailable"), "{said}");
+    assert!(
+        !said.contains("PostgreSQL") && !said.contains("Redis"),
+        "{said}"
+    );
+}

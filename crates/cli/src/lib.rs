@@ -189,10 +189,15 @@ pub fn token_entry(name: &str, scopes: &[String]) -> String {
     )
 }
 
+/// A tier by its role, or by the name of a backend that plays it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TierName {
-    Redis,
-    Postgres,
+    /// The durable tier (`postgres`, or `sqlite` in embedded mode).
+    #[value(alias = "postgres", alias = "sqlite")]
+    Durable,
+    /// The cache tier (`redis`, or `memory` in embedded mode).
+    #[value(alias = "redis", alias = "memory")]
+    Cache,
 }
 
 /// A failure of the command itself (exit code 3).
@@ -537,7 +542,7 @@ impl Client {
                 backlog["counters"],
                 backlog["dead_letters"]
             ),
-            None => println!("journal    unknown (Redis unavailable)"),
+            None => println!("journal    unknown (the cache is unavailable)"),
         }
         println!("cache gen  {}", body["cache_generation"]);
         for collection in body["collections"].as_array().into_iter().flatten() {
@@ -585,8 +590,8 @@ impl Client {
         collection: Option<String>,
     ) -> Outcome {
         let direction = match (source, target) {
-            (TierName::Redis, TierName::Postgres) => "redis-to-postgres",
-            (TierName::Postgres, TierName::Redis) => "postgres-to-redis",
+            (TierName::Cache, TierName::Durable) => "redis-to-postgres",
+            (TierName::Durable, TierName::Cache) => "postgres-to-redis",
             _ => {
                 eprintln!("hybridstore: --source and --target must be different tiers");
                 return Ok(ExitCode::from(2));
@@ -836,11 +841,13 @@ fn print_metrics(body: &Value) {
 fn print_report(report: &Value) {
     for collection in report["collections"].as_array().into_iter().flatten() {
         println!(
-            "{} ({}): {} in PostgreSQL, {} in Redis",
+            "{} ({}): {} in the durable tier ({}), {} in the cache ({})",
             text(&collection["collection"]),
             text(&collection["strategy"]),
             collection["scanned_postgres"],
-            collection["scanned_redis"]
+            text(&report["durable_backend"]),
+            collection["scanned_redis"],
+            text(&report["cache_backend"])
         );
         let differences = collection["differences"].as_object();
         if differences.is_none_or(|d| d.is_empty()) {

@@ -37,8 +37,9 @@ pub use names::{
     NAME_PATTERN, NameError, RecordId, validate_id_prefix,
 };
 pub use record::{
-    IndexEntry, JsonObject, ListPage, ListQuery, MAX_DATA_DEPTH, PageBuilder, Precondition, Record,
-    RecordKey, RecordWrite, WriteOutcome, json_size, prefix_upper_bound, unstorable,
+    IndexEntry, JsonObject, ListPage, ListQuery, MAX_DATA_DEPTH, MAX_TTL_SECS, PageBuilder,
+    Precondition, Record, RecordKey, RecordWrite, WriteOutcome, json_size, prefix_upper_bound,
+    unstorable,
 };
 pub use store::{
     ApplyMode, Backend, CacheCounters, CacheEntry, CacheJournal, CacheLedger, CacheRecords,

@@ -177,6 +177,10 @@ pub enum Precondition {
     Absent,
 }
 
+/// The longest `ttl` a client may give a record (ten years): a bound every
+/// tier can add to a time without overflow.
+pub const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+
 impl Precondition {
     /// Whether a write under this precondition may go ahead over a record
     /// whose live version is `live` (`None`: no live record). Every tier

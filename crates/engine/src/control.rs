@@ -164,38 +164,36 @@ impl Switches {
                 collections,
             });
         }
+        let (durable, cache) = (self.shared.durable.backend(), self.shared.cache.backend());
         if !force && target == Strategy::RedisOnly && self.shared.durable.breaker.is_closed() {
-            return Err(Error::ForceRequired(
-                "switching to redis_only stops writing to PostgreSQL: acknowledged writes would \
-                 live in Redis only. Repeat with force, then sync postgres-to-redis so that Redis \
-                 holds every record"
-                    .into(),
-            ));
+            return Err(Error::ForceRequired(format!(
+                "switching to redis_only stops writing to the durable tier ({durable}): \
+                 acknowledged writes would live in the cache ({cache}) only. Repeat with force, \
+                 then sync from the durable tier to the cache so that the cache holds every record"
+            )));
         }
         if !force && previous == Strategy::RedisOnly {
-            return Err(Error::ForceRequired(
-                "records written under redis_only exist in Redis only: run sync redis-to-postgres \
-                 first, then repeat the switch with force"
-                    .into(),
-            ));
+            return Err(Error::ForceRequired(format!(
+                "records written under redis_only exist in the cache ({cache}) only: sync from \
+                 the cache to the durable tier ({durable}) first, then repeat the switch with force"
+            )));
         }
         if target == Strategy::PostgresOnly {
             let (write_behind, outage) = self.journal.journal_backlog().await?;
             if write_behind + outage > 0 {
                 return Err(Error::NotAllowed(format!(
-                    "{} journaled writes are not in PostgreSQL yet and postgres_only reads would \
-                     miss them: switch to database_first, wait until status shows an empty \
-                     journal, then switch to postgres_only",
+                    "{} journaled writes are not in the durable tier ({durable}) yet and \
+                     postgres_only reads would miss them: switch to database_first, wait until \
+                     status shows an empty journal, then switch to postgres_only",
                     write_behind + outage
                 )));
             }
         }
         if !self.shared.durable.breaker.is_closed() {
-            return Err(Error::NotAllowed(
-                "PostgreSQL is unavailable: a switch is saved there to survive restarts; retry \
-                 when it is back"
-                    .into(),
-            ));
+            return Err(Error::NotAllowed(format!(
+                "the durable tier ({durable}) is unavailable: a switch is saved there to survive \
+                 restarts; retry when it is back"
+            )));
         }
         let stale_copies =
             !Plan::of(previous).keeps_cache_current() && Plan::of(target).uses_cache();
@@ -223,7 +221,7 @@ impl Switches {
         }
         self.apply_control(state.clone(), true).await;
         if let Err(err) = self.shared.cache.call(|t| t.publish_control(&state)).await {
-            tracing::warn!(error = %err, "could not broadcast the switch; other instances pick it up from PostgreSQL within seconds");
+            tracing::warn!(error = %err, "could not broadcast the switch; other instances pick it up from the durable tier within seconds");
         }
         Ok(SwitchOutcome {
             previous,

@@ -96,6 +96,11 @@ pub struct ConsistencyReport {
     /// No difference but cold-cache ones (after repair, if repairing).
     pub consistent: bool,
     pub repair: bool,
+    /// The backends compared (`postgres` or `sqlite`; `redis` or
+    /// `memory`): the `*_postgres` and `*_redis` names of the classes and
+    /// counts stand for the durable tier and the cache.
+    pub durable_backend: &'static str,
+    pub cache_backend: &'static str,
     pub collections: Vec<CollectionReport>,
 }
 
@@ -485,6 +490,8 @@ impl Maintenance {
         Ok(ConsistencyReport {
             consistent,
             repair,
+            durable_backend: self.shared.durable.backend(),
+            cache_backend: self.shared.cache.backend(),
             collections: reports,
         })
     }

@@ -166,19 +166,24 @@ impl Engine {
         if effective == Some(configured) {
             return None;
         }
-        Some(
-            match (durable, cache) {
-                (false, false) => "both tiers are unavailable",
-                (false, true) if effective.is_some() => {
-                    "PostgreSQL is unavailable: writes go to the Redis outage journal, reads to Redis"
-                }
-                (false, true) => "PostgreSQL is unavailable and this strategy keeps no Redis copies",
-                (true, false) if effective.is_some() => "Redis is unavailable: PostgreSQL only",
-                (true, false) => "Redis is unavailable and is the only tier of this collection",
-                (true, true) => "the configured plan is in force",
+        // Each tier names itself: `postgres` or `sqlite`, `redis` or `memory`.
+        let (d, c) = (self.shared.durable.backend(), self.shared.cache.backend());
+        Some(match (durable, cache) {
+            (false, false) => format!("both tiers ({d}, {c}) are unavailable"),
+            (false, true) if effective.is_some() => format!(
+                "the durable tier ({d}) is unavailable: writes go to the outage journal in the cache ({c}), reads to the cache"
+            ),
+            (false, true) => format!(
+                "the durable tier ({d}) is unavailable and this strategy keeps no copies in the cache ({c})"
+            ),
+            (true, false) if effective.is_some() => {
+                format!("the cache ({c}) is unavailable: the durable tier ({d}) only")
             }
-            .to_owned(),
-        )
+            (true, false) => {
+                format!("the cache ({c}) is unavailable and is the only tier of this collection")
+            }
+            (true, true) => "the configured plan is in force".to_owned(),
+        })
     }
 
     pub async fn status_report(&self) -> StatusReport {

@@ -77,8 +77,8 @@ fn postgres_options(config: &Config) -> Result<PostgresOptions, ConfigError> {
     Ok(PostgresOptions {
         connect: connect.application_name("hybridstore"),
         pool_size: pg.pool_size,
-        acquire_timeout: Duration::from_millis(pg.acquire_timeout_ms),
-        statement_timeout: Duration::from_millis(pg.statement_timeout_ms),
+        acquire_timeout: pg.acquire_timeout,
+        statement_timeout: pg.statement_timeout,
     })
 }
 
@@ -86,8 +86,8 @@ fn redis_options(config: &Config) -> RedisOptions {
     RedisOptions {
         url: config.redis.connection_url().unwrap_or_default(),
         key_prefix: config.redis.key_prefix.clone(),
-        connect_timeout: Duration::from_millis(config.redis.connect_timeout_ms),
-        response_timeout: Duration::from_millis(config.redis.response_timeout_ms),
+        connect_timeout: config.redis.connect_timeout,
+        response_timeout: config.redis.response_timeout,
     }
 }
 
@@ -216,25 +216,25 @@ impl ServerBuilder {
                 total_responses: config.idempotency.max_responses,
                 total_bytes: config.idempotency.max_bytes,
             },
-            deleted_marker_ttl: Duration::from_secs(config.records.deleted_marker_ttl_secs),
-            tombstone_retention: Duration::from_secs(config.records.tombstone_retention_secs),
+            deleted_marker_ttl: config.records.deleted_marker_ttl,
+            tombstone_retention: config.records.tombstone_retention,
             health: HealthSettings {
                 failure_threshold: config.health.failure_threshold,
-                probe_interval: Duration::from_millis(config.health.probe_interval_ms),
-                durable_call_timeout: Duration::from_millis(config.postgres.call_timeout_ms),
-                cache_call_timeout: Duration::from_millis(config.redis.call_timeout_ms),
+                probe_interval: config.health.probe_interval,
+                durable_call_timeout: config.postgres.call_timeout,
+                cache_call_timeout: config.redis.call_timeout,
             },
             counters: CounterSettings {
                 strategy: config.counters_strategy(),
-                hour_retention: Duration::from_secs(config.counters.hour_retention_secs),
-                day_retention: Duration::from_secs(config.counters.day_retention_secs),
-                month_retention: Duration::from_secs(config.counters.month_retention_secs),
+                hour_retention: config.counters.hour_retention,
+                day_retention: config.counters.day_retention,
+                month_retention: config.counters.month_retention,
                 max_fields: config.counters.max_fields,
                 ..CounterSettings::default()
             },
             journal: JournalSettings {
                 batch_size: config.journal.batch_size,
-                claim_idle: Duration::from_millis(config.journal.claim_idle_ms),
+                claim_idle: config.journal.claim_idle,
                 ..JournalSettings::default()
             },
             ..EngineSettings::default()
@@ -257,7 +257,7 @@ impl ServerBuilder {
             admission: http::admission::Admission::new(http::admission::Limits {
                 max_requests: config.limits.max_requests,
                 request_bytes: config.limits.request_bytes,
-                queue_wait: std::time::Duration::from_millis(config.limits.queue_wait_ms),
+                queue_wait: config.limits.queue_wait,
                 body_limit: config.body_limit_bytes,
             }),
         };
@@ -270,7 +270,7 @@ impl ServerBuilder {
             listener,
             router: http::router(state, config.body_limit_bytes),
             engine,
-            purge_interval: Duration::from_millis(config.records.purge_interval_ms),
+            purge_interval: config.records.purge_interval,
             backup: config.backup.clone(),
         })
     }
@@ -339,10 +339,10 @@ async fn purge_expired_records(engine: Arc<Engine>, every: Duration) {
 
 /// Makes a backup every `interval` (when set), keeping the newest `keep`.
 async fn scheduled_backups(engine: Arc<Engine>, config: BackupConfig) {
-    if config.interval == 0 {
+    if config.interval.is_zero() {
         return;
     }
-    let every = Duration::from_secs(config.interval);
+    let every = config.interval;
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(dir = %config.dir.display(), every = ?every, keep = config.keep, "scheduled backups");

@@ -9,72 +9,13 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::Config;
-
-/// What a scope grants on collections.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Target {
-    All,
-    Collection(CollectionName),
-}
-
-impl Target {
-    /// Whether this target reaches `collection`; `*` does not reach a
-    /// private one (only a scope that names it does).
-    fn covers(&self, collection: &CollectionName, private: bool) -> bool {
-        match self {
-            Target::All => !private,
-            Target::Collection(name) => name == collection,
-        }
-    }
-}
-
-/// `read:<collection|*>`, `write:<collection|*>` or `counters`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Scope {
-    Read(Target),
-    Write(Target),
-    Counters,
-}
+use crate::scope::Scope;
 
 /// The kind of access a request needs on a collection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
     Read,
     Write,
-}
-
-impl Scope {
-    /// The one collection this scope is about, if it names one.
-    pub fn collection(&self) -> Option<&CollectionName> {
-        match self {
-            Scope::Read(Target::Collection(name)) | Scope::Write(Target::Collection(name)) => {
-                Some(name)
-            }
-            _ => None,
-        }
-    }
-
-    pub fn parse(text: &str) -> Result<Scope, String> {
-        if text == "counters" {
-            return Ok(Scope::Counters);
-        }
-        let (kind, target) = text.split_once(':').ok_or_else(|| {
-            format!("unknown scope {text:?}: expected read:<collection|*>, write:<collection|*> or counters")
-        })?;
-        let target = match target {
-            "*" => Target::All,
-            name => Target::Collection(
-                CollectionName::parse(name).map_err(|err| format!("scope {text:?}: {err}"))?,
-            ),
-        };
-        match kind {
-            "read" => Ok(Scope::Read(target)),
-            "write" => Ok(Scope::Write(target)),
-            _ => Err(format!(
-                "unknown scope {text:?}: expected read:<collection|*>, write:<collection|*> or counters"
-            )),
-        }
-    }
 }
 
 /// Who made a request.
@@ -120,7 +61,8 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// Built from a validated configuration (scopes already checked).
+    /// Built from a validated configuration (scopes parsed when it was
+    /// read, and checked against the declared collections).
     pub fn from_config(config: &Config) -> Self {
         let mut known = Vec::with_capacity(config.tokens.len() + 1);
         if let Some(admin) = &config.admin_token {
@@ -139,11 +81,7 @@ impl Authenticator {
                 principal: Principal {
                     name: token.name.clone(),
                     admin: false,
-                    scopes: token
-                        .scopes
-                        .iter()
-                        .filter_map(|scope| Scope::parse(scope).ok())
-                        .collect(),
+                    scopes: token.scopes.clone(),
                 },
             });
         }
@@ -167,6 +105,7 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scope::Target;
 
     fn name(s: &str) -> CollectionName {
         CollectionName::parse(s).unwrap()

@@ -17,7 +17,7 @@ use figment::providers::{Env, Format, Toml};
 use hybridstore_core::{CollectionName, CollectionSpec, IndexName, Strategy};
 use serde::{Deserialize, Deserializer};
 
-use crate::auth::Scope;
+use crate::scope::Scope;
 
 const BUILTIN_DEFAULTS: &str = include_str!("../../../config/default.toml");
 
@@ -66,7 +66,18 @@ pub enum ConfigError {
 /// The key a figment error is about, as an operator would write it: the config
 /// path, plus the legacy environment variable that sets it, if any.
 fn describe_key(path: &[String]) -> String {
-    let key = path.join(".");
+    // `tokens[0].scopes`, as the operator would point at it.
+    let mut key = String::new();
+    for segment in path {
+        if segment.bytes().all(|b| b.is_ascii_digit()) && !key.is_empty() {
+            key.push_str(&format!("[{segment}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(segment);
+        }
+    }
     match LEGACY_ENV.iter().find(|(_, target)| *target == key) {
         Some((env, _)) => format!("{key} ({env})"),
         None if key.is_empty() => "configuration".into(),
@@ -200,7 +211,8 @@ pub struct IdempotencyConfig {
 pub struct LimitsConfig {
     pub max_requests: usize,
     pub request_bytes: usize,
-    pub queue_wait_ms: u64,
+    #[serde(rename = "queue_wait_ms", with = "millis")]
+    pub queue_wait: Duration,
     pub page_bytes: usize,
 }
 
@@ -220,9 +232,12 @@ pub struct PostgresConfig {
     #[serde(default)]
     pub password: Option<Secret>,
     pub pool_size: u32,
-    pub acquire_timeout_ms: u64,
-    pub statement_timeout_ms: u64,
-    pub call_timeout_ms: u64,
+    #[serde(rename = "acquire_timeout_ms", with = "millis")]
+    pub acquire_timeout: Duration,
+    #[serde(rename = "statement_timeout_ms", with = "millis")]
+    pub statement_timeout: Duration,
+    #[serde(rename = "call_timeout_ms", with = "millis")]
+    pub call_timeout: Duration,
 }
 
 impl PostgresConfig {
@@ -246,9 +261,12 @@ pub struct RedisConfig {
     pub password: Option<Secret>,
     #[serde(deserialize_with = "scalar_string")]
     pub key_prefix: String,
-    pub connect_timeout_ms: u64,
-    pub response_timeout_ms: u64,
-    pub call_timeout_ms: u64,
+    #[serde(rename = "connect_timeout_ms", with = "millis")]
+    pub connect_timeout: Duration,
+    #[serde(rename = "response_timeout_ms", with = "millis")]
+    pub response_timeout: Duration,
+    #[serde(rename = "call_timeout_ms", with = "millis")]
+    pub call_timeout: Duration,
 }
 
 impl RedisConfig {
@@ -286,16 +304,21 @@ fn percent_encode(value: &str) -> String {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheConfig {
-    pub default_ttl_secs: u64,
-    pub usage_stats_ttl_secs: u64,
+    #[serde(rename = "default_ttl_secs", with = "seconds")]
+    pub default_ttl: Duration,
+    #[serde(rename = "usage_stats_ttl_secs", with = "seconds")]
+    pub usage_stats_ttl: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecordsConfig {
-    pub deleted_marker_ttl_secs: u64,
-    pub tombstone_retention_secs: u64,
-    pub purge_interval_ms: u64,
+    #[serde(rename = "deleted_marker_ttl_secs", with = "seconds")]
+    pub deleted_marker_ttl: Duration,
+    #[serde(rename = "tombstone_retention_secs", with = "seconds")]
+    pub tombstone_retention: Duration,
+    #[serde(rename = "purge_interval_ms", with = "millis")]
+    pub purge_interval: Duration,
 }
 
 /// Circuit breakers and probes of the tiers.
@@ -303,7 +326,8 @@ pub struct RecordsConfig {
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     pub failure_threshold: u32,
-    pub probe_interval_ms: u64,
+    #[serde(rename = "probe_interval_ms", with = "millis")]
+    pub probe_interval: Duration,
 }
 
 /// Replay of the write-behind and outage journals.
@@ -311,7 +335,8 @@ pub struct HealthConfig {
 #[serde(deny_unknown_fields)]
 pub struct JournalConfig {
     pub batch_size: usize,
-    pub claim_idle_ms: u64,
+    #[serde(rename = "claim_idle_ms", with = "millis")]
+    pub claim_idle: Duration,
 }
 
 /// Usage counters.
@@ -323,9 +348,12 @@ pub struct CountersConfig {
     /// survive a crash).
     #[serde(default)]
     pub strategy: Option<Strategy>,
-    pub hour_retention_secs: u64,
-    pub day_retention_secs: u64,
-    pub month_retention_secs: u64,
+    #[serde(rename = "hour_retention_secs", with = "seconds")]
+    pub hour_retention: Duration,
+    #[serde(rename = "day_retention_secs", with = "seconds")]
+    pub day_retention: Duration,
+    #[serde(rename = "month_retention_secs", with = "seconds")]
+    pub month_retention: Duration,
     pub max_fields: usize,
 }
 
@@ -334,7 +362,8 @@ pub struct CountersConfig {
 #[serde(deny_unknown_fields)]
 pub struct SyncConfig {
     pub enabled: bool,
-    pub interval_ms: u64,
+    #[serde(rename = "interval_ms", with = "millis")]
+    pub interval: Duration,
     pub on_startup: bool,
 }
 
@@ -383,21 +412,59 @@ impl EmbeddedConfig {
 #[serde(deny_unknown_fields)]
 pub struct BackupConfig {
     /// How often (`90m`, `6h`, `1d`, or seconds); `0`: never.
-    #[serde(deserialize_with = "interval_secs")]
-    pub interval: u64,
+    #[serde(deserialize_with = "interval")]
+    pub interval: Duration,
     pub dir: std::path::PathBuf,
     /// Backups kept in `dir` (older ones are removed after each new one).
     pub keep: usize,
 }
 
+/// A duration given in milliseconds: the key says so (`*_ms`), the code
+/// gets a [`Duration`].
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        u64::deserialize(deserializer).map(Duration::from_millis)
+    }
+}
+
+/// A duration given in seconds (`*_secs`).
+mod seconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        u64::deserialize(deserializer).map(Duration::from_secs)
+    }
+}
+
+/// An optional duration given in seconds.
+mod opt_seconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Option::<u64>::deserialize(deserializer).map(|secs| secs.map(Duration::from_secs))
+    }
+}
+
 /// A duration as seconds (`3600`) or with a unit: `s`, `m`, `h`, `d`.
-fn interval_secs<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+fn interval<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     let text = scalar_string(deserializer)?;
-    parse_interval(&text).ok_or_else(|| {
-        serde::de::Error::custom(format!(
-            "{text:?} is not an interval: use seconds or a number with s, m, h or d (\"6h\")"
-        ))
-    })
+    parse_interval(&text)
+        .map(Duration::from_secs)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not an interval: use seconds or a number with s, m, h or d (\"6h\")"
+            ))
+        })
 }
 
 fn parse_interval(text: &str) -> Option<u64> {
@@ -440,16 +507,16 @@ pub struct LogConfig {
 pub struct TokenConfig {
     pub name: String,
     pub token: Secret,
-    pub scopes: Vec<String>,
+    pub scopes: Vec<Scope>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CollectionConfig {
-    #[serde(default)]
-    pub cache_ttl_secs: Option<u64>,
-    #[serde(default)]
-    pub record_ttl_secs: Option<u64>,
+    #[serde(default, rename = "cache_ttl_secs", with = "opt_seconds")]
+    pub cache_ttl: Option<Duration>,
+    #[serde(default, rename = "record_ttl_secs", with = "opt_seconds")]
+    pub record_ttl: Option<Duration>,
     #[serde(default)]
     pub unique_indexes: Vec<String>,
     #[serde(default)]
@@ -617,7 +684,7 @@ impl Config {
                 return Err(invalid("embedded.data_dir (DATA_DIR)", "must not be empty"));
             }
         }
-        if self.backup.interval > 0 && self.backup.keep == 0 {
+        if !self.backup.interval.is_zero() && self.backup.keep == 0 {
             return Err(invalid("backup.keep (BACKUP_KEEP)", "must be at least 1"));
         }
         if self.mode() == Mode::Production && !self.postgres.is_configured() {
@@ -664,20 +731,22 @@ impl Config {
             ));
         }
         for (key, value) in [
-            ("records.purge_interval_ms", self.records.purge_interval_ms),
-            ("health.probe_interval_ms", self.health.probe_interval_ms),
-            ("postgres.call_timeout_ms", self.postgres.call_timeout_ms),
-            ("redis.call_timeout_ms", self.redis.call_timeout_ms),
-            (
-                "health.failure_threshold",
-                u64::from(self.health.failure_threshold),
-            ),
-            ("journal.batch_size", self.journal.batch_size as u64),
-            ("journal.claim_idle_ms", self.journal.claim_idle_ms),
+            ("records.purge_interval_ms", self.records.purge_interval),
+            ("health.probe_interval_ms", self.health.probe_interval),
+            ("postgres.call_timeout_ms", self.postgres.call_timeout),
+            ("redis.call_timeout_ms", self.redis.call_timeout),
+            ("journal.claim_idle_ms", self.journal.claim_idle),
+            ("sync.interval_ms", self.sync.interval),
         ] {
-            if value == 0 {
+            if value.is_zero() {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if self.health.failure_threshold == 0 {
+            return Err(invalid("health.failure_threshold", "must be at least 1"));
+        }
+        if self.journal.batch_size == 0 {
+            return Err(invalid("journal.batch_size", "must be at least 1"));
         }
         if self.collections.is_empty() {
             return Err(invalid("collections", "declare at least one collection"));
@@ -709,17 +778,15 @@ impl Config {
                 return Err(invalid(key("token"), "must differ from every other token"));
             }
             for scope in &token.scopes {
-                let parsed =
-                    Scope::parse(scope).map_err(|problem| invalid(key("scopes"), problem))?;
                 // A scope on a collection nobody declared is a typo
                 // (`write:apikeys`): it would grant nothing, silently.
-                if let Some(collection) = parsed.collection()
+                if let Some(collection) = scope.collection()
                     && !self.collections.contains_key(collection.as_str())
                 {
                     return Err(invalid(
                         key("scopes"),
                         format!(
-                            "token {:?}: scope {scope:?} names no declared collection (declared: {})",
+                            "token {:?}: scope \"{scope}\" names no declared collection (declared: {})",
                             token.name,
                             self.collections
                                 .keys()
@@ -748,15 +815,13 @@ impl Config {
                     .map(|index| IndexName::parse(index))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|err| invalid(key(".unique_indexes"), err.to_string()))?;
-                if c.record_ttl_secs == Some(0) {
+                if c.record_ttl.is_some_and(|ttl| ttl.is_zero()) {
                     return Err(invalid(key(".record_ttl_secs"), "must be at least 1"));
                 }
                 Ok(CollectionSpec {
                     name,
-                    cache_ttl: Duration::from_secs(
-                        c.cache_ttl_secs.unwrap_or(self.cache.default_ttl_secs),
-                    ),
-                    record_ttl: c.record_ttl_secs.map(Duration::from_secs),
+                    cache_ttl: c.cache_ttl.unwrap_or(self.cache.default_ttl),
+                    record_ttl: c.record_ttl,
                     unique_indexes,
                     schema: c.schema.clone(),
                     strategy: c.strategy,
@@ -804,9 +869,9 @@ mod tests {
                 config.redis.connection_url().as_deref(),
                 Some("redis://:p%40ss%3Aword@cache.internal:6379/3")
             );
-            assert_eq!(config.sync.interval_ms, 5000);
+            assert_eq!(config.sync.interval, Duration::from_millis(5000));
             let api_keys = config.collections.get("api_keys").expect("declared");
-            assert_eq!(api_keys.cache_ttl_secs, Some(120));
+            assert_eq!(api_keys.cache_ttl, Some(Duration::from_secs(120)));
             assert_eq!(api_keys.unique_indexes, vec!["key_hash".to_owned()]);
             Ok(())
         });

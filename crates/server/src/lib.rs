@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod scope;
 pub mod telemetry;
 
 use std::process::ExitCode;

@@ -311,9 +311,12 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port())
     }
 
-    /// `kill -9`: no shutdown, no checkpoint (recovery runs at the next start).
+    /// `kill -9` of every process of the server, as when its host or
+    /// container dies: no shutdown, no checkpoint (recovery runs at the next
+    /// start). Killing the postmaster alone would leave its backends to
+    /// commit the statements already on their connections for a moment.
     pub fn kill(&self) {
-        self.process.signal(libc::SIGKILL);
+        self.process.signal_tree(libc::SIGKILL);
     }
 
     /// Fast shutdown (SIGINT): open transactions are rolled back.

@@ -163,7 +163,7 @@ fn tighten(document: &mut Value, facts: &Facts) {
             ("value", "path") => json!({"type": "string", "minLength": 1}),
             ("limit", "query") => json!({"type": "integer", "minimum": 1, "maximum": 1000}),
             ("ttl", "query") => {
-                json!({"type": "integer", "minimum": 1, "maximum": super::records::MAX_TTL_SECS})
+                json!({"type": "integer", "minimum": 1, "maximum": hybridstore_core::MAX_TTL_SECS})
             }
             ("granularity", "query") => {
                 json!({"type": "string", "enum": ["total", "hour", "day", "month"]})

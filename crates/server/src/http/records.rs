@@ -8,7 +8,8 @@ use axum::http::header::ETAG;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hybridstore_core::{
-    CollectionName, CollectionSpec, Error, Record, RecordId, Strategy, validate_id_prefix,
+    CollectionName, CollectionSpec, Error, MAX_TTL_SECS, Record, RecordId, Strategy,
+    validate_id_prefix,
 };
 use serde::{Deserialize, Serialize};
 
@@ -21,8 +22,6 @@ use crate::auth::Access;
 /// Most records one list page or batch get returns.
 const MAX_PAGE: u32 = 1000;
 const DEFAULT_PAGE: u32 = 100;
-/// Longest `?ttl=`: ten years.
-pub(super) const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// Checks the caller's scope, then that the collection exists (in that order,
 /// so a caller without access cannot probe which collections exist).
