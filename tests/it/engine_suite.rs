@@ -80,6 +80,10 @@ on_both_tier_pairs!(
     a_cache_outage_is_served_durably_and_leaves_nothing_stale,
     both_tiers_down_answer_503_with_retry_after,
     consistency_check_is_clean_and_strategy_switches_apply,
+    scheduled_sync_brings_cache_only_records_into_the_durable_tier,
+    a_start_with_sync_on_startup_warms_an_empty_cache,
+    a_scheduled_turn_goes_to_one_instance_at_a_time,
+    idle_counter_buckets_leave_the_cache_and_come_back_exact,
 );
 
 async fn read_data(app: &TestApp, id: &str) -> Value {
@@ -714,4 +718,158 @@ async fn redis_only_keeps_records_in_the_cache_alone(pair: Pair) {
         app.get("items", "temp").await.status(),
         StatusCode::NOT_FOUND
     );
+}
+
+/// `DATABASE_SYNC_INTERVAL`: a record only the cache holds (its durable row
+/// removed behind the service's back) is brought back into the durable tier,
+/// at its version, by the periodic repair within its interval, which shows
+/// among the jobs as a scheduled consistency check.
+async fn scheduled_sync_brings_cache_only_records_into_the_durable_tier(pair: Pair) {
+    let app = pair
+        .builder()
+        .config("collections.items.strategy", "dual_write")
+        .config("sync.enabled", true)
+        .config("sync.on_startup", false)
+        .config("sync.interval_ms", 300)
+        .spawn()
+        .await;
+    let version = etag_version(&app.put("items", "kept", json!({"n": 1})).await);
+    app.remove_durable_row("items", "kept").await;
+    assert_eq!(app.durable_copy("items", "kept").await, None);
+    assert_eq!(
+        app.cached_copy("items", "kept").await.map(|c| c.version),
+        Some(version),
+        "the cache alone holds it now"
+    );
+    assert!(
+        until(Duration::from_secs(5), || async {
+            app.durable_copy("items", "kept").await.map(|c| c.version) == Some(version)
+        })
+        .await,
+        "the scheduled repair brought it back"
+    );
+    assert_eq!(
+        app.durable_copy("items", "kept").await.unwrap().data,
+        json!({"n": 1})
+    );
+    let (_, jobs) = app.admin_call(Method::GET, "/admin/database/jobs").await;
+    let scheduled = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|job| job["kind"] == "consistency_check" && job["params"]["scheduled"] == true)
+        .cloned();
+    assert!(scheduled.is_some(), "{jobs}");
+}
+
+/// `DATABASE_SYNC_ON_STARTUP`: a start over a durable tier that holds
+/// records and an empty cache copies them into the cache, before any read
+/// asks for them.
+async fn a_start_with_sync_on_startup_warms_an_empty_cache(pair: Pair) {
+    let first = pair.app_with("dual_write").await;
+    let mut versions = Vec::new();
+    for id in ["w1", "w2", "w3"] {
+        versions.push(etag_version(
+            &first.put("items", id, json!({"id": id})).await,
+        ));
+    }
+    let app = first
+        .successor()
+        .await
+        .config("collections.items.strategy", "dual_write")
+        .config("sync.enabled", true)
+        .config("sync.on_startup", true)
+        .spawn()
+        .await;
+    assert!(
+        until(Duration::from_secs(10), || async {
+            let mut held = Vec::new();
+            for id in ["w1", "w2", "w3"] {
+                held.push(app.cached_copy("items", id).await.map(|c| c.version));
+            }
+            held == versions.iter().copied().map(Some).collect::<Vec<_>>()
+        })
+        .await,
+        "the cache was warmed from the durable tier"
+    );
+    let (_, jobs) = app.admin_call(Method::GET, "/admin/database/jobs").await;
+    assert!(
+        jobs["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|job| job["params"]["scheduled"] == "startup" && job["state"] == "succeeded"),
+        "{jobs}"
+    );
+}
+
+/// The turn scheduled work runs in (kept by the durable tier): one holder at
+/// a time, renewable by its holder, free again once its period is over.
+async fn a_scheduled_turn_goes_to_one_instance_at_a_time(pair: Pair) {
+    use hybridstore_core::DurableStore;
+    let app = pair.builder().spawn().await;
+    let durable: std::sync::Arc<dyn DurableStore> = app.engine().raw_tiers().0;
+    let period = Duration::from_millis(400);
+    assert!(durable.take_turn("repair", "a", period).await.unwrap());
+    assert!(!durable.take_turn("repair", "b", period).await.unwrap());
+    assert!(
+        durable.take_turn("repair", "a", period).await.unwrap(),
+        "renewed"
+    );
+    assert!(
+        durable.take_turn("other", "b", period).await.unwrap(),
+        "turns are per name"
+    );
+    tokio::time::sleep(period + Duration::from_millis(100)).await;
+    assert!(
+        durable.take_turn("repair", "b", period).await.unwrap(),
+        "over: free again"
+    );
+    assert!(!durable.take_turn("repair", "a", period).await.unwrap());
+}
+
+/// `CACHE_USAGE_STATS_TTL`: a counter bucket left unused that long leaves
+/// the cache (its memory is bounded by the scopes in use), and the next
+/// read or increment seeds it again, exact.
+async fn idle_counter_buckets_leave_the_cache_and_come_back_exact(pair: Pair) {
+    let app = pair
+        .builder()
+        .config("cache.usage_stats_ttl_secs", 1)
+        // Buckets held in the cache (embedded mode counts durably first).
+        .config("counters.strategy", "cache_first")
+        .spawn()
+        .await;
+    let engine = app.engine().clone();
+    let cache = engine.raw_tiers().1;
+    let scope = hybridstore_core::CounterScope::parse("usage:idle").unwrap();
+    let total = hybridstore_core::Bucket {
+        granularity: hybridstore_core::Granularity::Total,
+        start: time::OffsetDateTime::UNIX_EPOCH,
+        expires_at: None,
+    };
+    let held = || async {
+        cache
+            .counter_buckets(&scope, std::slice::from_ref(&total))
+            .await
+            .unwrap()[0]
+            .is_some()
+    };
+    for _ in 0..3 {
+        let response = app
+            .increment("usage:idle", json!({"deltas": {"requests": 1}}))
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    assert!(held().await, "in the cache while in use");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!held().await, "let go after a second without use");
+    let totals = app.read_counters("usage:idle", "granularity=total").await;
+    assert_eq!(totals["buckets"][0]["values"]["requests"], json!(3));
+    let response = app
+        .increment("usage:idle", json!({"deltas": {"requests": 1}}))
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let totals = app.read_counters("usage:idle", "granularity=total").await;
+    assert_eq!(totals["buckets"][0]["values"]["requests"], json!(4));
+    assert!(held().await, "seeded again");
 }

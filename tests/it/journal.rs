@@ -19,6 +19,7 @@ fn store(prefix: &str, url: String) -> RedisStore {
         key_prefix: prefix.to_owned(),
         connect_timeout: Duration::from_secs(1),
         response_timeout: Duration::from_secs(1),
+        counter_idle: Duration::from_secs(300),
     })
     .unwrap()
 }

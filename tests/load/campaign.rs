@@ -209,6 +209,7 @@ async fn deploy(campaign: &Campaign) -> Deployment {
         key_prefix: prefix,
         connect_timeout: Duration::from_secs(1),
         response_timeout: Duration::from_secs(2),
+        counter_idle: Duration::from_secs(300),
     })
     .expect("a Redis client");
     let db = sqlx::PgPool::connect(&postgres.url(&database))

@@ -265,6 +265,18 @@ pub struct Bucket {
     pub expires_at: Option<OffsetDateTime>,
 }
 
+impl Bucket {
+    /// When a cache tier lets this bucket go: `idle` after its last
+    /// increment or seeding (`CACHE_USAGE_STATS_TTL`), or when it leaves
+    /// storage, whichever comes first. A bucket let go is seeded again from
+    /// the durable tier (and the journal) on its next use, so this bounds
+    /// the cache's memory to the scopes in use without losing a count.
+    pub fn cache_expiry(&self, idle: std::time::Duration, now: OffsetDateTime) -> OffsetDateTime {
+        let idle_end = now + idle;
+        self.expires_at.map_or(idle_end, |end| end.min(idle_end))
+    }
+}
+
 /// One increment, ready for the tiers (and, as JSON, a journal entry).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CounterIncrement {

@@ -309,6 +309,7 @@ impl Breaker {
     }
 
     /// Starts or ends a simulated outage of the tier.
+    #[cfg(feature = "test-hooks")]
     pub fn simulate_outage(&self, down: bool) {
         tracing::warn!(tier = %self.tier, backend = self.backend, down, "simulated outage");
         self.simulated_outage.store(down, Ordering::SeqCst);

@@ -113,8 +113,9 @@ impl Engine {
         ]
     }
 
-    /// The tiers themselves, without breakers (tools and tests that look
-    /// into them behind the service's back).
+    /// The tiers themselves, without breakers (tests that look into them
+    /// behind the service's back).
+    #[cfg(feature = "test-hooks")]
     pub fn raw_tiers(&self) -> (Arc<dyn DurableStore>, Arc<dyn CacheStore>) {
         (
             self.shared.durable.tier.clone(),
@@ -125,6 +126,7 @@ impl Engine {
     /// Makes every call to `tier` fail as if it were unreachable (`down`),
     /// or ends that: a fault drill that works for any tier, including the
     /// in-process cache, which cannot be stopped from outside.
+    #[cfg(feature = "test-hooks")]
     pub fn simulate_outage(&self, tier: Tier, down: bool) {
         match tier {
             Tier::Durable => self.shared.durable.breaker.simulate_outage(down),
@@ -373,6 +375,12 @@ impl Engine {
     /// speed, a poll of the saved state for certainty.
     pub async fn run_control_sync(self: Arc<Self>) {
         self.switches.clone().run_control_sync().await
+    }
+
+    /// Scheduled sync (`sync.*`): the warm-up at start and the periodic
+    /// repair, one instance at a time.
+    pub async fn run_scheduled_sync(self: Arc<Self>) {
+        self.maintenance.clone().run_schedule().await
     }
 
     /// Starts a sync job; `collection: None` syncs every collection.

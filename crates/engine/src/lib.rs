@@ -36,7 +36,7 @@ pub use maintenance::{
     ClassReport, CollectionReport, ConsistencyReport, DriftClass, SyncDirection,
 };
 pub use records::{BatchGet, Page};
-pub use settings::{CounterSettings, EngineSettings, JournalSettings};
+pub use settings::{CounterSettings, EngineSettings, JournalSettings, SyncSettings};
 pub use stats::{
     EngineStats, Histogram, LatencySummary, Operation, OperationCounts, Outcome, TierStats,
 };

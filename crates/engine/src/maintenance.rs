@@ -38,6 +38,9 @@ use hybridstore_core::now;
 
 /// Records per page read from either tier.
 const PAGE: usize = 500;
+/// The turn instances take for the scheduled repair.
+const SCHEDULED_REPAIR: &str = "scheduled_repair";
+
 /// Sample ids reported per class and collection.
 const SAMPLES: usize = 10;
 
@@ -233,6 +236,77 @@ impl Maintenance {
             );
         });
         Ok(job.view())
+    }
+
+    /// Scheduled sync, for as long as the service runs (nothing unless
+    /// `sync.enabled`). With `sync.on_startup` the cache is warmed from the
+    /// durable tier once, at start. Every `sync.interval`, the instance
+    /// whose turn it is (taken in the durable tier, so one instance at a
+    /// time) runs a repairing consistency check: records at risk in the
+    /// cache alone reach the durable tier, stale copies are refreshed, and
+    /// every write it makes is version-guarded, so live traffic is safe.
+    /// Both run as jobs, like an operator's, with `"scheduled"` among their
+    /// parameters. A repair longer than the interval may overlap the next
+    /// instance's; being version-guarded, both stay safe.
+    pub async fn run_schedule(self: Arc<Self>) {
+        let schedule = self.shared.settings.sync.clone();
+        if !schedule.enabled {
+            return;
+        }
+        let all = self.selected(None).unwrap_or_default();
+        if schedule.on_startup {
+            let direction = SyncDirection::PostgresToRedis;
+            let params = serde_json::json!({"direction": direction, "scheduled": "startup"});
+            let job = self.jobs.create(direction.kind(), params);
+            let outcome = self.sync(direction, &all, false, &job).await;
+            match &outcome {
+                Ok(()) => {
+                    tracing::info!(job = %job.id, progress = ?job.view().progress, "the cache was warmed from the durable tier")
+                }
+                Err(err) => {
+                    tracing::warn!(job = %job.id, error = %err, "warming the cache at start failed")
+                }
+            }
+            job.finish(outcome.map(|()| None).map_err(|err| err.to_string()));
+        }
+        let first = tokio::time::Instant::now() + schedule.interval;
+        let mut ticks = tokio::time::interval_at(first, schedule.interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let holder = &self.shared.instance_id;
+            let turn = self
+                .shared
+                .durable
+                .call(|t| t.take_turn(SCHEDULED_REPAIR, holder, schedule.interval))
+                .await;
+            match turn {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::debug!("another instance runs this period's scheduled repair");
+                    continue;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "the scheduled repair waits for the durable tier");
+                    continue;
+                }
+            }
+            let params = serde_json::json!({"repair": true, "scheduled": true});
+            let job = self.jobs.create("consistency_check", params);
+            let outcome = self.check(&all, true, &job).await;
+            match &outcome {
+                Ok(report) => tracing::info!(
+                    job = %job.id,
+                    consistent = report.consistent,
+                    "scheduled repair finished"
+                ),
+                Err(err) => tracing::warn!(job = %job.id, error = %err, "scheduled repair failed"),
+            }
+            job.finish(match &outcome {
+                Ok(report) => Ok(serde_json::to_value(report).ok()),
+                Err(err) => Err(err.to_string()),
+            });
+        }
     }
 
     /// Runs a consistency check to the end (the synchronous form of the API).

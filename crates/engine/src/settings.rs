@@ -31,6 +31,7 @@ pub struct EngineSettings {
     pub health: HealthSettings,
     pub journal: JournalSettings,
     pub counters: CounterSettings,
+    pub sync: SyncSettings,
 }
 
 impl Default for EngineSettings {
@@ -46,6 +47,30 @@ impl Default for EngineSettings {
             health: HealthSettings::default(),
             journal: JournalSettings::default(),
             counters: CounterSettings::default(),
+            sync: SyncSettings::default(),
+        }
+    }
+}
+
+/// Scheduled sync between the tiers (`sync.*`: the relay's
+/// `DATABASE_SYNC_ENABLED`, `DATABASE_SYNC_ON_STARTUP`,
+/// `DATABASE_SYNC_INTERVAL`).
+#[derive(Clone, Debug)]
+pub struct SyncSettings {
+    /// Whether anything is scheduled at all.
+    pub enabled: bool,
+    /// Warm the cache from the durable tier once the service has started.
+    pub on_startup: bool,
+    /// How often one instance runs a repairing consistency check.
+    pub interval: Duration,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            on_startup: false,
+            interval: Duration::from_secs(3600),
         }
     }
 }

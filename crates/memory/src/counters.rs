@@ -58,7 +58,11 @@ impl CacheCounters for MemoryCache {
                 .bucket(&bucket_key(&increment.scope, &bucket_values.bucket))
                 .expect("checked above");
             held.values.extend(bucket_values.values.iter().cloned());
-            held.expires_at = bucket_values.bucket.expires_at;
+            held.expires_at = Some(
+                bucket_values
+                    .bucket
+                    .cache_expiry(self.counter_idle, OffsetDateTime::now_utc()),
+            );
         }
         state.op_markers.insert(
             increment.op_id.clone(),
@@ -92,7 +96,9 @@ impl CacheCounters for MemoryCache {
                         .flat_map(|v| v.values.iter().cloned())
                         .collect(),
                     complete,
-                    expires_at: bucket.expires_at,
+                    expires_at: Some(
+                        bucket.cache_expiry(self.counter_idle, OffsetDateTime::now_utc()),
+                    ),
                 },
             );
         }

@@ -441,6 +441,9 @@ pub struct MemoryCache {
     control: broadcast::Sender<ControlState>,
     run_id: String,
     bounds: Bounds,
+    /// How long a counter bucket stays without use (see
+    /// `Bucket::cache_expiry`).
+    counter_idle: Duration,
 }
 
 /// What the cache holds at most: record copies and markers, and the bytes
@@ -466,7 +469,14 @@ impl MemoryCache {
                 records: max_records.max(10),
                 bytes: max_bytes.max(64 * 1024),
             },
+            counter_idle: Duration::from_secs(300),
         }
+    }
+
+    /// Lets a counter bucket go after `idle` without use.
+    pub fn with_counter_idle(mut self, idle: Duration) -> Self {
+        self.counter_idle = idle;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

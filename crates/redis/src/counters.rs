@@ -2,11 +2,10 @@
 
 use super::*;
 
-fn expiry_arg(bucket: &Bucket) -> String {
-    bucket
-        .expires_at
-        .map(|at| (at.unix_timestamp_nanos() / 1_000_000).to_string())
-        .unwrap_or_default()
+/// When Redis lets `bucket` go, in ms since the epoch.
+fn expiry_arg(bucket: &Bucket, idle: Duration) -> String {
+    let at = bucket.cache_expiry(idle, OffsetDateTime::now_utc());
+    (at.unix_timestamp_nanos() / 1_000_000).to_string()
 }
 
 /// A bucket hash (`HGETALL`) as its values and whether they are complete.
@@ -78,7 +77,7 @@ impl CacheCounters for RedisStore {
                 .arg(nanos);
         }
         for bucket in &increment.buckets {
-            invocation.arg(expiry_arg(bucket));
+            invocation.arg(expiry_arg(bucket, self.counter_idle));
         }
         invocation.arg(ttl_millis(hybridstore_core::OP_ID_RETENTION));
         let reply: Vec<redis::Value> = invocation
@@ -142,7 +141,7 @@ impl CacheCounters for RedisStore {
                 .key(self.keys.counter_bucket(scope, bucket));
             invocation
                 .arg(if complete { "1" } else { "0" })
-                .arg(expiry_arg(bucket));
+                .arg(expiry_arg(bucket, self.counter_idle));
             let held = values.iter().find(|v| {
                 v.bucket.granularity == bucket.granularity && v.bucket.start == bucket.start
             });

@@ -42,6 +42,9 @@ pub struct RedisOptions {
     pub key_prefix: String,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// How long a counter bucket stays without use (see
+    /// `Bucket::cache_expiry`).
+    pub counter_idle: Duration,
 }
 
 #[derive(Clone)]
@@ -56,6 +59,7 @@ pub struct RedisStore {
     probe_conn: ConnectionManager,
     keys: KeySpace,
     scripts: Scripts,
+    counter_idle: Duration,
 }
 
 #[derive(Clone)]
@@ -245,6 +249,7 @@ impl RedisStore {
             conn,
             probe_conn,
             keys: KeySpace::new(options.key_prefix.clone()),
+            counter_idle: options.counter_idle,
             scripts: Scripts {
                 store_if_newer: Script::new(include_str!("lua/store_if_newer.lua")),
                 accept_write: Script::new(include_str!("lua/accept_write.lua")),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::Router;
 use hybridstore_core::{CacheStore, DurableStore, StoreError};
 use hybridstore_engine::{
-    Catalog, CounterSettings, Engine, EngineSettings, HealthSettings, JournalSettings,
+    Catalog, CounterSettings, Engine, EngineSettings, HealthSettings, JournalSettings, SyncSettings,
 };
 use hybridstore_memory::MemoryCache;
 use hybridstore_postgres::{PgConnectOptions, PostgresOptions, PostgresStore};
@@ -88,6 +88,7 @@ fn redis_options(config: &Config) -> RedisOptions {
         key_prefix: config.redis.key_prefix.clone(),
         connect_timeout: config.redis.connect_timeout,
         response_timeout: config.redis.response_timeout,
+        counter_idle: config.cache.usage_stats_ttl,
     }
 }
 
@@ -130,7 +131,8 @@ fn embedded_tiers(config: &Config) -> Result<Tiers, StartError> {
     let cache = MemoryCache::new(
         config.embedded.cache_max_records,
         config.embedded.cache_max_bytes,
-    );
+    )
+    .with_counter_idle(config.cache.usage_stats_ttl);
     Ok((Arc::new(sqlite), Arc::new(cache)))
 }
 
@@ -237,6 +239,11 @@ impl ServerBuilder {
                 claim_idle: config.journal.claim_idle,
                 ..JournalSettings::default()
             },
+            sync: SyncSettings {
+                enabled: config.sync.enabled,
+                on_startup: config.sync.on_startup,
+                interval: config.sync.interval,
+            },
             ..EngineSettings::default()
         };
         let engine = Arc::new(Engine::new(durable, cache, catalog, settings));
@@ -311,6 +318,7 @@ impl Server {
             tokio::spawn(self.engine.clone().run_held_publisher()),
             tokio::spawn(self.engine.clone().run_control_sync()),
             tokio::spawn(self.engine.clone().run_counter_replay()),
+            tokio::spawn(self.engine.clone().run_scheduled_sync()),
             tokio::spawn(purge_expired_records(self.engine, self.purge_interval)),
         ];
         let served = axum::serve(self.listener, self.router)

@@ -260,6 +260,9 @@ impl DurableControl for HookedDurable {
     async fn save_control(&self, state: &ControlState) -> StoreResult<bool> {
         self.inner().save_control(state).await
     }
+    async fn take_turn(&self, name: &str, holder: &str, period: Duration) -> StoreResult<bool> {
+        self.inner().take_turn(name, holder, period).await
+    }
 }
 
 #[async_trait]

@@ -1,6 +1,8 @@
 //! The operators' run-time state: kept by the durable tier, mirrored and
 //! broadcast by the cache tier.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 
@@ -15,6 +17,12 @@ pub trait DurableControl: Send + Sync + 'static {
     /// Saves `state` unless the stored revision is not older (another change
     /// got in first); returns whether it was saved.
     async fn save_control(&self, state: &ControlState) -> StoreResult<bool>;
+
+    /// Takes the turn `name` for `holder` until `period` from now, unless
+    /// another holder's turn has not ended yet (a holder may take its own
+    /// again); returns whether `holder` has it. Scheduled work that one
+    /// instance at a time should do (the periodic repair) runs in turns.
+    async fn take_turn(&self, name: &str, holder: &str, period: Duration) -> StoreResult<bool>;
 }
 
 /// The cache tier's mirror of the control state, and its broadcast.
