@@ -1,79 +1,117 @@
-//! `GET /metrics`: Prometheus text format.
+//! `GET /metrics`: Prometheus text format, written by this module alone.
 //!
-//! HTTP request counts and latencies go through the `metrics` facade into a
-//! Prometheus recorder that belongs to this server (a local recorder, not the
-//! process-global one, so several servers in one process, as in the tests,
-//! keep their own). Everything the engine already counts (operations, cache
-//! hits, tier calls and latency, breakers, strategy, journal, jobs) is read
-//! from the engine at scrape time and written in the same exposition format,
-//! so the admin API and Prometheus never disagree.
+//! One pipeline: HTTP request counts and latencies are kept here in the
+//! engine's own [`Histogram`] (fixed memory, lock-free recording), and
+//! everything the engine already counts (operations, cache hits, tier calls
+//! and latency, breakers, strategy, journal, jobs) is read from it at scrape
+//! time. The whole exposition is written by the same few functions below,
+//! so the admin API and Prometheus never disagree, and each server (several
+//! run in one test process) keeps its own numbers.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hybridstore_engine::{BreakerState, Engine, Histogram, JobState, Operation};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
 /// Histogram buckets (seconds) for every latency metric.
 pub const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// A route as the router names it (`/v1/collections/{collection}/...`):
+/// a bounded set, so these maps stay small.
+type Route = (&'static str, String);
+
+/// HTTP requests: counts by method, route and status; latency by method
+/// and route; requests shed by admission.
+#[derive(Default)]
 pub struct HttpMetrics {
-    recorder: PrometheusRecorder,
-    handle: PrometheusHandle,
+    requests: Mutex<BTreeMap<(&'static str, String, u16), u64>>,
+    latency: Mutex<BTreeMap<Route, Arc<Histogram>>>,
+    shed: AtomicU64,
 }
 
-impl Default for HttpMetrics {
-    fn default() -> Self {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(&LATENCY_BUCKETS)
-            .expect("the latency buckets are not empty")
-            .build_recorder();
-        let handle = recorder.handle();
-        metrics::with_local_recorder(&recorder, || {
-            metrics::describe_counter!(
-                "http_requests_total",
-                "HTTP requests by method, route template and status"
-            );
-            metrics::describe_histogram!(
-                "http_request_duration_seconds",
-                metrics::Unit::Seconds,
-                "HTTP request latency by method and route template"
-            );
-        });
-        Self { recorder, handle }
-    }
+/// The method's name as a static string (the few the API has; anything
+/// else is `OTHER`).
+fn method_name(method: &str) -> &'static str {
+    ["GET", "PUT", "POST", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+        .into_iter()
+        .find(|known| *known == method)
+        .unwrap_or("OTHER")
 }
 
 impl HttpMetrics {
     /// Counts one finished request.
     pub fn record(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
-        metrics::with_local_recorder(&self.recorder, || {
-            let labels = [
-                ("method", method.to_owned()),
-                ("route", route.to_owned()),
-                ("status", status.to_string()),
-            ];
-            metrics::counter!("http_requests_total", &labels).increment(1);
-            let labels = [("method", method.to_owned()), ("route", route.to_owned())];
-            metrics::histogram!("http_request_duration_seconds", &labels)
-                .record(elapsed.as_secs_f64());
-        });
+        let method = method_name(method);
+        *self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((method, route.to_owned(), status))
+            .or_default() += 1;
+        let histogram = self
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((method, route.to_owned()))
+            .or_default()
+            .clone();
+        histogram.record(elapsed);
     }
 
     /// A request shed by admission (`503 overloaded`).
     pub fn shed(&self) {
-        metrics::with_local_recorder(&self.recorder, || {
-            metrics::counter!("hybridstore_requests_shed_total").increment(1);
-        });
+        self.shed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The whole exposition: HTTP metrics, then the engine's.
     pub async fn render(&self, engine: &Engine) -> String {
-        let mut out = self.handle.render();
+        let mut out = String::new();
+        self.render_http(&mut out);
         render_engine(&mut out, engine).await;
         out
+    }
+
+    fn render_http(&self, out: &mut String) {
+        family(
+            out,
+            "http_requests_total",
+            "counter",
+            "HTTP requests by method, route template and status",
+        );
+        let requests = self.requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for ((method, route, status), count) in requests {
+            let status = status.to_string();
+            let labels = [("method", method), ("route", &route), ("status", &status)];
+            sample(out, "http_requests_total", &labels, count);
+        }
+        family(
+            out,
+            "http_request_duration_seconds",
+            "histogram",
+            "HTTP request latency by method and route template",
+        );
+        let latency = self.latency.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for ((method, route), recorded) in latency {
+            let labels = [("method", method), ("route", &route)];
+            histogram(out, "http_request_duration_seconds", &labels, &recorded);
+        }
+        family(
+            out,
+            "hybridstore_requests_shed_total",
+            "counter",
+            "Requests shed by admission (503 overloaded) before any work",
+        );
+        sample(
+            out,
+            "hybridstore_requests_shed_total",
+            &[],
+            self.shed.load(Ordering::Relaxed),
+        );
     }
 }
 
