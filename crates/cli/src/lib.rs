@@ -16,7 +16,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use hybridstore_api::{
+    ConsistencyReport, HealthReport, JobState, JobView, MetricsReport, Overall, ProblemDocument,
+    StatusReport, SwitchOutcome,
+};
 use indicatif::{ProgressBar, ProgressStyle};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 #[derive(Parser, Debug)]
@@ -396,14 +401,21 @@ impl Client {
         if (200..300).contains(&status) {
             return Ok(body);
         }
-        let code = body["code"].as_str().unwrap_or("error");
-        let detail = body["detail"].as_str().unwrap_or("");
-        Err(Failure::remote(format!(
-            "the server answered {status} {code}: {detail}"
-        )))
+        Err(refusal(status, body))
     }
 
-    fn print_json(&self, value: &Value) {
+    /// A call that must succeed, its answer read as the type the server
+    /// sent (`hybridstore_api`): the same struct on both sides.
+    async fn fetch<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> Result<T, Failure> {
+        let body = self.expect(method, path).await?;
+        decode(path, body)
+    }
+
+    fn print_json(&self, value: &impl serde::Serialize) {
         println!(
             "{}",
             serde_json::to_string_pretty(value).unwrap_or_default()
@@ -453,45 +465,41 @@ impl Client {
     }
 
     async fn health(&self, verbose: bool) -> Outcome {
+        let path = "/admin/database/health";
         // 503 (both tiers down) is an answer here, not a failure.
-        let (status, body) = self
-            .call(reqwest::Method::GET, "/admin/database/health")
-            .await?;
+        let (status, body) = self.call(reqwest::Method::GET, path).await?;
         if status != 200 && status != 503 {
-            let detail = body["detail"].as_str().unwrap_or("");
-            return Err(Failure::remote(format!(
-                "the server answered {status}: {detail}"
-            )));
+            return Err(refusal(status, body));
         }
-        let overall = body["status"].as_str().unwrap_or("unknown");
+        let report: HealthReport = decode(path, body)?;
         if self.json {
-            self.print_json(&body);
+            self.print_json(&report);
         } else {
-            println!("{overall}");
-            for (name, tier) in body["tiers"].as_object().into_iter().flatten() {
-                let probe = tier["probe_latency_ms"]
-                    .as_f64()
+            println!("{}", report.status.as_str());
+            for (name, tier) in &report.tiers {
+                let probe = tier
+                    .probe_latency_ms
                     .map(|ms| format!(", probe {ms:.1} ms"))
                     .unwrap_or_default();
                 println!(
                     "  {name:<8} {:<9} {}{probe}",
-                    tier["backend"].as_str().unwrap_or(""),
-                    tier["state"].as_str().unwrap_or("")
+                    tier.backend,
+                    tier.state.as_str()
                 );
                 if verbose {
                     println!(
                         "           since {}, {} degradation(s), {} consecutive failure(s)",
-                        tier["since"].as_str().unwrap_or("?"),
-                        tier["degradations"],
-                        tier["consecutive_failures"]
+                        rfc3339(tier.since),
+                        tier.degradations,
+                        tier.consecutive_failures
                     );
-                    if let Some(error) = tier["last_error"].as_str() {
+                    if let Some(error) = &tier.last_error {
                         println!("           last error: {error}");
                     }
                 }
             }
         }
-        Ok(if overall == "healthy" {
+        Ok(if report.status == Overall::Healthy {
             ExitCode::SUCCESS
         } else {
             ExitCode::from(1)
@@ -499,62 +507,53 @@ impl Client {
     }
 
     async fn status(&self) -> Outcome {
-        let body = self
-            .expect(reqwest::Method::GET, "/admin/database/status")
+        let report: StatusReport = self
+            .fetch(reqwest::Method::GET, "/admin/database/status")
             .await?;
         if self.json {
-            self.print_json(&body);
+            self.print_json(&report);
             return Ok(ExitCode::SUCCESS);
         }
-        let strategy = &body["strategy"];
         println!(
             "instance   {} (version {}, up {} s)",
-            text(&body["instance_id"]),
-            text(&body["version"]),
-            body["uptime_secs"]
+            report.instance_id, report.version, report.uptime_secs
         );
-        println!("status     {}", text(&body["status"]));
+        println!("status     {}", report.status.as_str());
+        let strategy = &report.strategy;
         print!(
             "strategy   {} (configured {})",
-            text(&strategy["service"]),
-            text(&strategy["configured"])
+            strategy.service, strategy.configured
         );
-        match strategy["switched"].as_object() {
-            Some(switched) => println!(
-                ", switched at {} by {}",
-                text(&switched["at"]),
-                text(&switched["by"])
-            ),
+        match &strategy.switched {
+            Some(switched) => println!(", switched at {} by {}", rfc3339(switched.at), switched.by),
             None => println!(),
         }
-        for (name, tier) in body["tiers"].as_object().into_iter().flatten() {
+        for (name, tier) in &report.tiers {
             println!(
                 "tier       {name} ({}): {}",
-                text(&tier["backend"]),
-                text(&tier["state"])
+                tier.backend,
+                tier.state.as_str()
             );
         }
-        match body["journal_backlog"].as_object() {
+        match &report.journal_backlog {
             Some(backlog) => println!(
                 "journal    write-behind {}, outage {}, counters {}, set aside {}",
-                backlog["write_behind"],
-                backlog["outage"],
-                backlog["counters"],
-                backlog["dead_letters"]
+                backlog.write_behind, backlog.outage, backlog.counters, backlog.dead_letters
             ),
             None => println!("journal    unknown (the cache is unavailable)"),
         }
-        println!("cache gen  {}", body["cache_generation"]);
-        for collection in body["collections"].as_array().into_iter().flatten() {
-            let reason = collection["reason"]
-                .as_str()
+        println!("cache gen  {}", report.cache_generation);
+        for collection in &report.collections {
+            let reason = collection
+                .reason
+                .as_ref()
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default();
             println!(
                 "collection {:<20} {:<15} now {}{reason}",
-                text(&collection["name"]),
-                text(&collection["strategy"]),
-                text(&collection["effective"])
+                collection.name,
+                collection.strategy.to_string(),
+                collection.effective
             );
         }
         Ok(ExitCode::SUCCESS)
@@ -562,8 +561,8 @@ impl Client {
 
     async fn metrics(&self, watch: bool, interval: u64) -> Outcome {
         loop {
-            let body = self
-                .expect(reqwest::Method::GET, "/admin/database/metrics")
+            let report: MetricsReport = self
+                .fetch(reqwest::Method::GET, "/admin/database/metrics")
                 .await?;
             if watch && !self.json && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
                 // Clear the screen and go home: refresh in place (into a
@@ -571,9 +570,9 @@ impl Client {
                 print!("\x1b[2J\x1b[H");
             }
             if self.json {
-                self.print_json(&body);
+                self.print_json(&report);
             } else {
-                print_metrics(&body);
+                print_metrics(&report);
             }
             if !watch {
                 return Ok(ExitCode::SUCCESS);
@@ -604,22 +603,22 @@ impl Client {
                 ("collection", collection)
             ])
         );
-        let job = self.expect(reqwest::Method::POST, &path).await?;
+        let job: JobView = self.fetch(reqwest::Method::POST, &path).await?;
         let job = self.follow(job).await?;
         if self.json {
             self.print_json(&job);
         } else {
-            let p = &job["progress"];
+            let p = &job.progress;
             println!(
                 "sync {direction} {}: scanned {}, written {}, skipped (not newer) {}, skipped (pinned by the journal) {}, failed {}",
-                text(&job["state"]),
-                p["scanned"],
-                p["written"],
-                p["skipped_older"],
-                p["skipped_pinned"],
-                p["failed"]
+                job.state.as_str(),
+                p.scanned,
+                p.written,
+                p.skipped_older,
+                p.skipped_pinned,
+                p.failed
             );
-            if let Some(error) = job["error"].as_str() {
+            if let Some(error) = &job.error {
                 println!("error: {error}");
             }
         }
@@ -634,19 +633,20 @@ impl Client {
                 ("collection", collection)
             ])
         );
-        let job = self.expect(reqwest::Method::POST, &path).await?;
+        let job: JobView = self.fetch(reqwest::Method::POST, &path).await?;
         let job = self.follow(job).await?;
-        if job["state"] != "succeeded" {
-            eprintln!("hybridstore: the check failed: {}", text(&job["error"]));
+        if job.state != JobState::Succeeded {
+            let error = job.error.as_deref().unwrap_or("?");
+            eprintln!("hybridstore: the check failed: {error}");
             return Ok(ExitCode::from(1));
         }
-        let report = &job["result"];
+        let report: ConsistencyReport = decode(&path, job.result.unwrap_or(Value::Null))?;
         if self.json {
-            self.print_json(report);
+            self.print_json(&report);
         } else {
-            print_report(report);
+            print_report(&report);
         }
-        Ok(if report["consistent"] == true {
+        Ok(if report.consistent {
             ExitCode::SUCCESS
         } else {
             ExitCode::from(1)
@@ -658,45 +658,43 @@ impl Client {
             "/admin/database/strategy/{name}{}",
             query(&[("force", force.then(|| "true".to_owned()))])
         );
-        let body = self.expect(reqwest::Method::POST, &path).await?;
+        let outcome: SwitchOutcome = self.fetch(reqwest::Method::POST, &path).await?;
         if self.json {
-            self.print_json(&body);
-        } else if body["changed"] == true {
+            self.print_json(&outcome);
+        } else if outcome.changed {
             println!(
                 "strategy {} -> {} (revision {}{})",
-                text(&body["previous"]),
-                text(&body["strategy"]),
-                body["revision"],
-                if body["cache_flushed"] == true {
+                outcome.previous,
+                outcome.strategy,
+                outcome.revision,
+                if outcome.cache_flushed {
                     ", cache copies dropped"
                 } else {
                     ""
                 }
             );
         } else {
-            println!("strategy already {}", text(&body["strategy"]));
+            println!("strategy already {}", outcome.strategy);
         }
         Ok(ExitCode::SUCCESS)
     }
 
     /// Polls a job to its end, with a progress bar on a terminal.
-    async fn follow(&self, job: Value) -> Result<Value, Failure> {
-        let id = text(&job["id"]).to_owned();
+    async fn follow(&self, job: JobView) -> Result<JobView, Failure> {
+        let id = job.id.clone();
         let bar = if self.json {
             ProgressBar::hidden()
         } else {
             let bar = ProgressBar::new(0);
             bar.set_style(counting_style("records"));
-            bar.set_message(text(&job["kind"]).replace('_', " "));
+            bar.set_message(job.kind.replace('_', " "));
             bar
         };
         let started = Instant::now();
         let mut current = job;
         let mut sized = false;
         loop {
-            let progress = &current["progress"];
-            let total = progress["total"].as_u64().unwrap_or(0);
-            let scanned = progress["scanned"].as_u64().unwrap_or(0);
+            let (total, scanned) = (current.progress.total, current.progress.scanned);
             // A bar only once the total is known: an empty one at 0/0
             // would show as full.
             if total > 0 && !sized {
@@ -712,7 +710,7 @@ impl Client {
             }
             bar.set_length(total.max(scanned));
             bar.set_position(scanned);
-            if current["state"] != "running" {
+            if current.state != JobState::Running {
                 bar.finish_and_clear();
                 if !self.json {
                     let secs = started.elapsed().as_secs_f64();
@@ -725,7 +723,7 @@ impl Client {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
             current = self
-                .expect(reqwest::Method::GET, &format!("/admin/database/jobs/{id}"))
+                .fetch(reqwest::Method::GET, &format!("/admin/database/jobs/{id}"))
                 .await?;
         }
     }
@@ -770,12 +768,35 @@ pub(crate) fn export_progress(json: bool, what: &str) -> ProgressBar {
     bar
 }
 
-fn text(value: &Value) -> &str {
-    value.as_str().unwrap_or("?")
+/// A refusal, said with the problem document's code and detail (or the
+/// body as it came, from something that is not this service).
+pub(crate) fn refusal(status: u16, body: Value) -> Failure {
+    let said = match serde_json::from_value::<ProblemDocument>(body.clone()) {
+        Ok(problem) => format!("{}: {}", problem.code, problem.detail),
+        Err(_) => match body {
+            Value::String(text) => text,
+            other => other.to_string(),
+        },
+    };
+    Failure::remote(format!("the server answered {status} {said}"))
 }
 
-fn job_exit(job: &Value) -> ExitCode {
-    if job["state"] == "succeeded" && job["progress"]["failed"] == 0 {
+/// An answer read as the type the server sent.
+fn decode<T: DeserializeOwned>(path: &str, body: Value) -> Result<T, Failure> {
+    serde_json::from_value(body).map_err(|err| {
+        Failure::remote(format!(
+            "the server's answer to {path} is not what this CLI reads ({err}): are they the same version?"
+        ))
+    })
+}
+
+fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| at.to_string())
+}
+
+fn job_exit(job: &JobView) -> ExitCode {
+    if job.state == JobState::Succeeded && job.progress.failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -795,82 +816,67 @@ fn query(params: &[(&str, Option<String>)]) -> String {
     }
 }
 
-fn print_metrics(body: &Value) {
+fn print_metrics(report: &MetricsReport) {
     println!(
         "requests {}   error rate {:.2}%   cache hit rate {:.1}% ({} hits, {} misses)   degradations {}",
-        body["requests"],
-        body["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
-        body["cache_hit_rate"].as_f64().unwrap_or(0.0) * 100.0,
-        body["cache_hits"],
-        body["cache_misses"],
-        body["degradations"]
+        report.requests,
+        report.error_rate * 100.0,
+        report.cache_hit_rate * 100.0,
+        report.cache_hits,
+        report.cache_misses,
+        report.degradations
     );
     println!(
         "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "operation", "ok", "rejected", "failed", "p50 ms", "p95 ms", "p99 ms"
     );
-    for (name, op) in body["operations"].as_object().into_iter().flatten() {
-        let latency = &op["latency"];
+    for (name, op) in &report.operations {
+        let latency = &op.latency;
         println!(
             "{name:<10} {:>9} {:>9} {:>9} {:>9.2} {:>9.2} {:>9.2}",
-            op["ok"],
-            op["rejected"],
-            op["failed"],
-            latency["p50_ms"].as_f64().unwrap_or(0.0),
-            latency["p95_ms"].as_f64().unwrap_or(0.0),
-            latency["p99_ms"].as_f64().unwrap_or(0.0)
+            op.ok, op.rejected, op.failed, latency.p50_ms, latency.p95_ms, latency.p99_ms
         );
     }
     println!(
         "{:<10} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "tier", "calls", "failures", "p50 ms", "p95 ms", "p99 ms"
     );
-    for (name, tier) in body["tiers"].as_object().into_iter().flatten() {
-        let latency = &tier["latency"];
+    for (name, tier) in &report.tiers {
+        let latency = &tier.latency;
         println!(
             "{name:<10} {:>9} {:>9} {:>9.2} {:>9.2} {:>9.2}",
-            tier["calls"],
-            tier["failures"],
-            latency["p50_ms"].as_f64().unwrap_or(0.0),
-            latency["p95_ms"].as_f64().unwrap_or(0.0),
-            latency["p99_ms"].as_f64().unwrap_or(0.0)
+            tier.calls, tier.failures, latency.p50_ms, latency.p95_ms, latency.p99_ms
         );
     }
 }
 
-fn print_report(report: &Value) {
-    for collection in report["collections"].as_array().into_iter().flatten() {
+fn print_report(report: &ConsistencyReport) {
+    for collection in &report.collections {
         println!(
             "{} ({}): {} in the durable tier ({}), {} in the cache ({})",
-            text(&collection["collection"]),
-            text(&collection["strategy"]),
-            collection["scanned_postgres"],
-            text(&report["durable_backend"]),
-            collection["scanned_redis"],
-            text(&report["cache_backend"])
+            collection.collection,
+            collection.strategy,
+            collection.scanned_postgres,
+            report.durable_backend,
+            collection.scanned_redis,
+            report.cache_backend
         );
-        let differences = collection["differences"].as_object();
-        if differences.is_none_or(|d| d.is_empty()) {
+        if collection.differences.is_empty() {
             println!("  no differences");
         }
-        for (class, found) in differences.into_iter().flatten() {
-            let samples: Vec<&str> = found["sample_ids"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
+        for (class, found) in &collection.differences {
             println!(
-                "  {class:<20} {:>7} (repaired {}) e.g. {}",
-                found["count"],
-                found["repaired"],
-                samples.join(", ")
+                "  {:<20} {:>7} (repaired {}) e.g. {}",
+                class.as_str(),
+                found.count,
+                found.repaired,
+                found.sample_ids.join(", ")
             );
         }
     }
     println!(
         "{}",
-        if report["consistent"] == true {
+        if report.consistent {
             "consistent"
         } else {
             "INCONSISTENT"

@@ -5,6 +5,7 @@
 //! are checked here before anything is sent: an import or restore of a
 //! corrupted or truncated file stops with a message and sends nothing.
 
+use hybridstore_api::ImportAnswer;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -102,11 +103,7 @@ impl Client {
             let status = response.status().as_u16();
             self.refused_token(status)?;
             let body: Value = response.json().await.unwrap_or(Value::Null);
-            return Err(Failure::remote(format!(
-                "the server answered {status} {}: {}",
-                body["code"].as_str().unwrap_or("error"),
-                body["detail"].as_str().unwrap_or("")
-            )));
+            return Err(super::refusal(status, body));
         }
         let mut splitter = LineSplitter::default();
         loop {
@@ -190,29 +187,19 @@ impl Client {
         self.refused_token(status)?;
         let body: Value = response.json().await.unwrap_or(Value::Null);
         if !(200..300).contains(&status) {
-            return Err(Failure::remote(format!(
-                "the server answered {status} {}: {}",
-                body["code"].as_str().unwrap_or("error"),
-                body["detail"].as_str().unwrap_or("")
-            )));
+            return Err(super::refusal(status, body));
         }
+        let answer: ImportAnswer = super::decode("/admin/database/import", body)?;
         if self.json {
-            self.print_json(&body);
+            self.print_json(&answer);
         } else {
-            let report = &body["report"];
-            let sum = |v: &Value| -> u64 {
-                v.as_object()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|(_, n)| n.as_u64())
-                    .sum()
-            };
+            let report = &answer.report;
             println!(
                 "records: {} applied, {} skipped (already as new); counters: {} applied, {} skipped",
-                sum(&report["applied"]),
-                sum(&report["skipped"]),
-                report["counters_applied"],
-                report["counters_skipped"]
+                report.applied.values().sum::<u64>(),
+                report.skipped.values().sum::<u64>(),
+                report.counters_applied,
+                report.counters_skipped
             );
         }
         Ok(ExitCode::SUCCESS)

@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use hybridstore_api::{BreakerState, TierHealth};
 use hybridstore_core::{StoreError, StoreResult, Tier};
-use serde::Serialize;
 use time::OffsetDateTime;
 
 use crate::stats::TierStats;
@@ -43,27 +43,6 @@ impl Default for HealthSettings {
             probe_interval: Duration::from_millis(250),
             durable_call_timeout: Duration::from_secs(2),
             cache_call_timeout: Duration::from_millis(500),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BreakerState {
-    /// Healthy: calls go through.
-    Closed,
-    /// Failing: calls fail fast until a probe succeeds.
-    Open,
-    /// A probe is testing an open tier; calls still fail fast.
-    HalfOpen,
-}
-
-impl BreakerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BreakerState::Closed => "closed",
-            BreakerState::Open => "open",
-            BreakerState::HalfOpen => "half_open",
         }
     }
 }
@@ -105,23 +84,6 @@ pub struct Breaker {
     /// meanwhile opens the breaker at once: live calls and the ping both
     /// got no answer, the tier is hung rather than busy.
     stalled: AtomicU64,
-}
-
-/// A snapshot of one tier's health, for status pages and metrics.
-#[derive(Clone, Debug, Serialize)]
-pub struct TierHealth {
-    pub tier: &'static str,
-    pub backend: &'static str,
-    pub state: BreakerState,
-    #[serde(with = "time::serde::rfc3339")]
-    pub since: OffsetDateTime,
-    pub consecutive_failures: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    pub degradations: u64,
-    /// Round trip of the last successful probe, in milliseconds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub probe_latency_ms: Option<f64>,
 }
 
 impl Breaker {
@@ -293,8 +255,9 @@ impl Breaker {
             tier: match self.tier {
                 Tier::Durable => "durable",
                 Tier::Cache => "cache",
-            },
-            backend: self.backend,
+            }
+            .to_owned(),
+            backend: self.backend.to_owned(),
             state: inner.state,
             since: inner.since,
             consecutive_failures: inner.consecutive_failures,

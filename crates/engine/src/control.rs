@@ -22,8 +22,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use hybridstore_api::SwitchOutcome;
 use hybridstore_core::{ControlState, Error, Strategy};
-use serde::Serialize;
 
 use crate::journal::Journal;
 use crate::shared::Shared;
@@ -32,21 +32,6 @@ use hybridstore_core::now;
 
 /// How often an instance re-reads the saved state (in case it missed a broadcast).
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
-
-/// The answer to a switch.
-#[derive(Clone, Debug, Serialize)]
-pub struct SwitchOutcome {
-    pub previous: Strategy,
-    pub strategy: Strategy,
-    /// False when the strategy already was in force.
-    pub changed: bool,
-    pub revision: u64,
-    /// Whether every cache copy was dropped because copies could be stale.
-    pub cache_flushed: bool,
-    /// The collections that follow the service-wide strategy (the others
-    /// declare their own).
-    pub collections: Vec<String>,
-}
 
 /// Strategy switches: applied here, saved, broadcast and polled.
 pub(crate) struct Switches {
@@ -72,17 +57,7 @@ impl Switches {
     /// Loads the saved state at start: from the durable tier, or the cache's
     /// mirror when the durable tier is down.
     pub async fn load_control_state(&self) {
-        let saved = match self.shared.durable.call(|t| t.load_control()).await {
-            Ok(saved) => saved,
-            Err(_) => self
-                .shared
-                .cache
-                .call(|t| t.load_control())
-                .await
-                .ok()
-                .flatten(),
-        };
-        if let Some(state) = saved {
+        if let Some(state) = self.saved_state().await {
             self.apply_control(state, false).await;
         }
     }
@@ -233,9 +208,10 @@ impl Switches {
         })
     }
 
-    /// Applies the saved state if it is newer than the one in force.
-    async fn reconcile_control(&self) {
-        let saved = match self.shared.durable.call(|t| t.load_control()).await {
+    /// The saved state: the durable tier's, or the cache's mirror when the
+    /// durable tier cannot be read.
+    async fn saved_state(&self) -> Option<ControlState> {
+        match self.shared.durable.call(|t| t.load_control()).await {
             Ok(saved) => saved,
             Err(_) => self
                 .shared
@@ -244,8 +220,12 @@ impl Switches {
                 .await
                 .ok()
                 .flatten(),
-        };
-        if let Some(state) = saved {
+        }
+    }
+
+    /// Applies the saved state if it is newer than the one in force.
+    async fn reconcile_control(&self) {
+        if let Some(state) = self.saved_state().await {
             self.apply_control(state, true).await;
         }
     }

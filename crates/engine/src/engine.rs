@@ -25,28 +25,31 @@ use futures_util::Stream;
 use hybridstore_transfer::Line;
 use time::OffsetDateTime;
 
+use hybridstore_api::{
+    ConsistencyReport, ImportReport, JobView, ReplayStats, SwitchOutcome, SyncDirection, TierHealth,
+};
 use hybridstore_core::{
     Amount, CacheStore, CollectionName, CounterScope, DurableStore, Error, FieldName, Granularity,
     IdempotencyClaim, JsonObject, Precondition, Record, RecordId, RecordKey, StoreError, Strategy,
     Tier, Version, WriteOutcome,
 };
 
-use crate::breaker::{Breaker, TierHealth};
+use crate::breaker::Breaker;
 use crate::catalog::{Catalog, Collection};
-use crate::control::{SwitchOutcome, Switches};
+use crate::control::Switches;
 use crate::counters::{CounterValues, Counters};
 use crate::guarded::Guarded;
 use crate::idempotency::Replays;
-use crate::jobs::JobView;
-use crate::journal::{Journal, ReplayStats};
-use crate::maintenance::{ConsistencyReport, Maintenance, SyncDirection};
+
+use crate::journal::Journal;
+use crate::maintenance::Maintenance;
 use crate::records::{BatchGet, Page, Records};
 use crate::recovery::Recovery;
 use crate::settings::EngineSettings;
 use crate::shared::{Control, Shared, instance_id};
 use crate::stats::EngineStats;
 use crate::strategy::Plan;
-use crate::transfer::{ImportReport, Transfer};
+use crate::transfer::Transfer;
 
 pub struct Engine {
     pub(crate) shared: Arc<Shared>,

@@ -5,23 +5,15 @@
 //! are safe to repeat (every write is version-guarded), so a job lost with its
 //! instance is simply started again.
 
+use hybridstore_api::{JobState, JobView, ProgressView};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
 use time::OffsetDateTime;
 
 /// Finished jobs kept for their reports; older ones are forgotten.
 const KEEP_FINISHED: usize = 100;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobState {
-    Running,
-    Succeeded,
-    Failed,
-}
 
 /// Counters a job advances as it goes (atomics: read while it runs).
 #[derive(Default)]
@@ -40,19 +32,6 @@ impl Progress {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct ProgressView {
-    /// What the job expects to scan (an estimate: stores change meanwhile).
-    pub total: u64,
-    pub scanned: u64,
-    pub written: u64,
-    /// Not written: the target held the same or a newer version.
-    pub skipped_older: u64,
-    /// Not written: a journal entry not yet replayed pins the copy.
-    pub skipped_pinned: u64,
-    pub failed: u64,
-}
-
 pub struct Job {
     pub id: String,
     pub kind: &'static str,
@@ -67,24 +46,6 @@ struct Finish {
     at: OffsetDateTime,
     result: Option<serde_json::Value>,
     error: Option<String>,
-}
-
-/// A job as the admin API shows it.
-#[derive(Clone, Debug, Serialize)]
-pub struct JobView {
-    pub id: String,
-    pub kind: &'static str,
-    pub state: JobState,
-    pub params: serde_json::Value,
-    #[serde(with = "time::serde::rfc3339")]
-    pub started_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub finished_at: Option<OffsetDateTime>,
-    pub progress: ProgressView,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub result: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
 }
 
 impl Job {
@@ -107,7 +68,7 @@ impl Job {
         let p = &self.progress;
         JobView {
             id: self.id.clone(),
-            kind: self.kind,
+            kind: self.kind.to_owned(),
             state: finish.as_ref().map_or(JobState::Running, |f| f.state),
             params: self.params.clone(),
             started_at: self.started_at,

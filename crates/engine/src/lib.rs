@@ -25,21 +25,19 @@ mod status;
 mod strategy;
 mod transfer;
 
-pub use breaker::{BreakerState, HealthSettings, TierHealth};
+pub use breaker::HealthSettings;
 pub use catalog::{Catalog, CatalogError, Collection};
-pub use control::SwitchOutcome;
 pub use counters::CounterValues;
 pub use engine::Engine;
-pub use jobs::{JobState, JobView, ProgressView};
-pub use journal::ReplayStats;
-pub use maintenance::{
-    ClassReport, CollectionReport, ConsistencyReport, DriftClass, SyncDirection,
-};
 pub use records::{BatchGet, Page};
 pub use settings::{CounterSettings, EngineSettings, JournalSettings, SyncSettings};
-pub use stats::{
-    EngineStats, Histogram, LatencySummary, Operation, OperationCounts, Outcome, TierStats,
+pub use stats::{EngineStats, Histogram, Operation, Outcome, TierStats};
+pub use strategy::{OnMiss, Plan};
+
+// The reports the engine fills in are the admin API's own types.
+pub use hybridstore_api::{
+    BreakerState, ClassReport, CollectionReport, ConsistencyReport, DriftClass, HealthReport,
+    ImportReport, JobState, JobView, LatencySummary, MetricsReport, OperationCounts, Overall,
+    ProgressView, ReadPath, ReplayStats, StatusReport, SwitchOutcome, SyncDirection, TierHealth,
+    WritePath,
 };
-pub use status::{HealthReport, MetricsReport, Overall, StatusReport};
-pub use strategy::{OnMiss, Plan, ReadPath, WritePath};
-pub use transfer::ImportReport;

@@ -24,15 +24,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures_util::future::join_all;
+use hybridstore_api::{CollectionReport, ConsistencyReport, DriftClass, JobView, SyncDirection};
 use hybridstore_core::{
     ApplyMode, CacheEntry, Change, CollectionName, CopyOutcome, Error, RecordKey, StoreError,
     Strategy,
 };
-use serde::Serialize;
 
 use crate::catalog::Collection;
 use crate::jobs::Jobs;
-use crate::jobs::{Job, JobView, Progress};
+use crate::jobs::{Job, Progress};
 use crate::shared::Shared;
 use hybridstore_core::now;
 
@@ -43,69 +43,6 @@ const SCHEDULED_REPAIR: &str = "scheduled_repair";
 
 /// Sample ids reported per class and collection.
 const SAMPLES: usize = 10;
-
-/// Which way a sync copies.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SyncDirection {
-    RedisToPostgres,
-    PostgresToRedis,
-}
-
-impl SyncDirection {
-    fn kind(self) -> &'static str {
-        match self {
-            SyncDirection::RedisToPostgres => "sync_redis_to_postgres",
-            SyncDirection::PostgresToRedis => "sync_postgres_to_redis",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DriftClass {
-    MissingInPostgres,
-    RedisAhead,
-    RedisStale,
-    ContentMismatch,
-    MissingInRedis,
-}
-
-impl DriftClass {
-    /// Whether the class only says the cache is cold.
-    pub fn informational(self) -> bool {
-        self == DriftClass::MissingInRedis
-    }
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ClassReport {
-    pub count: u64,
-    pub repaired: u64,
-    pub sample_ids: Vec<String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct CollectionReport {
-    pub collection: String,
-    pub strategy: Strategy,
-    pub scanned_postgres: u64,
-    pub scanned_redis: u64,
-    pub differences: BTreeMap<DriftClass, ClassReport>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct ConsistencyReport {
-    /// No difference but cold-cache ones (after repair, if repairing).
-    pub consistent: bool,
-    pub repair: bool,
-    /// The backends compared (`postgres` or `sqlite`; `redis` or
-    /// `memory`): the `*_postgres` and `*_redis` names of the classes and
-    /// counts stand for the durable tier and the cache.
-    pub durable_backend: &'static str,
-    pub cache_backend: &'static str,
-    pub collections: Vec<CollectionReport>,
-}
 
 /// What one record looks like in both tiers.
 struct Pair {
@@ -351,6 +288,20 @@ impl Maintenance {
         }
     }
 
+    /// Tells the job how many records it will walk (an estimate: the
+    /// stores change meanwhile; a count that fails counts nothing).
+    async fn expect_total(&self, collections: &[CollectionName], job: &Job) {
+        for name in collections {
+            let count = self
+                .shared
+                .durable
+                .call(|t| t.count(name))
+                .await
+                .unwrap_or(0);
+            Progress::add(&job.progress.total, count);
+        }
+    }
+
     /// A tier failure inside a job.
     /// A tier failure that stopped long work (a job, an export or import),
     /// saying whether running it again helps. The caller logs it.
@@ -370,15 +321,7 @@ impl Maintenance {
         force: bool,
         job: &Job,
     ) -> Result<(), Error> {
-        for name in collections {
-            let count = self
-                .shared
-                .durable
-                .call(|t| t.count(name))
-                .await
-                .unwrap_or(0);
-            Progress::add(&job.progress.total, count);
-        }
+        self.expect_total(collections, job).await;
         for name in collections {
             let collection = self.shared.catalog.get(name)?;
             match direction {
@@ -541,15 +484,7 @@ impl Maintenance {
         repair: bool,
         job: &Job,
     ) -> Result<ConsistencyReport, Error> {
-        for name in collections {
-            let count = self
-                .shared
-                .durable
-                .call(|t| t.count(name))
-                .await
-                .unwrap_or(0);
-            Progress::add(&job.progress.total, count);
-        }
+        self.expect_total(collections, job).await;
         let mut reports = Vec::with_capacity(collections.len());
         for name in collections {
             let collection = self.shared.catalog.get(name)?;
@@ -564,8 +499,8 @@ impl Maintenance {
         Ok(ConsistencyReport {
             consistent,
             repair,
-            durable_backend: self.shared.durable.backend(),
-            cache_backend: self.shared.cache.backend(),
+            durable_backend: self.shared.durable.backend().to_owned(),
+            cache_backend: self.shared.cache.backend().to_owned(),
             collections: reports,
         })
     }

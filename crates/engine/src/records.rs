@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
+use hybridstore_api::{ReadPath, WritePath};
 use hybridstore_core::{
     CacheEntry, CacheStore, CollectionName, Error, JsonObject, ListPage, ListQuery, Precondition,
     Record, RecordId, RecordKey, RecordWrite, StoreError, Version, WriteOutcome, json_size,
@@ -26,7 +27,7 @@ use crate::journal::Journal;
 use crate::journal::settle::{Access, above};
 use crate::shared::Shared;
 use crate::stats::{Operation, Outcome};
-use crate::strategy::{OnMiss, Plan, ReadPath, WritePath};
+use crate::strategy::{OnMiss, Plan};
 use hybridstore_core::now;
 
 /// One page of a listing.

@@ -6,10 +6,9 @@
 //! figures. Everything is a relaxed atomic: recording costs a few nanoseconds
 //! and never blocks a request.
 
+use hybridstore_api::{LatencySummary, OperationCounts};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-use serde::Serialize;
 
 /// Sub-buckets per power of two: percentiles are exact to within ~19%.
 const SUB_BUCKETS: usize = 4;
@@ -126,14 +125,6 @@ impl Histogram {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
-pub struct LatencySummary {
-    pub count: u64,
-    pub p50_ms: f64,
-    pub p95_ms: f64,
-    pub p99_ms: f64,
-}
-
 /// The kinds of operation the engine serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operation {
@@ -194,15 +185,6 @@ pub struct EngineStats {
     operations: [OperationStats; 7],
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
-}
-
-/// Counts for one operation kind.
-#[derive(Clone, Debug, Serialize)]
-pub struct OperationCounts {
-    pub ok: u64,
-    pub rejected: u64,
-    pub failed: u64,
-    pub latency: LatencySummary,
 }
 
 impl EngineStats {

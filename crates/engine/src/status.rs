@@ -4,129 +4,16 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use hybridstore_core::Strategy;
-use serde::Serialize;
-use time::OffsetDateTime;
+use hybridstore_api::{
+    BreakerState, CollectionStatus, HealthReport, JournalBacklog, MetricsReport, OperationCounts,
+    Overall, StatusReport, StrategyStatus, Switched, TierHealth, TierMetrics, UnreplayedKeys,
+};
 
-use crate::breaker::{Breaker, BreakerState, TierHealth};
+use crate::breaker::Breaker;
 use crate::engine::Engine;
-use crate::journal::ReplayStats;
-use crate::stats::{LatencySummary, Operation, OperationCounts, TierStats};
+
+use crate::stats::{Operation, TierStats};
 use crate::strategy::Plan;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Overall {
-    /// Both tiers serve.
-    Healthy,
-    /// One tier is out; the other serves what it can.
-    Degraded,
-    /// Neither tier serves.
-    Down,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct HealthReport {
-    pub status: Overall,
-    pub tiers: BTreeMap<&'static str, TierHealth>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct JournalBacklog {
-    pub write_behind: u64,
-    pub outage: u64,
-    /// Counter increments not yet in the durable tier.
-    pub counters: u64,
-    /// Journaled writes the durable tier refused, set aside for an operator.
-    pub dead_letters: u64,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct StrategyStatus {
-    /// From the configuration file / environment.
-    pub configured: Strategy,
-    /// In force for collections without a strategy of their own.
-    pub service: Strategy,
-    /// Set when an operator switched it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub switched: Option<Switched>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Switched {
-    pub revision: u64,
-    #[serde(with = "time::serde::rfc3339")]
-    pub at: OffsetDateTime,
-    pub by: String,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct CollectionStatus {
-    pub name: String,
-    /// The strategy it follows (its own, or the service's).
-    pub strategy: Strategy,
-    /// Whether it declares its own strategy (the service's switch skips it).
-    pub own_strategy: bool,
-    /// What serves it now: the strategy's name when its plan is in force,
-    /// `degraded` when health narrowed it, `unavailable` when nothing can.
-    pub effective: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub plan: Option<Plan>,
-    /// Why `effective` differs from `strategy`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct StatusReport {
-    pub instance_id: String,
-    pub uptime_secs: u64,
-    pub status: Overall,
-    pub strategy: StrategyStatus,
-    pub collections: Vec<CollectionStatus>,
-    pub tiers: BTreeMap<&'static str, TierHealth>,
-    /// `None` when the cache cannot be asked.
-    pub journal_backlog: Option<JournalBacklog>,
-    pub replay: ReplayStats,
-    /// What this instance would refuse to read from the durable tier while
-    /// the cache is unreachable.
-    pub unreplayed: Unreplayed,
-    pub cache_generation: u64,
-}
-
-/// Keys this instance journaled (or took to replay) whose version it has not
-/// seen reach the durable tier.
-#[derive(Clone, Debug, Serialize)]
-pub struct Unreplayed {
-    pub keys: usize,
-    /// Any key may be held: the process started, or remembered too many
-    /// keys, since the journals were last seen empty.
-    pub unknown: bool,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct TierMetrics {
-    pub calls: u64,
-    pub failures: u64,
-    pub degradations: u64,
-    pub latency: LatencySummary,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct MetricsReport {
-    pub operations: BTreeMap<&'static str, OperationCounts>,
-    pub requests: u64,
-    /// Share of operations that failed inside (no tier, internal error).
-    pub error_rate: f64,
-    pub cache_hits: u64,
-    pub cache_misses: u64,
-    /// Share of cache-reading lookups the cache answered.
-    pub cache_hit_rate: f64,
-    pub tiers: BTreeMap<&'static str, TierMetrics>,
-    /// Times a tier went from healthy to unavailable.
-    pub degradations: u64,
-    pub replay: ReplayStats,
-}
 
 fn ratio(part: u64, whole: u64) -> f64 {
     if whole == 0 {
@@ -137,9 +24,9 @@ fn ratio(part: u64, whole: u64) -> f64 {
 }
 
 impl Engine {
-    fn tiers(&self) -> BTreeMap<&'static str, TierHealth> {
+    fn tiers(&self) -> BTreeMap<String, TierHealth> {
         let [durable, cache] = self.health();
-        BTreeMap::from([("durable", durable), ("cache", cache)])
+        BTreeMap::from([("durable".to_owned(), durable), ("cache".to_owned(), cache)])
     }
 
     fn overall(&self) -> Overall {
@@ -207,13 +94,14 @@ impl Engine {
                     strategy,
                     own_strategy: collection.spec.strategy.is_some(),
                     effective: name,
-                    plan: effective,
+                    plan: effective.map(Plan::view),
                     reason: self.degradation_reason(configured, effective),
                 }
             })
             .collect();
         StatusReport {
             instance_id: self.shared.instance_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_secs: self.shared.started.elapsed().as_secs(),
             status: self.overall(),
             strategy: StrategyStatus {
@@ -248,7 +136,7 @@ impl Engine {
             replay: self.journal.replay_stats(),
             unreplayed: {
                 let (keys, unknown) = self.journal.unreplayed.summary();
-                Unreplayed { keys, unknown }
+                UnreplayedKeys { keys, unknown }
             },
             cache_generation: applied.map_or(0, |state| state.cache_generation),
         }
@@ -264,9 +152,9 @@ impl Engine {
     }
 
     pub fn metrics_report(&self) -> MetricsReport {
-        let operations: BTreeMap<&'static str, OperationCounts> = Operation::ALL
+        let operations: BTreeMap<String, OperationCounts> = Operation::ALL
             .iter()
-            .map(|op| (op.as_str(), self.shared.stats.counts(*op)))
+            .map(|op| (op.as_str().to_owned(), self.shared.stats.counts(*op)))
             .collect();
         let requests: u64 = operations
             .values()
@@ -287,7 +175,7 @@ impl Engine {
             cache_misses: misses,
             cache_hit_rate: ratio(hits, hits + misses),
             degradations: durable.degradations + cache.degradations,
-            tiers: BTreeMap::from([("durable", durable), ("cache", cache)]),
+            tiers: BTreeMap::from([("durable".to_owned(), durable), ("cache".to_owned(), cache)]),
             replay: self.journal.replay_stats(),
         }
     }

@@ -19,51 +19,23 @@
 //! versions the durable tier still lacks are settled key by key
 //! (`pending.rs`), never by holding a whole collection or service back.
 
+use hybridstore_api::{PlanView, ReadPath, WritePath};
 use hybridstore_core::Strategy;
-
-/// Where a write goes, in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WritePath {
-    /// Commit in the durable tier, then store the new version in the cache.
-    DurableThenCache,
-    /// Commit in the durable tier only.
-    DurableOnly,
-    /// The cache takes the write and journals it atomically; the journal is
-    /// replayed into the durable tier in the background.
-    CacheJournaled,
-    /// The cache takes the write as the only tier.
-    CacheOnly,
-}
-
-impl WritePath {
-    /// Whether the cache takes the write itself (and so holds the newest
-    /// version, ahead of or instead of the durable tier).
-    pub fn through_cache(self) -> bool {
-        matches!(self, WritePath::CacheJournaled | WritePath::CacheOnly)
-    }
-}
-
-/// Where a read is served from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReadPath {
-    /// The cache; on a miss the durable tier, and the copy read there is filled
-    /// into the cache (version-checked).
-    CacheThenDurable,
-    /// The durable tier only.
-    DurableOnly,
-    /// The cache only; a miss cannot be answered. Used while the durable tier
-    /// is down, for collections whose cache copies are kept current.
-    CacheOnly,
-    /// The cache is the only tier: a miss means no such record.
-    CacheAuthoritative,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Plan {
     pub write: WritePath,
     pub read: ReadPath,
+}
+
+impl Plan {
+    /// The plan as the admin API shows it.
+    pub fn view(self) -> PlanView {
+        PlanView {
+            write: self.write,
+            read: self.read,
+        }
+    }
 }
 
 /// What a read does about a key the cache does not hold (see

@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures_util::Stream;
+use hybridstore_api::ImportReport;
 use hybridstore_core::{
     ApplyMode, Bucket, Change, CollectionName, CopyOutcome, CounterScope, CounterValue, Error,
     RecordId, RecordKey, StoreError, Strategy,
 };
 use hybridstore_transfer::{Counts, Deletion, Header, Line, Source};
-use serde::Serialize;
 use time::OffsetDateTime;
 
 use crate::maintenance::Maintenance;
@@ -41,18 +41,6 @@ enum Stage {
     },
     End,
     Done,
-}
-
-/// What an import did.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct ImportReport {
-    /// Records (and deletions) written, per collection.
-    pub applied: BTreeMap<String, u64>,
-    /// Left alone: the target held the same or a newer version.
-    pub skipped: BTreeMap<String, u64>,
-    pub counters_applied: u64,
-    /// Left alone: the target held a value for that field of that bucket.
-    pub counters_skipped: u64,
 }
 
 fn count(map: &mut BTreeMap<String, u64>, collection: &CollectionName) {

@@ -243,15 +243,7 @@ impl CacheCounters for RedisStore {
     }
 
     async fn counter_backlog(&self) -> StoreResult<u64> {
-        let mut pipe = redis::pipe();
-        for stream in self.keys.counter_journals() {
-            pipe.cmd("XLEN").arg(stream);
-        }
-        let lengths: Vec<u64> = pipe
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(classify)?;
-        Ok(lengths.iter().sum())
+        self.total_length(self.keys.counter_journals()).await
     }
 
     async fn pending_increments(

@@ -220,15 +220,7 @@ impl CacheJournal for RedisStore {
     }
 
     async fn dead_letters(&self) -> StoreResult<u64> {
-        let mut pipe = redis::pipe();
-        for stream in self.keys.all_dead_letters() {
-            pipe.cmd("XLEN").arg(stream);
-        }
-        let lengths: Vec<u64> = pipe
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(classify)?;
-        Ok(lengths.iter().sum())
+        self.total_length(self.keys.all_dead_letters()).await
     }
 
     async fn pinned(&self, query: &ListQuery) -> StoreResult<Vec<Change>> {

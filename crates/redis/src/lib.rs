@@ -229,6 +229,20 @@ async fn scan_step(
 }
 
 impl RedisStore {
+    /// How many entries these streams hold together (one pipelined round
+    /// trip).
+    async fn total_length(&self, streams: Vec<String>) -> StoreResult<u64> {
+        let mut pipe = redis::pipe();
+        for stream in streams {
+            pipe.cmd("XLEN").arg(stream);
+        }
+        let lengths: Vec<u64> = pipe
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        Ok(lengths.iter().sum())
+    }
+
     /// Sets up the connection without waiting for it: the service may start
     /// while Redis is down and use it once it is up.
     pub fn new_lazy(options: &RedisOptions) -> StoreResult<Self> {

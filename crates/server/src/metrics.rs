@@ -83,7 +83,11 @@ impl HttpMetrics {
             "counter",
             "HTTP requests by method, route template and status",
         );
-        let requests = self.requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let requests = self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for ((method, route, status), count) in requests {
             let status = status.to_string();
             let labels = [("method", method), ("route", &route), ("status", &status)];
@@ -95,7 +99,11 @@ impl HttpMetrics {
             "histogram",
             "HTTP request latency by method and route template",
         );
-        let latency = self.latency.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let latency = self
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for ((method, route), recorded) in latency {
             let labels = [("method", method), ("route", &route)];
             histogram(out, "http_request_duration_seconds", &labels, &recorded);
@@ -224,7 +232,7 @@ async fn render_engine(out: &mut String, engine: &Engine) {
         sample(
             out,
             "hybridstore_tier_up",
-            &[("tier", health.tier), ("backend", health.backend)],
+            &[("tier", &health.tier), ("backend", &health.backend)],
             up,
         );
     }
@@ -243,7 +251,7 @@ async fn render_engine(out: &mut String, engine: &Engine) {
             sample(
                 out,
                 "hybridstore_breaker_state",
-                &[("tier", health.tier), ("state", state.as_str())],
+                &[("tier", &health.tier), ("state", state.as_str())],
                 u8::from(health.state == state),
             );
         }
@@ -258,7 +266,7 @@ async fn render_engine(out: &mut String, engine: &Engine) {
         sample(
             out,
             "hybridstore_tier_degradations_total",
-            &[("tier", health.tier)],
+            &[("tier", &health.tier)],
             health.degradations,
         );
     }
@@ -272,7 +280,7 @@ async fn render_engine(out: &mut String, engine: &Engine) {
         sample(
             out,
             "hybridstore_tier_calls_total",
-            &[("tier", health.tier)],
+            &[("tier", &health.tier)],
             tier.calls.load(relaxed),
         );
     }
@@ -286,7 +294,7 @@ async fn render_engine(out: &mut String, engine: &Engine) {
         sample(
             out,
             "hybridstore_tier_errors_total",
-            &[("tier", health.tier)],
+            &[("tier", &health.tier)],
             tier.failures.load(relaxed),
         );
     }
@@ -300,7 +308,7 @@ async fn render_engine(out: &mut String, engine: &Engine) {
         histogram(
             out,
             "hybridstore_tier_call_duration_seconds",
-            &[("tier", health.tier)],
+            &[("tier", &health.tier)],
             &tier.latency,
         );
     }

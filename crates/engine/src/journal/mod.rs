@@ -25,6 +25,7 @@ pub(crate) mod settle;
 pub(crate) mod unreplayed;
 mod write;
 
+use hybridstore_api::ReplayStats;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
@@ -32,17 +33,6 @@ use std::sync::atomic::AtomicBool;
 use crate::shared::Shared;
 use backlog::Backlog;
 use unreplayed::Unreplayed;
-
-/// Replay counters since the process started (for status and metrics).
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
-pub struct ReplayStats {
-    /// Journal entries read and acknowledged.
-    pub entries: u64,
-    /// Changes applied to the durable tier (newest per record and batch).
-    pub applied: u64,
-    /// Changes the durable tier already had in that version or a newer one.
-    pub superseded: u64,
-}
 
 /// The replay in progress: since when, and how much so far.
 #[derive(Default)]

@@ -5,12 +5,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hybridstore_api::ReplayStats;
 use hybridstore_core::{
     ApplyMode, Change, Error, JournalAck, JournalEntry, JournalKind, RecordKey, StoreError, Version,
 };
 
+use super::Journal;
 use super::backlog::Backlog;
-use super::{Journal, ReplayStats};
 use crate::guarded::Route;
 
 impl Journal {

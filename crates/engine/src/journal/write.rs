@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use hybridstore_api::WritePath;
 use hybridstore_core::{
     CacheEntry, CacheWrite, CacheWriteOutcome, Error, IndexEntry, JournalKind, Precondition,
     Record, RecordKey, RecordWrite, Version, WriteChange, WriteOutcome,
@@ -11,7 +12,6 @@ use time::OffsetDateTime;
 
 use super::Journal;
 use crate::catalog::Collection;
-use crate::strategy::WritePath;
 
 /// How long a write guarded by a version it read itself (not by the
 /// client) keeps reading again after concurrent writers got in between,

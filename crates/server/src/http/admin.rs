@@ -6,6 +6,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use hybridstore_api::JobList;
 use hybridstore_core::{CollectionName, Error, Strategy};
 use hybridstore_engine::{JobView, Overall, SyncDirection};
 use serde::Deserialize;
@@ -29,10 +30,7 @@ pub async fn health(State(state): State<AppState>, _: AdminCaller) -> Response {
 #[utoipa::path(get, path = "/admin/database/status", tag = "admin", summary = "Strategies, tiers, journal backlog, cache generation, instance",
     responses((status = 200, description = "Status", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn status(State(state): State<AppState>, _: AdminCaller) -> Response {
-    let mut report = serde_json::to_value(state.engine.status_report().await)
-        .unwrap_or_else(|_| serde_json::json!({}));
-    report["version"] = env!("CARGO_PKG_VERSION").into();
-    Json(report).into_response()
+    Json(state.engine.status_report().await).into_response()
 }
 
 #[utoipa::path(get, path = "/admin/database/metrics", tag = "admin", summary = "Operation counts, hit rate, error rate, tier latency",
@@ -144,7 +142,10 @@ pub async fn start_consistency_check(
 #[utoipa::path(get, path = "/admin/database/jobs", tag = "admin", summary = "Jobs of this instance",
     responses((status = 200, description = "`{\"jobs\": [...]}`", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn jobs(State(state): State<AppState>, _: AdminCaller) -> Response {
-    Json(serde_json::json!({ "jobs": state.engine.jobs() })).into_response()
+    Json(JobList {
+        jobs: state.engine.jobs(),
+    })
+    .into_response()
 }
 
 #[utoipa::path(get, path = "/admin/database/jobs/{id}", tag = "admin", summary = "One job and its progress",

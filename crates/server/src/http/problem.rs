@@ -7,6 +7,7 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use hybridstore_api::ProblemDocument;
 use hybridstore_core::Error;
 use serde_json::{Value, json};
 
@@ -232,17 +233,19 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %message, "request failed with an internal error");
         }
         let problem = self.problem();
-        let mut body = json!({
-            "type": format!("urn:hybridstore:problem:{}", problem.code),
-            "title": problem.title,
-            "status": problem.status.as_u16(),
-            "detail": problem.detail,
-            "code": problem.code,
-        });
+        let mut body = ProblemDocument {
+            kind: format!("urn:hybridstore:problem:{}", problem.code),
+            title: problem.title.to_owned(),
+            status: problem.status.as_u16(),
+            detail: problem.detail,
+            code: problem.code.to_owned(),
+            extra: Default::default(),
+        };
         if let Some((key, value)) = problem.extra {
-            body[key] = value;
+            body.extra.insert(key.to_owned(), value);
         }
-        let mut response = (problem.status, body.to_string()).into_response();
+        let body = serde_json::to_string(&body).unwrap_or_default();
+        let mut response = (problem.status, body).into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,

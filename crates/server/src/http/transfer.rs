@@ -154,5 +154,9 @@ pub async fn import(
         force = params.force,
         "import applied"
     );
-    Ok(Json(serde_json::json!({ "read": counts, "report": report })).into_response())
+    Ok(Json(hybridstore_api::ImportAnswer {
+        read: counts,
+        report,
+    })
+    .into_response())
 }

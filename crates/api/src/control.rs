@@ -1,0 +1,19 @@
+//! `POST /admin/database/switch-strategy/{strategy}`.
+
+use hybridstore_core::Strategy;
+use serde::{Deserialize, Serialize};
+
+/// The answer to a switch.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SwitchOutcome {
+    pub previous: Strategy,
+    pub strategy: Strategy,
+    /// False when the strategy already was in force.
+    pub changed: bool,
+    pub revision: u64,
+    /// Whether every cache copy was dropped because copies could be stale.
+    pub cache_flushed: bool,
+    /// The collections that follow the service-wide strategy (the others
+    /// declare their own).
+    pub collections: Vec<String>,
+}

@@ -1,0 +1,59 @@
+//! Jobs: sync and consistency checks run in the background.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProgressView {
+    /// What the job expects to scan (an estimate: stores change meanwhile).
+    pub total: u64,
+    pub scanned: u64,
+    pub written: u64,
+    /// Not written: the target held the same or a newer version.
+    pub skipped_older: u64,
+    /// Not written: a journal entry not yet replayed pins the copy.
+    pub skipped_pinned: u64,
+    pub failed: u64,
+}
+
+/// A job as the admin API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: String,
+    pub kind: String,
+    pub state: JobState,
+    pub params: serde_json::Value,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    pub progress: ProgressView,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /admin/database/jobs`: the jobs this instance runs or ran.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobList {
+    pub jobs: Vec<JobView>,
+}
