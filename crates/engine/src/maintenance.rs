@@ -471,11 +471,17 @@ impl Maintenance {
             },
             Change::Delete { .. } => self.shared.settings.deleted_marker_ttl,
         };
-        self.shared
-            .cache
-            .call(|t| t.copy_in(state, lifetime, authoritative, force))
-            .await
-            .map(Some)
+        let copy = || {
+            self.shared
+                .cache
+                .call(|t| t.copy_in(state, lifetime, authoritative, force))
+        };
+        let key = state.key();
+        match self.shared.recovery.fill(&key, state.version(), copy).await {
+            Some(copied) => copied.map(Some),
+            // A newer version was committed around the cache meanwhile.
+            None => Ok(Some(CopyOutcome::Kept)),
+        }
     }
 
     async fn check(

@@ -155,16 +155,19 @@ impl Records {
             // instance cannot reach, no other can serve from either (README,
             // "Several instances": a partition is the exception). The attempt
             // costs a refused connection, or a short wait on a hung cache (a
-            // store that lands later still only moves forward).
-            if self.shared.recovery.overtaken(key, version) {
-                return;
-            }
-            let updated = self
-                .shared
-                .recovery
-                .past_breaker(|tier| self.update_copy(tier, collection, key, update, now))
-                .await
-                .is_some();
+            // store that lands later still only moves forward). As a fill:
+            // a recovery that removes older copies of this key runs wholly
+            // before it (and then it is left out) or after it.
+            let past_breaker = || async {
+                let store = |tier| self.update_copy(tier, collection, key, update, now);
+                Ok(self.shared.recovery.past_breaker(store).await.is_some())
+            };
+            let updated = match self.shared.recovery.fill(key, version, past_breaker).await {
+                // A newer version was committed around the cache and its
+                // older copies removed: nothing to update.
+                None => return,
+                Some(updated) => updated.unwrap_or(false),
+            };
             // Only a copy that could not be brought up to date may be stale:
             // that is recorded durably, for every instance and for this one
             // after a restart. A write whose update landed bumps nothing, so
@@ -238,7 +241,9 @@ impl Records {
         let Some(ttl) = record.cache_lifetime(collection.spec.cache_ttl, now) else {
             return;
         };
-        if let Err(err) = self.shared.cache.call(|t| t.store(record, ttl)).await {
+        let key = record.key();
+        let fill = || self.shared.cache.call(|t| t.store(record, ttl));
+        if let Some(Err(err)) = self.shared.recovery.fill(&key, record.version, fill).await {
             self.shared.cache_failed("store", &err);
         }
     }

@@ -31,10 +31,12 @@ pub(crate) struct Recovery {
     /// Counter increments went around the cache: its bucket values are
     /// behind, and recovery drops them (they are seeded again).
     pub counters_dirty: std::sync::atomic::AtomicBool,
-    /// Held by a write that records its commit around the cache, and by the
-    /// recovery while it takes the last of those and closes the breaker: no
-    /// write can fall between the two (see [`Recovery::wrote_around`]).
-    gate: tokio::sync::Mutex<()>,
+    /// Shared by a write that records its commit around the cache and by a
+    /// fill of an earlier-read durable state ([`Recovery::fill`]); held
+    /// alone by the recovery while it takes the last of those writes,
+    /// removes older copies and closes the breaker: neither a write nor a
+    /// fill can fall between the two (see [`Recovery::wrote_around`]).
+    gate: tokio::sync::RwLock<()>,
     /// Versions committed around the cache that the last recoveries
     /// removed older copies for: a write of this instance decided before the
     /// breaker closed, whose update arrives after, must not store its older
@@ -93,7 +95,7 @@ impl Recovery {
             dirty: Mutex::new(DirtyKeys::default()),
             server_id: Mutex::new(None),
             counters_dirty: std::sync::atomic::AtomicBool::new(false),
-            gate: tokio::sync::Mutex::new(()),
+            gate: tokio::sync::RwLock::new(()),
             floors: Mutex::new(std::collections::HashMap::new()),
             floors_held: AtomicBool::new(false),
             recovering: AtomicBool::new(false),
@@ -134,12 +136,35 @@ impl Recovery {
         if self.cache.breaker.is_closed() {
             return false;
         }
-        let _gate = self.gate.lock().await;
+        let _gate = self.gate.read().await;
         if self.cache.breaker.is_closed() {
             return false;
         }
         self.remember(key, Some(version));
         true
+    }
+
+    /// Runs `fill`, which puts `version` of `key` (read from the durable
+    /// tier a moment ago: a read's miss, a sync, a repair) into the cache,
+    /// unless a newer version was committed around the cache since and a
+    /// recovery removed the older copies: the fill would bring back what
+    /// that recovery removed, where nothing newer stands to refuse it. Under
+    /// the gate, so no recovery falls between the check and the fill; `None`
+    /// when it was left out.
+    pub async fn fill<T, F>(
+        &self,
+        key: &RecordKey,
+        version: Version,
+        fill: impl FnOnce() -> F,
+    ) -> Option<StoreResult<T>>
+    where
+        F: Future<Output = StoreResult<T>>,
+    {
+        let _gate = self.gate.read().await;
+        if self.overtaken(key, version) {
+            return None;
+        }
+        Some(fill().await)
     }
 
     /// Whether a newer version of `key` than `version` was committed around
@@ -240,7 +265,7 @@ impl Recovery {
                 return self.cache.breaker.force_open(&err);
             }
         }
-        let _gate = self.gate.lock().await;
+        let _gate = self.gate.write().await;
         let written: Vec<(RecordKey, Option<Version>)> = {
             let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
             if checked.everything {

@@ -2,9 +2,11 @@
 //!
 //! Servers are real processes on free loopback ports, started once per test
 //! binary ([`shared`]) or per test when a test needs to kill them
-//! ([`Postgres::start`], [`Redis::start`]). Each test gets its own database and
-//! its own Redis key prefix, so tests run in parallel without seeing each other.
-//! No Docker and no mocks: what the tests talk to is what production talks to.
+//! ([`Postgres::start`], [`Redis::start`]): from the binaries installed here,
+//! or, where those are missing, in Docker containers (see [`Source`]). Each
+//! test gets its own database and its own Redis key prefix, so tests run in
+//! parallel without seeing each other. No mocks: what the tests talk to is
+//! what production talks to.
 
 mod app;
 mod hooked;
@@ -19,6 +21,9 @@ pub use app::{
 };
 pub use hooked::HookedDurable;
 pub use process::free_port;
-pub use servers::{Postgres, Redis, RedisPersistence, SharedServers, create_database, shared};
+pub use servers::{
+    Postgres, Redis, RedisPersistence, SERVERS_VARIABLE, SharedServers, Source, create_database,
+    shared, source,
+};
 pub use service::ServiceProcess;
 pub use wait::{blocking, until};

@@ -1,4 +1,5 @@
-//! PostgreSQL and Redis server processes that tests can stop, kill and restart.
+//! The local way: PostgreSQL and Redis server processes started from the
+//! binaries installed here, which tests can stop, kill and restart.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -6,11 +7,11 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 
-use sqlx::Connection;
 use std::time::{Duration, Instant};
 
+use super::RedisPersistence;
 use crate::process::{free_port, signal_and_wait, spawn_owned};
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -170,10 +171,11 @@ fn process_tree(root: u32) -> Vec<u32> {
     tree
 }
 
-/// The directory of the PostgreSQL server binaries (`initdb`, `postgres`).
-fn postgres_bin_dir() -> PathBuf {
+/// The directory of the PostgreSQL server binaries (`initdb`, `postgres`),
+/// if they are installed here.
+pub(super) fn postgres_bin_dir() -> Option<PathBuf> {
     if let Ok(dir) = std::env::var("HYBRIDSTORE_TEST_PG_BIN") {
-        return PathBuf::from(dir);
+        return Some(PathBuf::from(dir));
     }
     let from_path = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
@@ -182,8 +184,8 @@ fn postgres_bin_dir() -> PathBuf {
             .and_then(|initdb| fs::canonicalize(initdb).ok())
             .and_then(|initdb| initdb.parent().map(Path::to_path_buf))
     });
-    if let Some(dir) = from_path {
-        return dir;
+    if from_path.is_some() {
+        return from_path;
     }
     let mut versions: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
         .map(|entries| {
@@ -194,9 +196,14 @@ fn postgres_bin_dir() -> PathBuf {
         })
         .unwrap_or_default();
     versions.sort();
-    versions.pop().expect(
-        "PostgreSQL server binaries not found (install postgresql or set HYBRIDSTORE_TEST_PG_BIN)",
-    )
+    versions.pop().filter(|dir| dir.join("initdb").exists())
+}
+
+/// Whether `redis-server` is on the PATH.
+pub(super) fn redis_server_installed() -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| dir.join("redis-server").exists())
+    })
 }
 
 /// The uid/gid to run PostgreSQL as: it refuses to run as root.
@@ -217,21 +224,23 @@ fn postgres_user() -> Option<(u32, u32)> {
     unsafe { Some(((*entry).pw_uid, (*entry).pw_gid)) }
 }
 
-/// A PostgreSQL server of our own.
-pub struct Postgres {
+/// A PostgreSQL server process of our own.
+pub(super) struct LocalPostgres {
     process: ServerProcess,
     bin: PathBuf,
     run_as: Option<(u32, u32)>,
 }
 
-impl Postgres {
+impl LocalPostgres {
     /// `initdb` into a fresh directory and start on a free port. Tuned for tests:
     /// no fsync (a killed *process* loses nothing the OS has), but synchronous
     /// commit stays on, so an acknowledged commit survives `kill -9`.
-    pub fn start() -> Postgres {
+    pub fn start() -> LocalPostgres {
         let process = ServerProcess::new("pg");
         let dir = &process.dir;
-        let bin = postgres_bin_dir();
+        let bin = postgres_bin_dir().expect(
+            "PostgreSQL server binaries not found (install postgresql or set HYBRIDSTORE_TEST_PG_BIN)",
+        );
         let run_as = postgres_user();
         let data = dir.join("data");
         fs::create_dir_all(&data).expect("create the data directory");
@@ -264,7 +273,7 @@ impl Postgres {
             "initdb failed: {}",
             fs::read_to_string(dir.join("initdb.log")).unwrap_or_default()
         );
-        let server = Postgres {
+        let server = LocalPostgres {
             process,
             bin,
             run_as,
@@ -273,7 +282,7 @@ impl Postgres {
         server
     }
 
-    fn launch(&self) {
+    pub fn launch(&self) {
         let log = self.process.dir.join("postgres.log");
         let mut command = Command::new(self.bin.join("postgres"));
         command
@@ -304,11 +313,6 @@ impl Postgres {
 
     pub fn port(&self) -> u16 {
         self.process.port
-    }
-
-    /// A URL for `database` on this server.
-    pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port())
     }
 
     /// `kill -9` of every process of the server, as when its host or
@@ -342,27 +346,15 @@ impl Postgres {
     }
 }
 
-/// Whether a Redis server keeps its data across restarts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RedisPersistence {
-    /// Nothing on disk: a restart comes back empty.
-    None,
-    /// Append-only file, fsync every second (what the compose file deploys).
-    AppendOnly,
-    /// Only what an explicit `SAVE` wrote: a restart reloads that snapshot,
-    /// older than what the server had acknowledged since.
-    Snapshot,
-}
-
-/// A Redis server of our own.
-pub struct Redis {
+/// A Redis server process of our own.
+pub(super) struct LocalRedis {
     process: ServerProcess,
     persistence: RedisPersistence,
 }
 
-impl Redis {
-    pub fn start(persistence: RedisPersistence) -> Redis {
-        let server = Redis {
+impl LocalRedis {
+    pub fn start(persistence: RedisPersistence) -> LocalRedis {
+        let server = LocalRedis {
             process: ServerProcess::new("redis"),
             persistence,
         };
@@ -370,7 +362,7 @@ impl Redis {
         server
     }
 
-    fn launch(&self) {
+    pub fn launch(&self) {
         self.launch_with(self.persistence);
     }
 
@@ -403,10 +395,6 @@ impl Redis {
         self.process.port
     }
 
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port())
-    }
-
     /// `kill -9`.
     pub fn kill(&self) {
         self.process.signal(libc::SIGKILL);
@@ -433,13 +421,7 @@ impl Redis {
         self.launch();
     }
 
-    /// `SAVE`: writes a snapshot (`dump.rdb`) of everything held now.
-    pub fn save(&self) {
-        let answer = redis_command(self.port(), b"SAVE\r\n");
-        assert!(answer.starts_with("+OK"), "SAVE answered {answer:?}");
-    }
-
-    /// `kill -9`, then a start from the last [`Redis::save`] alone, as after
+    /// `kill -9`, then a start from the last `SAVE` alone, as after
     /// a disk loss or a restore: the append-only file is removed, so every
     /// write acknowledged after the snapshot is gone. Append-only
     /// persistence is switched on again once the snapshot is loaded.
@@ -456,7 +438,7 @@ impl Redis {
 }
 
 /// One command over a raw socket; the first line of the answer.
-fn redis_command(port: u16, command: &[u8]) -> String {
+pub(super) fn redis_command(port: u16, command: &[u8]) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
     stream.write_all(command).expect("send a command");
@@ -469,7 +451,7 @@ fn redis_command(port: u16, command: &[u8]) -> String {
 }
 
 /// PING over a raw socket: ready once the answer is `+PONG` (not `-LOADING`).
-fn redis_answers_ping(port: u16) -> bool {
+pub(super) fn redis_answers_ping(port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };
@@ -479,44 +461,4 @@ fn redis_answers_ping(port: u16) -> bool {
     }
     let mut answer = [0u8; 7];
     stream.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
-}
-
-/// The servers every test of one binary shares (tests isolate themselves by
-/// database and key prefix). Tests that kill servers start their own instead.
-pub struct SharedServers {
-    pub postgres: Arc<Postgres>,
-    pub redis: Arc<Redis>,
-}
-
-pub fn shared() -> &'static SharedServers {
-    static SHARED: OnceLock<SharedServers> = OnceLock::new();
-    SHARED.get_or_init(|| {
-        let (postgres, redis) = std::thread::scope(|scope| {
-            let redis = scope.spawn(|| Redis::start(RedisPersistence::None));
-            (Postgres::start(), redis.join().expect("start redis"))
-        });
-        SharedServers {
-            postgres: Arc::new(postgres),
-            redis: Arc::new(redis),
-        }
-    })
-}
-
-/// Creates a fresh, empty database on `postgres` and returns its name.
-pub async fn create_database(postgres: &Postgres) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let name = format!(
-        "test_{}_{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
-    let mut admin = sqlx::PgConnection::connect(&postgres.url("postgres"))
-        .await
-        .expect("connect to postgres");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-        .execute(&mut admin)
-        .await
-        .expect("create a test database");
-    let _ = admin.close().await;
-    name
 }
