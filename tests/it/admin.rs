@@ -184,15 +184,68 @@ async fn a_switch_reaches_the_other_instance_within_a_second_and_survives_restar
 
 #[tokio::test]
 async fn switches_that_could_lose_data_need_force_or_are_refused() {
-    // The default collections include unique indexes: no write-behind.
+    // The default collections include unique indexes, which only the
+    // durable tier enforces: a switch to write-behind applies to the rest,
+    // and those stay on dual_write, saying why.
     let plain = TestApp::builder().spawn().await;
-    let (status, problem) = plain
+    let (status, outcome) = plain
         .admin_call(Method::POST, "/admin/database/strategy/cache_first")
         .await;
-    assert_eq!(status, StatusCode::CONFLICT);
-    assert_eq!(problem["code"], "not_allowed");
-    assert!(problem["detail"].as_str().unwrap().contains("unique"));
+    assert_eq!(status, StatusCode::OK, "{outcome}");
+    assert_eq!(
+        outcome["held_back"],
+        json!(["api_keys", "mcp_servers", "users"])
+    );
+    let report = status_of(&plain).await;
+    let of = |name: &str| {
+        report["collections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(of("accounts")["strategy"], "cache_first");
+    assert_eq!(of("accounts")["note"], Value::Null);
+    assert_eq!(of("api_keys")["strategy"], "dual_write");
+    assert!(
+        of("api_keys")["note"]
+            .as_str()
+            .unwrap()
+            .contains("unique indexes"),
+        "{report}"
+    );
+    // The relay's emergency step works with the shipped collections too.
+    let (status, outcome) = plain
+        .admin_call(
+            Method::POST,
+            "/admin/database/strategy/redis-only?force=true",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{outcome}");
+    assert_eq!(outcome["strategy"], "redis_only");
     drop(plain);
+
+    // A start with such a strategy configured serves the same way.
+    let configured = TestApp::builder()
+        .config("strategy", "cache_first")
+        .spawn()
+        .await;
+    let report = status_of(&configured).await;
+    let users = report["collections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "users")
+        .cloned()
+        .unwrap();
+    assert_eq!(users["strategy"], "dual_write");
+    let put = configured
+        .put("users", "u1", json!({"username": "ada"}))
+        .await;
+    assert_eq!(put.status(), StatusCode::CREATED);
+    drop(configured);
 
     // Those collections keep their own strategy; the rest follow switches.
     let app = TestApp::builder()

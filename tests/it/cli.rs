@@ -54,6 +54,21 @@ async fn the_cli_reports_switches_syncs_and_checks() {
     let refused = cli(&app, &["switch-strategy", "redis-only"]).await;
     assert_eq!(code(&refused), 3, "a refused switch is an error");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("409"));
+    let behind = cli(&app, &["switch-strategy", "cache-first"]).await;
+    assert_eq!(code(&behind), 0, "{}", stdout(&behind));
+    assert!(
+        stdout(&behind).contains("kept on dual_write") && stdout(&behind).contains("api_keys"),
+        "{}",
+        stdout(&behind)
+    );
+    let status = cli(&app, &["status"]).await;
+    assert!(
+        stdout(&status).contains("unique indexes"),
+        "{}",
+        stdout(&status)
+    );
+    let back = cli(&app, &["switch-strategy", "database-first"]).await;
+    assert_eq!(code(&back), 0, "{}", stdout(&back));
     let status = cli(&app, &["status", "--json"]).await;
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["strategy"]["service"], "database_first");

@@ -576,6 +576,62 @@ async fn copies_written_around_are_never_served_by_another_instance_or_after_a_r
     );
 }
 
+/// A write around the cache just after another instance reconciled the
+/// cache to this instance's previous bump is still made known: instance A
+/// (cut off from Redis) deletes k1, B (probing every 10 ms) reconciles at
+/// once and fills k2 again, and A deletes k2 well within 100 ms of its first
+/// bump. A bump that started before that commit does not cover it: the
+/// next instance to start must not serve k2. (Sharing one bump per 100 ms
+/// let exactly this through.)
+#[tokio::test]
+async fn a_write_around_the_cache_right_after_another_reconciled_is_still_made_known() {
+    let servers = blocking(shared).await;
+    let database = create_database(&servers.postgres).await;
+    let prefix = format!("again{}", std::process::id());
+    let spawn = |probe_ms: u64| {
+        TestApp::builder()
+            .database(database.clone())
+            .key_prefix(prefix.clone())
+            .config("health.probe_interval_ms", probe_ms)
+            .spawn()
+    };
+    let (a, b) = (spawn(250).await, spawn(10).await);
+    for id in ["k1", "k2"] {
+        let created = a
+            .put("api_keys", id, json!({"key_hash": format!("hash-{id}")}))
+            .await;
+        assert_eq!(created.status(), StatusCode::CREATED);
+        assert_eq!(b.get("api_keys", id).await.status(), StatusCode::OK);
+    }
+    a.simulate_outage(hybridstore_core::Tier::Cache, true);
+    wait_tier(&a, "cache", "open").await;
+    let first_bump = std::time::Instant::now();
+    assert_eq!(
+        a.delete("api_keys", "k1").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert!(
+        until(Duration::from_secs(2), || async {
+            b.get("api_keys", "k1").await.status() == StatusCode::NOT_FOUND
+        })
+        .await
+    );
+    // B serves the cache again, and fills k2 into it.
+    assert_eq!(b.get("api_keys", "k2").await.status(), StatusCode::OK);
+    assert_eq!(
+        a.delete("api_keys", "k2").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    let within = first_bump.elapsed();
+    drop((a, b));
+    let successor = spawn(250).await;
+    assert_eq!(
+        successor.get("api_keys", "k2").await.status(),
+        StatusCode::NOT_FOUND,
+        "k2 was deleted {within:?} after A's first bump"
+    );
+}
+
 /// Two instances of one deployment: B journals a cache_first write (replay
 /// is held back everywhere), then Redis dies. A never saw that write and
 /// cannot read B's journal now; it must not serve PostgreSQL's older copy,

@@ -16,4 +16,9 @@ pub struct SwitchOutcome {
     /// The collections that follow the service-wide strategy (the others
     /// declare their own).
     pub collections: Vec<String>,
+    /// Of those, the ones that cannot take it (unique indexes, which only
+    /// the durable tier enforces, under a strategy that writes through the
+    /// cache): they stay on `dual_write`.
+    #[serde(default)]
+    pub held_back: Vec<String>,
 }

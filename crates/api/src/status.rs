@@ -79,6 +79,10 @@ pub struct CollectionStatus {
     /// Why `effective` differs from `strategy`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Why it does not follow the service-wide strategy although it
+    /// declares none of its own (held back on `dual_write`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -544,11 +544,11 @@ impl Client {
         }
         println!("cache gen  {}", report.cache_generation);
         for collection in &report.collections {
-            let reason = collection
-                .reason
-                .as_ref()
+            let reason = [&collection.reason, &collection.note]
+                .into_iter()
+                .flatten()
                 .map(|r| format!(" ({r})"))
-                .unwrap_or_default();
+                .collect::<String>();
             println!(
                 "collection {:<20} {:<15} now {}{reason}",
                 collection.name,
@@ -675,6 +675,12 @@ impl Client {
             );
         } else {
             println!("strategy already {}", outcome.strategy);
+        }
+        if !self.json && !outcome.held_back.is_empty() {
+            println!(
+                "kept on dual_write (unique indexes, which only the durable tier enforces): {}",
+                outcome.held_back.join(", ")
+            );
         }
         Ok(ExitCode::SUCCESS)
     }

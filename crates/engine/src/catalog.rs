@@ -12,6 +12,10 @@ use crate::strategy::Plan;
 
 /// Longest unique-index value accepted (index entries live in a B-tree).
 const MAX_INDEX_VALUE_BYTES: usize = 1024;
+/// What a collection with unique indexes follows while the service-wide
+/// strategy writes through the cache.
+pub const HELD_BACK_ON: Strategy = Strategy::DualWrite;
+
 /// How many schema errors a response lists at most.
 const MAX_SCHEMA_ERRORS: usize = 10;
 
@@ -31,9 +35,31 @@ pub struct Collection {
 
 impl Collection {
     /// The strategy this collection follows when the service-wide one is
-    /// `service`: its own, if it declares one.
+    /// `service`: its own, if it declares one; the service's, if it can
+    /// take it; `dual_write` otherwise (see [`Collection::held_back`]).
     pub fn strategy(&self, service: Strategy) -> Strategy {
-        self.spec.strategy.unwrap_or(service)
+        match self.spec.strategy {
+            Some(own) => own,
+            None if self.refuses(service).is_some() => HELD_BACK_ON,
+            None => service,
+        }
+    }
+
+    /// Why this collection, which follows the service-wide strategy, does
+    /// not take `service`: it has unique indexes, which only the durable
+    /// tier enforces, and `service` writes through the cache. It then keeps
+    /// [`HELD_BACK_ON`], which commits durably first and still reads the
+    /// cache.
+    pub fn held_back(&self, service: Strategy) -> Option<String> {
+        if self.spec.strategy.is_some() {
+            return None;
+        }
+        self.refuses(service).map(|_| {
+            format!(
+                "unique indexes, which only the durable tier enforces: {HELD_BACK_ON} instead of \
+                 the service's {service}"
+            )
+        })
     }
 
     /// Why this collection cannot follow `strategy`, if it cannot.
@@ -133,12 +159,9 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// Compiles the declared collections; `default_strategy` applies where a
-    /// collection does not choose its own.
-    pub fn new(
-        specs: Vec<CollectionSpec>,
-        default_strategy: Strategy,
-    ) -> Result<Catalog, CatalogError> {
+    /// Compiles the declared collections (the service-wide strategy applies
+    /// where a collection does not choose its own and can take it).
+    pub fn new(specs: Vec<CollectionSpec>) -> Result<Catalog, CatalogError> {
         let mut collections = BTreeMap::new();
         for spec in specs {
             let problem = |key: &'static str, problem: String| CatalogError {
@@ -157,7 +180,10 @@ impl Catalog {
                 ),
             };
             let collection = Collection { spec, schema };
-            if let Some(refusal) = collection.refuses(collection.strategy(default_strategy)) {
+            // A strategy the collection declares must suit it; the
+            // service-wide one is taken only where it does (`strategy`).
+            let declared = collection.spec.strategy.unwrap_or(Strategy::DualWrite);
+            if let Some(refusal) = collection.refuses(declared) {
                 return Err(CatalogError {
                     collection: collection.spec.name.to_string(),
                     key: "unique_indexes",
@@ -219,7 +245,7 @@ mod tests {
     fn a_collection_without_indexes_maintains_none() {
         let mut plain = spec("plain");
         plain.unique_indexes.clear();
-        let catalog = Catalog::new(vec![plain], Strategy::DualWrite).unwrap();
+        let catalog = Catalog::new(vec![plain]).unwrap();
         let collection = catalog
             .get(&CollectionName::parse("plain").unwrap())
             .unwrap();
@@ -235,7 +261,7 @@ mod tests {
     fn schemas_are_compiled_and_enforced() {
         let mut with_schema = spec("people");
         with_schema.schema = Some(json!({"type": "object", "required": ["handle"]}));
-        let catalog = Catalog::new(vec![with_schema], Strategy::DualWrite).unwrap();
+        let catalog = Catalog::new(vec![with_schema]).unwrap();
         let people = catalog
             .get(&CollectionName::parse("people").unwrap())
             .unwrap();
@@ -250,30 +276,37 @@ mod tests {
     fn configuration_problems_name_the_collection_and_key() {
         let mut bad_schema = spec("people");
         bad_schema.schema = Some(json!({"type": 12}));
-        let err = Catalog::new(vec![bad_schema], Strategy::DualWrite)
-            .err()
-            .unwrap();
+        let err = Catalog::new(vec![bad_schema]).err().unwrap();
         assert_eq!((err.collection.as_str(), err.key), ("people", "schema"));
 
         let mut write_behind = spec("hot");
         write_behind.strategy = Some(Strategy::CacheFirst);
-        let err = Catalog::new(vec![write_behind], Strategy::DualWrite)
-            .err()
-            .unwrap();
+        let err = Catalog::new(vec![write_behind]).err().unwrap();
         assert_eq!(
             (err.collection.as_str(), err.key),
             ("hot", "unique_indexes")
         );
 
-        let err = Catalog::new(vec![spec("any")], Strategy::RedisOnly)
-            .err()
-            .unwrap();
-        assert_eq!(err.key, "unique_indexes", "only PostgreSQL enforces them");
+        // Following a service strategy it cannot take is no error: the
+        // collection is held back on dual_write, and says why.
+        let catalog = Catalog::new(vec![spec("any")]).unwrap();
+        let any = catalog.get(&CollectionName::parse("any").unwrap()).unwrap();
+        assert_eq!(any.strategy(Strategy::RedisOnly), HELD_BACK_ON);
+        assert!(
+            any.held_back(Strategy::RedisOnly)
+                .unwrap()
+                .contains("unique indexes")
+        );
+        assert_eq!(
+            any.strategy(Strategy::DatabaseFirst),
+            Strategy::DatabaseFirst
+        );
+        assert_eq!(any.held_back(Strategy::DatabaseFirst), None);
     }
 
     #[test]
     fn unknown_collections_and_indexes_are_errors() {
-        let catalog = Catalog::new(vec![spec("people")], Strategy::DualWrite).unwrap();
+        let catalog = Catalog::new(vec![spec("people")]).unwrap();
         assert!(matches!(
             catalog.get(&CollectionName::parse("robots").unwrap()),
             Err(Error::UnknownCollection(_))

@@ -60,6 +60,8 @@ impl Switches {
         if let Some(state) = self.saved_state().await {
             self.apply_control(state, false).await;
         }
+        // Once at start; a switch later warns again (`apply_control`).
+        self.warn_held_back(self.shared.control.strategy());
     }
 
     /// Applies `state` unless this instance already has it (or a newer one).
@@ -101,8 +103,28 @@ impl Switches {
         }
         if previous != strategy {
             tracing::warn!(%previous, %strategy, revision = state.revision, changed_by = %state.changed_by, "service strategy switched");
+            if flush_allowed {
+                self.warn_held_back(strategy);
+            }
         }
         self.shared.control.install(strategy, state);
+    }
+
+    /// One warning naming the collections that follow the service-wide
+    /// `strategy` but cannot take it (they stay on `dual_write`).
+    pub fn warn_held_back(&self, strategy: Strategy) {
+        let held: Vec<String> = self
+            .following_collections()
+            .filter(|c| c.held_back(strategy).is_some())
+            .map(|c| c.spec.name.to_string())
+            .collect();
+        if !held.is_empty() {
+            tracing::warn!(
+                %strategy,
+                collections = %held.join(", "),
+                "these collections have unique indexes, which only the durable tier enforces: they follow dual_write instead"
+            );
+        }
     }
 
     /// Switches the service-wide strategy on every instance sharing the stores.
@@ -117,16 +139,11 @@ impl Switches {
             .following_collections()
             .map(|c| c.spec.name.to_string())
             .collect();
-        let refusals: Vec<String> = self
+        let held_back: Vec<String> = self
             .following_collections()
-            .filter_map(|c| {
-                c.refuses(target)
-                    .map(|why| format!("{}: {why}", c.spec.name))
-            })
+            .filter(|c| c.held_back(target).is_some())
+            .map(|c| c.spec.name.to_string())
             .collect();
-        if !refusals.is_empty() {
-            return Err(Error::NotAllowed(refusals.join("; ")));
-        }
         let current = self.shared.control.applied();
         let revision = current.as_ref().map_or(0, |held| held.revision);
         if previous == target {
@@ -137,6 +154,7 @@ impl Switches {
                 revision,
                 cache_flushed: false,
                 collections,
+                held_back,
             });
         }
         let (durable, cache) = (self.shared.durable.backend(), self.shared.cache.backend());
@@ -205,6 +223,7 @@ impl Switches {
             revision: state.revision,
             cache_flushed: stale_copies,
             collections,
+            held_back,
         })
     }
 

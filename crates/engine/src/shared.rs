@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hybridstore_core::{CacheStore, ControlState, DurableStore, Error, StoreError, Strategy};
 use time::OffsetDateTime;
@@ -18,10 +18,6 @@ use crate::recovery::Recovery;
 use crate::settings::EngineSettings;
 use crate::stats::EngineStats;
 use crate::strategy::Plan;
-
-/// How long one bump of the durable cache generation covers the writes
-/// around the cache that follow it (see `Engine::write_around`).
-const BUMP_COVERS: Duration = Duration::from_millis(100);
 
 /// State every component reads (see the module docs).
 pub(crate) struct Shared {
@@ -187,23 +183,27 @@ impl Shared {
         tracing::warn!(error = %err, backend = self.cache.backend(), operation, "cache tier call failed; bypassing cache");
     }
 
-    /// Records durably that writes go around the cache: bumps the durable
-    /// cache generation, unless this instance did within the last
-    /// [`BUMP_COVERS`] (concurrent writers share one bump). Bumping again
-    /// after that matters: another instance may have reconciled the cache
-    /// to the last bump meanwhile, and must learn of the writes since.
+    /// Records durably that a write committed around the cache (called
+    /// after its commit): bumps the durable cache generation, unless a bump
+    /// of this instance started after that commit already (writers that
+    /// commit while one bump runs share the next). A bump that started
+    /// before the commit does not cover it: another instance may have
+    /// reconciled the cache to it already, before the write, and must learn
+    /// of the write (a shared window of time once let an instance that
+    /// reconciled within it keep a copy the write made stale).
     pub(crate) async fn write_around(&self) -> Result<(), Error> {
+        let committed = Instant::now();
         let mut bumped = self.recovery.bumped.lock().await;
-        if bumped.is_some_and(|at| at.elapsed() < BUMP_COVERS) {
+        if bumped.is_some_and(|started| started > committed) {
             return Ok(());
         }
-        let at = Instant::now();
+        let started = Instant::now();
         let generation = self
             .durable
             .call(|t| t.bump_cache_generation())
             .await
             .map_err(|err| self.durable_failed(err))?;
-        *bumped = Some(at);
+        *bumped = Some(started);
         let mut own = self
             .recovery
             .own_bumps

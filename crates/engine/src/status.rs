@@ -96,6 +96,7 @@ impl Engine {
                     effective: name,
                     plan: effective.map(Plan::view),
                     reason: self.degradation_reason(configured, effective),
+                    note: collection.held_back(self.shared.control.strategy()),
                 }
             })
             .collect();

@@ -202,12 +202,11 @@ impl ServerBuilder {
         if let Some(layer) = self.durable_layer {
             durable = layer(durable);
         }
-        let catalog = Catalog::new(config.collection_specs()?, config.strategy).map_err(|err| {
-            ConfigError::Invalid {
+        let catalog =
+            Catalog::new(config.collection_specs()?).map_err(|err| ConfigError::Invalid {
                 key: format!("collections.{}.{}", err.collection, err.key),
                 problem: err.problem,
-            }
-        })?;
+            })?;
         let settings = EngineSettings {
             strategy: config.strategy,
             max_data_bytes: config.body_limit_bytes,

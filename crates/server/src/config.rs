@@ -754,7 +754,7 @@ impl Config {
         self.validate_tokens()?;
         // Collection names, indexes, strategies and schemas.
         let specs = self.collection_specs()?;
-        hybridstore_engine::Catalog::new(specs, self.strategy).map_err(|err| {
+        hybridstore_engine::Catalog::new(specs).map_err(|err| {
             invalid(
                 format!("collections.{}.{}", err.collection, err.key),
                 err.problem,
