@@ -182,6 +182,131 @@ async fn a_switch_reaches_the_other_instance_within_a_second_and_survives_restar
     );
 }
 
+/// The collection `name` in a status report.
+fn collection_of(report: &Value, name: &str) -> Value {
+    report["collections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} in {report}"))
+}
+
+/// A switch of one collection: it alone changes, on every instance, over
+/// service switches and restarts, until it is switched back.
+#[tokio::test]
+async fn a_collection_switch_applies_to_it_alone_everywhere_until_switched_back() {
+    let servers = blocking(shared).await;
+    let database = create_database(&servers.postgres).await;
+    let prefix = format!("one{}", std::process::id());
+    let spawn = || {
+        TestApp::builder()
+            .database(database.clone())
+            .key_prefix(prefix.clone())
+            .spawn()
+    };
+    let (a, b) = (spawn().await, spawn().await);
+    let (status, outcome) = a
+        .admin_call(
+            Method::POST,
+            "/admin/database/collections/accounts/strategy/postgres-only",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{outcome}");
+    assert_eq!(
+        (
+            &outcome["previous"],
+            &outcome["strategy"],
+            &outcome["changed"]
+        ),
+        (&json!("dual_write"), &json!("postgres_only"), &json!(true))
+    );
+    assert_eq!(outcome["collections"], json!(["accounts"]));
+    assert!(
+        until(Duration::from_secs(2), || async {
+            collection_of(&status_of(&b).await, "accounts")["strategy"] == "postgres_only"
+        })
+        .await,
+        "B applies it"
+    );
+    let report = status_of(&b).await;
+    let accounts = collection_of(&report, "accounts");
+    assert_eq!(accounts["own_strategy"], true);
+    assert!(
+        accounts["note"]
+            .as_str()
+            .unwrap()
+            .contains("by an operator")
+    );
+    assert_eq!(collection_of(&report, "groups")["strategy"], "dual_write");
+    assert_eq!(report["strategy"]["service"], "dual_write");
+
+    // B follows it: accounts skip the cache, groups do not.
+    b.put("accounts", "p1", json!({"n": 1})).await;
+    b.put("groups", "g1", json!({"n": 1})).await;
+    assert!(b.redis_copy("accounts", "p1").await.is_none());
+    assert!(b.redis_copy("groups", "g1").await.is_some());
+
+    // A service switch leaves it alone.
+    let (status, outcome) = a
+        .admin_call(Method::POST, "/admin/database/strategy/database-first")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{outcome}");
+    assert!(
+        !outcome["collections"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("accounts"))
+    );
+    let report = status_of(&a).await;
+    assert_eq!(
+        collection_of(&report, "accounts")["strategy"],
+        "postgres_only"
+    );
+    assert_eq!(
+        collection_of(&report, "groups")["strategy"],
+        "database_first"
+    );
+
+    // Refused where the collection cannot take it.
+    let (status, problem) = a
+        .admin_call(
+            Method::POST,
+            "/admin/database/collections/api_keys/strategy/cache-first",
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(problem["code"], "not_allowed");
+
+    // It survives a restart.
+    drop((a, b));
+    let restarted = spawn().await;
+    let report = status_of(&restarted).await;
+    assert_eq!(
+        collection_of(&report, "accounts")["strategy"],
+        "postgres_only"
+    );
+    // Back to what it follows: its copies may be stale, so every copy goes.
+    restarted
+        .write_redis_copy("accounts", "p1", 1, json!({"n": "stale"}))
+        .await;
+    let (status, outcome) = restarted
+        .admin_call(
+            Method::POST,
+            "/admin/database/collections/accounts/strategy/service",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{outcome}");
+    assert_eq!(outcome["strategy"], "database_first");
+    assert_eq!(outcome["cache_flushed"], true);
+    assert!(restarted.redis_copy("accounts", "p1").await.is_none());
+    let read: Value = restarted.get("accounts", "p1").await.json().await.unwrap();
+    assert_eq!(read["data"]["n"], 1);
+    let report = status_of(&restarted).await;
+    assert_eq!(collection_of(&report, "accounts")["own_strategy"], false);
+}
+
 #[tokio::test]
 async fn switches_that_could_lose_data_need_force_or_are_refused() {
     // The default collections include unique indexes, which only the

@@ -69,6 +69,28 @@ async fn the_cli_reports_switches_syncs_and_checks() {
     );
     let back = cli(&app, &["switch-strategy", "database-first"]).await;
     assert_eq!(code(&back), 0, "{}", stdout(&back));
+    let one = cli(
+        &app,
+        &["switch-strategy", "postgres-only", "--collection", "groups"],
+    )
+    .await;
+    assert_eq!(code(&one), 0, "{}", stdout(&one));
+    assert!(
+        stdout(&one).contains("strategy of groups database_first -> postgres_only"),
+        "{}",
+        stdout(&one)
+    );
+    let back = cli(
+        &app,
+        &["switch-strategy", "service", "--collection", "groups"],
+    )
+    .await;
+    assert_eq!(code(&back), 0, "{}", stdout(&back));
+    assert!(
+        stdout(&back).contains("-> database_first"),
+        "{}",
+        stdout(&back)
+    );
     let status = cli(&app, &["status", "--json"]).await;
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status["strategy"]["service"], "database_first");

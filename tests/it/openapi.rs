@@ -29,6 +29,10 @@ const EXPECTED: &[(&str, &str)] = &[
     ("get", "/admin/database/jobs"),
     ("get", "/admin/database/jobs/{id}"),
     ("post", "/admin/database/strategy/{name}"),
+    (
+        "post",
+        "/admin/database/collections/{collection}/strategy/{name}",
+    ),
 ];
 
 /// Every `"$ref"` string in a JSON document.

@@ -103,11 +103,15 @@ pub enum Command {
     },
     /// Switch the service-wide strategy on every instance.
     SwitchStrategy {
-        /// dual-write, cache-first, database-first, redis-only, postgres-only
+        /// dual-write, cache-first, database-first, redis-only, postgres-only;
+        /// with --collection also `service` (back to what it declares or follows)
         name: String,
         /// Allow a switch that changes which tier holds the truth.
         #[arg(long)]
         force: bool,
+        /// Switch this collection alone.
+        #[arg(long)]
+        collection: Option<String>,
     },
     /// Write every record and counter as NDJSON (to stdout, or a file).
     Export {
@@ -439,7 +443,11 @@ impl Client {
             Command::CheckConsistency { repair, collection } => {
                 self.check(repair, collection).await
             }
-            Command::SwitchStrategy { name, force } => self.switch(&name, force).await,
+            Command::SwitchStrategy {
+                name,
+                force,
+                collection,
+            } => self.switch(&name, force, collection).await,
             Command::Export { output, gzip } => self.export(output, gzip).await,
             Command::Import { file, force } => self.import(&file, force).await,
             Command::Backup { action } => match action {
@@ -653,17 +661,21 @@ impl Client {
         })
     }
 
-    async fn switch(&self, name: &str, force: bool) -> Outcome {
-        let path = format!(
-            "/admin/database/strategy/{name}{}",
-            query(&[("force", force.then(|| "true".to_owned()))])
-        );
+    async fn switch(&self, name: &str, force: bool, collection: Option<String>) -> Outcome {
+        let force = query(&[("force", force.then(|| "true".to_owned()))]);
+        let path = match &collection {
+            Some(collection) => {
+                format!("/admin/database/collections/{collection}/strategy/{name}{force}")
+            }
+            None => format!("/admin/database/strategy/{name}{force}"),
+        };
         let outcome: SwitchOutcome = self.fetch(reqwest::Method::POST, &path).await?;
         if self.json {
             self.print_json(&outcome);
         } else if outcome.changed {
+            let of = collection.map(|c| format!(" of {c}")).unwrap_or_default();
             println!(
-                "strategy {} -> {} (revision {}{})",
+                "strategy{of} {} -> {} (revision {}{})",
                 outcome.previous,
                 outcome.strategy,
                 outcome.revision,

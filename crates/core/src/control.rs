@@ -8,6 +8,8 @@
 //! `revision` orders the copies: an instance applies a state only if it is newer
 //! than the one it has, so a late or repeated message changes nothing.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -19,6 +21,11 @@ pub struct ControlState {
     pub revision: u64,
     /// The service-wide strategy set by an operator (`None`: the configured one).
     pub strategy: Option<Strategy>,
+    /// Strategies an operator set for single collections (by name), over
+    /// what they declare or follow. Absent in states saved before there
+    /// were any.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub collections: BTreeMap<String, Strategy>,
     /// Increases whenever every cache copy was dropped because copies could
     /// have gone stale (for example, leaving `postgres_only`).
     pub cache_generation: u64,

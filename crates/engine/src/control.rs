@@ -18,12 +18,11 @@
 //!   since PostgreSQL-only reads would not see them.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use hybridstore_api::SwitchOutcome;
-use hybridstore_core::{ControlState, Error, Strategy};
+use hybridstore_core::{CollectionName, ControlState, Error, Strategy};
 
 use crate::journal::Journal;
 use crate::shared::Shared;
@@ -48,10 +47,14 @@ impl Switches {
 impl Switches {
     /// Collections without a strategy of their own.
     fn following_collections(&self) -> impl Iterator<Item = &crate::Collection> {
-        self.shared
-            .catalog
-            .iter()
-            .filter(|collection| collection.spec.strategy.is_none())
+        self.shared.catalog.iter().filter(|collection| {
+            collection.spec.strategy.is_none()
+                && self
+                    .shared
+                    .control
+                    .switched(collection.spec.name.as_str())
+                    .is_none()
+        })
     }
 
     /// Loads the saved state at start: from the durable tier, or the cache's
@@ -96,11 +99,24 @@ impl Switches {
         }
         let strategy = state.strategy.unwrap_or(self.shared.control.configured());
         let previous = self.shared.control.strategy();
-        if previous == Strategy::CacheFirst {
-            // Its write-behind entries may still wait; set before the switch
-            // is visible, so no request misses them.
-            self.journal.wrote_behind.store(true, Ordering::Release);
-        }
+        // Collections leaving cache_first may have write-behind entries
+        // waiting; known before the switch is visible.
+        let leaving = self
+            .shared
+            .catalog
+            .iter()
+            .filter(|collection| {
+                let after = state
+                    .collections
+                    .get(collection.spec.name.as_str())
+                    .copied()
+                    .unwrap_or_else(|| collection.strategy(strategy));
+                self.shared.strategy_of(collection) == Strategy::CacheFirst
+                    && after != Strategy::CacheFirst
+            })
+            .map(|collection| collection.spec.name.to_string())
+            .collect();
+        self.journal.leaving_write_behind(leaving);
         if previous != strategy {
             tracing::warn!(%previous, %strategy, revision = state.revision, changed_by = %state.changed_by, "service strategy switched");
             if flush_allowed {
@@ -157,6 +173,37 @@ impl Switches {
                 held_back,
             });
         }
+        self.admit(previous, target, force).await?;
+        let stale_copies =
+            !Plan::of(previous).keeps_cache_current() && Plan::of(target).uses_cache();
+        let generation = current.as_ref().map_or(0, |held| held.cache_generation);
+        let state = ControlState {
+            revision: revision + 1,
+            strategy: Some(target),
+            // Collections switched one by one keep their switches.
+            collections: current
+                .as_ref()
+                .map(|held| held.collections.clone())
+                .unwrap_or_default(),
+            cache_generation: generation + u64::from(stale_copies),
+            changed_at: now(),
+            changed_by: self.shared.instance_id.clone(),
+        };
+        self.save_and_apply(&state).await?;
+        Ok(SwitchOutcome {
+            previous,
+            strategy: target,
+            changed: true,
+            revision: state.revision,
+            cache_flushed: stale_copies,
+            collections,
+            held_back,
+        })
+    }
+
+    /// Whether a move of a collection (or the service) from `previous` to
+    /// `target` may happen now; the refusals say what to do instead.
+    async fn admit(&self, previous: Strategy, target: Strategy, force: bool) -> Result<(), Error> {
         let (durable, cache) = (self.shared.durable.backend(), self.shared.cache.backend());
         if !force && target == Strategy::RedisOnly && self.shared.durable.breaker.is_closed() {
             return Err(Error::ForceRequired(format!(
@@ -188,20 +235,16 @@ impl Switches {
                  restarts; retry when it is back"
             )));
         }
-        let stale_copies =
-            !Plan::of(previous).keeps_cache_current() && Plan::of(target).uses_cache();
-        let generation = current.as_ref().map_or(0, |held| held.cache_generation);
-        let state = ControlState {
-            revision: revision + 1,
-            strategy: Some(target),
-            cache_generation: generation + u64::from(stale_copies),
-            changed_at: now(),
-            changed_by: self.shared.instance_id.clone(),
-        };
+        Ok(())
+    }
+
+    /// Saves `state` in the durable tier (only over an older revision),
+    /// applies it here and broadcasts it to the other instances.
+    async fn save_and_apply(&self, state: &ControlState) -> Result<(), Error> {
         let saved = self
             .shared
             .durable
-            .call(|t| t.save_control(&state))
+            .call(|t| t.save_control(state))
             .await
             .map_err(|err| self.shared.durable_failed(err))?;
         if !saved {
@@ -213,18 +256,68 @@ impl Switches {
             ));
         }
         self.apply_control(state.clone(), true).await;
-        if let Err(err) = self.shared.cache.call(|t| t.publish_control(&state)).await {
+        if let Err(err) = self.shared.cache.call(|t| t.publish_control(state)).await {
             tracing::warn!(error = %err, "could not broadcast the switch; other instances pick it up from the durable tier within seconds");
         }
-        Ok(SwitchOutcome {
+        Ok(())
+    }
+
+    /// Switches one collection's strategy on every instance sharing the
+    /// stores (`target: None`: back to what it declares or follows), under
+    /// the rules of a service-wide switch; a strategy the collection cannot
+    /// take (unique indexes under a strategy that writes through the cache)
+    /// is refused.
+    #[tracing::instrument(level = "info", skip(self))]
+    pub async fn switch_collection_strategy(
+        &self,
+        name: &CollectionName,
+        target: Option<Strategy>,
+        force: bool,
+    ) -> Result<SwitchOutcome, Error> {
+        let collection = self.shared.catalog.get(name)?;
+        if let Some(why) = target.and_then(|to| collection.refuses(to)) {
+            return Err(Error::NotAllowed(format!("{name}: {why}")));
+        }
+        let previous = self.shared.strategy_of(collection);
+        let next = target.unwrap_or_else(|| collection.strategy(self.shared.control.strategy()));
+        let current = self.shared.control.applied();
+        let revision = current.as_ref().map_or(0, |held| held.revision);
+        let mut switched = current
+            .as_ref()
+            .map(|held| held.collections.clone())
+            .unwrap_or_default();
+        let unchanged = switched.get(name.as_str()).copied() == target;
+        match target {
+            Some(to) => switched.insert(name.to_string(), to),
+            None => switched.remove(name.as_str()),
+        };
+        let outcome = |changed, revision, cache_flushed| SwitchOutcome {
             previous,
-            strategy: target,
-            changed: true,
-            revision: state.revision,
-            cache_flushed: stale_copies,
-            collections,
-            held_back,
-        })
+            strategy: next,
+            changed,
+            revision,
+            cache_flushed,
+            collections: vec![name.to_string()],
+            held_back: Vec::new(),
+        };
+        if unchanged {
+            return Ok(outcome(false, revision, false));
+        }
+        if previous != next {
+            self.admit(previous, next, force).await?;
+        }
+        let stale_copies = !Plan::of(previous).keeps_cache_current() && Plan::of(next).uses_cache();
+        let generation = current.as_ref().map_or(0, |held| held.cache_generation);
+        let state = ControlState {
+            revision: revision + 1,
+            strategy: current.as_ref().and_then(|held| held.strategy),
+            collections: switched,
+            cache_generation: generation + u64::from(stale_copies),
+            changed_at: now(),
+            changed_by: self.shared.instance_id.clone(),
+        };
+        self.save_and_apply(&state).await?;
+        Ok(outcome(true, state.revision, stale_copies))
     }
 
     /// The saved state: the durable tier's, or the cache's mirror when the

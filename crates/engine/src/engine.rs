@@ -380,6 +380,19 @@ impl Engine {
         self.switches.clone().run_control_sync().await
     }
 
+    /// Switches one collection's strategy (`None`: back to what it
+    /// declares or follows) on every instance.
+    pub async fn switch_collection_strategy(
+        &self,
+        collection: &CollectionName,
+        target: Option<Strategy>,
+        force: bool,
+    ) -> Result<SwitchOutcome, Error> {
+        self.switches
+            .switch_collection_strategy(collection, target, force)
+            .await
+    }
+
     /// Scheduled sync (`sync.*`): the warm-up at start and the periodic
     /// repair, one instance at a time.
     pub async fn run_scheduled_sync(self: Arc<Self>) {

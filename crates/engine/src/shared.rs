@@ -41,6 +41,10 @@ pub(crate) struct Control {
     /// Index into `Strategy::ALL`; read on every request, so an atomic.
     strategy: AtomicU8,
     applied: Mutex<Option<ControlState>>,
+    /// Strategies operators set for single collections (read on every
+    /// request while any is set; `switched` says whether to look).
+    switched: std::sync::RwLock<std::collections::BTreeMap<String, Strategy>>,
+    any_switched: std::sync::atomic::AtomicBool,
     /// Serialises applying states (an apply may flush the cache first).
     pub(crate) applying: tokio::sync::Mutex<()>,
 }
@@ -58,6 +62,8 @@ impl Control {
             configured,
             strategy: AtomicU8::new(index_of(configured)),
             applied: Mutex::new(None),
+            switched: Default::default(),
+            any_switched: Default::default(),
             applying: tokio::sync::Mutex::new(()),
         }
     }
@@ -70,10 +76,29 @@ impl Control {
         self.configured
     }
 
-    /// Puts `strategy`, from `state`, in force.
+    /// Puts `strategy`, and the collections' switches, from `state`, in
+    /// force.
     pub fn install(&self, strategy: Strategy, state: ControlState) {
+        {
+            let mut switched = self.switched.write().unwrap_or_else(|e| e.into_inner());
+            *switched = state.collections.clone();
+            self.any_switched
+                .store(!switched.is_empty(), Ordering::Release);
+        }
         self.strategy.store(index_of(strategy), Ordering::Release);
         *self.applied.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+    }
+
+    /// The strategy an operator set for this collection, if any.
+    pub fn switched(&self, collection: &str) -> Option<Strategy> {
+        if !self.any_switched.load(Ordering::Acquire) {
+            return None;
+        }
+        self.switched
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(collection)
+            .copied()
     }
 
     pub fn applied(&self) -> Option<ControlState> {
@@ -120,9 +145,12 @@ impl Shared {
         }
     }
 
-    /// The strategy a collection follows now (its own, or the service's).
+    /// The strategy a collection follows now: an operator's switch of
+    /// it, else its own, else the service's (where it can take it).
     pub fn strategy_of(&self, collection: &Collection) -> Strategy {
-        collection.strategy(self.control.strategy())
+        self.control
+            .switched(collection.spec.name.as_str())
+            .unwrap_or_else(|| collection.strategy(self.control.strategy()))
     }
 
     /// The plan of the strategy a collection follows, before health narrows it.

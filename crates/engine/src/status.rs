@@ -81,6 +81,7 @@ impl Engine {
             .catalog
             .iter()
             .map(|collection| {
+                let switched = self.shared.control.switched(collection.spec.name.as_str());
                 let strategy = self.shared.strategy_of(collection);
                 let configured = Plan::of(strategy);
                 let effective = self.shared.plan_for(collection).ok();
@@ -92,11 +93,14 @@ impl Engine {
                 CollectionStatus {
                     name: collection.spec.name.to_string(),
                     strategy,
-                    own_strategy: collection.spec.strategy.is_some(),
+                    own_strategy: collection.spec.strategy.is_some() || switched.is_some(),
                     effective: name,
                     plan: effective.map(Plan::view),
                     reason: self.degradation_reason(configured, effective),
-                    note: collection.held_back(self.shared.control.strategy()),
+                    note: match switched {
+                        Some(to) => Some(format!("switched to {to} by an operator")),
+                        None => collection.held_back(self.shared.control.strategy()),
+                    },
                 }
             })
             .collect();

@@ -53,11 +53,14 @@ pub(crate) struct Journal {
     /// Keys whose journaled version this instance has not seen reach the
     /// durable tier (consulted while the cache is unreachable).
     pub(crate) unreplayed: Unreplayed,
-    /// Whether the service-wide strategy was `cache_first` since the
-    /// write-behind journal was last seen empty (so collections that follow
-    /// it may have write-behind entries). A process starts with the strategy
-    /// it loads, without history: a switch away from `cache_first` followed
-    /// at once by a restart while the cache is unreachable is not covered.
+    /// The collections that left `cache_first` (by a switch of the service
+    /// or of themselves) since the write-behind journal was last seen
+    /// empty: they may still have write-behind entries. A process starts
+    /// with the strategies it loads, without history: a switch away from
+    /// `cache_first` followed at once by a restart while the cache is
+    /// unreachable is not covered.
+    pub(crate) left_write_behind: Mutex<std::collections::HashSet<String>>,
+    /// Whether `left_write_behind` holds any (read without the lock).
     pub(crate) wrote_behind: AtomicBool,
     replay: Mutex<ReplayProgress>,
 }
@@ -69,6 +72,7 @@ impl Journal {
             outage_backlog: Backlog::default(),
             write_behind_backlog: Backlog::default(),
             unreplayed: Unreplayed::default(),
+            left_write_behind: Mutex::default(),
             wrote_behind: AtomicBool::new(false),
             replay: Mutex::new(ReplayProgress::default()),
         }

@@ -37,8 +37,12 @@ impl Journal {
             }
         }
         let [write_behind, outage] = empty;
-        if write_behind && self.shared.control.strategy() != hybridstore_core::Strategy::CacheFirst
-        {
+        if write_behind {
+            // Collections that follow cache_first now say so themselves.
+            self.left_write_behind
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
             self.wrote_behind
                 .store(false, std::sync::atomic::Ordering::Release);
         }

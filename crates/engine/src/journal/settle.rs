@@ -52,12 +52,6 @@ pub(crate) fn above(now: OffsetDateTime, floor: Option<Version>) -> OffsetDateTi
 }
 
 impl Journal {
-    /// Whether the service-wide strategy may have left write-behind entries.
-    pub(crate) fn service_wrote_behind(&self) -> bool {
-        self.shared.control.strategy() == Strategy::CacheFirst
-            || self.wrote_behind.load(std::sync::atomic::Ordering::Acquire)
-    }
-
     /// Whether a journal may hold entries of `collection` that the durable
     /// tier lacks.
     pub(crate) fn journals_may_hold(&self, collection: &Collection) -> bool {
@@ -65,14 +59,31 @@ impl Journal {
             || (self.write_behind_backlog.pending() && self.wrote_behind(collection))
     }
 
-    /// Whether `collection` may have write-behind entries: its own strategy
-    /// is cache_first, or it follows a service-wide strategy that was
-    /// cache_first since that journal was last seen empty.
+    /// Whether `collection` may have write-behind entries: it follows
+    /// cache_first now, or some strategy (the service's or a collection's)
+    /// was cache_first since that journal was last seen empty.
     pub(crate) fn wrote_behind(&self, collection: &Collection) -> bool {
-        match collection.spec.strategy {
-            Some(own) => own == Strategy::CacheFirst,
-            None => self.service_wrote_behind(),
+        self.shared.strategy_of(collection) == Strategy::CacheFirst
+            || (self.wrote_behind.load(std::sync::atomic::Ordering::Acquire)
+                && self
+                    .left_write_behind
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(collection.spec.name.as_str()))
+    }
+
+    /// Remembers collections that leave `cache_first` (before the switch is
+    /// visible, so no request misses their entries).
+    pub(crate) fn leaving_write_behind(&self, collections: Vec<String>) {
+        if collections.is_empty() {
+            return;
         }
+        self.left_write_behind
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(collections);
+        self.wrote_behind
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Makes sure the durable tier holds the newest journaled version of

@@ -179,3 +179,24 @@ pub async fn switch_strategy(
     let outcome = state.engine.switch_strategy(target, params.force).await?;
     Ok(Json(outcome).into_response())
 }
+
+#[utoipa::path(post, path = "/admin/database/collections/{collection}/strategy/{name}", tag = "admin", summary = "Switch one collection's strategy on every instance",
+    params(("collection" = String, Path, description = "Collection name"), ("name" = String, Path, description = "dual-write, cache-first, database-first, redis-only, postgres-only; or `service`: back to what the collection declares or follows"), ("force" = Option<bool>, Query, description = "Allow switches that change which tier holds the truth")),
+    responses((status = 200, description = "The switch", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+pub async fn switch_collection_strategy(
+    State(state): State<AppState>,
+    _: AdminCaller,
+    Path((collection, name)): Path<(String, String)>,
+    ApiQuery(params): ApiQuery<SwitchParams>,
+) -> Result<Response, ApiError> {
+    let collection = CollectionName::parse(&collection).map_err(Error::InvalidName)?;
+    let target = match name.as_str() {
+        "service" => None,
+        name => Some(name.parse::<Strategy>().map_err(Error::InvalidRequest)?),
+    };
+    let outcome = state
+        .engine
+        .switch_collection_strategy(&collection, target, params.force)
+        .await?;
+    Ok(Json(outcome).into_response())
+}

@@ -188,6 +188,7 @@ pub fn router(state: AppState, body_limit: usize) -> Router {
         .routes(routes!(admin::jobs))
         .routes(routes!(admin::job))
         .routes(routes!(admin::switch_strategy))
+        .routes(routes!(admin::switch_collection_strategy))
         .routes(routes!(transfer::export))
         .routes(routes!(transfer::import))
         .split_for_parts();
