@@ -329,3 +329,30 @@ async fn embedded_tiers_are_named_by_their_roles_and_their_own_names() {
         "{said}"
     );
 }
+
+/// `serve` takes no client flags: its help offers none, and one is an error.
+#[tokio::test]
+async fn serve_help_offers_no_client_flags() {
+    let help = blocking(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hybridstore"))
+            .args(["serve", "--help"])
+            .output()
+            .unwrap()
+    })
+    .await;
+    assert_eq!(code(&help), 0);
+    let said = stdout(&help);
+    assert!(said.contains("Run the server"), "{said}");
+    assert!(
+        !said.contains("--admin-token") && !said.contains("--url") && !said.contains("--json"),
+        "{said}"
+    );
+    let flagged = blocking(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hybridstore"))
+            .args(["serve", "--url", "http://x"])
+            .output()
+            .unwrap()
+    })
+    .await;
+    assert_eq!(code(&flagged), 2);
+}

@@ -38,7 +38,7 @@ pub struct Cli {
 }
 
 /// How to reach a running server.
-#[derive(Args, Debug, Clone)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct Remote {
     /// Base URL of the server (default: http://127.0.0.1:$PORT, PORT=8080).
     #[arg(long, env = "HYBRIDSTORE_URL", global = true)]
@@ -247,6 +247,23 @@ type Outcome = Result<ExitCode, Failure>;
 
 /// Parses the command line (exits on `--help` or wrong usage).
 pub fn parse() -> Cli {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|first| first == "serve") {
+        // The client flags are global to the client subcommands; `serve`
+        // takes none of them (its settings come from the environment and
+        // config files), so its help offers none and a flag is an error.
+        clap::Command::new("serve")
+            .bin_name("hybridstore serve")
+            .about(
+                "Run the server (the default). Configured by config/default.toml, \
+                 config/$HYBRIDSTORE_ENV.toml and the environment (README, \"Configuration\")",
+            )
+            .get_matches_from(&args[1..]);
+        return Cli {
+            command: Some(Command::Serve),
+            remote: Remote::default(),
+        };
+    }
     Cli::parse()
 }
 
