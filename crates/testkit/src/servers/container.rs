@@ -9,6 +9,8 @@
 //! without Docker too.
 
 use std::sync::{Arc, Mutex};
+
+use super::Lifecycle;
 use std::time::{Duration, Instant};
 
 /// How long a container may take to answer after a start.
@@ -100,10 +102,6 @@ impl ContainerServer {
         server
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     pub fn state(&self) -> State {
         *self.state.lock().expect("state lock")
     }
@@ -140,22 +138,6 @@ impl ContainerServer {
         self.state()
     }
 
-    /// `kill -9`: no shutdown.
-    pub fn kill(&self) {
-        if self.running_or_stopped() == State::Running {
-            self.check("kill", self.engine.kill(&self.id));
-            self.set(State::Stopped);
-        }
-    }
-
-    /// Orderly shutdown.
-    pub fn stop(&self) {
-        if self.running_or_stopped() == State::Running {
-            self.check("stop", self.engine.stop(&self.id));
-            self.set(State::Stopped);
-        }
-    }
-
     /// Starts a stopped container again with its own data, and waits until
     /// the server answers.
     pub fn launch(&self) {
@@ -164,27 +146,6 @@ impl ContainerServer {
             self.set(State::Running);
         }
         self.wait_ready();
-    }
-
-    /// Stop, then start with the same data.
-    pub fn restart(&self) {
-        self.stop();
-        self.launch();
-    }
-
-    /// Freezes the server: connections stay open, nothing answers.
-    pub fn pause(&self) {
-        if self.state() == State::Running {
-            self.check("pause", self.engine.pause(&self.id));
-            self.set(State::Paused);
-        }
-    }
-
-    pub fn resume(&self) {
-        if self.state() == State::Paused {
-            self.check("unpause", self.engine.unpause(&self.id));
-            self.set(State::Running);
-        }
     }
 
     /// Runs `command` in the container (it must be running).
@@ -196,6 +157,49 @@ impl ContainerServer {
             self.name
         );
         self.check("exec in", self.engine.exec(&self.id, command));
+    }
+}
+
+impl Lifecycle for ContainerServer {
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `kill -9`: no shutdown.
+    fn kill(&self) {
+        if self.running_or_stopped() == State::Running {
+            self.check("kill", self.engine.kill(&self.id));
+            self.set(State::Stopped);
+        }
+    }
+
+    /// Orderly shutdown.
+    fn stop(&self) {
+        if self.running_or_stopped() == State::Running {
+            self.check("stop", self.engine.stop(&self.id));
+            self.set(State::Stopped);
+        }
+    }
+
+    /// Stop, then start with the same data.
+    fn restart(&self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// Freezes the server: connections stay open, nothing answers.
+    fn pause(&self) {
+        if self.state() == State::Running {
+            self.check("pause", self.engine.pause(&self.id));
+            self.set(State::Paused);
+        }
+    }
+
+    fn resume(&self) {
+        if self.state() == State::Paused {
+            self.check("unpause", self.engine.unpause(&self.id));
+            self.set(State::Running);
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::{Mutex, OnceLock};
 
 use std::time::{Duration, Instant};
 
-use super::RedisPersistence;
+use super::{Lifecycle, RedisPersistence};
 use crate::process::{free_port, signal_and_wait, spawn_owned};
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -225,7 +225,7 @@ fn postgres_user() -> Option<(u32, u32)> {
 }
 
 /// A PostgreSQL server process of our own.
-pub(super) struct LocalPostgres {
+pub struct LocalPostgres {
     process: ServerProcess,
     bin: PathBuf,
     run_as: Option<(u32, u32)>,
@@ -310,8 +310,10 @@ impl LocalPostgres {
                 .is_ok_and(|status| status.success())
         });
     }
+}
 
-    pub fn port(&self) -> u16 {
+impl Lifecycle for LocalPostgres {
+    fn port(&self) -> u16 {
         self.process.port
     }
 
@@ -319,35 +321,35 @@ impl LocalPostgres {
     /// container dies: no shutdown, no checkpoint (recovery runs at the next
     /// start). Killing the postmaster alone would leave its backends to
     /// commit the statements already on their connections for a moment.
-    pub fn kill(&self) {
+    fn kill(&self) {
         self.process.signal_tree(libc::SIGKILL);
     }
 
     /// Fast shutdown (SIGINT): open transactions are rolled back.
-    pub fn stop(&self) {
+    fn stop(&self) {
         self.process.signal(libc::SIGINT);
     }
 
     /// Freezes every process of the server (SIGSTOP): connections stay open
     /// but nothing answers, like a hung host.
-    pub fn pause(&self) {
+    fn pause(&self) {
         self.process.signal_tree(libc::SIGSTOP);
     }
 
     /// Lets a paused server go on (SIGCONT).
-    pub fn resume(&self) {
+    fn resume(&self) {
         self.process.signal_tree(libc::SIGCONT);
     }
 
     /// Starts again on the same port with the same data.
-    pub fn restart(&self) {
+    fn restart(&self) {
         self.stop();
         self.launch();
     }
 }
 
 /// A Redis server process of our own.
-pub(super) struct LocalRedis {
+pub struct LocalRedis {
     process: ServerProcess,
     persistence: RedisPersistence,
 }
@@ -391,36 +393,6 @@ impl LocalRedis {
         wait_until("redis", &log, || redis_answers_ping(port));
     }
 
-    pub fn port(&self) -> u16 {
-        self.process.port
-    }
-
-    /// `kill -9`.
-    pub fn kill(&self) {
-        self.process.signal(libc::SIGKILL);
-    }
-
-    /// Orderly shutdown (SIGTERM; with persistence, data is flushed).
-    pub fn stop(&self) {
-        self.process.signal(libc::SIGTERM);
-    }
-
-    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
-    pub fn pause(&self) {
-        self.process.signal_tree(libc::SIGSTOP);
-    }
-
-    /// Lets a paused server go on (SIGCONT).
-    pub fn resume(&self) {
-        self.process.signal_tree(libc::SIGCONT);
-    }
-
-    /// Starts again on the same port, with whatever data persistence kept.
-    pub fn restart(&self) {
-        self.stop();
-        self.launch();
-    }
-
     /// `kill -9`, then a start from the last `SAVE` alone, as after
     /// a disk loss or a restore: the append-only file is removed, so every
     /// write acknowledged after the snapshot is gone. Append-only
@@ -434,6 +406,38 @@ impl LocalRedis {
             let answer = redis_command(self.port(), b"CONFIG SET appendonly yes\r\n");
             assert!(answer.starts_with("+OK"), "CONFIG SET answered {answer:?}");
         }
+    }
+}
+
+impl Lifecycle for LocalRedis {
+    fn port(&self) -> u16 {
+        self.process.port
+    }
+
+    /// `kill -9`.
+    fn kill(&self) {
+        self.process.signal(libc::SIGKILL);
+    }
+
+    /// Orderly shutdown (SIGTERM; with persistence, data is flushed).
+    fn stop(&self) {
+        self.process.signal(libc::SIGTERM);
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
+    fn pause(&self) {
+        self.process.signal_tree(libc::SIGSTOP);
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    fn resume(&self) {
+        self.process.signal_tree(libc::SIGCONT);
+    }
+
+    /// Starts again on the same port, with whatever data persistence kept.
+    fn restart(&self) {
+        self.stop();
+        self.launch();
     }
 }
 

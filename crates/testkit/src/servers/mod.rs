@@ -52,15 +52,102 @@ fn engine() -> Arc<dyn ContainerEngine> {
     unreachable!("containers are chosen only with the `containers` feature")
 }
 
+/// What every server of the testkit does, whichever way it runs.
+pub trait Lifecycle {
+    fn port(&self) -> u16;
+    /// `kill -9`: no shutdown.
+    fn kill(&self);
+    /// Orderly shutdown.
+    fn stop(&self);
+    /// Freezes it: connections stay open, nothing answers.
+    fn pause(&self);
+    fn resume(&self);
+    /// Starts again on the same port with its own data.
+    fn restart(&self);
+}
+
+/// One kind of server: its local way, and what else it keeps.
+pub trait Kind {
+    type Local: Lifecycle;
+}
+
+/// PostgreSQL (see [`Postgres`]).
+pub struct PostgresKind;
+
+impl Kind for PostgresKind {
+    type Local = LocalPostgres;
+}
+
+/// Redis, and whether it keeps its data (see [`Redis`]).
+pub struct RedisKind {
+    persistence: RedisPersistence,
+}
+
+impl Kind for RedisKind {
+    type Local = LocalRedis;
+}
+
 /// How one server runs.
 enum Backing<L> {
     Local(L),
     Container(ContainerServer),
 }
 
+/// A server of our own, run the way this machine offers.
+pub struct Server<K: Kind> {
+    backing: Backing<K::Local>,
+    kind: K,
+}
+
 /// A PostgreSQL server of our own.
-pub struct Postgres {
-    backing: Backing<LocalPostgres>,
+pub type Postgres = Server<PostgresKind>;
+
+/// A Redis server of our own.
+pub type Redis = Server<RedisKind>;
+
+impl<K: Kind> Server<K> {
+    fn life(&self) -> &dyn Lifecycle {
+        match &self.backing {
+            Backing::Local(server) => server,
+            Backing::Container(server) => server,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.life().port()
+    }
+
+    /// `kill -9` of every process of the server, as when its host or
+    /// container dies: no shutdown (PostgreSQL: no checkpoint, recovery runs
+    /// at the next start; killing the postmaster alone would leave its
+    /// backends to commit the statements already on their connections for a
+    /// moment, so they go too).
+    pub fn kill(&self) {
+        self.life().kill()
+    }
+
+    /// Orderly shutdown (PostgreSQL: fast, open transactions roll back;
+    /// Redis: with persistence, data is flushed).
+    pub fn stop(&self) {
+        self.life().stop()
+    }
+
+    /// Freezes every process of the server: connections stay open but
+    /// nothing answers, like a hung host.
+    pub fn pause(&self) {
+        self.life().pause()
+    }
+
+    /// Lets a paused server go on.
+    pub fn resume(&self) {
+        self.life().resume()
+    }
+
+    /// Starts again on the same port with its own data (Redis: whatever
+    /// its persistence kept).
+    pub fn restart(&self) {
+        self.life().restart()
+    }
 }
 
 impl Postgres {
@@ -76,63 +163,15 @@ impl Postgres {
                 Box::new(postgres_answers),
             )),
         };
-        Postgres { backing }
-    }
-
-    pub fn port(&self) -> u16 {
-        match &self.backing {
-            Backing::Local(server) => server.port(),
-            Backing::Container(server) => server.port(),
+        Server {
+            backing,
+            kind: PostgresKind,
         }
     }
 
     /// A URL for `database` on this server.
     pub fn url(&self, database: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port())
-    }
-
-    /// `kill -9` of every process of the server, as when its host or
-    /// container dies: no shutdown, no checkpoint (recovery runs at the next
-    /// start). Killing the postmaster alone would leave its backends to
-    /// commit the statements already on their connections for a moment.
-    pub fn kill(&self) {
-        match &self.backing {
-            Backing::Local(server) => server.kill(),
-            Backing::Container(server) => server.kill(),
-        }
-    }
-
-    /// Fast shutdown: open transactions are rolled back.
-    pub fn stop(&self) {
-        match &self.backing {
-            Backing::Local(server) => server.stop(),
-            Backing::Container(server) => server.stop(),
-        }
-    }
-
-    /// Freezes every process of the server: connections stay open but
-    /// nothing answers, like a hung host.
-    pub fn pause(&self) {
-        match &self.backing {
-            Backing::Local(server) => server.pause(),
-            Backing::Container(server) => server.pause(),
-        }
-    }
-
-    /// Lets a paused server go on.
-    pub fn resume(&self) {
-        match &self.backing {
-            Backing::Local(server) => server.resume(),
-            Backing::Container(server) => server.resume(),
-        }
-    }
-
-    /// Starts again on the same port with the same data.
-    pub fn restart(&self) {
-        match &self.backing {
-            Backing::Local(server) => server.restart(),
-            Backing::Container(server) => server.restart(),
-        }
     }
 }
 
@@ -173,12 +212,6 @@ pub enum RedisPersistence {
     Snapshot,
 }
 
-/// A Redis server of our own.
-pub struct Redis {
-    backing: Backing<LocalRedis>,
-    persistence: RedisPersistence,
-}
-
 impl Redis {
     pub fn start(persistence: RedisPersistence) -> Redis {
         let backing = match source() {
@@ -189,61 +222,14 @@ impl Redis {
                 Box::new(redis_answers_ping),
             )),
         };
-        Redis {
+        Server {
             backing,
-            persistence,
-        }
-    }
-
-    pub fn port(&self) -> u16 {
-        match &self.backing {
-            Backing::Local(server) => server.port(),
-            Backing::Container(server) => server.port(),
+            kind: RedisKind { persistence },
         }
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port())
-    }
-
-    /// `kill -9`.
-    pub fn kill(&self) {
-        match &self.backing {
-            Backing::Local(server) => server.kill(),
-            Backing::Container(server) => server.kill(),
-        }
-    }
-
-    /// Orderly shutdown (with persistence, data is flushed).
-    pub fn stop(&self) {
-        match &self.backing {
-            Backing::Local(server) => server.stop(),
-            Backing::Container(server) => server.stop(),
-        }
-    }
-
-    /// Freezes the server: connections stay open, nothing answers.
-    pub fn pause(&self) {
-        match &self.backing {
-            Backing::Local(server) => server.pause(),
-            Backing::Container(server) => server.pause(),
-        }
-    }
-
-    /// Lets a paused server go on.
-    pub fn resume(&self) {
-        match &self.backing {
-            Backing::Local(server) => server.resume(),
-            Backing::Container(server) => server.resume(),
-        }
-    }
-
-    /// Starts again on the same port, with whatever persistence kept.
-    pub fn restart(&self) {
-        match &self.backing {
-            Backing::Local(server) => server.restart(),
-            Backing::Container(server) => server.restart(),
-        }
     }
 
     /// `SAVE`: writes a snapshot (`dump.rdb`) of everything held now.
@@ -265,7 +251,7 @@ impl Redis {
                 server.exec(&["touch", FROM_SNAPSHOT]);
                 server.kill();
                 server.launch();
-                if self.persistence == RedisPersistence::AppendOnly {
+                if self.kind.persistence == RedisPersistence::AppendOnly {
                     let answer = redis_command(self.port(), b"CONFIG SET appendonly yes\r\n");
                     assert!(answer.starts_with("+OK"), "CONFIG SET answered {answer:?}");
                 }
