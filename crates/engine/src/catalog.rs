@@ -48,7 +48,7 @@ impl Collection {
     /// Why this collection, which follows the service-wide strategy, does
     /// not take `service`: it has unique indexes, which only the durable
     /// tier enforces, and `service` writes through the cache. It then keeps
-    /// [`HELD_BACK_ON`], which commits durably first and still reads the
+    /// `HELD_BACK_ON` (`dual_write`), which commits durably first and still reads the
     /// cache.
     pub fn held_back(&self, service: Strategy) -> Option<String> {
         if self.spec.strategy.is_some() {

@@ -301,11 +301,11 @@ impl Engine {
     }
 
     /// Publishes the keys this instance journaled to the durable tier, for
-    /// the other instances (see [`DurableStore::hold`]): every
-    /// [`PUBLISH_INTERVAL`] while it journals, at once when the cache breaker
+    /// the other instances (see [`CacheLedger::hold`](hybridstore_core::CacheLedger::hold)): every
+    /// `PUBLISH_INTERVAL` while it journals, at once when the cache breaker
     /// opens, again after a failure. Releases the keys the durable tier has
-    /// caught up with every [`RELEASE_INTERVAL`]; with the journals seen
-    /// empty, also those held longer than [`HELD_STALE`].
+    /// caught up with every `RELEASE_INTERVAL`; with the journals seen
+    /// empty, also those held longer than `HELD_STALE`.
     pub async fn run_held_publisher(self: Arc<Self>) {
         self.journal.clone().run_held_publisher().await
     }

@@ -1,7 +1,7 @@
 //! The strategy engine: which tier a write goes to, which tier a read comes from,
 //! and in which order.
 //!
-//! Everything the SPEC's strategy table says lives in [`strategy`]; the rest of
+//! Everything the SPEC's strategy table says lives in `strategy.rs`; the rest of
 //! this crate applies it. The engine is written against the tier traits of
 //! `hybridstore-core` only, so it runs unchanged over PostgreSQL + Redis or over
 //! any other pair of tiers, and unit tests can drive it with in-memory fakes.

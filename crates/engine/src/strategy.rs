@@ -17,7 +17,7 @@
 //! down, everything goes to the durable tier. Nothing else narrows it: once a
 //! tier is back, requests take their configured path at once, and journaled
 //! versions the durable tier still lacks are settled key by key
-//! (`pending.rs`), never by holding a whole collection or service back.
+//! (`journal/settle.rs`), never by holding a whole collection or service back.
 
 use hybridstore_api::{PlanView, ReadPath, WritePath};
 use hybridstore_core::Strategy;

@@ -273,7 +273,7 @@ struct State {
     last_sweep: Option<Instant>,
     /// Entries the durable tier refused, with the reason (oldest first).
     dead_letters: std::collections::VecDeque<(Change, String)>,
-    /// See `CacheStore::reconciled_generation`.
+    /// See `CacheRecovery::reconciled_generation`.
     reconciled_generation: u64,
 }
 

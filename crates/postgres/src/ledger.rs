@@ -2,7 +2,7 @@
 
 use super::*;
 
-/// The cache generation (see `DurableStore::cache_generation`): its own row
+/// The cache generation (see `CacheLedger::cache_generation`): its own row
 /// of the control table, the generation in `revision`.
 const CACHE_GENERATION: &str = "SELECT revision FROM control WHERE name = 'cache'";
 
@@ -10,7 +10,7 @@ const BUMP_CACHE_GENERATION: &str = "INSERT INTO control AS c (name, revision, v
     VALUES ('cache', 1, '{}', now()) ON CONFLICT (name) DO UPDATE \
     SET revision = c.revision + 1, updated_at = now() RETURNING revision";
 
-/// Publishes held keys (see `DurableStore::hold`); a key held already keeps
+/// Publishes held keys (see `CacheLedger::hold`); a key held already keeps
 /// the higher version.
 const HOLD: &str = "INSERT INTO held AS h (collection, id, version) \
     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[]) \

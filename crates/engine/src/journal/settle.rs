@@ -172,7 +172,7 @@ impl Journal {
     }
 
     /// Publishes the keys this instance journaled to the durable tier, for
-    /// the other instances (see [`DurableStore::hold`]): every
+    /// the other instances (see [`CacheLedger::hold`](hybridstore_core::CacheLedger::hold)): every
     /// [`PUBLISH_INTERVAL`] while it journals, at once when the cache breaker
     /// opens, again after a failure. Releases the keys the durable tier has
     /// caught up with every [`RELEASE_INTERVAL`]; with the journals seen
