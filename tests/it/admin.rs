@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hybridstore_testkit::{
-    Postgres, READER_TOKEN, TestApp, blocking, create_database, etag_version, shared, until,
+    Deployment, Postgres, READER_TOKEN, TestApp, blocking, etag_version, shared, until,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -130,15 +130,8 @@ async fn status_of(app: &TestApp) -> Value {
 
 #[tokio::test]
 async fn a_switch_reaches_the_other_instance_within_a_second_and_survives_restarts() {
-    let servers = blocking(shared).await;
-    let database = create_database(&servers.postgres).await;
-    let prefix = format!("switch{}", std::process::id());
-    let spawn = || {
-        TestApp::builder()
-            .database(database.clone())
-            .key_prefix(prefix.clone())
-            .spawn()
-    };
+    let deployment = Deployment::new("switch").await;
+    let spawn = || deployment.instance().spawn();
     let (a, b) = (spawn().await, spawn().await);
     a.put("accounts", "r", json!({"v": "before"})).await;
     assert_eq!(b.get("accounts", "r").await.status(), StatusCode::OK);
@@ -197,15 +190,8 @@ fn collection_of(report: &Value, name: &str) -> Value {
 /// service switches and restarts, until it is switched back.
 #[tokio::test]
 async fn a_collection_switch_applies_to_it_alone_everywhere_until_switched_back() {
-    let servers = blocking(shared).await;
-    let database = create_database(&servers.postgres).await;
-    let prefix = format!("one{}", std::process::id());
-    let spawn = || {
-        TestApp::builder()
-            .database(database.clone())
-            .key_prefix(prefix.clone())
-            .spawn()
-    };
+    let deployment = Deployment::new("one").await;
+    let spawn = || deployment.instance().spawn();
     let (a, b) = (spawn().await, spawn().await);
     let (status, outcome) = a
         .admin_call(

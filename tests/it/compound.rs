@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use hybridstore_core::{CollectionName, RecordId, RecordKey};
 use hybridstore_testkit::{
-    Postgres, Redis, RedisPersistence, TestApp, blocking, create_database, etag_version, shared,
-    until,
+    Deployment, Postgres, Redis, RedisPersistence, TestApp, blocking, create_database,
+    etag_version, shared, until,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -502,15 +502,8 @@ async fn a_list_shows_journaled_creates_and_deletes_before_replay() {
 /// deletes an API key: B and A's successor must not authenticate it.
 #[tokio::test]
 async fn copies_written_around_are_never_served_by_another_instance_or_after_a_restart() {
-    let servers = blocking(shared).await;
-    let database = create_database(&servers.postgres).await;
-    let prefix = format!("around{}", std::process::id());
-    let spawn = || {
-        TestApp::builder()
-            .database(database.clone())
-            .key_prefix(prefix.clone())
-            .spawn()
-    };
+    let deployment = Deployment::new("around").await;
+    let spawn = || deployment.instance().spawn();
     let (a, b) = (spawn().await, spawn().await);
     for id in ["k1", "k2"] {
         let created = a
@@ -585,13 +578,10 @@ async fn copies_written_around_are_never_served_by_another_instance_or_after_a_r
 /// let exactly this through.)
 #[tokio::test]
 async fn a_write_around_the_cache_right_after_another_reconciled_is_still_made_known() {
-    let servers = blocking(shared).await;
-    let database = create_database(&servers.postgres).await;
-    let prefix = format!("again{}", std::process::id());
+    let deployment = Deployment::new("again").await;
     let spawn = |probe_ms: u64| {
-        TestApp::builder()
-            .database(database.clone())
-            .key_prefix(prefix.clone())
+        deployment
+            .instance()
             .config("health.probe_interval_ms", probe_ms)
             .spawn()
     };

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use hybridstore_testkit::{TestApp, etag_version};
+use hybridstore_testkit::{Deployment, TestApp, etag_version};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -70,17 +70,13 @@ async fn a_redis_restart_cleans_cached_copies_but_keeps_redis_only_records() {
 
 #[tokio::test]
 async fn two_instances_share_one_write_behind_journal_and_lose_nothing() {
-    use hybridstore_testkit::{create_database, shared};
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
-    let servers = tokio::task::spawn_blocking(shared).await.unwrap();
-    let database = create_database(&servers.postgres).await;
-    let prefix = format!("pair{}", std::process::id());
+    let deployment = Deployment::new("pair").await;
     let mut instances = Vec::new();
     for _ in 0..2 {
-        let app = TestApp::builder()
-            .database(database.clone())
-            .key_prefix(prefix.clone())
+        let app = deployment
+            .instance()
             .config("collections.items.strategy", "cache_first")
             .spawn()
             .await;

@@ -231,6 +231,31 @@ impl TestAppBuilder {
     }
 }
 
+/// One deployment of several instances: the same PostgreSQL database and
+/// Redis key prefix on the shared servers.
+pub struct Deployment {
+    database: String,
+    prefix: String,
+}
+
+impl Deployment {
+    /// A new deployment; `name` keeps its keys apart from other tests'.
+    pub async fn new(name: &str) -> Deployment {
+        let servers = crate::blocking(shared).await;
+        Deployment {
+            database: create_database(&servers.postgres).await,
+            prefix: format!("{name}{}", std::process::id()),
+        }
+    }
+
+    /// A builder for one more instance of it.
+    pub fn instance(&self) -> TestAppBuilder {
+        TestApp::builder()
+            .database(self.database.clone())
+            .key_prefix(self.prefix.clone())
+    }
+}
+
 /// Direct handles on the servers of a production-mode app.
 pub struct Production {
     /// The name of the test's own PostgreSQL database.

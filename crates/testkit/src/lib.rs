@@ -16,7 +16,7 @@ mod service;
 mod wait;
 
 pub use app::{
-    ADMIN_TOKEN, API_KEYS_WRITER_TOKEN, Production, READER_TOKEN, StoredCopy, TestApp,
+    ADMIN_TOKEN, API_KEYS_WRITER_TOKEN, Deployment, Production, READER_TOKEN, StoredCopy, TestApp,
     TestAppBuilder, etag_version, record_ids, spawn_app,
 };
 pub use hooked::HookedDurable;
