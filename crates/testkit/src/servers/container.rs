@@ -138,16 +138,6 @@ impl ContainerServer {
         self.state()
     }
 
-    /// Starts a stopped container again with its own data, and waits until
-    /// the server answers.
-    pub fn launch(&self) {
-        if self.state() == State::Stopped {
-            self.check("start", self.engine.start(&self.id));
-            self.set(State::Running);
-        }
-        self.wait_ready();
-    }
-
     /// Runs `command` in the container (it must be running).
     pub fn exec(&self, command: &[&str]) {
         assert_eq!(
@@ -161,6 +151,16 @@ impl ContainerServer {
 }
 
 impl Lifecycle for ContainerServer {
+    /// Starts a stopped container again with its own data, and waits until
+    /// the server answers.
+    fn launch(&self) {
+        if self.state() == State::Stopped {
+            self.check("start", self.engine.start(&self.id));
+            self.set(State::Running);
+        }
+        self.wait_ready();
+    }
+
     fn port(&self) -> u16 {
         self.port
     }
@@ -179,12 +179,6 @@ impl Lifecycle for ContainerServer {
             self.check("stop", self.engine.stop(&self.id));
             self.set(State::Stopped);
         }
-    }
-
-    /// Stop, then start with the same data.
-    fn restart(&self) {
-        self.stop();
-        self.launch();
     }
 
     /// Freezes the server: connections stay open, nothing answers.

@@ -281,35 +281,6 @@ impl LocalPostgres {
         server.launch();
         server
     }
-
-    pub fn launch(&self) {
-        let log = self.process.dir.join("postgres.log");
-        let mut command = Command::new(self.bin.join("postgres"));
-        command
-            .arg("-D")
-            .arg(self.process.dir.join("data"))
-            .args(["-p", &self.port().to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1"])
-            .args(["-c", "unix_socket_directories="])
-            .args(["-c", "fsync=off"])
-            .args(["-c", "full_page_writes=off"])
-            .args(["-c", "max_connections=300"])
-            .stdout(Stdio::null())
-            .stderr(log_file(&log));
-        if let Some((uid, gid)) = self.run_as {
-            std::os::unix::process::CommandExt::uid(&mut command, uid);
-            std::os::unix::process::CommandExt::gid(&mut command, gid);
-        }
-        self.process.spawn(command);
-        let ready = self.bin.join("pg_isready");
-        let port = self.port().to_string();
-        wait_until("postgres", &log, || {
-            Command::new(&ready)
-                .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-q"])
-                .status()
-                .is_ok_and(|status| status.success())
-        });
-    }
 }
 
 impl Lifecycle for LocalPostgres {
@@ -341,10 +312,33 @@ impl Lifecycle for LocalPostgres {
         self.process.signal_tree(libc::SIGCONT);
     }
 
-    /// Starts again on the same port with the same data.
-    fn restart(&self) {
-        self.stop();
-        self.launch();
+    fn launch(&self) {
+        let log = self.process.dir.join("postgres.log");
+        let mut command = Command::new(self.bin.join("postgres"));
+        command
+            .arg("-D")
+            .arg(self.process.dir.join("data"))
+            .args(["-p", &self.port().to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "unix_socket_directories="])
+            .args(["-c", "fsync=off"])
+            .args(["-c", "full_page_writes=off"])
+            .args(["-c", "max_connections=300"])
+            .stdout(Stdio::null())
+            .stderr(log_file(&log));
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::process::CommandExt::uid(&mut command, uid);
+            std::os::unix::process::CommandExt::gid(&mut command, gid);
+        }
+        self.process.spawn(command);
+        let ready = self.bin.join("pg_isready");
+        let port = self.port().to_string();
+        wait_until("postgres", &log, || {
+            Command::new(&ready)
+                .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-q"])
+                .status()
+                .is_ok_and(|status| status.success())
+        });
     }
 }
 
@@ -362,10 +356,6 @@ impl LocalRedis {
         };
         server.launch();
         server
-    }
-
-    pub fn launch(&self) {
-        self.launch_with(self.persistence);
     }
 
     fn launch_with(&self, persistence: RedisPersistence) {
@@ -434,10 +424,8 @@ impl Lifecycle for LocalRedis {
         self.process.signal_tree(libc::SIGCONT);
     }
 
-    /// Starts again on the same port, with whatever data persistence kept.
-    fn restart(&self) {
-        self.stop();
-        self.launch();
+    fn launch(&self) {
+        self.launch_with(self.persistence);
     }
 }
 

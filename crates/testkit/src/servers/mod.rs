@@ -62,8 +62,14 @@ pub trait Lifecycle {
     /// Freezes it: connections stay open, nothing answers.
     fn pause(&self);
     fn resume(&self);
-    /// Starts again on the same port with its own data.
-    fn restart(&self);
+    /// Starts a stopped server again on the same port with its own data,
+    /// and waits until it answers.
+    fn launch(&self);
+    /// Stop, then start with the same data.
+    fn restart(&self) {
+        self.stop();
+        self.launch();
+    }
 }
 
 /// One kind of server: its local way, and what else it keeps.
