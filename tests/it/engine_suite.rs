@@ -84,6 +84,7 @@ on_both_tier_pairs!(
     a_start_with_sync_on_startup_warms_an_empty_cache,
     a_scheduled_turn_goes_to_one_instance_at_a_time,
     idle_counter_buckets_leave_the_cache_and_come_back_exact,
+    a_counter_seed_read_before_a_bucket_drop_is_not_installed,
 );
 
 async fn read_data(app: &TestApp, id: &str) -> Value {
@@ -872,4 +873,95 @@ async fn idle_counter_buckets_leave_the_cache_and_come_back_exact(pair: Pair) {
     let totals = app.read_counters("usage:idle", "granularity=total").await;
     assert_eq!(totals["buckets"][0]["values"]["requests"], json!(4));
     assert!(held().await, "seeded again");
+}
+
+/// The tier contract behind exact counter buckets: values a seeder read
+/// before a bucket of the scope was dropped are not installed after the
+/// drop. Otherwise: seeder A reads (value 5), seeder B installs 5, an
+/// increment lands in B's bucket (6, journaled), the bucket is dropped (an
+/// increment went around the cache), and A installs 5, marked complete:
+/// the cache then answers 5 while the truth is 6 (a load test under
+/// faults once read one increment short this way).
+async fn a_counter_seed_read_before_a_bucket_drop_is_not_installed(pair: Pair) {
+    use hybridstore_core::{
+        Amount, Bucket, BucketValues, CacheIncrementOutcome, CounterIncrement, CounterScope,
+        FieldName, Granularity,
+    };
+    let app = pair.builder().spawn().await;
+    let cache = app.engine().raw_tiers().1;
+    let scope = CounterScope::parse("usage:seed-race").unwrap();
+    let total = Bucket {
+        granularity: Granularity::Total,
+        start: time::OffsetDateTime::UNIX_EPOCH,
+        expires_at: None,
+    };
+    let requests = FieldName::parse("requests").unwrap();
+    let values = |n: i128| {
+        vec![BucketValues {
+            bucket: total.clone(),
+            values: vec![(requests.clone(), Amount::from_nanos(n * 1_000_000_000))],
+        }]
+    };
+    let held = || async {
+        cache
+            .counter_buckets(&scope, std::slice::from_ref(&total))
+            .await
+            .unwrap()
+            .remove(0)
+            .map(|(values, complete)| (values.values[0].1, complete))
+    };
+    let buckets = std::slice::from_ref(&total);
+
+    let seeder_a = cache.seed_ticket(&scope).await.unwrap();
+    let seeder_b = cache.seed_ticket(&scope).await.unwrap();
+    cache
+        .seed_buckets(&scope, buckets, &values(5), true, seeder_b)
+        .await
+        .unwrap();
+    let increment = CounterIncrement {
+        op_id: "seed-race-1".into(),
+        scope: scope.clone(),
+        deltas: vec![(requests.clone(), Amount::from_nanos(1_000_000_000))],
+        at: time::OffsetDateTime::now_utc(),
+        buckets: buckets.to_vec(),
+    };
+    assert!(matches!(
+        cache.increment(&increment).await.unwrap(),
+        CacheIncrementOutcome::Applied(_)
+    ));
+    assert_eq!(
+        held().await,
+        Some((Amount::from_nanos(6_000_000_000), true))
+    );
+    cache.forget_buckets(&scope, buckets).await.unwrap();
+
+    // A's values were read before the drop: refused, the bucket stays cold.
+    cache
+        .seed_buckets(&scope, buckets, &values(5), true, seeder_a)
+        .await
+        .unwrap();
+    assert_eq!(held().await, None, "a seed read before the drop is refused");
+    // A seeder that starts now installs.
+    let again = cache.seed_ticket(&scope).await.unwrap();
+    cache
+        .seed_buckets(&scope, buckets, &values(6), true, again)
+        .await
+        .unwrap();
+    assert_eq!(
+        held().await,
+        Some((Amount::from_nanos(6_000_000_000), true))
+    );
+
+    // Dropping every bucket (a cache recovery) refuses earlier seeds too.
+    let before = cache.seed_ticket(&scope).await.unwrap();
+    cache.forget_counters().await.unwrap();
+    cache
+        .seed_buckets(&scope, buckets, &values(6), true, before)
+        .await
+        .unwrap();
+    assert_eq!(
+        held().await,
+        None,
+        "a seed read before forget_counters is refused"
+    );
 }

@@ -297,6 +297,19 @@ pub struct BucketValues {
     pub values: Vec<(FieldName, Amount)>,
 }
 
+/// What a seeder saw of its scope's buckets before it read the values it
+/// is about to install: a cache tier installs them only if none of the
+/// scope's buckets was dropped since.
+///
+/// Why: between reading the durable tier and installing, another seeder may
+/// install the bucket, increments land in it, and then the bucket is dropped
+/// (an increment went around the cache, or incomplete values were let go).
+/// Installing then would put values that miss those increments in place,
+/// marked complete. The ticket (a drop count per shard of scopes) tells the
+/// tier a drop happened; the increment finds the bucket cold and seeds again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeedTicket(pub u64);
+
 /// What the cache tier did with an increment.
 #[derive(Clone, Debug, PartialEq)]
 pub enum CacheIncrementOutcome {

@@ -24,7 +24,7 @@ pub use collection::{CollectionSpec, Strategy};
 pub use control::ControlState;
 pub use counters::{
     Amount, Bucket, BucketValues, CacheIncrementOutcome, CounterIncrement, CounterJournalEntry,
-    CounterValue, Granularity, MAX_DELTA_UNITS, MAX_TOTAL_UNITS, OP_ID_RETENTION,
+    CounterValue, Granularity, MAX_DELTA_UNITS, MAX_TOTAL_UNITS, OP_ID_RETENTION, SeedTicket,
 };
 pub use error::{Error, StoreError, Tier};
 pub use journal::{

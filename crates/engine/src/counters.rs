@@ -251,7 +251,11 @@ impl Counters {
 
     /// Installs exact values for buckets the cache does not hold: the
     /// durable tier's, plus journaled increments it has not applied yet.
+    /// The ticket, taken first, keeps values read before a bucket of the
+    /// scope was dropped from being installed after it (they could miss
+    /// what the dropped bucket took); the increment then seeds again.
     async fn seed(&self, scope: &CounterScope, buckets: &[Bucket]) -> Result<(), StoreError> {
+        let ticket = self.shared.cache.call(|t| t.seed_ticket(scope)).await?;
         let pending = if self.shared.durable.breaker.is_closed() {
             self.shared
                 .cache
@@ -266,7 +270,7 @@ impl Counters {
             return self
                 .shared
                 .cache
-                .call(|t| t.seed_buckets(scope, buckets, &[], false))
+                .call(|t| t.seed_buckets(scope, buckets, &[], false, ticket))
                 .await;
         };
         let op_ids: Vec<String> = pending.iter().map(|i| i.op_id.clone()).collect();
@@ -284,13 +288,13 @@ impl Counters {
                 add_pending(&mut values, buckets, &unapplied);
                 self.shared
                     .cache
-                    .call(|t| t.seed_buckets(scope, buckets, &values, true))
+                    .call(|t| t.seed_buckets(scope, buckets, &values, true, ticket))
                     .await
             }
             Err(err) if err.is_unavailable() => {
                 self.shared
                     .cache
-                    .call(|t| t.seed_buckets(scope, buckets, &[], false))
+                    .call(|t| t.seed_buckets(scope, buckets, &[], false, ticket))
                     .await
             }
             Err(err) => Err(err),

@@ -72,14 +72,23 @@ impl CacheCounters for MemoryCache {
         Ok(CacheIncrementOutcome::Applied(applied))
     }
 
+    async fn seed_ticket(&self, _scope: &CounterScope) -> StoreResult<SeedTicket> {
+        Ok(SeedTicket(self.lock().bucket_drops))
+    }
+
     async fn seed_buckets(
         &self,
         scope: &CounterScope,
         buckets: &[Bucket],
         values: &[BucketValues],
         complete: bool,
+        ticket: SeedTicket,
     ) -> StoreResult<()> {
         let mut state = self.lock();
+        if state.bucket_drops != ticket.0 {
+            // Read before a drop: it may miss what the dropped bucket took.
+            return Ok(());
+        }
         for bucket in buckets {
             let key = bucket_key(scope, bucket);
             if state.bucket(&key).is_some() {
@@ -182,6 +191,7 @@ impl CacheCounters for MemoryCache {
 
     async fn forget_buckets(&self, scope: &CounterScope, buckets: &[Bucket]) -> StoreResult<()> {
         let mut state = self.lock();
+        state.bucket_drops += 1;
         for bucket in buckets {
             state.buckets.remove(&bucket_key(scope, bucket));
         }
@@ -190,6 +200,7 @@ impl CacheCounters for MemoryCache {
 
     async fn forget_counters(&self) -> StoreResult<u64> {
         let mut state = self.lock();
+        state.bucket_drops += 1;
         let count = state.buckets.len() as u64;
         state.buckets.clear();
         Ok(count)

@@ -32,8 +32,8 @@ use hybridstore_core::{
     CachedState, Change, CollectionName, ControlChannel, ControlState, CopyOutcome,
     CounterIncrement, CounterJournalEntry, CounterScope, FieldName, Granularity, IdempotencyClaim,
     IdempotencyLedger, IndexName, JournalAck, JournalEntry, JournalKind, JournalPosition, ListPage,
-    ListQuery, PageBuilder, Record, RecordId, RecordKey, ReplayBounds, StoreError, StoreResult,
-    Tier, Version, WriteChange, json_size, prefix_upper_bound,
+    ListQuery, PageBuilder, Record, RecordId, RecordKey, ReplayBounds, SeedTicket, StoreError,
+    StoreResult, Tier, Version, WriteChange, json_size, prefix_upper_bound,
 };
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
@@ -263,6 +263,8 @@ struct State {
     journals: Option<[Journal<Change>; 2]>,
     counter_journal: Option<Journal<CounterIncrement>>,
     buckets: HashMap<BucketKey, HeldBucket>,
+    /// How many times buckets were dropped (see `SeedTicket`).
+    bucket_drops: u64,
     op_markers: HashMap<String, Option<Instant>>,
     control: Option<ControlState>,
     idempotency: HashMap<String, IdempotencyRecord>,

@@ -126,22 +126,35 @@ impl CacheCounters for RedisStore {
         }
     }
 
+    async fn seed_ticket(&self, scope: &CounterScope) -> StoreResult<SeedTicket> {
+        let drops: Option<u64> = redis::cmd("GET")
+            .arg(self.keys.counter_drops_of(scope))
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        Ok(SeedTicket(drops.unwrap_or(0)))
+    }
+
     async fn seed_buckets(
         &self,
         scope: &CounterScope,
         buckets: &[Bucket],
         values: &[BucketValues],
         complete: bool,
+        ticket: SeedTicket,
     ) -> StoreResult<()> {
         let mut conn = self.conn.clone();
+        let drops = self.keys.counter_drops_of(scope);
         for bucket in buckets {
             let mut invocation = self
                 .scripts
                 .counter_seed
                 .key(self.keys.counter_bucket(scope, bucket));
             invocation
+                .key(&drops)
                 .arg(if complete { "1" } else { "0" })
-                .arg(expiry_arg(bucket, self.counter_idle));
+                .arg(expiry_arg(bucket, self.counter_idle))
+                .arg(ticket.0.to_string());
             let held = values.iter().find(|v| {
                 v.bucket.granularity == bucket.granularity && v.bucket.start == bucket.start
             });
@@ -152,7 +165,11 @@ impl CacheCounters for RedisStore {
                     .arg(units.to_string())
                     .arg(nanos);
             }
-            let _: i64 = invocation.invoke_async(&mut conn).await.map_err(classify)?;
+            let installed: i64 = invocation.invoke_async(&mut conn).await.map_err(classify)?;
+            if installed < 0 {
+                // The rest would be refused too; the increment seeds again.
+                return Ok(());
+            }
         }
         Ok(())
     }
@@ -298,8 +315,16 @@ impl CacheCounters for RedisStore {
             .iter()
             .map(|bucket| self.keys.counter_bucket(scope, bucket))
             .collect();
-        redis::cmd("UNLINK")
+        // Counted and dropped in one step: a seed read before cannot land
+        // between the two.
+        redis::pipe()
+            .atomic()
+            .cmd("INCR")
+            .arg(self.keys.counter_drops_of(scope))
+            .ignore()
+            .cmd("UNLINK")
             .arg(keys)
+            .ignore()
             .query_async::<()>(&mut self.conn.clone())
             .await
             .map_err(classify)
@@ -307,6 +332,19 @@ impl CacheCounters for RedisStore {
 
     async fn forget_counters(&self) -> StoreResult<u64> {
         let mut conn = self.conn.clone();
+        // Counted before the scan: a seed read before lands either before
+        // the scan (which then removes it) or after the count (refused).
+        let mut counted = redis::pipe();
+        for shard in 0..SHARDS {
+            counted
+                .cmd("INCR")
+                .arg(self.keys.counter_drops(shard))
+                .ignore();
+        }
+        counted
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(classify)?;
         let pattern = self.keys.counter_pattern();
         let mut cursor: u64 = 0;
         let mut removed = 0;

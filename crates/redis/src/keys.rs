@@ -15,6 +15,7 @@
 //! {prefix}:{N}:ids:{collection}                  ids of a cache-only collection (zset)
 //! {prefix}:{N}:c:{scope}:{bucket}                counter bucket (hash), N from the scope
 //! {prefix}:{N}:counters                          increments not yet replayed (stream)
+//! {prefix}:{N}:cdrops                            counter buckets dropped so far (seed tickets)
 //! {prefix}:control                               mirror of the operators' run-time state
 //! {prefix}:control:changes                       pub/sub channel of its changes
 //! ```
@@ -211,6 +212,16 @@ impl KeySpace {
 
     pub fn counter_journal(&self, shard: u64) -> String {
         format!("{}:{{{shard}}}:counters", self.prefix)
+    }
+
+    /// How many times counter buckets of the scopes of `scope`'s shard were
+    /// dropped: a seed installs only while it is what the seeder read first.
+    pub fn counter_drops_of(&self, scope: &CounterScope) -> String {
+        self.counter_drops(shard_of(&[scope.as_str()]))
+    }
+
+    pub fn counter_drops(&self, shard: u64) -> String {
+        format!("{}:{{{shard}}}:cdrops", self.prefix)
     }
 
     /// Every counter journal stream.

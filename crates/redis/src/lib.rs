@@ -22,8 +22,8 @@ use hybridstore_core::{
     CounterIncrement, CounterJournalEntry, CounterScope, FieldName, IdempotencyClaim,
     IdempotencyLedger, IndexName, JournalAck, JournalEntry, JournalKind, JournalPosition,
     JsonObject, ListPage, ListQuery, MAX_DEAD_LETTERS, Micros, PageBuilder, Precondition, Record,
-    RecordId, RecordKey, ReplayBounds, StoreError, StoreResult, Tier, Version, WriteChange,
-    json_size,
+    RecordId, RecordKey, ReplayBounds, SeedTicket, StoreError, StoreResult, Tier, Version,
+    WriteChange, json_size,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};

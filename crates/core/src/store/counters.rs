@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 
 use crate::{
     Bucket, BucketValues, CacheIncrementOutcome, CounterIncrement, CounterJournalEntry,
-    CounterScope, CounterValue, JournalPosition, StoreResult,
+    CounterScope, CounterValue, JournalPosition, SeedTicket, StoreResult,
 };
 
 /// A durable tier's counter totals.
@@ -58,16 +58,23 @@ pub trait CacheCounters: Send + Sync + 'static {
     /// atomic step; `Cold` (nothing changed) when a bucket is not held.
     async fn increment(&self, increment: &CounterIncrement) -> StoreResult<CacheIncrementOutcome>;
 
+    /// Taken before reading what to seed `scope`'s buckets with (see
+    /// [`SeedTicket`]).
+    async fn seed_ticket(&self, scope: &CounterScope) -> StoreResult<SeedTicket>;
+
     /// Installs bucket values read from the durable tier for buckets the
-    /// cache does not hold (a bucket held meanwhile is left alone).
-    /// `complete: false` marks values that lack the durable tier's (it was
-    /// unavailable): they count only what the cache accepted since.
+    /// cache does not hold (a bucket held meanwhile is left alone), unless
+    /// a bucket of the scope was dropped since `ticket` was taken (then
+    /// nothing is installed). `complete: false` marks values that lack the
+    /// durable tier's (it was unavailable): they count only what the cache
+    /// accepted since.
     async fn seed_buckets(
         &self,
         scope: &CounterScope,
         buckets: &[Bucket],
         values: &[BucketValues],
         complete: bool,
+        ticket: SeedTicket,
     ) -> StoreResult<()>;
 
     /// The values of these buckets, with whether each is complete; `None`
@@ -101,9 +108,11 @@ pub trait CacheCounters: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Option<Vec<CounterIncrement>>>;
 
-    /// Drops these buckets (they are seeded again on their next increment).
+    /// Drops these buckets (they are seeded again on their next increment);
+    /// seeds whose ticket was taken before are not installed.
     async fn forget_buckets(&self, scope: &CounterScope, buckets: &[Bucket]) -> StoreResult<()>;
 
-    /// Drops every counter bucket of this service; returns how many.
+    /// Drops every counter bucket of this service; returns how many. Seeds
+    /// whose ticket was taken before are not installed.
     async fn forget_counters(&self) -> StoreResult<u64>;
 }
