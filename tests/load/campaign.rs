@@ -196,7 +196,13 @@ async fn deploy(campaign: &Campaign) -> Deployment {
             "HYBRIDSTORE_JOURNAL__CLAIM_IDLE_MS".to_owned(),
             "1000".to_owned(),
         ),
-        ("LOG_LEVEL".to_owned(), "info,tower_http=off".to_owned()),
+        // HYBRIDSTORE_CAMPAIGN_LOG_LEVEL=info,hybridstore_engine=trace traces
+        // every copy a request reads or writes (long logs: see below).
+        (
+            "LOG_LEVEL".to_owned(),
+            std::env::var("HYBRIDSTORE_CAMPAIGN_LOG_LEVEL")
+                .unwrap_or_else(|_| "info,tower_http=off".to_owned()),
+        ),
     ];
     let bin = env!("CARGO_BIN_EXE_hybridstore");
     let mut services = Vec::new();
@@ -778,6 +784,16 @@ pub async fn run(campaign: Campaign) -> Outcome {
             .unwrap_or(60);
         for (n, service) in deployment.services.iter().enumerate() {
             let log = service.log();
+            // The whole log, for a failure that needs more than its end.
+            if let Ok(dir) = std::env::var("HYBRIDSTORE_CAMPAIGN_LOG_DIR") {
+                let path = std::path::Path::new(&dir).join(format!(
+                    "{}-seed{}-i{}-service{n}.log",
+                    campaign.strategy, campaign.seed, campaign.instances
+                ));
+                if std::fs::create_dir_all(&dir).is_ok() && std::fs::write(&path, &log).is_ok() {
+                    eprintln!("--- service {n} log written to {} ---", path.display());
+                }
+            }
             let lines: Vec<&str> = log
                 .lines()
                 .filter(|line| !line.contains("request{"))

@@ -168,6 +168,7 @@ impl Records {
                 None => return,
                 Some(updated) => updated.unwrap_or(false),
             };
+            tracing::trace!(id = %key.id, %version, updated, "committed around the cache");
             // Only a copy that could not be brought up to date may be stale:
             // that is recorded durably, for every instance and for this one
             // after a restart. A write whose update landed bumps nothing, so
@@ -179,6 +180,7 @@ impl Records {
             return;
         }
         if self.shared.recovery.overtaken(key, version) {
+            tracing::trace!(id = %key.id, %version, "committed; the copy was overtaken");
             return;
         }
         let result = match self
@@ -197,6 +199,7 @@ impl Records {
             }
             other => other,
         };
+        tracing::trace!(id = %key.id, %version, stored = ?result, "cache copy updated after commit");
         if let Err(err) = result {
             if self.shared.cache.breaker.is_closed() {
                 tracing::warn!(error = %err, collection = %key.collection, "cache update after commit failed; cache suspended until recovery");
@@ -404,6 +407,7 @@ impl Records {
             );
             match entry {
                 Ok(CacheEntry::Present(record)) if !record.is_expired(now) => {
+                    tracing::trace!(id = %key.id, version = %record.version, "read from the cache");
                     return Ok(Some(record));
                 }
                 Ok(CacheEntry::Deleted(_)) => return Ok(None),
@@ -427,6 +431,7 @@ impl Records {
             .call(|t| t.get(key, now))
             .await
             .map_err(|err| self.shared.durable_failed(err))?;
+        tracing::trace!(id = %key.id, version = ?record.as_ref().map(|r| r.version), "read from the durable tier");
         if let (Some(record), OnMiss::Durable { fill: true }) = (&record, plan.on_miss()) {
             self.cache_record(collection, record, now).await;
         }

@@ -287,6 +287,9 @@ impl Journal {
                 }
             })
             .collect();
+        for ack in &acks {
+            tracing::trace!(id = %ack.key.id, version = %ack.version, superseded = ack.superseded, "replayed");
+        }
         self.shared
             .cache
             .call_on(route, |t| t.ack_journal(&acks))

@@ -107,6 +107,7 @@ impl Journal {
                     }
                 }
                 CacheWriteOutcome::Written { version, .. } => {
+                    tracing::trace!(id = %write.key.id, %version, journal = ?write.journal, "written in the cache");
                     if let Some(kind) = write.journal {
                         self.backlog(kind).mark();
                         self.unreplayed.journaled(&write.key, version);
