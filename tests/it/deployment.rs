@@ -140,6 +140,9 @@ fn the_alert_rules_pass_promtool() {
     );
     let rules = std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).unwrap();
     for alert in [
+        "HybridstoreDown",
+        "HybridstoreBackupFailed",
+        "HybridstoreBackupMissing",
         "HybridstoreTierDown",
         "HybridstoreDegradedStrategy",
         "HybridstoreJournalBacklogGrowing",
@@ -154,7 +157,11 @@ fn the_alert_rules_pass_promtool() {
 /// Every metric name a PromQL expression mentions.
 fn metric_names(expr: &str) -> Vec<String> {
     expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|token| token.starts_with("hybridstore_") || token.starts_with("http_"))
+        .filter(|token| {
+            ["hybridstore_", "http_", "process_"]
+                .iter()
+                .any(|prefix| token.starts_with(prefix))
+        })
         .map(str::to_owned)
         .collect()
 }
@@ -221,6 +228,103 @@ async fn the_dashboard_and_alerts_query_only_metrics_the_service_exports() {
     let missing: Vec<_> = queried.difference(&exported).collect();
     assert!(missing.is_empty(), "queried but not exported: {missing:?}");
     assert!(queried.len() >= 15, "{queried:?}");
+}
+
+/// What an operator reads off the dashboard is right: one instance or all
+/// can be picked, every query follows that choice, a down tier or process
+/// shows red (not green), tables show the state now (instant queries, not
+/// a range's history), and the panels an operator asked for are there.
+#[test]
+fn the_dashboard_picks_instances_shows_down_in_red_and_tables_the_state_now() {
+    let text = std::fs::read_to_string(repo("deploy/grafana/dashboards/hybridstore.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    let variables = dashboard["templating"]["list"].as_array().unwrap();
+    let instance = variables
+        .iter()
+        .find(|v| v["name"] == "instance")
+        .expect("an instance variable");
+    assert_eq!(instance["multi"], true);
+    assert_eq!(instance["includeAll"], true);
+    assert!(
+        instance["definition"]
+            .as_str()
+            .unwrap()
+            .starts_with("label_values(hybridstore_")
+    );
+
+    let panels = dashboard["panels"].as_array().unwrap();
+    let titled = |title: &str| {
+        panels
+            .iter()
+            .find(|p| p["title"] == title)
+            .unwrap_or_else(|| panic!("a {title:?} panel"))
+    };
+    for panel in panels {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            // Every metric selector in the query names the instance.
+            // (Prometheus's own `up` too, not the `_up` ending of a name.)
+            let up = expr
+                .match_indices("up{")
+                .filter(|(at, _)| {
+                    *at == 0 || {
+                        let before = expr.as_bytes()[at - 1];
+                        !(before.is_ascii_alphanumeric() || before == b'_')
+                    }
+                })
+                .count();
+            let selectors = metric_names(expr).len() + up;
+            assert_eq!(
+                expr.matches("instance=~\"$instance\"").count(),
+                selectors,
+                "{}: {expr}",
+                panel["title"]
+            );
+        }
+        match panel["type"].as_str().unwrap() {
+            "table" => {
+                for target in panel["targets"].as_array().unwrap() {
+                    assert_eq!(target["instant"], true, "{}", panel["title"]);
+                    assert_eq!(target["range"], false, "{}", panel["title"]);
+                }
+            }
+            "stat" => {
+                let steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+                    .as_array()
+                    .unwrap_or_else(|| panic!("{} has thresholds", panel["title"]));
+                assert!(steps.len() >= 2, "{}", panel["title"]);
+            }
+            _ => {}
+        }
+    }
+    // Down is red: the base step (below 1) is red, 1 and above green.
+    for title in ["Tier up", "Instances up"] {
+        let steps = &titled(title)["fieldConfig"]["defaults"]["thresholds"]["steps"];
+        assert_eq!(steps[0]["color"], "red", "{title}");
+        assert_eq!(steps[1]["color"], "green", "{title}");
+        assert_eq!(steps[1]["value"], 1, "{title}");
+    }
+    let up = titled("Instances up")["targets"][0]["expr"]
+        .as_str()
+        .unwrap();
+    assert!(up.starts_with("up{job=\"hybridstore\""), "{up}");
+    for (title, metric) in [
+        (
+            "Counter increments and reads",
+            "operation=~\"increment|counter_read\"",
+        ),
+        (
+            "Last backup (age)",
+            "hybridstore_backup_last_made_timestamp_seconds",
+        ),
+        ("Uptime", "hybridstore_uptime_seconds"),
+        ("Memory (resident)", "process_resident_memory_bytes"),
+    ] {
+        let expr = titled(title)["targets"][0]["expr"].as_str().unwrap();
+        assert!(expr.contains(metric), "{title}: {expr}");
+    }
+    let ids: BTreeSet<u64> = panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids.len(), panels.len(), "panel ids are unique");
 }
 
 /// The image's default run (embedded mode, as its non-root user, from its

@@ -68,6 +68,40 @@ const RECORD_ROUTE: &str = "/v1/collections/{collection}/records/{id}";
 #[tokio::test]
 async fn metrics_count_requests_operations_and_tiers_in_prometheus_format() {
     let app = TestApp::builder().spawn().await;
+    // Idle first: the probes (4 a second per tier), replay polling and
+    // control sync run, and none of it counts as calls made for requests.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let idle = scrape(&app).await;
+    for tier in ["cache", "durable"] {
+        let request = [("tier", tier), ("origin", "request")];
+        assert_eq!(
+            idle.value("hybridstore_tier_calls_total", &request),
+            Some(0.0),
+            "{tier}: an idle service made no request calls"
+        );
+    }
+    let background = [("tier", "cache"), ("origin", "background")];
+    assert!(
+        idle.value("hybridstore_tier_calls_total", &background) > Some(0.0),
+        "the replay polls the cache"
+    );
+    assert!(
+        idle.value("process_resident_memory_bytes", &[]) > Some(1_000_000.0),
+        "{}",
+        idle.text
+    );
+    assert_eq!(
+        idle.value("hybridstore_backup_interval_seconds", &[]),
+        Some(0.0),
+        "no scheduled backups in tests"
+    );
+    assert_eq!(
+        app.increment("usage:k", json!({"deltas": {"requests": 1}}))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    app.read_counters("usage:k", "granularity=total").await;
     assert_eq!(
         app.put("accounts", "a", json!({"n": 1})).await.status(),
         StatusCode::CREATED
@@ -108,6 +142,14 @@ async fn metrics_count_requests_operations_and_tiers_in_prometheus_format() {
         scrape.value("http_request_duration_seconds_bucket", &bucket),
         Some(2.0)
     );
+    for operation in ["increment", "counter_read"] {
+        let ok = [("operation", operation), ("outcome", "ok")];
+        assert_eq!(
+            scrape.value("hybridstore_operations_total", &ok),
+            Some(1.0),
+            "{operation}"
+        );
+    }
     let ok_put = [("operation", "put"), ("outcome", "ok")];
     assert_eq!(
         scrape.value("hybridstore_operations_total", &ok_put),
@@ -129,7 +171,8 @@ async fn metrics_count_requests_operations_and_tiers_in_prometheus_format() {
         scrape.value("hybridstore_operation_duration_seconds_bucket", &latency),
         Some(2.0)
     );
-    assert!(scrape.value("hybridstore_tier_calls_total", &[("tier", "durable")]) >= Some(2.0));
+    let durable = [("tier", "durable"), ("origin", "request")];
+    assert!(scrape.value("hybridstore_tier_calls_total", &durable) >= Some(2.0));
     assert_eq!(
         scrape.value("hybridstore_tier_up", &[("tier", "cache")]),
         Some(1.0)

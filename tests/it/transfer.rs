@@ -574,6 +574,63 @@ async fn the_server_makes_scheduled_backups_and_keeps_the_newest() {
         let stated: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
         assert_eq!(stated["records"]["accounts"], 1);
     }
+    // What the backup alerts watch.
+    let metrics = metrics_text(&app).await;
+    assert!(
+        metrics.contains("hybridstore_backup_interval_seconds 1\n"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("hybridstore_backups_total{outcome=\"made\"} 0\n"));
+    assert!(metrics.contains("hybridstore_backups_total{outcome=\"failed\"} 0\n"));
+    let last: f64 = sample(&metrics, "hybridstore_backup_last_made_timestamp_seconds");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+    assert!(now - last < 3.0, "last backup {last}, now {now}");
+}
+
+async fn metrics_text(app: &TestApp) -> String {
+    app.http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {metrics}"))
+}
+
+#[tokio::test]
+async fn a_scheduled_backup_that_fails_is_counted_for_the_alert() {
+    // A backup directory that cannot be made (a file is in the way).
+    let blocker = tempfile::NamedTempFile::new().unwrap();
+    let dir = blocker.path().join("backups");
+    let app = TestApp::builder()
+        .embedded()
+        .config("backup.interval", "1")
+        .config("backup.dir", dir.to_str().unwrap())
+        .spawn()
+        .await;
+    assert!(
+        until(Duration::from_secs(5), || async {
+            metrics_text(&app)
+                .await
+                .contains("hybridstore_backups_total{outcome=\"failed\"} 1\n")
+        })
+        .await
+    );
+    let metrics = metrics_text(&app).await;
+    assert!(metrics.contains("hybridstore_backups_total{outcome=\"made\"} 0\n"));
+    assert_eq!(
+        sample(&metrics, "hybridstore_backup_last_made_timestamp_seconds"),
+        0.0
+    );
 }
 
 #[tokio::test]

@@ -116,8 +116,13 @@ pub struct UnreplayedKeys {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TierMetrics {
+    /// Calls made to serve requests, and how many failed.
     pub calls: u64,
     pub failures: u64,
+    /// Calls of the service's own background work (the probes' checks,
+    /// replay polling, control sync, jobs); a probe's ping is not a call.
+    #[serde(default)]
+    pub background_calls: u64,
     pub degradations: u64,
     pub latency: LatencySummary,
 }

@@ -384,8 +384,7 @@ impl Breaker {
             () = opened => {
                 // Another call or the probe found the tier down; this one
                 // may or may not have reached it, like a timeout.
-                self.stats.calls.fetch_add(1, Ordering::Relaxed);
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                self.stats.count(true, None);
                 // Sent, so it may have been carried out: its outcome is
                 // unknown, as a timeout's is.
                 return Err(StoreError::busy(
@@ -395,16 +394,16 @@ impl Breaker {
                 ));
             }
         };
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        self.stats.latency.record(started.elapsed());
+        let failed = result
+            .as_ref()
+            .is_err_and(|err| err.is_busy() || err.is_unavailable());
+        self.stats.count(failed, Some(started.elapsed()));
         match &result {
             // Busy, not dead: the probe, asked to look now, decides.
             Err(err) if err.is_busy() => {
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 self.probe_wanted.notify_one();
             }
             Err(err) if err.is_unavailable() => {
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
                 self.record_failure(err);
                 self.probe_wanted.notify_one();
             }

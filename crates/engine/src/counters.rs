@@ -29,6 +29,7 @@ use time::OffsetDateTime;
 
 use crate::journal::backlog::Backlog;
 use crate::shared::Shared;
+use crate::stats::Operation;
 use hybridstore_core::now;
 
 /// Most journaled increments read to seed or answer exactly; with more
@@ -113,6 +114,17 @@ impl Counters {
     /// Idempotency-Key): an increment with an id applied before is not
     /// applied again, in either tier.
     pub async fn increment_counters(
+        &self,
+        scope: CounterScope,
+        deltas: Vec<(FieldName, Amount)>,
+        at: Option<OffsetDateTime>,
+        op_id: Option<String>,
+    ) -> Result<CounterValues, Error> {
+        let work = self.increment(scope, deltas, at, op_id);
+        self.shared.observed(Operation::Increment, work).await
+    }
+
+    async fn increment(
         &self,
         scope: CounterScope,
         deltas: Vec<(FieldName, Amount)>,
@@ -363,6 +375,17 @@ impl Counters {
     /// left out.
     #[tracing::instrument(level = "debug", skip(self), fields(%scope))]
     pub async fn read_counters(
+        &self,
+        scope: CounterScope,
+        granularity: Granularity,
+        from: Option<OffsetDateTime>,
+        to: Option<OffsetDateTime>,
+    ) -> Result<CounterValues, Error> {
+        let work = self.read(scope, granularity, from, to);
+        self.shared.observed(Operation::CounterRead, work).await
+    }
+
+    async fn read(
         &self,
         scope: CounterScope,
         granularity: Granularity,

@@ -47,7 +47,7 @@ use crate::records::{BatchGet, Page, Records};
 use crate::recovery::Recovery;
 use crate::settings::EngineSettings;
 use crate::shared::{Control, Shared, instance_id};
-use crate::stats::EngineStats;
+use crate::stats::{EngineStats, in_background};
 use crate::strategy::Plan;
 use crate::transfer::Transfer;
 
@@ -145,8 +145,11 @@ impl Engine {
             Ok(()) => self.shared.durable.breaker.record_success(),
             Err(err) => self.shared.durable.breaker.force_open(&err),
         }
-        self.probe_cache().await;
-        self.journal.refresh_backlogs().await;
+        in_background(async {
+            self.probe_cache().await;
+            self.journal.refresh_backlogs().await;
+        })
+        .await;
     }
 
     /// One probe of the cache, with what its recovery needs from the engine:
@@ -185,7 +188,7 @@ impl Engine {
                 self.probe_cache().await;
             }
         };
-        tokio::join!(durable, cache);
+        in_background(async { tokio::join!(durable, cache) }).await;
     }
 
     fn probe_ticks(&self) -> tokio::time::Interval {
@@ -287,7 +290,7 @@ impl Engine {
 
     /// Replays the journals into the durable tier, forever.
     pub async fn run_journal_replay(self: Arc<Self>) {
-        self.journal.clone().run_journal_replay().await
+        in_background(self.journal.clone().run_journal_replay()).await
     }
 
     /// Replay counters since the process started.
@@ -307,7 +310,7 @@ impl Engine {
     /// caught up with every `RELEASE_INTERVAL`; with the journals seen
     /// empty, also those held longer than `HELD_STALE`.
     pub async fn run_held_publisher(self: Arc<Self>) {
-        self.journal.clone().run_held_publisher().await
+        in_background(self.journal.clone().run_held_publisher()).await
     }
 
     /// Adds `deltas` to every bucket `at` (default: now) falls into.
@@ -343,7 +346,7 @@ impl Engine {
 
     /// Replays journaled increments into the durable tier, forever.
     pub async fn run_counter_replay(self: Arc<Self>) {
-        self.counters.clone().run_counter_replay().await
+        in_background(self.counters.clone().run_counter_replay()).await
     }
 
     /// One batch: read, apply (each increment id once), acknowledge.
@@ -362,7 +365,7 @@ impl Engine {
     /// Loads the saved state at start: from the durable tier, or the cache's
     /// mirror when the durable tier is down.
     pub async fn load_control_state(&self) {
-        self.switches.load_control_state().await
+        in_background(self.switches.load_control_state()).await
     }
 
     /// Switches the service-wide strategy on every instance sharing the stores.
@@ -377,7 +380,7 @@ impl Engine {
     /// Follows switches made by any instance, forever: the broadcast for
     /// speed, a poll of the saved state for certainty.
     pub async fn run_control_sync(self: Arc<Self>) {
-        self.switches.clone().run_control_sync().await
+        in_background(self.switches.clone().run_control_sync()).await
     }
 
     /// Switches one collection's strategy (`None`: back to what it
@@ -396,7 +399,7 @@ impl Engine {
     /// Scheduled sync (`sync.*`): the warm-up at start and the periodic
     /// repair, one instance at a time.
     pub async fn run_scheduled_sync(self: Arc<Self>) {
-        self.maintenance.clone().run_schedule().await
+        in_background(self.maintenance.clone().run_schedule()).await
     }
 
     /// Starts a sync job; `collection: None` syncs every collection.

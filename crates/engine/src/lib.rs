@@ -31,7 +31,7 @@ pub use counters::CounterValues;
 pub use engine::Engine;
 pub use records::{BatchGet, Page};
 pub use settings::{CounterSettings, EngineSettings, JournalSettings, SyncSettings};
-pub use stats::{EngineStats, Histogram, Operation, Outcome, TierStats};
+pub use stats::{EngineStats, Histogram, Operation, Outcome, TierStats, in_background};
 pub use strategy::{OnMiss, Plan};
 
 // The reports the engine fills in are the admin API's own types.

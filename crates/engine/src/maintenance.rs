@@ -34,6 +34,7 @@ use crate::catalog::Collection;
 use crate::jobs::Jobs;
 use crate::jobs::{Job, Progress};
 use crate::shared::Shared;
+use crate::stats::in_background;
 use hybridstore_core::now;
 
 /// Records per page read from either tier.
@@ -132,7 +133,7 @@ impl Maintenance {
         let job = self.jobs.create(direction.kind(), params);
         let maintenance = self.clone();
         let running = job.clone();
-        tokio::spawn(async move {
+        tokio::spawn(in_background(async move {
             let outcome = maintenance
                 .sync(direction, &collections, force, &running)
                 .await;
@@ -143,7 +144,7 @@ impl Maintenance {
                 Err(err) => tracing::warn!(job = %running.id, error = %err, "sync failed"),
             }
             running.finish(outcome.map(|()| None).map_err(|err| err.to_string()));
-        });
+        }));
         Ok(job.view())
     }
 
@@ -161,7 +162,7 @@ impl Maintenance {
         let job = self.jobs.create("consistency_check", params);
         let maintenance = self.clone();
         let running = job.clone();
-        tokio::spawn(async move {
+        tokio::spawn(in_background(async move {
             let outcome = maintenance.check(&collections, repair, &running).await;
             if let Err(err) = &outcome {
                 tracing::warn!(job = %running.id, error = %err, "consistency check failed");
@@ -171,7 +172,7 @@ impl Maintenance {
                     .map(|report| serde_json::to_value(report).ok())
                     .map_err(|err| err.to_string()),
             );
-        });
+        }));
         Ok(job.view())
     }
 

@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use hybridstore_api::{ReadPath, WritePath};
@@ -26,7 +26,7 @@ use crate::catalog::{Collection, index_value};
 use crate::journal::Journal;
 use crate::journal::settle::{Access, above};
 use crate::shared::Shared;
-use crate::stats::{Operation, Outcome};
+use crate::stats::Operation;
 use crate::strategy::{OnMiss, Plan};
 use hybridstore_core::now;
 
@@ -786,24 +786,6 @@ impl Records {
         self.shared.plan_for(self.shared.catalog.get(collection)?)
     }
 
-    async fn observed<T>(
-        &self,
-        operation: Operation,
-        work: impl Future<Output = Result<T, Error>>,
-    ) -> Result<T, Error> {
-        let started = Instant::now();
-        let result = work.await;
-        let outcome = match &result {
-            Ok(_) => Outcome::Ok,
-            Err(Error::BackendsUnavailable { .. } | Error::Internal(_)) => Outcome::Failed,
-            Err(_) => Outcome::Rejected,
-        };
-        self.shared
-            .stats
-            .record(operation, outcome, started.elapsed());
-        result
-    }
-
     /// Creates or replaces a record.
     pub async fn put(
         &self,
@@ -813,7 +795,7 @@ impl Records {
         ttl: Option<Duration>,
     ) -> Result<WriteOutcome, Error> {
         let work = self.write_record(key, data, precondition, ttl);
-        self.observed(Operation::Put, work).await
+        self.shared.observed(Operation::Put, work).await
     }
 
     /// Applies a JSON Merge Patch to an existing record.
@@ -824,12 +806,14 @@ impl Records {
         precondition: Precondition,
     ) -> Result<WriteOutcome, Error> {
         let work = self.patch_record(key, patch, precondition);
-        self.observed(Operation::Patch, work).await
+        self.shared.observed(Operation::Patch, work).await
     }
 
     /// Reads one record.
     pub async fn get(&self, key: &RecordKey) -> Result<Option<Record>, Error> {
-        self.observed(Operation::Get, self.read_record(key)).await
+        self.shared
+            .observed(Operation::Get, self.read_record(key))
+            .await
     }
 
     /// Deletes a record; returns the version of the deletion.
@@ -839,7 +823,7 @@ impl Records {
         precondition: Precondition,
     ) -> Result<Version, Error> {
         let work = self.delete_record(key, precondition);
-        self.observed(Operation::Delete, work).await
+        self.shared.observed(Operation::Delete, work).await
     }
 
     /// One page of a collection, ordered by id.
@@ -851,7 +835,7 @@ impl Records {
         limit: u32,
     ) -> Result<Page, Error> {
         let work = self.list_page(collection, after, prefix, limit);
-        self.observed(Operation::List, work).await
+        self.shared.observed(Operation::List, work).await
     }
 
     /// Several records of one collection at once.
@@ -890,7 +874,7 @@ impl Records {
             }
             Ok(answer)
         };
-        self.observed(Operation::BatchGet, work).await
+        self.shared.observed(Operation::BatchGet, work).await
     }
 
     /// The record whose unique index `index` holds `value`.
@@ -901,6 +885,6 @@ impl Records {
         value: &str,
     ) -> Result<Option<Record>, Error> {
         let work = self.lookup_unique(collection, index, value);
-        self.observed(Operation::Lookup, work).await
+        self.shared.observed(Operation::Lookup, work).await
     }
 }

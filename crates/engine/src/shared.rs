@@ -16,7 +16,7 @@ use crate::catalog::{Catalog, Collection};
 use crate::guarded::Guarded;
 use crate::recovery::Recovery;
 use crate::settings::EngineSettings;
-use crate::stats::EngineStats;
+use crate::stats::{EngineStats, Operation, Outcome};
 use crate::strategy::Plan;
 
 /// State every component reads (see the module docs).
@@ -207,6 +207,24 @@ impl Shared {
     }
 
     /// A cache failure is not the request's failure: log it and go on.
+    /// Runs one API operation, counting it (by outcome) and timing it: a
+    /// refusal (4xx) is the service working, a failure (5xx) is not.
+    pub(crate) async fn observed<T>(
+        &self,
+        operation: Operation,
+        work: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let started = Instant::now();
+        let result = work.await;
+        let outcome = match &result {
+            Ok(_) => Outcome::Ok,
+            Err(Error::BackendsUnavailable { .. } | Error::Internal(_)) => Outcome::Failed,
+            Err(_) => Outcome::Rejected,
+        };
+        self.stats.record(operation, outcome, started.elapsed());
+        result
+    }
+
     pub(crate) fn cache_failed(&self, operation: &'static str, err: &StoreError) {
         tracing::warn!(error = %err, backend = self.cache.backend(), operation, "cache tier call failed; bypassing cache");
     }

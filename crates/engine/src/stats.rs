@@ -135,10 +135,14 @@ pub enum Operation {
     List,
     BatchGet,
     Lookup,
+    /// A counter increment.
+    Increment,
+    /// A read of counter buckets.
+    CounterRead,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 7] = [
+    pub const ALL: [Operation; 9] = [
         Operation::Get,
         Operation::Put,
         Operation::Patch,
@@ -146,6 +150,8 @@ impl Operation {
         Operation::List,
         Operation::BatchGet,
         Operation::Lookup,
+        Operation::Increment,
+        Operation::CounterRead,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -157,6 +163,8 @@ impl Operation {
             Operation::List => "list",
             Operation::BatchGet => "batch_get",
             Operation::Lookup => "lookup",
+            Operation::Increment => "increment",
+            Operation::CounterRead => "counter_read",
         }
     }
 }
@@ -182,7 +190,7 @@ pub(crate) struct OperationStats {
 /// What the engine counts.
 #[derive(Default)]
 pub struct EngineStats {
-    operations: [OperationStats; 7],
+    operations: [OperationStats; Operation::ALL.len()],
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
 }
@@ -236,13 +244,52 @@ impl EngineStats {
     }
 }
 
-/// Calls, failures and latency of one tier, kept by its breaker.
+tokio::task_local! {
+    /// Set on the service's own work (start-up checks, the probes' cache
+    /// recovery, replay, control sync, held keys, jobs): its tier calls are counted apart from those made to
+    /// serve requests, so an idle service shows no request traffic.
+    static BACKGROUND: ();
+}
+
+/// Runs `work` as background work (see [`TierStats`]).
+pub async fn in_background<F: Future>(work: F) -> F::Output {
+    BACKGROUND.scope((), work).await
+}
+
+fn is_background() -> bool {
+    BACKGROUND.try_with(|_| ()).is_ok()
+}
+
+/// Calls, failures and latency of one tier, kept by its breaker. Calls made
+/// to serve requests and those of background work are counted apart; a
+/// probe's ping is not a call (the breaker keeps its round trip).
 #[derive(Default)]
 pub struct TierStats {
     pub calls: AtomicU64,
     /// Calls that failed because the tier was unavailable (or timed out).
     pub failures: AtomicU64,
+    pub background_calls: AtomicU64,
+    pub background_failures: AtomicU64,
+    /// Latency of calls made to serve requests.
     pub latency: Histogram,
+}
+
+impl TierStats {
+    /// Counts one call (and whether it failed) under its origin.
+    pub(crate) fn count(&self, failed: bool, elapsed: Option<std::time::Duration>) {
+        let (calls, failures) = if is_background() {
+            (&self.background_calls, &self.background_failures)
+        } else {
+            if let Some(elapsed) = elapsed {
+                self.latency.record(elapsed);
+            }
+            (&self.calls, &self.failures)
+        };
+        calls.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 #[cfg(test)]

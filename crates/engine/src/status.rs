@@ -151,6 +151,7 @@ impl Engine {
         TierMetrics {
             calls: breaker.stats.calls.load(Ordering::Relaxed),
             failures: breaker.stats.failures.load(Ordering::Relaxed),
+            background_calls: breaker.stats.background_calls.load(Ordering::Relaxed),
             degradations: breaker.health().degradations,
             latency: breaker.stats.latency.summary(),
         }

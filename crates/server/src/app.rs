@@ -9,7 +9,8 @@ use std::time::Duration;
 use axum::Router;
 use hybridstore_core::{CacheStore, DurableStore, StoreError};
 use hybridstore_engine::{
-    Catalog, CounterSettings, Engine, EngineSettings, HealthSettings, JournalSettings, SyncSettings,
+    Catalog, CounterSettings, Engine, EngineSettings, HealthSettings, JournalSettings,
+    SyncSettings, in_background,
 };
 use hybridstore_memory::MemoryCache;
 use hybridstore_postgres::{PgConnectOptions, PostgresOptions, PostgresStore};
@@ -20,6 +21,7 @@ use tokio::net::TcpListener;
 use crate::auth::Authenticator;
 use crate::config::{BackupConfig, Config, ConfigError, Mode, Secret};
 use crate::http::{self, AppState};
+use crate::metrics::ServerMetrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -256,10 +258,11 @@ impl ServerBuilder {
                 "tier at start"
             );
         }
+        let metrics: Arc<ServerMetrics> = Arc::default();
         let state = AppState {
             engine: engine.clone(),
             auth: Arc::new(Authenticator::from_config(&config)),
-            metrics: Arc::default(),
+            metrics: metrics.clone(),
             admission: http::admission::Admission::new(http::admission::Limits {
                 max_requests: config.limits.max_requests,
                 request_bytes: config.limits.request_bytes,
@@ -278,6 +281,7 @@ impl ServerBuilder {
             engine,
             purge_interval: config.records.purge_interval,
             backup: config.backup.clone(),
+            metrics,
         })
     }
 }
@@ -289,6 +293,7 @@ pub struct Server {
     engine: Arc<Engine>,
     purge_interval: Duration,
     backup: BackupConfig,
+    metrics: Arc<ServerMetrics>,
 }
 
 impl Server {
@@ -309,7 +314,11 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         tracing::info!(addr = %self.local_addr(), "hybridstore listening");
-        let backups = tokio::spawn(scheduled_backups(self.engine.clone(), self.backup));
+        let backups = tokio::spawn(in_background(scheduled_backups(
+            self.engine.clone(),
+            self.backup,
+            self.metrics,
+        )));
         let background = [
             backups,
             tokio::spawn(self.engine.clone().run_health_probes()),
@@ -318,7 +327,10 @@ impl Server {
             tokio::spawn(self.engine.clone().run_control_sync()),
             tokio::spawn(self.engine.clone().run_counter_replay()),
             tokio::spawn(self.engine.clone().run_scheduled_sync()),
-            tokio::spawn(purge_expired_records(self.engine, self.purge_interval)),
+            tokio::spawn(in_background(purge_expired_records(
+                self.engine,
+                self.purge_interval,
+            ))),
         ];
         let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
@@ -345,19 +357,24 @@ async fn purge_expired_records(engine: Arc<Engine>, every: Duration) {
 }
 
 /// Makes a backup every `interval` (when set), keeping the newest `keep`.
-async fn scheduled_backups(engine: Arc<Engine>, config: BackupConfig) {
+async fn scheduled_backups(engine: Arc<Engine>, config: BackupConfig, metrics: Arc<ServerMetrics>) {
     if config.interval.is_zero() {
         return;
     }
     let every = config.interval;
+    metrics.backups.scheduled(every);
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(dir = %config.dir.display(), every = ?every, keep = config.keep, "scheduled backups");
     loop {
         ticks.tick().await;
         match backup_once(&engine, &config).await {
-            Ok(path) => tracing::info!(manifest = %path.display(), "backup made"),
+            Ok(path) => {
+                metrics.backups.made();
+                tracing::info!(manifest = %path.display(), "backup made")
+            }
             Err(err) => {
+                metrics.backups.failed();
                 tracing::error!(error = %err, dir = %config.dir.display(), "scheduled backup failed")
             }
         }

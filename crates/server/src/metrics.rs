@@ -25,13 +25,91 @@ pub const LATENCY_BUCKETS: [f64; 14] = [
 /// a bounded set, so these maps stay small.
 type Route = (&'static str, String);
 
-/// HTTP requests: counts by method, route and status; latency by method
-/// and route; requests shed by admission.
+/// What the server itself counts: HTTP requests (counts by method, route
+/// and status; latency by method and route), requests shed by admission,
+/// and the scheduled backups.
 #[derive(Default)]
-pub struct HttpMetrics {
+pub struct ServerMetrics {
     requests: Mutex<BTreeMap<(&'static str, String, u16), u64>>,
     latency: Mutex<BTreeMap<Route, Arc<Histogram>>>,
     shed: AtomicU64,
+    pub backups: BackupMetrics,
+}
+
+/// Scheduled backups: how many were made and failed, and when the last one
+/// was made, so that a backup that stops happening alerts.
+#[derive(Default)]
+pub struct BackupMetrics {
+    /// The schedule (0: no scheduled backups).
+    interval_secs: AtomicU64,
+    made: AtomicU64,
+    failed: AtomicU64,
+    /// Unix seconds of the last backup made (0: none yet).
+    last_made: AtomicU64,
+}
+
+impl BackupMetrics {
+    pub fn scheduled(&self, every: Duration) {
+        self.interval_secs.store(every.as_secs(), Ordering::Relaxed);
+    }
+
+    pub fn made(&self) {
+        self.made.fetch_add(1, Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        self.last_made.store(now, Ordering::Relaxed);
+    }
+
+    pub fn failed(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String) {
+        family(
+            out,
+            "hybridstore_backup_interval_seconds",
+            "gauge",
+            "How often this instance makes a scheduled backup (0: it makes none)",
+        );
+        let interval = self.interval_secs.load(Ordering::Relaxed);
+        sample(out, "hybridstore_backup_interval_seconds", &[], interval);
+        family(
+            out,
+            "hybridstore_backups_total",
+            "counter",
+            "Scheduled backups by outcome",
+        );
+        for (outcome, count) in [("made", &self.made), ("failed", &self.failed)] {
+            sample(
+                out,
+                "hybridstore_backups_total",
+                &[("outcome", outcome)],
+                count.load(Ordering::Relaxed),
+            );
+        }
+        family(
+            out,
+            "hybridstore_backup_last_made_timestamp_seconds",
+            "gauge",
+            "When the last scheduled backup was made (Unix seconds; 0: none since start)",
+        );
+        let last = self.last_made.load(Ordering::Relaxed);
+        sample(
+            out,
+            "hybridstore_backup_last_made_timestamp_seconds",
+            &[],
+            last,
+        );
+    }
+}
+
+/// The resident memory of this process, in bytes (Linux; `None` elsewhere).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The method's name as a static string (the few the API has; anything
@@ -43,7 +121,7 @@ fn method_name(method: &str) -> &'static str {
         .unwrap_or("OTHER")
 }
 
-impl HttpMetrics {
+impl ServerMetrics {
     /// Counts one finished request.
     pub fn record(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
         let method = method_name(method);
@@ -72,6 +150,16 @@ impl HttpMetrics {
     pub async fn render(&self, engine: &Engine) -> String {
         let mut out = String::new();
         self.render_http(&mut out);
+        self.backups.render(&mut out);
+        if let Some(bytes) = resident_bytes() {
+            family(
+                &mut out,
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory of this process in bytes",
+            );
+            sample(&mut out, "process_resident_memory_bytes", &[], bytes);
+        }
         render_engine(&mut out, engine).await;
         out
     }
@@ -274,35 +362,45 @@ async fn render_engine(out: &mut String, engine: &Engine) {
         out,
         "hybridstore_tier_calls_total",
         "counter",
-        "Calls to each tier",
+        "Calls to each tier, by origin: serving requests, or the service's own background work (the probes' checks, replay, control sync, jobs); a probe's ping is not a call",
     );
     for (health, tier) in &tiers {
-        sample(
-            out,
-            "hybridstore_tier_calls_total",
-            &[("tier", &health.tier)],
-            tier.calls.load(relaxed),
-        );
+        for (origin, calls) in [
+            ("request", &tier.calls),
+            ("background", &tier.background_calls),
+        ] {
+            sample(
+                out,
+                "hybridstore_tier_calls_total",
+                &[("tier", &health.tier), ("origin", origin)],
+                calls.load(relaxed),
+            );
+        }
     }
     family(
         out,
         "hybridstore_tier_errors_total",
         "counter",
-        "Tier calls that failed because the tier was unavailable or timed out",
+        "Tier calls that failed because the tier was unavailable or timed out, by origin",
     );
     for (health, tier) in &tiers {
-        sample(
-            out,
-            "hybridstore_tier_errors_total",
-            &[("tier", &health.tier)],
-            tier.failures.load(relaxed),
-        );
+        for (origin, failures) in [
+            ("request", &tier.failures),
+            ("background", &tier.background_failures),
+        ] {
+            sample(
+                out,
+                "hybridstore_tier_errors_total",
+                &[("tier", &health.tier), ("origin", origin)],
+                failures.load(relaxed),
+            );
+        }
     }
     family(
         out,
         "hybridstore_tier_call_duration_seconds",
         "histogram",
-        "Latency of tier calls",
+        "Latency of tier calls made to serve requests",
     );
     for (health, tier) in &tiers {
         histogram(

@@ -28,7 +28,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::Authenticator;
-use crate::metrics::HttpMetrics;
+use crate::metrics::ServerMetrics;
 use extract::BodyLimit;
 use problem::ApiError;
 
@@ -59,7 +59,7 @@ pub(crate) async fn offload<T: Send + 'static>(
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub auth: Arc<Authenticator>,
-    pub metrics: Arc<HttpMetrics>,
+    pub metrics: Arc<ServerMetrics>,
     pub admission: Arc<admission::Admission>,
 }
 
