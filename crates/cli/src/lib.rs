@@ -803,6 +803,38 @@ pub(crate) fn export_progress(json: bool, what: &str) -> ProgressBar {
     bar
 }
 
+/// A bar over the bytes of an upload on standard error, when it is a
+/// terminal (hidden otherwise, and with --json).
+pub(crate) fn upload_progress(json: bool, total: u64) -> ProgressBar {
+    if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {elapsed})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message("importing");
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// The upload is done: a spinner while the server checks and applies (no
+/// rate that would only decay).
+pub(crate) fn waiting_on_server(bar: &ProgressBar, total: u64) {
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_message(format!(
+        "sent {}; the server checks every line, then applies",
+        indicatif::HumanBytes(total)
+    ));
+}
+
 /// A refusal, said with the problem document's code and detail (or the
 /// body as it came, from something that is not this service).
 pub(crate) fn refusal(status: u16, body: Value) -> Failure {

@@ -17,6 +17,9 @@ use serde_json::{Map, Value, json};
 
 use crate::{Client, Failure, Outcome};
 
+/// How much of an import body goes in one chunk (what the bar advances by).
+const UPLOAD_CHUNK: usize = 64 * 1024;
+
 fn failed(err: TransferError) -> Failure {
     Failure::local(err.to_string())
 }
@@ -172,14 +175,29 @@ impl Client {
 
     /// Sends a checked export to `/admin/database/import`.
     async fn send_import(&self, bytes: Vec<u8>, force: bool) -> Outcome {
+        use futures_util::StreamExt;
         let path = format!("/admin/database/import?force={force}");
         let url = format!("{}{path}", self.base);
+        // Sent in chunks, so that a bar can follow the upload; then the
+        // server checks every line and applies them, and answers.
+        let progress = super::upload_progress(self.json, bytes.len() as u64);
+        let sent = progress.clone();
+        let total = bytes.len();
+        let chunks: Vec<Vec<u8>> = bytes.chunks(UPLOAD_CHUNK).map(<[u8]>::to_vec).collect();
+        let body = futures_util::stream::iter(chunks).map(move |chunk| {
+            sent.inc(chunk.len() as u64);
+            if sent.position() as usize >= total {
+                super::waiting_on_server(&sent, total as u64);
+            }
+            Ok::<_, std::io::Error>(chunk)
+        });
         let response = self
             .authorized(self.http.post(&url))
             .header("content-type", "application/x-ndjson")
-            .body(bytes)
+            .body(reqwest::Body::wrap_stream(body))
             .send()
             .await
+            .inspect(|_| progress.finish_and_clear())
             .map_err(|err| {
                 Failure::remote(format!("cannot reach {url}: {}", super::with_causes(&err)))
             })?;
