@@ -697,3 +697,59 @@ async fn another_instances_journaled_write_is_never_served_older_once_redis_dies
     assert_eq!(served.status(), StatusCode::OK);
     assert_eq!(etag_version(&served), etag_version(&over));
 }
+
+/// Two instances: PostgreSQL is back, but B has not seen it yet (its
+/// breaker is still open: here a simulated outage keeps it so, while
+/// PostgreSQL serves A). B journals a write in the outage journal, replay
+/// is held back, and Redis dies before B's next publish could run (the
+/// publisher needs B's breaker closed). A must not serve PostgreSQL's older
+/// version: B published the key to PostgreSQL's held list past its open
+/// breaker before it acknowledged the write. (A campaign, seed 82 with two
+/// instances, read older versions this way, 50 to 300 ms after Redis died.)
+#[tokio::test]
+async fn a_write_journaled_before_its_instance_saw_postgres_return_is_never_served_older() {
+    let postgres = Arc::new(blocking(Postgres::start).await);
+    let redis = Arc::new(blocking(|| Redis::start(RedisPersistence::AppendOnly)).await);
+    let database = create_database(&postgres).await;
+    let prefix = format!("late{}", std::process::id());
+    let spawn = || {
+        let (builder, hooked) = TestApp::builder()
+            .servers(postgres.clone(), redis.clone())
+            .database(database.clone())
+            .key_prefix(prefix.clone())
+            .hooked();
+        async move { (builder.spawn().await, hooked) }
+    };
+    let ((a, hooked_a), (b, hooked_b)) = (spawn().await, spawn().await);
+    let first = a.put("accounts", "h6", json!({"n": 1})).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+
+    b.simulate_outage(hybridstore_core::Tier::Durable, true);
+    wait_tier(&b, "durable", "open").await;
+    for hooked in [&hooked_a, &hooked_b] {
+        hooked.hold_applies_of(key("accounts", "h6"));
+    }
+    let second = b.put("accounts", "h6", json!({"n": 2})).await;
+    assert_eq!(second.status(), StatusCode::OK);
+    let journaled = etag_version(&second);
+    // Published before the answer, not by the publisher (100 ms, and only
+    // with B's breaker closed).
+    let held: Option<i64> =
+        sqlx::query_scalar("SELECT version FROM held WHERE collection = 'accounts' AND id = 'h6'")
+            .fetch_optional(&a.pg().db)
+            .await
+            .unwrap();
+    assert_eq!(held, Some(journaled as i64), "held before B answered");
+
+    let rd = redis.clone();
+    blocking(move || rd.kill()).await;
+    wait_tier(&a, "cache", "open").await;
+    let read = a.get("accounts", "h6").await;
+    assert_eq!(
+        read.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not PostgreSQL's older version {}",
+        etag_version(&first)
+    );
+    b.simulate_outage(hybridstore_core::Tier::Durable, false);
+}

@@ -63,6 +63,9 @@ pub(crate) struct Journal {
     /// Whether `left_write_behind` holds any (read without the lock).
     pub(crate) wrote_behind: AtomicBool,
     replay: Mutex<ReplayProgress>,
+    /// When the last publishing of held keys past an open durable breaker
+    /// started (see `write::hold_past_breaker`).
+    direct_hold: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Journal {
@@ -75,6 +78,7 @@ impl Journal {
             left_write_behind: Mutex::default(),
             wrote_behind: AtomicBool::new(false),
             replay: Mutex::new(ReplayProgress::default()),
+            direct_hold: tokio::sync::Mutex::new(None),
         }
     }
 }

@@ -12,6 +12,12 @@ use time::OffsetDateTime;
 
 use super::Journal;
 use crate::catalog::Collection;
+use crate::guarded::Route;
+
+/// Longest a journaled write waits for its key to reach the durable tier's
+/// held list past an open breaker (as long as a read asks the cache past
+/// its breaker).
+const DIRECT_HOLD_WAIT: Duration = Duration::from_millis(25);
 
 /// How long a write guarded by a version it read itself (not by the
 /// client) keeps reading again after concurrent writers got in between,
@@ -109,8 +115,12 @@ impl Journal {
                 CacheWriteOutcome::Written { version, .. } => {
                     tracing::trace!(id = %write.key.id, %version, journal = ?write.journal, "written in the cache");
                     if let Some(kind) = write.journal {
+                        let journaled = std::time::Instant::now();
                         self.backlog(kind).mark();
                         self.unreplayed.journaled(&write.key, version);
+                        if kind == JournalKind::Outage && !self.shared.durable.breaker.is_closed() {
+                            self.hold_past_breaker(journaled).await;
+                        }
                     }
                     return Ok(outcome);
                 }
@@ -123,6 +133,46 @@ impl Journal {
             }
         }
         Err(self.shared.unavailable())
+    }
+
+    /// Publishes the keys journaled so far to the durable tier's held list
+    /// past its open breaker, briefly, before the write that journaled is
+    /// acknowledged.
+    ///
+    /// Why: this instance journals because its breaker is open, but the
+    /// durable tier may be back already (the breaker closes on the next
+    /// probe), and other instances may read from it. Should the cache fail
+    /// before the entry is replayed, they would serve the older version the
+    /// durable tier holds: the held list is how they learn to refuse it,
+    /// and the periodic publisher only runs with the breaker closed. If the
+    /// durable tier cannot be reached here, the other instances most likely
+    /// cannot read from it either (a partition is the exception), and the
+    /// publisher publishes once it is back.
+    ///
+    /// Writes that arrive while one publishing runs wait for it when it
+    /// started after they journaled (it took their keys): one round trip
+    /// serves them all, and a durable tier that hangs costs each write at
+    /// most two waits of [`DIRECT_HOLD_WAIT`].
+    pub(crate) async fn hold_past_breaker(&self, journaled: std::time::Instant) {
+        let mut last = self.direct_hold.lock().await;
+        if last.is_some_and(|started| started >= journaled) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        let held = self.unreplayed.take_unpublished();
+        if held.is_empty() {
+            return;
+        }
+        let hold = self
+            .shared
+            .durable
+            .call_on(Route::Direct, |t| t.hold(&held));
+        match tokio::time::timeout(DIRECT_HOLD_WAIT, hold).await {
+            Ok(Ok(())) => {
+                tracing::trace!(keys = held.len(), "held keys published past the breaker")
+            }
+            _ => self.unreplayed.publish_failed(held),
+        }
     }
 
     /// A put through the journal. A collection with unique indexes can only
