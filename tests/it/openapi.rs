@@ -2,7 +2,7 @@
 
 use hybridstore_testkit::TestApp;
 use reqwest::{Method, StatusCode};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Every route of SPEC sections 3 and 6 and the operations endpoints.
 const EXPECTED: &[(&str, &str)] = &[
@@ -141,4 +141,194 @@ fn every_route_comes_from_an_annotated_handler() {
         !router_source.contains(".route("),
         "add routes with `.routes(routes!(handler))` and a #[utoipa::path] on the handler"
     );
+}
+
+/// A schema with `$ref`s resolved against the document.
+fn resolve<'a>(document: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema["$ref"].as_str() {
+        Some(target) => {
+            let name = target.trim_start_matches("#/components/schemas/");
+            &document["components"]["schemas"][name]
+        }
+        None => schema,
+    }
+}
+
+/// Whether `value` has every property `schema` requires and none it does
+/// not declare, all the way down through objects, arrays and `$ref`s (a
+/// `oneOf` with null is its other branch; maps check their values).
+fn conforms(document: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+    let schema = resolve(document, schema);
+    if let Some(branches) = schema["oneOf"].as_array() {
+        if value.is_null() {
+            return Ok(());
+        }
+        let other = branches
+            .iter()
+            .find(|b| b["type"] != "null")
+            .ok_or(format!("{at}: no branch"))?;
+        return conforms(document, other, value, at);
+    }
+    match value {
+        Value::Object(map) => {
+            if let Some(properties) = schema["properties"].as_object() {
+                for required in schema["required"].as_array().into_iter().flatten() {
+                    let name = required.as_str().unwrap();
+                    if !map.contains_key(name) {
+                        return Err(format!("{at}.{name}: required, absent"));
+                    }
+                }
+                for (name, item) in map {
+                    let declared = properties
+                        .get(name)
+                        .ok_or(format!("{at}.{name}: not in the schema"))?;
+                    conforms(document, declared, item, &format!("{at}.{name}"))?;
+                }
+            } else if schema["additionalProperties"].is_object() {
+                for (name, item) in map {
+                    conforms(
+                        document,
+                        &schema["additionalProperties"],
+                        item,
+                        &format!("{at}.{name}"),
+                    )?;
+                }
+            }
+            Ok(())
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                conforms(document, &schema["items"], item, &format!("{at}[{i}]"))?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Counters, admin and transfer answers are described field by field (no
+/// bare `{"type": "object"}`), real answers match their descriptions, and
+/// the docs page shows each operation's parameters, body, auth and answers,
+/// the error codes and the schemas.
+#[tokio::test]
+async fn every_answer_is_described_and_the_docs_page_shows_params_bodies_auth_errors() {
+    let app = TestApp::builder().spawn().await;
+    let document: Value = app
+        .http
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            for (status, response) in operation["responses"].as_object().unwrap() {
+                let Some(schema) = response.pointer("/content/application~1json/schema") else {
+                    continue;
+                };
+                let schema = resolve(&document, schema);
+                assert!(
+                    schema["properties"].is_object()
+                        || schema["items"].is_object()
+                        || schema["anyOf"].is_array(),
+                    "{method} {path} {status}: {schema}"
+                );
+            }
+        }
+    }
+
+    // What the service answers matches what the document says.
+    assert_eq!(
+        app.increment("usage:doc", json!({"deltas": {"requests": 1}}))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    for (path, operation_path) in [
+        ("/admin/database/status", "/admin/database/status"),
+        ("/admin/database/metrics", "/admin/database/metrics"),
+        ("/admin/database/health", "/admin/database/health"),
+        ("/admin/database/jobs", "/admin/database/jobs"),
+        (
+            "/v1/counters/usage:doc?granularity=hour",
+            "/v1/counters/{scope}",
+        ),
+        ("/v1/collections", "/v1/collections"),
+        ("/ready", "/ready"),
+    ] {
+        let answer: Value = app
+            .admin(Method::GET, path)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let schema = &document["paths"][operation_path]["get"]["responses"]["200"]["content"]["application/json"]
+            ["schema"];
+        conforms(&document, schema, &answer, path).unwrap_or_else(|why| panic!("{why}: {answer}"));
+    }
+    // (The check can fail: an undeclared member, or a missing one.)
+    let status_schema = &document["paths"]["/admin/database/status"]["get"]["responses"]["200"]["content"]
+        ["application/json"]["schema"];
+    assert!(conforms(&document, status_schema, &json!({"bogus": 1}), "status").is_err());
+    let mut status: Value = app
+        .admin(Method::GET, "/admin/database/status")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    status["tiers"]["cache"]["bogus"] = json!(1);
+    assert!(conforms(&document, status_schema, &status, "status").is_err());
+    let increment: Value = app
+        .increment("usage:doc", json!({"deltas": {"requests": 1}}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let schema = &document["paths"]["/v1/counters/{scope}/increment"]["post"]["responses"]["200"]["content"]
+        ["application/json"]["schema"];
+    conforms(&document, schema, &increment, "increment").unwrap();
+
+    let page = app
+        .http
+        .get(app.url("/docs"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let increment = &page[page.find("id=\"increment\"").expect("an increment section")..];
+    let increment = &increment[..increment[1..].find("<h3").unwrap_or(increment.len())];
+    for needed in [
+        "<b>Auth:</b> a token with <code>counters</code>",
+        "<b>Parameters</b>",
+        "<code>scope</code>",
+        "<b>Body</b>",
+        "deltas",
+        "<b>Answers</b>",
+        "href=\"#schema-IncrementAnswer\"",
+        "href=\"#errors\"",
+    ] {
+        assert!(increment.contains(needed), "{needed} in {increment}");
+    }
+    assert!(
+        page.contains("<b>Auth:</b> no token"),
+        "open operations say so"
+    );
+    let errors = &page[page.find("id=\"errors\"").unwrap()..];
+    for code in [
+        "backends_unavailable",
+        "version_conflict",
+        "unauthorized",
+        "idempotency_key_reused",
+    ] {
+        assert!(errors.contains(&format!("<code>{code}</code>")), "{code}");
+    }
+    assert!(page.contains("id=\"schema-StatusReport\""));
 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// Which way a sync copies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum SyncDirection {
     RedisToPostgres,
@@ -23,6 +24,7 @@ impl SyncDirection {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DriftClass {
     MissingInPostgres,
@@ -51,6 +53,7 @@ impl DriftClass {
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClassReport {
     pub count: u64,
     pub repaired: u64,
@@ -58,8 +61,10 @@ pub struct ClassReport {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CollectionReport {
     pub collection: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub strategy: Strategy,
     pub scanned_postgres: u64,
     pub scanned_redis: u64,
@@ -67,6 +72,7 @@ pub struct CollectionReport {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConsistencyReport {
     /// No difference but cold-cache ones (after repair, if repairing).
     pub consistent: bool,

@@ -5,8 +5,11 @@ use serde::{Deserialize, Serialize};
 
 /// The answer to a switch.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SwitchOutcome {
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub previous: Strategy,
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub strategy: Strategy,
     /// False when the strategy already was in force.
     pub changed: bool,

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BreakerState {
     /// Healthy: calls go through.
@@ -26,11 +27,13 @@ impl BreakerState {
 
 /// A snapshot of one tier's health, for status pages and metrics.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TierHealth {
     pub tier: String,
     pub backend: String,
     pub state: BreakerState,
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub since: OffsetDateTime,
     pub consecutive_failures: u32,
     #[serde(skip_serializing_if = "Option::is_none")]

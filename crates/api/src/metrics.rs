@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LatencySummary {
     pub count: u64,
     pub p50_ms: f64,
@@ -12,6 +13,7 @@ pub struct LatencySummary {
 
 /// Counts for one operation kind.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OperationCounts {
     pub ok: u64,
     pub rejected: u64,
@@ -21,6 +23,7 @@ pub struct OperationCounts {
 
 /// Replay counters since the process started (for status and metrics).
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ReplayStats {
     /// Journal entries read and acknowledged.
     pub entries: u64,

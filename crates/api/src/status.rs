@@ -9,6 +9,7 @@ use hybridstore_core::Strategy;
 use time::OffsetDateTime;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Overall {
     /// Both tiers serve.
@@ -30,12 +31,14 @@ impl Overall {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HealthReport {
     pub status: Overall,
     pub tiers: BTreeMap<String, TierHealth>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JournalBacklog {
     pub write_behind: u64,
     pub outage: u64,
@@ -46,10 +49,13 @@ pub struct JournalBacklog {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StrategyStatus {
     /// From the configuration file / environment.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub configured: Strategy,
     /// In force for collections without a strategy of their own.
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub service: Strategy,
     /// Set when an operator switched it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -57,17 +63,21 @@ pub struct StrategyStatus {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Switched {
     pub revision: u64,
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub at: OffsetDateTime,
     pub by: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CollectionStatus {
     pub name: String,
     /// The strategy it follows (its own, or the service's).
+    #[cfg_attr(feature = "openapi", schema(value_type = String))]
     pub strategy: Strategy,
     /// Whether it declares its own strategy (the service's switch skips it).
     pub own_strategy: bool,
@@ -86,6 +96,7 @@ pub struct CollectionStatus {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatusReport {
     pub instance_id: String,
     /// The service's version (`CARGO_PKG_VERSION`).
@@ -107,6 +118,7 @@ pub struct StatusReport {
 /// Keys this instance journaled (or took to replay) whose version it has not
 /// seen reach the durable tier.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UnreplayedKeys {
     pub keys: usize,
     /// Any key may be held: the process started, or remembered too many
@@ -115,6 +127,7 @@ pub struct UnreplayedKeys {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TierMetrics {
     /// Calls made to serve requests, and how many failed.
     pub calls: u64,
@@ -128,6 +141,7 @@ pub struct TierMetrics {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MetricsReport {
     pub operations: BTreeMap<String, OperationCounts>,
     pub requests: u64,
@@ -145,6 +159,7 @@ pub struct MetricsReport {
 
 /// Where a write goes, in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum WritePath {
     /// Commit in the durable tier, then store the new version in the cache.
@@ -168,6 +183,7 @@ impl WritePath {
 
 /// Where a read is served from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ReadPath {
     /// The cache; on a miss the durable tier, and the copy read there is filled
@@ -184,6 +200,7 @@ pub enum ReadPath {
 
 /// The plan a collection follows now: where writes go and reads come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PlanView {
     pub write: WritePath,
     pub read: ReadPath,

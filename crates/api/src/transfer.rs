@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// What an import did.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ImportReport {
     /// Records (and deletions) written, per collection.
     pub applied: BTreeMap<String, u64>,
@@ -19,7 +20,9 @@ pub struct ImportReport {
 
 /// `POST /admin/database/import`: what the server read, and what it did.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ImportAnswer {
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub read: Counts,
     pub report: ImportReport,
 }

@@ -17,7 +17,7 @@ use super::{AppState, openapi};
 
 /// Healthy and degraded answer 200 (the service serves); down answers 503.
 #[utoipa::path(get, path = "/admin/database/health", tag = "admin", summary = "Tier health (200 healthy or degraded, 503 down)",
-    responses((status = 200, description = "Healthy or degraded", body = Object), (status = 503, description = "Both tiers down", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+    responses((status = 200, description = "Healthy or degraded", body = hybridstore_api::HealthReport), (status = 503, description = "Both tiers down", body = hybridstore_api::HealthReport), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn health(State(state): State<AppState>, _: AdminCaller) -> Response {
     let report = state.engine.health_report();
     let status = match report.status {
@@ -28,13 +28,13 @@ pub async fn health(State(state): State<AppState>, _: AdminCaller) -> Response {
 }
 
 #[utoipa::path(get, path = "/admin/database/status", tag = "admin", summary = "Strategies, tiers, journal backlog, cache generation, instance",
-    responses((status = 200, description = "Status", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+    responses((status = 200, description = "Status", body = hybridstore_api::StatusReport), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn status(State(state): State<AppState>, _: AdminCaller) -> Response {
     Json(state.engine.status_report().await).into_response()
 }
 
 #[utoipa::path(get, path = "/admin/database/metrics", tag = "admin", summary = "Operation counts, hit rate, error rate, tier latency",
-    responses((status = 200, description = "Metrics", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+    responses((status = 200, description = "Metrics", body = hybridstore_api::MetricsReport), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn metrics(State(state): State<AppState>, _: AdminCaller) -> Response {
     Json(state.engine.metrics_report()).into_response()
 }
@@ -78,7 +78,7 @@ async fn start_sync(
 
 #[utoipa::path(post, path = "/admin/database/sync/redis-to-postgres", tag = "admin", summary = "Start a Redis to PostgreSQL sync job",
     params(("force" = Option<bool>, Query, description = "Let older versions win"), ("collection" = Option<String>, Query, description = "Only this collection")),
-    responses((status = 202, description = "The job (follow Location)", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+    responses((status = 202, description = "The job (follow Location)", body = hybridstore_api::JobView), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn sync_redis_to_postgres(
     State(state): State<AppState>,
     _: AdminCaller,
@@ -89,7 +89,7 @@ pub async fn sync_redis_to_postgres(
 
 #[utoipa::path(post, path = "/admin/database/sync/postgres-to-redis", tag = "admin", summary = "Start a PostgreSQL to Redis sync job",
     params(("force" = Option<bool>, Query, description = "Let older versions win"), ("collection" = Option<String>, Query, description = "Only this collection")),
-    responses((status = 202, description = "The job (follow Location)", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+    responses((status = 202, description = "The job (follow Location)", body = hybridstore_api::JobView), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn sync_postgres_to_redis(
     State(state): State<AppState>,
     _: AdminCaller,
@@ -109,7 +109,7 @@ pub struct CheckParams {
 /// Runs the check to the end and answers with its report.
 #[utoipa::path(get, path = "/admin/database/consistency-check", tag = "admin", summary = "Compare the tiers (and repair) to the end",
     params(("repair" = Option<bool>, Query, description = "Make the tiers agree"), ("collection" = Option<String>, Query, description = "Only this collection")),
-    responses((status = 200, description = "The report", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+    responses((status = 200, description = "The report", body = hybridstore_api::ConsistencyReport), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn check_consistency(
     State(state): State<AppState>,
     _: AdminCaller,
@@ -126,7 +126,7 @@ pub async fn check_consistency(
 /// Starts the check as a job (for progress on large data sets).
 #[utoipa::path(post, path = "/admin/database/consistency-check", tag = "admin", summary = "Start a consistency check job",
     params(("repair" = Option<bool>, Query, description = "Make the tiers agree"), ("collection" = Option<String>, Query, description = "Only this collection")),
-    responses((status = 202, description = "The job (follow Location)", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+    responses((status = 202, description = "The job (follow Location)", body = hybridstore_api::JobView), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn start_consistency_check(
     State(state): State<AppState>,
     _: AdminCaller,
@@ -140,7 +140,7 @@ pub async fn start_consistency_check(
 }
 
 #[utoipa::path(get, path = "/admin/database/jobs", tag = "admin", summary = "Jobs of this instance",
-    responses((status = 200, description = "`{\"jobs\": [...]}`", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+    responses((status = 200, description = "Jobs of this instance, newest first", body = hybridstore_api::JobList), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn jobs(State(state): State<AppState>, _: AdminCaller) -> Response {
     Json(JobList {
         jobs: state.engine.jobs(),
@@ -150,7 +150,7 @@ pub async fn jobs(State(state): State<AppState>, _: AdminCaller) -> Response {
 
 #[utoipa::path(get, path = "/admin/database/jobs/{id}", tag = "admin", summary = "One job and its progress",
     params(("id" = String, Path, description = "Job id")),
-    responses((status = 200, description = "The job", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+    responses((status = 200, description = "The job", body = hybridstore_api::JobView), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn job(
     State(state): State<AppState>,
     _: AdminCaller,
@@ -168,7 +168,7 @@ pub struct SwitchParams {
 
 #[utoipa::path(post, path = "/admin/database/strategy/{name}", tag = "admin", summary = "Switch the service-wide strategy on every instance",
     params(("name" = String, Path, description = "dual-write, cache-first, database-first, redis-only, postgres-only"), ("force" = Option<bool>, Query, description = "Allow switches that change which tier holds the truth")),
-    responses((status = 200, description = "The switch", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+    responses((status = 200, description = "The switch", body = hybridstore_api::SwitchOutcome), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn switch_strategy(
     State(state): State<AppState>,
     _: AdminCaller,
@@ -182,7 +182,7 @@ pub async fn switch_strategy(
 
 #[utoipa::path(post, path = "/admin/database/collections/{collection}/strategy/{name}", tag = "admin", summary = "Switch one collection's strategy on every instance",
     params(("collection" = String, Path, description = "Collection name"), ("name" = String, Path, description = "dual-write, cache-first, database-first, redis-only, postgres-only; or `service`: back to what the collection declares or follows"), ("force" = Option<bool>, Query, description = "Allow switches that change which tier holds the truth")),
-    responses((status = 200, description = "The switch", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+    responses((status = 200, description = "The switch", body = hybridstore_api::SwitchOutcome), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn switch_collection_strategy(
     State(state): State<AppState>,
     _: AdminCaller,

@@ -102,11 +102,18 @@ fn values(values: &[(FieldName, Amount)]) -> Values {
         .collect()
 }
 
-#[derive(Serialize)]
-struct BucketAnswer {
+/// One time bucket of a scope and its values.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct BucketAnswer {
+    /// `total`, `hour`, `day` or `month`.
+    #[schema(value_type = String)]
     granularity: Granularity,
+    /// The bucket's label (`2026-11-22T05` for an hour, `total`, ...).
     bucket: String,
+    #[schema(format = DateTime)]
     start: String,
+    /// Field to exact decimal value (at most 9 decimals).
+    #[schema(value_type = std::collections::BTreeMap<String, f64>)]
     values: Values,
 }
 
@@ -121,18 +128,28 @@ impl From<&hybridstore_core::BucketValues> for BucketAnswer {
     }
 }
 
-#[derive(Serialize)]
-struct IncrementAnswer {
+/// The values after an increment.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct IncrementAnswer {
+    #[schema(value_type = String)]
     scope: CounterScope,
+    /// False when part of the truth could not be read (a tier was down):
+    /// the values count only what is known.
     complete: bool,
+    /// The incremented fields' totals (the `total` bucket).
+    #[schema(value_type = std::collections::BTreeMap<String, f64>)]
     totals: Values,
     buckets: Vec<BucketAnswer>,
 }
 
-#[derive(Serialize)]
-struct ReadAnswer {
+/// The buckets of one granularity, oldest first.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct ReadAnswer {
+    #[schema(value_type = String)]
     scope: CounterScope,
+    #[schema(value_type = String)]
     granularity: Granularity,
+    /// False when part of the truth could not be read (a tier was down).
     complete: bool,
     buckets: Vec<BucketAnswer>,
 }
@@ -142,7 +159,7 @@ struct ReadAnswer {
     summary = "Add deltas to several fields at once",
     params(("scope" = String, Path, description = "Counter scope, e.g. usage:key_123:model:sonnet")),
     request_body(content = Object, description = "`{\"deltas\": {\"requests\": 1, \"cost_usd\": 0.012}, \"at\": \"2026-11-22T05:00:00Z\"}` (`at` optional)"),
-    responses((status = 200, description = "The new values: `totals` (the total bucket) and every bucket", body = Object),
+    responses((status = 200, description = "The new values: `totals` (the total bucket) and every bucket", body = IncrementAnswer),
         (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn increment(
     State(state): State<AppState>,
@@ -195,7 +212,7 @@ pub struct ReadParams {
         ("granularity" = Option<String>, Query, description = "total (default), hour, day or month"),
         ("from" = Option<String>, Query, description = "RFC 3339; default: the oldest retained bucket"),
         ("to" = Option<String>, Query, description = "RFC 3339; default: now")),
-    responses((status = 200, description = "Buckets with values, oldest first", body = Object),
+    responses((status = 200, description = "Buckets with values, oldest first", body = ReadAnswer),
         (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn read(
     State(state): State<AppState>,

@@ -109,7 +109,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/health", tag = "operations", summary = "Liveness", security(()),
-    responses((status = 200, description = "The process answers", body = Object)))]
+    responses((status = 200, description = "The process answers", body = openapi::LivenessDoc)))]
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
@@ -118,7 +118,7 @@ async fn health() -> Json<serde_json::Value> {
 /// Unauthenticated, so it says only which tier is in which state; errors (which
 /// may name hosts) belong to the admin status.
 #[utoipa::path(get, path = "/ready", tag = "operations", summary = "Readiness: a tier is usable", security(()),
-    responses((status = 200, description = "Ready", body = Object), (status = 503, description = "No tier usable", body = Object)))]
+    responses((status = 200, description = "Ready", body = openapi::ReadinessDoc), (status = 503, description = "No tier usable", body = openapi::ReadinessDoc)))]
 async fn ready(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
     let health = state.engine.health();
     let usable = health.iter().any(|tier| tier.state == BreakerState::Closed);

@@ -70,6 +70,61 @@ pub struct BatchGetDoc {
     unread: Vec<String>,
 }
 
+/// `GET /health`.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct LivenessDoc {
+    /// Always `ok`.
+    status: String,
+}
+
+/// `GET /ready`: `ready` while at least one tier is usable.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct ReadinessDoc {
+    /// `ready` or `unavailable`.
+    status: String,
+    tiers: Vec<TierStateDoc>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct TierStateDoc {
+    /// `durable` or `cache`.
+    tier: String,
+    /// `postgres`, `redis`, `sqlite` or `memory`.
+    backend: String,
+    state: hybridstore_api::BreakerState,
+}
+
+/// `GET /v1/collections`.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct CollectionsDoc {
+    collections: Vec<CollectionDoc>,
+}
+
+/// A declared collection and its policies.
+#[derive(Serialize, ToSchema)]
+#[allow(dead_code)]
+pub struct CollectionDoc {
+    name: String,
+    /// How long the cache keeps a record after it was written or read.
+    cache_ttl_secs: u64,
+    /// Default lifetime of a record (`?ttl=` overrides it per write).
+    record_ttl_secs: Option<u64>,
+    unique_indexes: Vec<String>,
+    /// The JSON Schema every record's data must satisfy (when declared).
+    #[schema(value_type = Option<Object>)]
+    schema: Option<serde_json::Value>,
+    /// Its own strategy (when it declares one).
+    strategy: Option<String>,
+    /// Only scopes that name it reach it (`read:*` does not).
+    private: Option<bool>,
+    /// The strategy in force (its own, or the service-wide one).
+    effective_strategy: String,
+}
+
 struct BearerAuth;
 
 impl Modify for BearerAuth {
@@ -119,7 +174,7 @@ impl Spec {
         let json = serde_json::to_string_pretty(&document).expect("a JSON value serializes");
         Self {
             json: Arc::new(json),
-            page: Arc::new(docs_page(openapi)),
+            page: Arc::new(docs_page(&document)),
         }
     }
 }
@@ -305,40 +360,224 @@ fn tighten(document: &mut Value, facts: &Facts) {
     }
 }
 
-/// The operations of the document as an HTML page.
-fn docs_page(openapi: &utoipa::openapi::OpenApi) -> String {
-    let escape = |text: &str| {
-        text.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-    };
-    let mut rows = String::new();
-    for (path, item) in &openapi.paths.paths {
-        let operations = [
-            ("GET", &item.get),
-            ("PUT", &item.put),
-            ("POST", &item.post),
-            ("PATCH", &item.patch),
-            ("DELETE", &item.delete),
-        ];
-        for (method, operation) in operations {
-            let Some(operation) = operation else { continue };
-            let summary = operation.summary.as_deref().unwrap_or("");
+/// The document as a page: every operation with what it takes (parameters,
+/// body), what it needs (token and scope), and what it answers (each status
+/// with its schema), then the error codes and the schemas. Written on the
+/// server from the finished document (the same one `/openapi.json` serves),
+/// with no script and no external asset: it works offline.
+fn docs_page(document: &Value) -> String {
+    let mut page = String::new();
+    let version = document["info"]["version"].as_str().unwrap_or("");
+    let _ = write!(
+        page,
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>hybridstore API</title>\
+         <style>body{{font-family:sans-serif;margin:2em;max-width:70em}}\
+         td,th{{padding:.2em .8em;text-align:left;vertical-align:top}}\
+         pre{{background:#f4f4f4;padding:.5em;overflow-x:auto}}\
+         h3{{margin-top:2em;border-top:1px solid #ccc;padding-top:.5em}}\
+         code{{background:#f4f4f4}}</style></head><body>\
+         <h1>hybridstore API {}</h1>\
+         <p>{}</p>\
+         <p>The OpenAPI 3.1 document: <a href=\"/openapi.json\">/openapi.json</a> \
+         (what this page is written from; load it into any OpenAPI tool).</p>\
+         <h2>Authentication</h2>\
+         <p>Send <code>Authorization: Bearer &lt;token&gt;</code>. Operations under \
+         <code>/admin</code> take the admin token. Operations under <code>/v1</code> take \
+         the admin token or a client token whose scopes allow them: \
+         <code>read:&lt;collection&gt;</code> or <code>read:*</code> for reads, \
+         <code>write:&lt;collection&gt;</code> or <code>write:*</code> for writes, \
+         <code>counters</code> for counters (<code>*</code> does not reach a private \
+         collection). Operations marked <em>no token</em> are open. A missing or unknown \
+         token is <code>401</code>, a token without the scope <code>403</code>.</p>",
+        escape(version),
+        escape(document["info"]["description"].as_str().unwrap_or("")),
+    );
+    page.push_str(&errors_section());
+    let mut index = String::new();
+    let mut operations = String::new();
+    for (path, item) in document["paths"].as_object().into_iter().flatten() {
+        for (method, operation) in item.as_object().into_iter().flatten() {
+            let id = operation["operationId"].as_str().unwrap_or(method);
+            let summary = operation["summary"].as_str().unwrap_or("");
+            let method = method.to_uppercase();
             let _ = write!(
-                rows,
-                "<tr><td><code>{method}</code></td><td><code>{}</code></td><td>{}</td></tr>",
+                index,
+                "<tr><td><code>{method}</code></td><td><a href=\"#{id}\"><code>{}</code></a></td><td>{}</td></tr>",
                 escape(path),
                 escape(summary)
             );
+            let _ = write!(
+                operations,
+                "<h3 id=\"{id}\"><code>{method} {}</code></h3><p>{}</p>",
+                escape(path),
+                escape(summary)
+            );
+            if let Some(description) = operation["description"].as_str()
+                && description != summary
+            {
+                let _ = write!(operations, "<p>{}</p>", escape(description));
+            }
+            let open = operation["security"].as_array().is_some_and(|schemes| {
+                schemes
+                    .iter()
+                    .all(|s| s.as_object().is_some_and(|o| o.is_empty()))
+            });
+            let auth = if open {
+                "no token"
+            } else if path.starts_with("/admin") {
+                "admin token"
+            } else if path.starts_with("/v1/counters") {
+                "a token with <code>counters</code> (or the admin token)"
+            } else if method == "GET" || id == "batch_get" || id == "lookup" {
+                "a token with <code>read:</code> the collection (or the admin token)"
+            } else {
+                "a token with <code>write:</code> the collection (or the admin token)"
+            };
+            let _ = write!(operations, "<p><b>Auth:</b> {auth}</p>");
+            if let Some(parameters) = operation["parameters"].as_array() {
+                operations.push_str(
+                    "<p><b>Parameters</b></p><table><tr><th>name</th><th>in</th><th>required</th><th>schema</th><th>description</th></tr>",
+                );
+                for parameter in parameters {
+                    let _ = write!(
+                        operations,
+                        "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+                        escape(parameter["name"].as_str().unwrap_or("")),
+                        escape(parameter["in"].as_str().unwrap_or("")),
+                        if parameter["required"] == true {
+                            "yes"
+                        } else {
+                            "no"
+                        },
+                        schema_text(&parameter["schema"]),
+                        escape(parameter["description"].as_str().unwrap_or("")),
+                    );
+                }
+                operations.push_str("</table>");
+            }
+            if let Some(body) = operation["requestBody"].as_object() {
+                operations.push_str("<p><b>Body</b></p>");
+                if let Some(description) = body.get("description").and_then(Value::as_str) {
+                    let _ = write!(operations, "<p>{}</p>", escape(description));
+                }
+                for (media, content) in body
+                    .get("content")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                {
+                    let _ = write!(
+                        operations,
+                        "<p><code>{}</code>: <code>{}</code></p>",
+                        escape(media),
+                        schema_text(&content["schema"])
+                    );
+                }
+            }
+            operations.push_str(
+                "<p><b>Answers</b></p><table><tr><th>status</th><th>description</th><th>body</th></tr>",
+            );
+            for (status, response) in operation["responses"].as_object().into_iter().flatten() {
+                let bodies: Vec<String> = response["content"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(media, content)| {
+                        format!(
+                            "<code>{}</code> {}",
+                            escape(media),
+                            schema_text(&content["schema"])
+                        )
+                    })
+                    .collect();
+                let status = if status == "default" {
+                    "<a href=\"#errors\">errors</a>".to_owned()
+                } else {
+                    escape(status)
+                };
+                let _ = write!(
+                    operations,
+                    "<tr><td>{status}</td><td>{}</td><td>{}</td></tr>",
+                    escape(response["description"].as_str().unwrap_or("")),
+                    bodies.join("<br>")
+                );
+            }
+            operations.push_str("</table>");
         }
     }
+    let _ = write!(
+        page,
+        "<h2>Operations</h2><table>{index}</table>{operations}<h2 id=\"schemas\">Schemas</h2>"
+    );
+    for (name, schema) in document["components"]["schemas"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        let pretty = serde_json::to_string_pretty(schema).unwrap_or_default();
+        let _ = write!(
+            page,
+            "<h3 id=\"schema-{name}\">{name}</h3><pre>{}</pre>",
+            link_refs(&escape(&pretty))
+        );
+    }
+    page.push_str("</body></html>");
+    page
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A schema in one line: a reference as a link to its section, anything
+/// else as compact JSON.
+fn schema_text(schema: &Value) -> String {
+    if schema.is_null() {
+        return String::new();
+    }
+    link_refs(&escape(&schema.to_string()))
+}
+
+/// `#/components/schemas/X` references (already escaped) as links.
+fn link_refs(text: &str) -> String {
+    const REF: &str = "#/components/schemas/";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(REF) {
+        out.push_str(&rest[..at]);
+        let name_start = at + REF.len();
+        let name_len = rest[name_start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len() - name_start);
+        let name = &rest[name_start..name_start + name_len];
+        let _ = write!(out, "<a href=\"#schema-{name}\">{name}</a>");
+        rest = &rest[name_start + name_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Every error the API answers, from the errors themselves.
+fn errors_section() -> String {
+    let mut rows = String::new();
+    for (status, code, title) in super::problem::catalogue() {
+        let _ = write!(
+            rows,
+            "<tr><td>{status}</td><td><code>{code}</code></td><td>{}</td></tr>",
+            escape(title)
+        );
+    }
     format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>hybridstore API</title>\
-         <style>body{{font-family:sans-serif;margin:2em}}td{{padding:.2em .8em}}</style></head>\
-         <body><h1>hybridstore API {}</h1><p>The full OpenAPI 3.1 document: \
-         <a href=\"/openapi.json\">/openapi.json</a> (load it into any OpenAPI viewer).</p>\
-         <table>{rows}</table></body></html>",
-        escape(&openapi.info.version)
+        "<h2 id=\"errors\">Errors</h2><p>Every error is an RFC 9457 problem document \
+         (<code>application/problem+json</code>: <code>type</code>, <code>title</code>, \
+         <code>status</code>, <code>detail</code> and a stable <code>code</code> to branch on; \
+         <code>version_conflict</code> adds <code>current_version</code>, \
+         <code>schema_violation</code> adds <code>errors</code>). Refused requests write nothing. \
+         <code>503</code> answers carry <code>Retry-After</code>.</p>\
+         <table><tr><th>status</th><th>code</th><th>title</th></tr>{rows}</table>"
     )
 }
 
@@ -353,7 +592,7 @@ pub async fn openapi_json(Extension(spec): Extension<Spec>) -> Response {
         .into_response()
 }
 
-/// A page listing every operation, with a link to the document.
+/// The document as a page (operations, auth, errors, schemas).
 #[utoipa::path(get, path = "/docs", tag = "operations", security(()),
     responses((status = 200, description = "HTML", content_type = "text/html")))]
 pub async fn docs(Extension(spec): Extension<Spec>) -> Html<String> {

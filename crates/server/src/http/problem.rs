@@ -35,6 +35,60 @@ pub enum ApiError {
     IdempotencyInProgress,
 }
 
+/// Every problem the API can answer, as (status, code, title), in the
+/// order of the variants, each code once: the docs page lists them. Made
+/// from one value of each variant, so the list says what the answers say.
+pub(crate) fn catalogue() -> Vec<(u16, &'static str, &'static str)> {
+    use std::time::Duration;
+    let second = Duration::from_secs(1);
+    let errors = [
+        ApiError::Domain(Error::InvalidName(
+            hybridstore_core::CollectionName::parse("").expect_err("an empty name is invalid"),
+        )),
+        ApiError::Domain(Error::InvalidRequest(String::new())),
+        ApiError::Domain(Error::InvalidData(String::new())),
+        ApiError::Domain(Error::UnknownCollection(String::new())),
+        ApiError::Domain(Error::NotFound(String::new())),
+        ApiError::Domain(Error::SchemaViolation(Vec::new())),
+        ApiError::Domain(Error::PayloadTooLarge { size: 0, limit: 0 }),
+        ApiError::Domain(Error::VersionConflict { current: None }),
+        ApiError::Domain(Error::UniqueViolation {
+            index: String::new(),
+            value: String::new(),
+        }),
+        ApiError::Domain(Error::CounterOutOfRange(String::new())),
+        ApiError::Domain(Error::ForceRequired(String::new())),
+        ApiError::Domain(Error::NotAllowed(String::new())),
+        ApiError::Domain(Error::BackendsUnavailable {
+            retry_after: second,
+        }),
+        ApiError::Domain(Error::Overloaded {
+            retry_after: second,
+        }),
+        ApiError::Domain(Error::OutcomeUnknown {
+            retry_after: second,
+        }),
+        ApiError::Domain(Error::Internal(String::new())),
+        ApiError::InvalidJson(String::new()),
+        ApiError::UnsupportedMediaType { expected: "" },
+        ApiError::BodyTooLarge { limit: 0 },
+        ApiError::Unauthorized,
+        ApiError::Forbidden(String::new()),
+        ApiError::RouteNotFound,
+        ApiError::MethodNotAllowed,
+        ApiError::IdempotencyKeyReused,
+        ApiError::IdempotencyInProgress,
+    ];
+    let mut listed: Vec<(u16, &'static str, &'static str)> = Vec::new();
+    for error in &errors {
+        let problem = error.problem();
+        if !listed.iter().any(|(_, code, _)| *code == problem.code) {
+            listed.push((problem.status.as_u16(), problem.code, problem.title));
+        }
+    }
+    listed
+}
+
 /// One problem document, before it becomes a response.
 struct Problem {
     status: StatusCode,

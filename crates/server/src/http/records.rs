@@ -75,7 +75,7 @@ struct CollectionView<'a> {
 }
 
 #[utoipa::path(get, path = "/v1/collections", tag = "records", summary = "Declared collections and their policies",
-    responses((status = 200, description = "`{\"collections\": [...]}`", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+    responses((status = 200, description = "Declared collections and their policies", body = openapi::CollectionsDoc), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn list_collections(State(state): State<AppState>, _caller: Caller) -> Response {
     let collections: Vec<CollectionView> = state
         .engine

@@ -77,7 +77,7 @@ fn spool_failed(err: std::io::Error) -> ApiError {
 #[utoipa::path(post, path = "/admin/database/import", tag = "admin", summary = "Upsert an export's records and counters, version-guarded",
     params(("force" = Option<bool>, Query, description = "Overwrite newer versions and held counter values")),
     request_body(content = String, content_type = "application/x-ndjson", description = "An export (as `GET /admin/database/export` writes it)"),
-    responses((status = 200, description = "What was applied and skipped", body = Object), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
+    responses((status = 200, description = "What was read, applied and skipped", body = hybridstore_api::ImportAnswer), (status = "default", description = "An error (problem+json with a stable code)", body = openapi::ProblemDoc, content_type = "application/problem+json")))]
 pub async fn import(
     State(state): State<AppState>,
     _: AdminCaller,
