@@ -22,6 +22,9 @@ use serde_json::{Value, json};
 pub enum Pair {
     Production,
     Embedded,
+    /// PostgreSQL alone (`REDIS_ENABLED=false`; the Redis URL it is given
+    /// leads nowhere, so nothing can use it).
+    DurableOnly,
 }
 
 impl Pair {
@@ -29,7 +32,15 @@ impl Pair {
         match self {
             Pair::Production => TestApp::builder(),
             Pair::Embedded => TestApp::builder().embedded(),
+            Pair::DurableOnly => TestApp::builder()
+                .config("redis.enabled", false)
+                .config("redis.url", "redis://127.0.0.1:1"),
         }
+    }
+
+    /// Whether the pair keeps copies in a cache tier at all.
+    fn caches(self) -> bool {
+        !matches!(self, Pair::DurableOnly)
     }
 
     /// An app whose `items` collection follows `strategy`.
@@ -61,6 +72,35 @@ macro_rules! on_both_tier_pairs {
         }
     };
 }
+
+/// The tests that hold for a deployment with the durable tier alone: every
+/// collection is `postgres_only` there, so the tests of the cache's part do
+/// not apply (`durable_only_*` below covers what is its own).
+macro_rules! on_the_durable_tier_alone {
+    ($($name:ident),* $(,)?) => {
+        mod durable_only {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Pair::DurableOnly).await
+                }
+            )*
+        }
+    };
+}
+
+on_the_durable_tier_alone!(
+    postgres_only_never_touches_the_cache,
+    conditional_writes_and_reads,
+    keyset_listing_with_prefix_and_cursor,
+    batch_get_returns_found_records_in_order_and_the_missing_ids,
+    unique_indexes_hold_across_writers_and_free_on_delete,
+    record_ttl_expires_records,
+    counters_are_exact_and_reach_the_durable_tier,
+    idempotency_keys_answer_retries_once,
+    idempotency_keys_keep_outcomes_not_refusals,
+    durable_only_serves_every_collection_durably_and_takes_no_switch,
+);
 
 on_both_tier_pairs!(
     dual_write_commits_durably_then_caches_and_reads_the_cache,
@@ -514,7 +554,10 @@ async fn conditional_writes_and_reads(pair: Pair) {
         app.durable_copy("settings", "theme").await,
         Some(unchanged.clone())
     );
-    assert_eq!(app.cached_copy("settings", "theme").await, Some(unchanged));
+    assert_eq!(
+        app.cached_copy("settings", "theme").await,
+        pair.caches().then_some(unchanged)
+    );
 
     // The same through PATCH and DELETE.
     for method in [Method::PATCH, Method::DELETE] {
@@ -657,9 +700,10 @@ async fn batch_get_returns_found_records_in_order_and_the_missing_ids(pair: Pair
     let body: Value = response.json().await.unwrap();
     assert_eq!(record_ids(&body), ["b", "a"]);
     assert_eq!(body["missing"], json!(["c", "nope"]));
-    assert!(
+    assert_eq!(
         app.cached_copy("groups", "b").await.is_some(),
-        "the miss was filled"
+        pair.caches(),
+        "the miss was filled (where there is a cache)"
     );
 }
 
@@ -964,4 +1008,69 @@ async fn a_counter_seed_read_before_a_bucket_drop_is_not_installed(pair: Pair) {
         None,
         "a seed read before forget_counters is refused"
     );
+}
+
+/// A durable-only deployment: PostgreSQL (or SQLite) alone. Every
+/// collection follows `postgres_only` whatever it declares; the cache tier
+/// is not reported; no strategy switch is taken (409); an outage of the
+/// durable tier is an outage of the service (503 with Retry-After), and it
+/// serves again when the tier is back.
+async fn durable_only_serves_every_collection_durably_and_takes_no_switch(pair: Pair) {
+    let app = pair
+        .builder()
+        .config("collections.items.strategy", "cache_first")
+        .config("counters.strategy", "cache_first")
+        .spawn()
+        .await;
+    let put = app.put("items", "a", json!({"n": 1})).await;
+    assert_eq!(put.status(), StatusCode::CREATED);
+    assert_eq!(
+        app.durable_copy("items", "a").await.map(|c| c.version),
+        Some(etag_version(&put)),
+        "committed durably before the answer, though items declares cache_first"
+    );
+    assert_eq!(app.cached_count("items").await, 0);
+    let increment = app
+        .increment("usage:solo", json!({"deltas": {"requests": 2}}))
+        .await;
+    assert_eq!(increment.status(), StatusCode::OK);
+    let read = app.read_counters("usage:solo", "granularity=total").await;
+    assert_eq!(read["buckets"][0]["values"]["requests"], json!(2));
+    assert_eq!(read["complete"], true);
+
+    let (_, status) = app.admin_call(Method::GET, "/admin/database/status").await;
+    assert_eq!(status["status"], "healthy", "{status}");
+    assert!(status["tiers"]["cache"].is_null(), "{status}");
+    assert_eq!(status["strategy"]["service"], "postgres_only");
+    for collection in status["collections"].as_array().unwrap() {
+        assert_eq!(collection["strategy"], "postgres_only", "{collection}");
+    }
+    let (_, health) = app.admin_call(Method::GET, "/admin/database/health").await;
+    assert_eq!(health["status"], "healthy");
+    let ready = app.http.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+
+    let (code, problem) = app
+        .admin_call(Method::POST, "/admin/database/strategy/dual-write")
+        .await;
+    assert_eq!(code, StatusCode::CONFLICT, "{problem}");
+    assert_eq!(problem["code"], "not_allowed");
+    let (code, _) = app
+        .admin_call(
+            Method::POST,
+            "/admin/database/collections/items/strategy/cache-first",
+        )
+        .await;
+    assert_eq!(code, StatusCode::CONFLICT);
+
+    app.simulate_outage(Tier::Durable, true);
+    assert!(app.wait_for_tier("durable", "open").await);
+    let refused = app.get("items", "a").await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers().contains_key("retry-after"));
+    let ready = app.http.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    app.simulate_outage(Tier::Durable, false);
+    assert!(app.wait_for_tier("durable", "closed").await);
+    assert_eq!(app.get("items", "a").await.status(), StatusCode::OK);
 }

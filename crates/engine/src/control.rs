@@ -150,6 +150,7 @@ impl Switches {
         target: Strategy,
         force: bool,
     ) -> Result<SwitchOutcome, Error> {
+        self.cache_serves()?;
         let previous = self.shared.control.strategy();
         let collections: Vec<String> = self
             .following_collections()
@@ -268,12 +269,25 @@ impl Switches {
     /// take (unique indexes under a strategy that writes through the cache)
     /// is refused.
     #[tracing::instrument(level = "info", skip(self))]
+    /// A deployment without a cache tier has one strategy: no switch.
+    fn cache_serves(&self) -> Result<(), Error> {
+        if self.shared.settings.tiers.cache_serves() {
+            Ok(())
+        } else {
+            Err(Error::NotAllowed(
+                "this deployment has no cache tier (REDIS_ENABLED=false): every collection is postgres_only"
+                    .into(),
+            ))
+        }
+    }
+
     pub async fn switch_collection_strategy(
         &self,
         name: &CollectionName,
         target: Option<Strategy>,
         force: bool,
     ) -> Result<SwitchOutcome, Error> {
+        self.cache_serves()?;
         let collection = self.shared.catalog.get(name)?;
         if let Some(why) = target.and_then(|to| collection.refuses(to)) {
             return Err(Error::NotAllowed(format!("{name}: {why}")));

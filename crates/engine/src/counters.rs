@@ -106,6 +106,7 @@ impl Counters {
 impl Counters {
     fn counters_journaled(&self) -> bool {
         self.shared.settings.counters.strategy == Strategy::CacheFirst
+            && self.shared.settings.tiers.cache_serves()
     }
 
     /// Adds `deltas` to every bucket `at` (default: now) falls into.

@@ -45,7 +45,7 @@ use crate::journal::Journal;
 use crate::maintenance::Maintenance;
 use crate::records::{BatchGet, Page, Records};
 use crate::recovery::Recovery;
-use crate::settings::EngineSettings;
+use crate::settings::{EngineSettings, Tiers};
 use crate::shared::{Control, Shared, instance_id};
 use crate::stats::{EngineStats, in_background};
 use crate::strategy::Plan;
@@ -108,12 +108,19 @@ impl Engine {
         }
     }
 
-    /// The health of the durable and the cache tier.
-    pub fn health(&self) -> [TierHealth; 2] {
-        [
-            self.shared.durable.breaker.health(),
-            self.shared.cache.breaker.health(),
-        ]
+    /// The health of the durable tier, and of the cache tier when the
+    /// deployment has one.
+    pub fn health(&self) -> Vec<TierHealth> {
+        let mut tiers = vec![self.shared.durable.breaker.health()];
+        if self.shared.settings.tiers.cache_serves() {
+            tiers.push(self.shared.cache.breaker.health());
+        }
+        tiers
+    }
+
+    /// Which tiers this deployment has.
+    pub fn tiers(&self) -> Tiers {
+        self.shared.settings.tiers
     }
 
     /// The tiers themselves, without breakers (tests that look into them
@@ -188,7 +195,11 @@ impl Engine {
                 self.probe_cache().await;
             }
         };
-        in_background(async { tokio::join!(durable, cache) }).await;
+        if self.shared.settings.tiers.cache_serves() {
+            in_background(async { tokio::join!(durable, cache) }).await;
+        } else {
+            in_background(durable).await;
+        }
     }
 
     fn probe_ticks(&self) -> tokio::time::Interval {
@@ -290,6 +301,9 @@ impl Engine {
 
     /// Replays the journals into the durable tier, forever.
     pub async fn run_journal_replay(self: Arc<Self>) {
+        if !self.shared.settings.tiers.cache_serves() {
+            return; // Nothing is ever journaled.
+        }
         in_background(self.journal.clone().run_journal_replay()).await
     }
 
@@ -310,6 +324,9 @@ impl Engine {
     /// caught up with every `RELEASE_INTERVAL`; with the journals seen
     /// empty, also those held longer than `HELD_STALE`.
     pub async fn run_held_publisher(self: Arc<Self>) {
+        if !self.shared.settings.tiers.cache_serves() {
+            return;
+        }
         in_background(self.journal.clone().run_held_publisher()).await
     }
 
@@ -346,6 +363,9 @@ impl Engine {
 
     /// Replays journaled increments into the durable tier, forever.
     pub async fn run_counter_replay(self: Arc<Self>) {
+        if !self.shared.settings.tiers.cache_serves() {
+            return;
+        }
         in_background(self.counters.clone().run_counter_replay()).await
     }
 

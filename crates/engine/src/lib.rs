@@ -30,7 +30,7 @@ pub use catalog::{Catalog, CatalogError, Collection};
 pub use counters::CounterValues;
 pub use engine::Engine;
 pub use records::{BatchGet, Page};
-pub use settings::{CounterSettings, EngineSettings, JournalSettings, SyncSettings};
+pub use settings::{CounterSettings, EngineSettings, JournalSettings, SyncSettings, Tiers};
 pub use stats::{EngineStats, Histogram, Operation, Outcome, TierStats, in_background};
 pub use strategy::{OnMiss, Plan};
 

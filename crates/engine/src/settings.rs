@@ -32,6 +32,30 @@ pub struct EngineSettings {
     pub journal: JournalSettings,
     pub counters: CounterSettings,
     pub sync: SyncSettings,
+    /// Which tiers this deployment has (SPEC section 1: either can be
+    /// turned off).
+    pub tiers: Tiers,
+}
+
+/// The tiers of a deployment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Tiers {
+    /// A cache in front of a durable tier: every strategy.
+    #[default]
+    Both,
+    /// The durable tier alone (`REDIS_ENABLED=false`): every collection
+    /// and the counters are `postgres_only`, whatever is configured or was
+    /// switched, and no strategy switch is taken. The cache tier the engine
+    /// is given (in-process) holds only stored idempotent responses and
+    /// carries control changes within the process; it is not reported.
+    DurableOnly,
+}
+
+impl Tiers {
+    /// Whether record copies, journals and counter buckets may use the cache.
+    pub fn cache_serves(self) -> bool {
+        self == Tiers::Both
+    }
 }
 
 impl Default for EngineSettings {
@@ -48,6 +72,7 @@ impl Default for EngineSettings {
             journal: JournalSettings::default(),
             counters: CounterSettings::default(),
             sync: SyncSettings::default(),
+            tiers: Tiers::Both,
         }
     }
 }

@@ -148,6 +148,9 @@ impl Shared {
     /// The strategy a collection follows now: an operator's switch of
     /// it, else its own, else the service's (where it can take it).
     pub fn strategy_of(&self, collection: &Collection) -> Strategy {
+        if !self.settings.tiers.cache_serves() {
+            return Strategy::PostgresOnly;
+        }
         self.control
             .switched(collection.spec.name.as_str())
             .unwrap_or_else(|| collection.strategy(self.control.strategy()))

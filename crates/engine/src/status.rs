@@ -24,13 +24,22 @@ fn ratio(part: u64, whole: u64) -> f64 {
 }
 
 impl Engine {
-    fn tiers(&self) -> BTreeMap<String, TierHealth> {
-        let [durable, cache] = self.health();
-        BTreeMap::from([("durable".to_owned(), durable), ("cache".to_owned(), cache)])
+    fn tier_map(&self) -> BTreeMap<String, TierHealth> {
+        self.health()
+            .into_iter()
+            .map(|tier| (tier.tier.clone(), tier))
+            .collect()
     }
 
     fn overall(&self) -> Overall {
         let durable = self.shared.durable.breaker.is_closed();
+        if !self.shared.settings.tiers.cache_serves() {
+            return if durable {
+                Overall::Healthy
+            } else {
+                Overall::Down
+            };
+        }
         let cache = self.shared.cache.breaker.is_closed();
         match (durable, cache) {
             (true, true) => Overall::Healthy,
@@ -42,7 +51,7 @@ impl Engine {
     pub fn health_report(&self) -> HealthReport {
         HealthReport {
             status: self.overall(),
-            tiers: self.tiers(),
+            tiers: self.tier_map(),
         }
     }
 
@@ -74,7 +83,11 @@ impl Engine {
     }
 
     pub async fn status_report(&self) -> StatusReport {
-        let service = self.shared.control.strategy();
+        let service = if self.shared.settings.tiers.cache_serves() {
+            self.shared.control.strategy()
+        } else {
+            hybridstore_core::Strategy::PostgresOnly
+        };
         let applied = self.shared.control.applied();
         let collections = self
             .shared
@@ -122,7 +135,7 @@ impl Engine {
                     }),
             },
             collections,
-            tiers: self.tiers(),
+            tiers: self.tier_map(),
             journal_backlog: match (
                 self.journal.journal_backlog().await,
                 self.counters.counter_backlog().await,
@@ -171,8 +184,16 @@ impl Engine {
             self.shared.stats.cache_hits(),
             self.shared.stats.cache_misses(),
         );
-        let durable = Self::tier_metrics(&self.shared.durable.breaker);
-        let cache = Self::tier_metrics(&self.shared.cache.breaker);
+        let mut tiers = BTreeMap::from([(
+            "durable".to_owned(),
+            Self::tier_metrics(&self.shared.durable.breaker),
+        )]);
+        if self.shared.settings.tiers.cache_serves() {
+            tiers.insert(
+                "cache".to_owned(),
+                Self::tier_metrics(&self.shared.cache.breaker),
+            );
+        }
         MetricsReport {
             operations,
             requests,
@@ -180,8 +201,8 @@ impl Engine {
             cache_hits: hits,
             cache_misses: misses,
             cache_hit_rate: ratio(hits, hits + misses),
-            degradations: durable.degradations + cache.degradations,
-            tiers: BTreeMap::from([("durable".to_owned(), durable), ("cache".to_owned(), cache)]),
+            degradations: tiers.values().map(|tier| tier.degradations).sum(),
+            tiers,
             replay: self.journal.replay_stats(),
         }
     }
@@ -192,16 +213,17 @@ impl Engine {
     }
 
     /// Each tier's health and call statistics (durable, then cache).
-    pub fn tier_stats(&self) -> [(TierHealth, &TierStats); 2] {
-        [
-            (
-                self.shared.durable.breaker.health(),
-                &self.shared.durable.breaker.stats,
-            ),
-            (
+    pub fn tier_stats(&self) -> Vec<(TierHealth, &TierStats)> {
+        let mut tiers = vec![(
+            self.shared.durable.breaker.health(),
+            &self.shared.durable.breaker.stats,
+        )];
+        if self.shared.settings.tiers.cache_serves() {
+            tiers.push((
                 self.shared.cache.breaker.health(),
                 &self.shared.cache.breaker.stats,
-            ),
-        ]
+            ));
+        }
+        tiers
     }
 }

@@ -10,7 +10,7 @@ use axum::Router;
 use hybridstore_core::{CacheStore, DurableStore, StoreError};
 use hybridstore_engine::{
     Catalog, CounterSettings, Engine, EngineSettings, HealthSettings, JournalSettings,
-    SyncSettings, in_background,
+    SyncSettings, Tiers as EngineTiers, in_background,
 };
 use hybridstore_memory::MemoryCache;
 use hybridstore_postgres::{PgConnectOptions, PostgresOptions, PostgresStore};
@@ -108,6 +108,15 @@ async fn production_tiers(config: &Config) -> Result<Tiers, StartError> {
         }
         Err(err) => return Err(StartError::Migrate(err)),
     }
+    if !config.redis.enabled {
+        tracing::info!(
+            mode = "production",
+            durable = "postgres",
+            cache = "off",
+            "hybridstore mode: PostgreSQL alone (REDIS_ENABLED=false); every collection is postgres_only"
+        );
+        return Ok((Arc::new(postgres), Arc::new(side_cache(config))));
+    }
     let redis = RedisStore::new_lazy(&redis_options(config)).map_err(StartError::Redis)?;
     tracing::info!(
         mode = "production",
@@ -116,6 +125,18 @@ async fn production_tiers(config: &Config) -> Result<Tiers, StartError> {
         "hybridstore mode: PostgreSQL holds the data, Redis the hot copies"
     );
     Ok((Arc::new(postgres), Arc::new(redis)))
+}
+
+/// The cache tier of a deployment without one (`REDIS_ENABLED=false`): an
+/// in-process one that holds no record copies, journals or counter buckets
+/// (every plan is `postgres_only`), only this process's stored idempotent
+/// responses (a retry through another instance runs again; counter
+/// increments stay exactly-once by their id in the durable tier).
+fn side_cache(config: &Config) -> MemoryCache {
+    MemoryCache::new(
+        config.embedded.cache_max_records,
+        config.embedded.cache_max_bytes,
+    )
 }
 
 /// The SQLite file and the in-process cache.
@@ -244,6 +265,11 @@ impl ServerBuilder {
                 enabled: config.sync.enabled,
                 on_startup: config.sync.on_startup,
                 interval: config.sync.interval,
+            },
+            tiers: if config.redis.enabled {
+                EngineTiers::Both
+            } else {
+                EngineTiers::DurableOnly
             },
             ..EngineSettings::default()
         };

@@ -595,7 +595,7 @@ impl Config {
 
     /// Embedded when no server is named at all.
     pub fn mode(&self) -> Mode {
-        if self.postgres.is_configured() || self.redis.is_configured() {
+        if self.postgres.is_configured() || (self.redis.enabled && self.redis.is_configured()) {
             Mode::Production
         } else {
             Mode::Embedded
@@ -663,14 +663,10 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if !self.postgres.enabled || !self.redis.enabled {
+        if !self.postgres.enabled {
             return Err(invalid(
-                if self.postgres.enabled {
-                    "redis.enabled (REDIS_ENABLED)"
-                } else {
-                    "postgres.enabled (POSTGRES_ENABLED)"
-                },
-                "single-tier deployments are not available yet: both PostgreSQL and Redis are required",
+                "postgres.enabled (POSTGRES_ENABLED)",
+                "cache-only deployments are not available yet (REDIS_ENABLED=false gives a durable-only one)",
             ));
         }
         if self.mode() == Mode::Embedded {
@@ -693,7 +689,7 @@ impl Config {
                 "required: set DATABASE_URL or POSTGRES_HOST",
             ));
         }
-        if self.mode() == Mode::Production && !self.redis.is_configured() {
+        if self.mode() == Mode::Production && self.redis.enabled && !self.redis.is_configured() {
             return Err(invalid(
                 "redis.url (REDIS_URL)",
                 "required: set REDIS_URL or REDIS_HOST",
@@ -998,6 +994,26 @@ mod tests {
             jail.set_env("REDIS_URL", "redis://localhost:6379");
             let message = load_in(jail).expect_err("invalid").to_string();
             assert!(message.contains("DATABASE_URL"), "{message}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redis_can_be_turned_off_and_postgres_not_yet() {
+        Jail::expect_with(|jail| {
+            jail.set_env("ADMIN_TOKEN", "0123456789abcdef0123");
+            jail.set_env("DATABASE_URL", "postgres://localhost/db");
+            jail.set_env("REDIS_ENABLED", "false");
+            let config = load_in(jail).expect("PostgreSQL alone");
+            assert_eq!(config.mode(), Mode::Production);
+            assert!(!config.redis.enabled);
+            jail.set_env("REDIS_ENABLED", "true");
+            let message = load_in(jail).expect_err("no Redis named").to_string();
+            assert!(message.contains("REDIS_URL"), "{message}");
+            jail.set_env("POSTGRES_ENABLED", "false");
+            jail.set_env("REDIS_URL", "redis://localhost:6379");
+            let message = load_in(jail).expect_err("not yet").to_string();
+            assert!(message.contains("POSTGRES_ENABLED"), "{message}");
             Ok(())
         });
     }
