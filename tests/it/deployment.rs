@@ -374,3 +374,51 @@ fn the_image_keeps_its_data_in_a_volume_its_user_owns_and_builds_without_local_d
         assert!(ignored.contains(path), ".dockerignore lacks {path}");
     }
 }
+
+/// The documentation stands alone: the contract is in the repository, and
+/// every link in the Markdown files (README, ARCHITECTURE, docs/) leads to
+/// a file of the repository, never outside it.
+#[test]
+fn the_docs_link_only_to_files_of_the_repository() {
+    let mut files = vec![repo("README.md"), repo("ARCHITECTURE.md")];
+    for entry in std::fs::read_dir(repo("docs")).expect("a docs directory") {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            files.push(path);
+        }
+    }
+    assert!(
+        files.iter().any(|f| f.ends_with("docs/contract.md")),
+        "the product contract is in the repository"
+    );
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    assert!(readme.contains("](docs/contract.md)"), "README leads to it");
+    let mut checked = 0;
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        for (at, _) in text.match_indices("](") {
+            let rest = &text[at + 2..];
+            let target = &rest[..rest.find(')').expect("a closed link")];
+            let path = target.split('#').next().unwrap();
+            assert!(
+                !target.contains("://") && !target.starts_with("mailto:"),
+                "{}: {target} leaves the repository",
+                file.display()
+            );
+            if path.is_empty() {
+                continue;
+            }
+            let resolved = file.parent().unwrap().join(path);
+            let resolved = resolved
+                .canonicalize()
+                .unwrap_or_else(|_| panic!("{}: {target} does not exist", file.display()));
+            assert!(
+                resolved.starts_with(repo("").canonicalize().unwrap()),
+                "{}: {target} is outside the repository",
+                file.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "{checked} links checked");
+}
