@@ -3,8 +3,10 @@
 # else: redis-server and the PostgreSQL 15 server binaries (the tests start
 # their own servers from them on free loopback ports), promtool and
 # docker-compose (they check the deployment files offline), schemathesis
-# (pinned; it fuzzes the API from its OpenAPI document). apt and pip, as
-# root or through sudo. Run by scripts/test.sh; safe to run again.
+# (pinned; it fuzzes the API from its OpenAPI document), Node.js and npm
+# with the TypeScript client's locked packages (its tests run against the
+# service). apt, pip and npm, as root or through sudo. Run by
+# scripts/test.sh; safe to run again.
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -15,6 +17,8 @@ packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || packages+=(docker-compose)
+command -v node >/dev/null 2>&1 || packages+=(nodejs)
+command -v npm >/dev/null 2>&1 || packages+=(npm)
 if ! command -v initdb >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
   packages+=(postgresql)
 fi
@@ -45,6 +49,15 @@ if ! has_schemathesis; then
     || pip3 install --quiet "${user[@]}" --break-system-packages "$SCHEMATHESIS_PIN"
   if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
   hash -r
+fi
+
+# The TypeScript client's packages, exactly as locked (again only when the
+# lock file changed since).
+client=clients/typescript
+if [ ! -f "$client/node_modules/.package-lock.json" ] \
+  || [ "$client/package-lock.json" -nt "$client/node_modules/.package-lock.json" ]; then
+  echo "installing the TypeScript client's packages (npm ci)" >&2
+  (cd "$client" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 # PostgreSQL refuses to run as root; as root the testkit runs it as 'postgres'.

@@ -23,3 +23,4 @@ mod records;
 mod stale_cache;
 mod strategies;
 mod transfer;
+mod typescript;
