@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use hybridstore_core::{CollectionName, RecordId, RecordKey};
 use hybridstore_testkit::{
-    Deployment, Postgres, Redis, RedisPersistence, TestApp, blocking, create_database,
-    etag_version, shared, until,
+    Deployment, HookedDurable, Postgres, Redis, RedisPersistence, TestApp, blocking,
+    create_database, etag_version, shared, until,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -18,6 +18,32 @@ fn key(collection: &str, id: &str) -> RecordKey {
         CollectionName::parse(collection).unwrap(),
         RecordId::parse(id).unwrap(),
     )
+}
+
+/// Two instances of one deployment on servers of their own (Redis with an
+/// append-only file), each with its durable calls hookable; and the Redis,
+/// to kill.
+async fn two_hooked_instances(
+    name: &str,
+    config: &[(&str, &str)],
+) -> (Arc<Redis>, [(TestApp, Arc<HookedDurable>); 2]) {
+    let postgres = Arc::new(blocking(Postgres::start).await);
+    let redis = Arc::new(blocking(|| Redis::start(RedisPersistence::AppendOnly)).await);
+    let database = create_database(&postgres).await;
+    let prefix = format!("{name}{}", std::process::id());
+    let spawn = || {
+        let mut builder = TestApp::builder()
+            .servers(postgres.clone(), redis.clone())
+            .database(database.clone())
+            .key_prefix(prefix.clone());
+        for (key, value) in config {
+            builder = builder.config(key, *value);
+        }
+        let (builder, hooked) = builder.hooked();
+        async move { (builder.spawn().await, hooked) }
+    };
+    let instances = [spawn().await, spawn().await];
+    (redis, instances)
 }
 
 async fn wait_tier(app: &TestApp, tier: &str, state: &str) {
@@ -629,20 +655,8 @@ async fn a_write_around_the_cache_right_after_another_reconciled_is_still_made_k
 /// B's journaled version, and then A serves it.
 #[tokio::test]
 async fn another_instances_journaled_write_is_never_served_older_once_redis_dies() {
-    let postgres = Arc::new(blocking(Postgres::start).await);
-    let redis = Arc::new(blocking(|| Redis::start(RedisPersistence::AppendOnly)).await);
-    let database = create_database(&postgres).await;
-    let prefix = format!("held{}", std::process::id());
-    let spawn = || {
-        let (builder, hooked) = TestApp::builder()
-            .config("collections.groups.strategy", "cache_first")
-            .servers(postgres.clone(), redis.clone())
-            .database(database.clone())
-            .key_prefix(prefix.clone())
-            .hooked();
-        async move { (builder.spawn().await, hooked) }
-    };
-    let ((a, hooked_a), (b, hooked_b)) = (spawn().await, spawn().await);
+    let (redis, [(a, hooked_a), (b, hooked_b)]) =
+        two_hooked_instances("held", &[("collections.groups.strategy", "cache_first")]).await;
     let first = a.put("groups", "g1", json!({"n": 1})).await;
     assert_eq!(first.status(), StatusCode::CREATED);
     assert!(
@@ -708,19 +722,7 @@ async fn another_instances_journaled_write_is_never_served_older_once_redis_dies
 /// instances, read older versions this way, 50 to 300 ms after Redis died.)
 #[tokio::test]
 async fn a_write_journaled_before_its_instance_saw_postgres_return_is_never_served_older() {
-    let postgres = Arc::new(blocking(Postgres::start).await);
-    let redis = Arc::new(blocking(|| Redis::start(RedisPersistence::AppendOnly)).await);
-    let database = create_database(&postgres).await;
-    let prefix = format!("late{}", std::process::id());
-    let spawn = || {
-        let (builder, hooked) = TestApp::builder()
-            .servers(postgres.clone(), redis.clone())
-            .database(database.clone())
-            .key_prefix(prefix.clone())
-            .hooked();
-        async move { (builder.spawn().await, hooked) }
-    };
-    let ((a, hooked_a), (b, hooked_b)) = (spawn().await, spawn().await);
+    let (redis, [(a, hooked_a), (b, hooked_b)]) = two_hooked_instances("late", &[]).await;
     let first = a.put("accounts", "h6", json!({"n": 1})).await;
     assert_eq!(first.status(), StatusCode::CREATED);
 

@@ -213,15 +213,7 @@ fn conforms(document: &Value, schema: &Value, value: &Value, at: &str) -> Result
 #[tokio::test]
 async fn every_answer_is_described_and_the_docs_page_shows_params_bodies_auth_errors() {
     let app = TestApp::builder().spawn().await;
-    let document: Value = app
-        .http
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let document = app.open_json("/openapi.json").await;
     for (path, item) in document["paths"].as_object().unwrap() {
         for (method, operation) in item.as_object().unwrap() {
             for (status, response) in operation["responses"].as_object().unwrap() {
@@ -294,15 +286,7 @@ async fn every_answer_is_described_and_the_docs_page_shows_params_bodies_auth_er
         ["application/json"]["schema"];
     conforms(&document, schema, &increment, "increment").unwrap();
 
-    let page = app
-        .http
-        .get(app.url("/docs"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = app.open_text("/docs").await;
     let increment = &page[page.find("id=\"increment\"").expect("an increment section")..];
     let increment = &increment[..increment[1..].find("<h3").unwrap_or(increment.len())];
     for needed in [

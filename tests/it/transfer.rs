@@ -588,14 +588,7 @@ async fn the_server_makes_scheduled_backups_and_keeps_the_newest() {
 }
 
 async fn metrics_text(app: &TestApp) -> String {
-    app.http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    app.open_text("/metrics").await
 }
 
 fn sample(metrics: &str, name: &str) -> f64 {

@@ -84,15 +84,7 @@ async fn the_typescript_client_passes_its_tests_against_both_modes() {
 #[tokio::test]
 async fn the_clients_document_is_the_one_the_service_serves() {
     let app = TestApp::builder().embedded().spawn().await;
-    let served: Value = app
-        .http
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let served = app.open_json("/openapi.json").await;
     let kept: Value = serde_json::from_slice(
         &std::fs::read(client_dir().join("openapi.json")).expect("clients/typescript/openapi.json"),
     )

@@ -47,40 +47,53 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_answer() {
     let bin = env!("CARGO_BIN_EXE_hybridstore");
     let service = blocking(move || ServiceProcess::start(bin, env)).await;
     let document = service.url("/openapi.json");
-    let report = tempfile::tempdir().unwrap();
-    let run = {
-        let report = report.path().to_owned();
-        blocking(move || {
-            Command::new("schemathesis")
-                .args(["run", &document])
-                .args(["--header", &format!("Authorization: Bearer {ADMIN_TOKEN}")])
-                .args(["--checks", "all"])
-                .args(["--exclude-checks", "positive_data_acceptance"])
-                .args(["--exclude-path", "/admin/database/import"])
-                .args(["--max-examples", "800", "--seed", "1", "--workers", "2"])
-                .args(["--report-dir", &report.to_string_lossy()])
-                .env("NO_COLOR", "1")
-                .output()
-                .expect("run schemathesis")
-        })
-        .await
-    };
-    let output = String::from_utf8_lossy(&run.stdout);
-    let tail: String = output
-        .lines()
-        .rev()
-        .take(120)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect::<Vec<_>>()
-        .join("\n");
-    assert!(
-        run.status.success(),
-        "schemathesis found problems:\n{tail}\n{}\nthe service's log:\n{}",
-        String::from_utf8_lossy(&run.stderr),
-        service.log()
-    );
+    // Two runs: the coverage phase (its negative cases) on one worker,
+    // because hypothesis describes its filters by parsing source with
+    // `ast`, which CPython 3.11 does not survive from two threads at once
+    // ("AST constructor recursion depth mismatch", a runtime error that
+    // failed this test at random); the long phases on two.
+    for (phases, workers) in [("examples,coverage", "1"), ("fuzzing,stateful", "2")] {
+        let report = tempfile::tempdir().unwrap();
+        let run = {
+            let report = report.path().to_owned();
+            let document = document.clone();
+            blocking(move || {
+                Command::new("schemathesis")
+                    .args(["run", &document])
+                    .args(["--header", &format!("Authorization: Bearer {ADMIN_TOKEN}")])
+                    .args(["--checks", "all"])
+                    .args(["--exclude-checks", "positive_data_acceptance"])
+                    .args(["--exclude-path", "/admin/database/import"])
+                    .args(["--phases", phases])
+                    .args(["--max-examples", "800", "--seed", "1", "--workers", workers])
+                    .args(["--report-dir", &report.to_string_lossy()])
+                    .env("NO_COLOR", "1")
+                    .output()
+                    .expect("run schemathesis")
+            })
+            .await
+        };
+        let output = String::from_utf8_lossy(&run.stdout);
+        let tail: String = output
+            .lines()
+            .rev()
+            .take(120)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            run.status.success(),
+            "schemathesis ({phases}) found problems:\n{tail}\n{}\nthe service's log:\n{}",
+            String::from_utf8_lossy(&run.stderr),
+            service.log()
+        );
+        println!(
+            "schemathesis ({phases}): {}",
+            tail.lines().last().unwrap_or("")
+        );
+    }
 
     // What the service itself counted: every request, by status.
     let metrics = reqwest::get(service.url("/metrics"))
@@ -102,13 +115,10 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_answer() {
             println!("{line}");
         }
     }
-    println!(
-        "schemathesis: {requests} requests answered; {}",
-        tail.lines().last().unwrap_or("")
-    );
+    println!("schemathesis: {requests} requests answered");
     assert_eq!(server_errors, 0, "no 5xx");
     assert!(
         requests >= AT_LEAST,
-        "schemathesis sent {requests} requests, fewer than {AT_LEAST}:\n{tail}"
+        "schemathesis sent {requests} requests, fewer than {AT_LEAST}"
     );
 }

@@ -342,6 +342,12 @@ impl Records {
         precondition: Precondition,
     ) -> Result<WriteOutcome, Error> {
         let collection = self.shared.catalog.get(&key.collection)?;
+        // A patch no tier could store is refused whatever the record holds:
+        // the request is malformed, not the record's state (400 before 404
+        // or 412).
+        if let Some(problem) = hybridstore_core::unstorable(&patch) {
+            return Err(Error::InvalidData(problem));
+        }
         let patch = Value::Object(patch);
         for _ in 0..PATCH_ATTEMPTS {
             let now = now();

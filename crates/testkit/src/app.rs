@@ -543,6 +543,18 @@ impl TestApp {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The body of `GET path` without a token (`/openapi.json`, `/docs`,
+    /// `/metrics`, ...), as text.
+    pub async fn open_text(&self, path: &str) -> String {
+        let response = self.http.get(self.url(path)).send().await.expect("GET");
+        response.text().await.expect("a text body")
+    }
+
+    /// The body of `GET path` without a token, as JSON.
+    pub async fn open_json(&self, path: &str) -> Value {
+        serde_json::from_str(&self.open_text(path).await).expect("a JSON body")
+    }
+
     /// A request with `token` as bearer (`None`: no Authorization header).
     pub fn request(
         &self,
