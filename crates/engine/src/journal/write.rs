@@ -115,9 +115,11 @@ impl Journal {
                 CacheWriteOutcome::Written { version, .. } => {
                     tracing::trace!(id = %write.key.id, %version, journal = ?write.journal, "written in the cache");
                     if let Some(kind) = write.journal {
-                        let journaled = std::time::Instant::now();
                         self.backlog(kind).mark();
                         self.unreplayed.journaled(&write.key, version);
+                        // Taken after the key is among the unpublished: a
+                        // publishing that started later has taken it.
+                        let journaled = std::time::Instant::now();
                         if kind == JournalKind::Outage && !self.shared.durable.breaker.is_closed() {
                             self.hold_past_breaker(journaled).await;
                         }
@@ -155,7 +157,7 @@ impl Journal {
     /// most two waits of [`DIRECT_HOLD_WAIT`].
     pub(crate) async fn hold_past_breaker(&self, journaled: std::time::Instant) {
         let mut last = self.direct_hold.lock().await;
-        if last.is_some_and(|started| started >= journaled) {
+        if last.is_some_and(|started| started > journaled) {
             return;
         }
         *last = Some(std::time::Instant::now());
