@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use hybridstore_api::ReplayStats;
 use hybridstore_core::{
-    ApplyMode, Change, Error, JournalAck, JournalEntry, JournalKind, RecordKey, StoreError, Version,
+    ApplyMode, Change, Error, JournalAck, JournalEntry, JournalKind, ListQuery, RecordId,
+    RecordKey, StoreError, Version, now,
 };
 
 use super::Journal;
@@ -148,12 +149,69 @@ impl Journal {
                 taken => replayed += taken,
             }
         }
+        let dropped = self.drop_superseded_pins().await?;
         tracing::info!(
             entries = replayed,
+            superseded_pins = dropped,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "journals of the recovering cache replayed before it serves"
         );
         Ok(())
+    }
+
+    /// Removes every pinned copy older than what the durable tier holds.
+    ///
+    /// Why: replaying before serving takes the entries this instance can
+    /// claim, but another instance recovering the same cache may hold some
+    /// of them in its own replay right now (a Redis restarted from an older
+    /// snapshot brings back old pinned copies and their entries). Until that
+    /// replay acknowledges them, their copies stay pinned, and this
+    /// instance would serve them: a campaign (seed 162, two instances,
+    /// `cache_first`) read such a copy, a second older than a write
+    /// acknowledged before Redis died. A pinned copy the durable tier has
+    /// passed is superseded whatever replays its entry, so it can go now.
+    async fn drop_superseded_pins(&self) -> Result<usize, StoreError> {
+        const PAGE: u32 = 500;
+        let cache = &self.shared.cache.tier;
+        let durable = &self.shared.durable.tier;
+        let mut dropped = 0;
+        for collection in self.shared.catalog.iter() {
+            let mut after = None;
+            loop {
+                let query = ListQuery {
+                    collection: collection.spec.name.clone(),
+                    after: after.clone(),
+                    prefix: None,
+                    limit: PAGE,
+                    max_bytes: usize::MAX,
+                    now: now(),
+                };
+                let pinned = cache.pinned(&query).await?;
+                let Some(last) = pinned.last() else {
+                    break;
+                };
+                after = Some(last.key().id);
+                let ids: Vec<RecordId> = pinned.iter().map(|c| c.key().id).collect();
+                let stored = durable.get_states(&query.collection, &ids, now()).await?;
+                for change in &pinned {
+                    let key = change.key();
+                    let newer = stored
+                        .iter()
+                        .find(|state| state.key() == key)
+                        .map(Change::version)
+                        .filter(|version| *version > change.version());
+                    if let Some(version) = newer
+                        && cache.invalidate_older(&key, version).await?
+                    {
+                        dropped += 1;
+                    }
+                }
+                if pinned.len() < PAGE as usize {
+                    break;
+                }
+            }
+        }
+        Ok(dropped)
     }
 
     /// One batch from the cache: through its breaker, or past it during a
