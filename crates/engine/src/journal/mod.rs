@@ -63,9 +63,17 @@ pub(crate) struct Journal {
     /// Whether `left_write_behind` holds any (read without the lock).
     pub(crate) wrote_behind: AtomicBool,
     replay: Mutex<ReplayProgress>,
-    /// When the last publishing of held keys past an open durable breaker
-    /// started (see `write::hold_past_breaker`).
-    direct_hold: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// The publishing of held keys past an open durable breaker (see
+    /// `write::hold_past_breaker`).
+    direct_hold: tokio::sync::Mutex<DirectHold>,
+}
+
+/// When the last publishing past the breaker started, and when one last
+/// failed.
+#[derive(Default)]
+pub(crate) struct DirectHold {
+    started: Option<std::time::Instant>,
+    failed: Option<std::time::Instant>,
 }
 
 impl Journal {
@@ -78,7 +86,7 @@ impl Journal {
             left_write_behind: Mutex::default(),
             wrote_behind: AtomicBool::new(false),
             replay: Mutex::new(ReplayProgress::default()),
-            direct_hold: tokio::sync::Mutex::new(None),
+            direct_hold: tokio::sync::Mutex::new(DirectHold::default()),
         }
     }
 }
