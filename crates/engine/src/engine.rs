@@ -45,7 +45,7 @@ use crate::journal::Journal;
 use crate::maintenance::Maintenance;
 use crate::records::{BatchGet, Page, Records};
 use crate::recovery::Recovery;
-use crate::settings::{EngineSettings, Tiers};
+use crate::settings::EngineSettings;
 use crate::shared::{Control, Shared, instance_id};
 use crate::stats::{EngineStats, in_background};
 use crate::strategy::Plan;
@@ -116,11 +116,6 @@ impl Engine {
             tiers.push(self.shared.cache.breaker.health());
         }
         tiers
-    }
-
-    /// Which tiers this deployment has.
-    pub fn tiers(&self) -> Tiers {
-        self.shared.settings.tiers
     }
 
     /// The tiers themselves, without breakers (tests that look into them
