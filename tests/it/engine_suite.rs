@@ -25,6 +25,10 @@ pub enum Pair {
     /// PostgreSQL alone (`REDIS_ENABLED=false`; the Redis URL it is given
     /// leads nowhere, so nothing can use it).
     DurableOnly,
+    /// Redis alone (`POSTGRES_ENABLED=false`), with the shipped collections'
+    /// unique indexes left out, as such a deployment requires (the database
+    /// it is given is never connected to).
+    CacheOnly,
 }
 
 impl Pair {
@@ -35,12 +39,32 @@ impl Pair {
             Pair::DurableOnly => TestApp::builder()
                 .config("redis.enabled", false)
                 .config("redis.url", "redis://127.0.0.1:1"),
+            Pair::CacheOnly => ["api_keys", "users", "mcp_servers"].into_iter().fold(
+                TestApp::builder().config("postgres.enabled", false),
+                |builder, name| {
+                    builder.config(&format!("collections.{name}.unique_indexes"), json!([]))
+                },
+            ),
         }
     }
 
     /// Whether the pair keeps copies in a cache tier at all.
     fn caches(self) -> bool {
         !matches!(self, Pair::DurableOnly)
+    }
+
+    /// Whether the pair has a durable tier at all.
+    fn durable(self) -> bool {
+        !matches!(self, Pair::CacheOnly)
+    }
+
+    /// The record as the tier that holds the truth keeps it.
+    async fn stored(self, app: &TestApp, collection: &str, id: &str) -> Option<StoredCopy> {
+        if self.durable() {
+            app.durable_copy(collection, id).await
+        } else {
+            app.cached_copy(collection, id).await
+        }
     }
 
     /// An app whose `items` collection follows `strategy`.
@@ -100,6 +124,34 @@ on_the_durable_tier_alone!(
     idempotency_keys_answer_retries_once,
     idempotency_keys_keep_outcomes_not_refusals,
     durable_only_serves_every_collection_durably_and_takes_no_switch,
+);
+
+/// The tests that hold for a deployment with the cache tier alone: every
+/// collection is `redis_only` there, and nothing has a durable tier to
+/// reach (`cache_only_*` below covers what is its own).
+macro_rules! on_the_cache_tier_alone {
+    ($($name:ident),* $(,)?) => {
+        mod cache_only {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Pair::CacheOnly).await
+                }
+            )*
+        }
+    };
+}
+
+on_the_cache_tier_alone!(
+    redis_only_keeps_records_in_the_cache_alone,
+    conditional_writes_and_reads,
+    keyset_listing_with_prefix_and_cursor,
+    batch_get_returns_found_records_in_order_and_the_missing_ids,
+    record_ttl_expires_records,
+    idempotency_keys_answer_retries_once,
+    idempotency_keys_keep_outcomes_not_refusals,
+    cache_only_serves_every_collection_from_the_cache_and_takes_no_switch,
+    cache_only_keeps_records_and_counters_through_a_cache_restart,
 );
 
 on_both_tier_pairs!(
@@ -551,7 +603,7 @@ async fn conditional_writes_and_reads(pair: Pair) {
         data: json!({"color": "blue"}),
     };
     assert_eq!(
-        app.durable_copy("settings", "theme").await,
+        pair.stored(&app, "settings", "theme").await,
         Some(unchanged.clone())
     );
     assert_eq!(
@@ -575,7 +627,10 @@ async fn conditional_writes_and_reads(pair: Pair) {
         );
     }
     assert_eq!(
-        app.durable_copy("settings", "theme").await.unwrap().version,
+        pair.stored(&app, "settings", "theme")
+            .await
+            .unwrap()
+            .version,
         v1
     );
 
@@ -599,7 +654,10 @@ async fn conditional_writes_and_reads(pair: Pair) {
         .unwrap();
     assert_eq!(exists.status(), StatusCode::PRECONDITION_FAILED);
     assert_eq!(
-        app.durable_copy("settings", "theme").await.unwrap().version,
+        pair.stored(&app, "settings", "theme")
+            .await
+            .unwrap()
+            .version,
         v1
     );
 
@@ -687,7 +745,10 @@ async fn batch_get_returns_found_records_in_order_and_the_missing_ids(pair: Pair
         app.put("groups", id, json!({"name": id})).await;
     }
     // "b" only in PostgreSQL (cache copy dropped), "a" and "c" in both.
-    app.drop_cached_copy("groups", "b").await;
+    // (Where the cache holds the truth, dropping "b" would delete it.)
+    if pair.durable() {
+        app.drop_cached_copy("groups", "b").await;
+    }
     app.delete("groups", "c").await;
 
     let response = app
@@ -1073,4 +1134,173 @@ async fn durable_only_serves_every_collection_durably_and_takes_no_switch(pair: 
     app.simulate_outage(Tier::Durable, false);
     assert!(app.wait_for_tier("durable", "closed").await);
     assert_eq!(app.get("items", "a").await.status(), StatusCode::OK);
+}
+
+/// A cache-only deployment (`POSTGRES_ENABLED=false`): every collection is
+/// `redis_only` whatever it declares; the counters are exact, journaled for
+/// no one, and their buckets do not idle out of the cache (they are the
+/// only copy); PostgreSQL is never contacted; switches, sync and consistency
+/// checks are refused; the durable tier is left out of health and status; an
+/// outage of the cache is an outage of the service (503 with Retry-After),
+/// and it serves again when the cache is back.
+async fn cache_only_serves_every_collection_from_the_cache_and_takes_no_switch(pair: Pair) {
+    let app = pair
+        .builder()
+        .config("collections.items.strategy", "dual_write")
+        .config("counters.strategy", "cache_first")
+        .config("cache.usage_stats_ttl_secs", 1)
+        .spawn()
+        .await;
+    let put = app.put("items", "a", json!({"n": 1})).await;
+    assert_eq!(put.status(), StatusCode::CREATED);
+    assert_eq!(
+        app.cached_copy("items", "a").await.map(|c| c.version),
+        Some(etag_version(&put)),
+        "held by the cache, though items declares dual_write"
+    );
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_one(&app.pg().db)
+    .await
+    .unwrap();
+    assert_eq!(tables, 0, "PostgreSQL was never even migrated");
+
+    for _ in 0..10 {
+        let response = app
+            .increment(
+                "usage:solo",
+                json!({"deltas": {"requests": 1, "cost": 0.1}}),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let totals = app.read_counters("usage:solo", "granularity=total").await;
+    assert_eq!(totals["buckets"][0]["values"]["requests"], json!(10));
+    assert_eq!(totals["buckets"][0]["values"]["cost"], json!(1));
+    assert_eq!(totals["complete"], true);
+    let (_, status) = app.admin_call(Method::GET, "/admin/database/status").await;
+    assert_eq!(status["journal_backlog"]["counters"], 0, "{status}");
+    // Past CACHE_USAGE_STATS_TTL: with PostgreSQL behind it, an idle bucket
+    // would leave Redis; here it is the only copy, and stays.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let hours = app.read_counters("usage:solo", "granularity=hour").await;
+    assert_eq!(hours["buckets"][0]["values"]["requests"], json!(10));
+
+    assert_eq!(status["status"], "healthy", "{status}");
+    assert!(status["tiers"]["durable"].is_null(), "{status}");
+    assert_eq!(status["tiers"]["cache"]["backend"], "redis", "{status}");
+    assert_eq!(status["strategy"]["service"], "redis_only");
+    for collection in status["collections"].as_array().unwrap() {
+        assert_eq!(collection["strategy"], "redis_only", "{collection}");
+    }
+    let (_, health) = app.admin_call(Method::GET, "/admin/database/health").await;
+    assert_eq!(health["status"], "healthy");
+    assert!(health["tiers"]["durable"].is_null(), "{health}");
+    let ready = app.http.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+
+    for path in [
+        "/admin/database/strategy/dual-write",
+        "/admin/database/collections/items/strategy/cache-first",
+        "/admin/database/sync/postgres-to-redis",
+        "/admin/database/sync/redis-to-postgres",
+        "/admin/database/consistency-check",
+    ] {
+        let (code, problem) = app.admin_call(Method::POST, path).await;
+        assert_eq!(code, StatusCode::CONFLICT, "{path}: {problem}");
+        assert_eq!(problem["code"], "not_allowed", "{path}");
+        assert!(
+            problem["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("POSTGRES_ENABLED=false")),
+            "{path}: {problem}"
+        );
+    }
+
+    app.simulate_outage(Tier::Cache, true);
+    assert!(app.wait_for_tier("cache", "open").await);
+    let refused = app.get("items", "a").await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers().contains_key("retry-after"));
+    let refused = app
+        .increment("usage:solo", json!({"deltas": {"requests": 1}}))
+        .await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let ready = app.http.get(app.url("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    app.simulate_outage(Tier::Cache, false);
+    assert!(app.wait_for_tier("cache", "closed").await);
+    assert_eq!(read_data(&app, "a").await, json!({"n": 1}));
+    let totals = app.read_counters("usage:solo", "granularity=total").await;
+    assert_eq!(totals["buckets"][0]["values"]["requests"], json!(10));
+}
+
+/// Where Redis holds the truth, a Redis killed (`kill -9`) and restarted
+/// from its own data (append-only file) is not cleaned up after: records,
+/// deletions and counter values come back as it kept them, and serving
+/// goes on from there. (With PostgreSQL behind it, such a restart drops
+/// every copy and counter bucket that may be stale.)
+async fn cache_only_keeps_records_and_counters_through_a_cache_restart(pair: Pair) {
+    let redis = std::sync::Arc::new(
+        hybridstore_testkit::blocking(|| {
+            hybridstore_testkit::Redis::start(hybridstore_testkit::RedisPersistence::AppendOnly)
+        })
+        .await,
+    );
+    let postgres = tokio::task::spawn_blocking(hybridstore_testkit::shared)
+        .await
+        .unwrap()
+        .postgres
+        .clone();
+    let app = pair
+        .builder()
+        .servers(postgres, redis.clone())
+        .config("collections.items.strategy", "cache_first")
+        .spawn()
+        .await;
+    for id in ["a", "b", "c", "d"] {
+        assert_eq!(
+            app.put("items", id, json!({"id": id})).await.status(),
+            StatusCode::CREATED
+        );
+    }
+    assert_eq!(
+        app.delete("items", "c").await.status(),
+        StatusCode::NO_CONTENT
+    );
+    for _ in 0..5 {
+        let response = app
+            .increment("usage:kept", json!({"deltas": {"requests": 1}}))
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    // appendfsync everysec: what is older than a second is on disk.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed = redis.clone();
+    hybridstore_testkit::blocking(move || killed.kill()).await;
+    assert!(
+        until(Duration::from_secs(10), || async {
+            app.get("items", "a").await.status() == StatusCode::SERVICE_UNAVAILABLE
+        })
+        .await,
+        "a dead cache is an outage here"
+    );
+    let restarted = redis.clone();
+    hybridstore_testkit::blocking(move || restarted.restart()).await;
+    assert!(app.wait_for_tier("cache", "closed").await);
+
+    let (ids, next) = app.list_page("items", "limit=10").await;
+    assert_eq!(ids, ["a", "b", "d"], "kept, the deletion too");
+    assert_eq!(next, Value::Null);
+    assert_eq!(app.get("items", "c").await.status(), StatusCode::NOT_FOUND);
+    let totals = app.read_counters("usage:kept", "granularity=total").await;
+    assert_eq!(totals["buckets"][0]["values"]["requests"], json!(5));
+    assert_eq!(totals["complete"], true);
+    let response = app
+        .increment("usage:kept", json!({"deltas": {"requests": 1}}))
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let totals = app.read_counters("usage:kept", "granularity=total").await;
+    assert_eq!(totals["buckets"][0]["values"]["requests"], json!(6));
 }

@@ -20,6 +20,7 @@ fn store(prefix: &str, url: String) -> RedisStore {
         connect_timeout: Duration::from_secs(1),
         response_timeout: Duration::from_secs(1),
         counter_idle: Duration::from_secs(300),
+        counters_held: false,
     })
     .unwrap()
 }

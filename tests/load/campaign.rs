@@ -216,6 +216,7 @@ async fn deploy(campaign: &Campaign) -> Deployment {
         connect_timeout: Duration::from_secs(1),
         response_timeout: Duration::from_secs(2),
         counter_idle: Duration::from_secs(300),
+        counters_held: false,
     })
     .expect("a Redis client");
     let db = sqlx::PgPool::connect(&postgres.url(&database))

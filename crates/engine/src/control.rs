@@ -150,7 +150,7 @@ impl Switches {
         target: Strategy,
         force: bool,
     ) -> Result<SwitchOutcome, Error> {
-        self.cache_serves()?;
+        self.two_tiers()?;
         let previous = self.shared.control.strategy();
         let collections: Vec<String> = self
             .following_collections()
@@ -269,15 +269,11 @@ impl Switches {
     /// take (unique indexes under a strategy that writes through the cache)
     /// is refused.
     #[tracing::instrument(level = "info", skip(self))]
-    /// A deployment without a cache tier has one strategy: no switch.
-    fn cache_serves(&self) -> Result<(), Error> {
-        if self.shared.settings.tiers.cache_serves() {
-            Ok(())
-        } else {
-            Err(Error::NotAllowed(
-                "this deployment has no cache tier (REDIS_ENABLED=false): every collection is postgres_only"
-                    .into(),
-            ))
+    /// A deployment with one tier has one strategy: no switch.
+    fn two_tiers(&self) -> Result<(), Error> {
+        match self.shared.settings.tiers.alone() {
+            None => Ok(()),
+            Some(why) => Err(Error::NotAllowed(why)),
         }
     }
 
@@ -287,7 +283,7 @@ impl Switches {
         target: Option<Strategy>,
         force: bool,
     ) -> Result<SwitchOutcome, Error> {
-        self.cache_serves()?;
+        self.two_tiers()?;
         let collection = self.shared.catalog.get(name)?;
         if let Some(why) = target.and_then(|to| collection.refuses(to)) {
             return Err(Error::NotAllowed(format!("{name}: {why}")));

@@ -106,7 +106,7 @@ impl Counters {
 impl Counters {
     fn counters_journaled(&self) -> bool {
         self.shared.settings.counters.strategy == Strategy::CacheFirst
-            && self.shared.settings.tiers.cache_serves()
+            && self.shared.settings.tiers.journals()
     }
 
     /// Adds `deltas` to every bucket `at` (default: now) falls into.
@@ -177,6 +177,16 @@ impl Counters {
             at,
             buckets,
         };
+        if !self.shared.settings.tiers.durable_serves() {
+            // The cache holds the counters' truth: its answer is the answer.
+            return match self.increment_in_cache(&increment).await {
+                Ok(values) => Ok(values),
+                Err(StoreError::CounterOutOfRange { field }) => {
+                    Err(crate::shared::out_of_range(&field))
+                }
+                Err(err) => Err(self.shared.journal_failed(err)),
+            };
+        }
         if self.counters_journaled() && self.shared.cache.breaker.is_closed() {
             match self.increment_in_cache(&increment).await {
                 Ok(values) => return Ok(values),
@@ -269,6 +279,14 @@ impl Counters {
     /// what the dropped bucket took); the increment then seeds again.
     async fn seed(&self, scope: &CounterScope, buckets: &[Bucket]) -> Result<(), StoreError> {
         let ticket = self.shared.cache.call(|t| t.seed_ticket(scope)).await?;
+        if !self.shared.settings.tiers.durable_serves() {
+            // Nothing anywhere else: a bucket the cache does not hold is zero.
+            return self
+                .shared
+                .cache
+                .call(|t| t.seed_buckets(scope, buckets, &[], true, ticket))
+                .await;
+        }
         let pending = if self.shared.durable.breaker.is_closed() {
             self.shared
                 .cache
@@ -437,6 +455,24 @@ impl Counters {
                 Some(next) if next <= to => start = next,
                 _ => break,
             }
+        }
+        if !self.shared.settings.tiers.durable_serves() {
+            // The cache holds the truth; a bucket it does not hold is zero.
+            let held = self
+                .shared
+                .cache
+                .call(|t| t.counter_buckets(&scope, &buckets))
+                .await
+                .map_err(|err| self.shared.journal_failed(err))?;
+            return Ok(CounterValues {
+                scope,
+                buckets: held
+                    .into_iter()
+                    .flatten()
+                    .map(|(values, _)| values)
+                    .collect(),
+                complete: true,
+            });
         }
         let journaled = self.counters_journaled();
         let cache_up = journaled && self.shared.cache.breaker.is_closed();

@@ -45,7 +45,7 @@ use crate::journal::Journal;
 use crate::maintenance::Maintenance;
 use crate::records::{BatchGet, Page, Records};
 use crate::recovery::Recovery;
-use crate::settings::EngineSettings;
+use crate::settings::{EngineSettings, Tiers};
 use crate::shared::{Control, Shared, instance_id};
 use crate::stats::{EngineStats, in_background};
 use crate::strategy::Plan;
@@ -78,9 +78,15 @@ impl Engine {
         ));
         // Threshold 1: any cache failure may hide a restart that lost writes,
         // so the cache stops serving until its recovery trial has checked.
+        // A cache that holds the truth has nothing to check: a failure is
+        // one like any tier's.
+        let cache_threshold = match settings.tiers {
+            Tiers::CacheOnly => health.failure_threshold,
+            _ => 1,
+        };
         let cache = Arc::new(Guarded::new(
             cache.clone(),
-            Breaker::new(Tier::Cache, cache.backend(), 1),
+            Breaker::new(Tier::Cache, cache.backend(), cache_threshold),
             health.cache_call_timeout,
         ));
         let shared = Arc::new(Shared {
@@ -108,14 +114,12 @@ impl Engine {
         }
     }
 
-    /// The health of the durable tier, and of the cache tier when the
-    /// deployment has one.
+    /// The health of each tier the deployment has (durable, then cache).
     pub fn health(&self) -> Vec<TierHealth> {
-        let mut tiers = vec![self.shared.durable.breaker.health()];
-        if self.shared.settings.tiers.cache_serves() {
-            tiers.push(self.shared.cache.breaker.health());
-        }
-        tiers
+        self.shared
+            .breakers()
+            .map(|breaker| breaker.health())
+            .collect()
     }
 
     /// The tiers themselves, without breakers (tests that look into them
@@ -142,6 +146,10 @@ impl Engine {
     /// Pings both tiers once and opens the breaker of each that does not
     /// answer, so a service started during an outage routes around it at once.
     pub async fn check_tiers_at_start(&self) {
+        if self.shared.settings.tiers == Tiers::CacheOnly {
+            // The cache holds the truth: nothing to compare or reconcile.
+            return in_background(self.shared.cache.probe()).await;
+        }
         // The durable tier first: the cache's check compares its generation.
         match self.shared.durable.tier.ping().await {
             Ok(()) => self.shared.durable.breaker.record_success(),
@@ -190,10 +198,27 @@ impl Engine {
                 self.probe_cache().await;
             }
         };
-        if self.shared.settings.tiers.cache_serves() {
-            in_background(async { tokio::join!(durable, cache) }).await;
-        } else {
-            in_background(durable).await;
+        // A cache that holds the truth has nothing to reconcile after an
+        // outage or a restart: its probe is the plain one.
+        let cache_alone = async {
+            let mut ticks = self.probe_ticks();
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    () = self.shared.cache.breaker.probe_wanted.notified() => {}
+                }
+                self.shared.cache.probe().await;
+            }
+        };
+        match self.shared.settings.tiers {
+            Tiers::Both => {
+                in_background(async {
+                    tokio::join!(durable, cache);
+                })
+                .await
+            }
+            Tiers::DurableOnly => in_background(durable).await,
+            Tiers::CacheOnly => in_background(cache_alone).await,
         }
     }
 
@@ -296,7 +321,7 @@ impl Engine {
 
     /// Replays the journals into the durable tier, forever.
     pub async fn run_journal_replay(self: Arc<Self>) {
-        if !self.shared.settings.tiers.cache_serves() {
+        if !self.shared.settings.tiers.journals() {
             return; // Nothing is ever journaled.
         }
         in_background(self.journal.clone().run_journal_replay()).await
@@ -319,7 +344,7 @@ impl Engine {
     /// caught up with every `RELEASE_INTERVAL`; with the journals seen
     /// empty, also those held longer than `HELD_STALE`.
     pub async fn run_held_publisher(self: Arc<Self>) {
-        if !self.shared.settings.tiers.cache_serves() {
+        if !self.shared.settings.tiers.journals() {
             return;
         }
         in_background(self.journal.clone().run_held_publisher()).await
@@ -358,7 +383,7 @@ impl Engine {
 
     /// Replays journaled increments into the durable tier, forever.
     pub async fn run_counter_replay(self: Arc<Self>) {
-        if !self.shared.settings.tiers.cache_serves() {
+        if !self.shared.settings.tiers.journals() {
             return;
         }
         in_background(self.counters.clone().run_counter_replay()).await

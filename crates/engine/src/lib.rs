@@ -6,6 +6,7 @@
 //! `hybridstore-core` only, so it runs unchanged over PostgreSQL + Redis or over
 //! any other pair of tiers, and unit tests can drive it with in-memory fakes.
 
+mod absent;
 mod breaker;
 mod catalog;
 mod control;
@@ -25,6 +26,7 @@ mod status;
 mod strategy;
 mod transfer;
 
+pub use absent::NoDurableTier;
 pub use breaker::HealthSettings;
 pub use catalog::{Catalog, CatalogError, Collection};
 pub use counters::CounterValues;

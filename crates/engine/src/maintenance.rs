@@ -188,7 +188,7 @@ impl Maintenance {
     /// instance's; being version-guarded, both stay safe.
     pub async fn run_schedule(self: Arc<Self>) {
         let schedule = self.shared.settings.sync.clone();
-        if !schedule.enabled {
+        if !schedule.enabled || self.shared.settings.tiers.alone().is_some() {
             return;
         }
         let all = self.selected(None).unwrap_or_default();
@@ -278,6 +278,11 @@ impl Maintenance {
     }
 
     fn selected(&self, collection: Option<&CollectionName>) -> Result<Vec<CollectionName>, Error> {
+        if let Some(why) = self.shared.settings.tiers.alone() {
+            return Err(Error::NotAllowed(format!(
+                "{why}; there is nothing to sync or compare between tiers"
+            )));
+        }
         match collection {
             Some(name) => Ok(vec![self.shared.catalog.get(name)?.spec.name.clone()]),
             None => Ok(self

@@ -780,6 +780,9 @@ impl Records {
 
     /// Removes expired records and old deletion markers from the durable tier.
     pub async fn purge_expired(&self) -> Result<u64, Error> {
+        if !self.shared.settings.tiers.durable_serves() {
+            return Ok(0); // Redis lets expired records go itself.
+        }
         self.shared
             .durable
             .call(|t| t.purge_expired(now(), self.shared.settings.tombstone_retention))

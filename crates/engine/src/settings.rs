@@ -49,12 +49,54 @@ pub enum Tiers {
     /// is given (in-process) holds only stored idempotent responses and
     /// carries control changes within the process; it is not reported.
     DurableOnly,
+    /// The cache tier alone (`POSTGRES_ENABLED=false`): every collection
+    /// and the counters are `redis_only`, whatever is configured, and no
+    /// strategy switch is taken. The cache holds the truth: its copies are
+    /// never cleaned up after a restart, its counter buckets are seeded at
+    /// zero, never idle out and are never dropped, and nothing is journaled.
+    /// The durable tier the engine is given answers that there is none; it
+    /// is not reported.
+    CacheOnly,
 }
 
 impl Tiers {
     /// Whether record copies, journals and counter buckets may use the cache.
     pub fn cache_serves(self) -> bool {
+        self != Tiers::DurableOnly
+    }
+
+    /// Whether there is a durable tier to write, read, probe and replay to.
+    pub fn durable_serves(self) -> bool {
+        self != Tiers::CacheOnly
+    }
+
+    /// Whether writes and increments may wait in a journal for the durable
+    /// tier (both tiers are there).
+    pub fn journals(self) -> bool {
         self == Tiers::Both
+    }
+
+    /// What a single-tier deployment answers to work that needs two
+    /// (strategy switches, sync, consistency checks).
+    pub fn alone(self) -> Option<String> {
+        let switch = match self {
+            Tiers::Both => return None,
+            Tiers::DurableOnly => "REDIS_ENABLED=false",
+            Tiers::CacheOnly => "POSTGRES_ENABLED=false",
+        };
+        let forced = self.forced_strategy()?;
+        Some(format!(
+            "this deployment has one tier ({switch}): every collection is {forced}"
+        ))
+    }
+
+    /// The one strategy a single-tier deployment follows.
+    pub fn forced_strategy(self) -> Option<Strategy> {
+        match self {
+            Tiers::Both => None,
+            Tiers::DurableOnly => Some(Strategy::PostgresOnly),
+            Tiers::CacheOnly => Some(Strategy::RedisOnly),
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::Instant;
 use hybridstore_core::{CacheStore, ControlState, DurableStore, Error, StoreError, Strategy};
 use time::OffsetDateTime;
 
+use crate::breaker::Breaker;
 use crate::catalog::{Catalog, Collection};
 use crate::guarded::Guarded;
 use crate::recovery::Recovery;
@@ -116,6 +117,17 @@ pub(crate) fn instance_id() -> String {
 }
 
 impl Shared {
+    /// The breakers of the tiers this deployment has (durable, then cache).
+    pub fn breakers(&self) -> impl Iterator<Item = &Breaker> {
+        let tiers = self.settings.tiers;
+        [
+            (tiers.durable_serves(), &*self.durable.breaker),
+            (tiers.cache_serves(), &*self.cache.breaker),
+        ]
+        .into_iter()
+        .filter_map(|(present, breaker)| present.then_some(breaker))
+    }
+
     /// A cache failure on the journaled path: the write cannot be taken.
     pub(crate) fn journal_failed(&self, err: StoreError) -> Error {
         match err {
@@ -148,8 +160,8 @@ impl Shared {
     /// The strategy a collection follows now: an operator's switch of
     /// it, else its own, else the service's (where it can take it).
     pub fn strategy_of(&self, collection: &Collection) -> Strategy {
-        if !self.settings.tiers.cache_serves() {
-            return Strategy::PostgresOnly;
+        if let Some(forced) = self.settings.tiers.forced_strategy() {
+            return forced;
         }
         self.control
             .switched(collection.spec.name.as_str())

@@ -32,18 +32,12 @@ impl Engine {
     }
 
     fn overall(&self) -> Overall {
-        let durable = self.shared.durable.breaker.is_closed();
-        if !self.shared.settings.tiers.cache_serves() {
-            return if durable {
-                Overall::Healthy
-            } else {
-                Overall::Down
-            };
-        }
-        let cache = self.shared.cache.breaker.is_closed();
-        match (durable, cache) {
-            (true, true) => Overall::Healthy,
-            (false, false) => Overall::Down,
+        let (up, all) = self.shared.breakers().fold((0, 0), |(up, all), breaker| {
+            (up + usize::from(breaker.is_closed()), all + 1)
+        });
+        match up {
+            0 => Overall::Down,
+            up if up == all => Overall::Healthy,
             _ => Overall::Degraded,
         }
     }
@@ -83,11 +77,12 @@ impl Engine {
     }
 
     pub async fn status_report(&self) -> StatusReport {
-        let service = if self.shared.settings.tiers.cache_serves() {
-            self.shared.control.strategy()
-        } else {
-            hybridstore_core::Strategy::PostgresOnly
-        };
+        let service = self
+            .shared
+            .settings
+            .tiers
+            .forced_strategy()
+            .unwrap_or_else(|| self.shared.control.strategy());
         let applied = self.shared.control.applied();
         let collections = self
             .shared
@@ -184,16 +179,11 @@ impl Engine {
             self.shared.stats.cache_hits(),
             self.shared.stats.cache_misses(),
         );
-        let mut tiers = BTreeMap::from([(
-            "durable".to_owned(),
-            Self::tier_metrics(&self.shared.durable.breaker),
-        )]);
-        if self.shared.settings.tiers.cache_serves() {
-            tiers.insert(
-                "cache".to_owned(),
-                Self::tier_metrics(&self.shared.cache.breaker),
-            );
-        }
+        let tiers: BTreeMap<String, _> = self
+            .shared
+            .breakers()
+            .map(|breaker| (breaker.health().tier, Self::tier_metrics(breaker)))
+            .collect();
         MetricsReport {
             operations,
             requests,
@@ -214,16 +204,9 @@ impl Engine {
 
     /// Each tier's health and call statistics (durable, then cache).
     pub fn tier_stats(&self) -> Vec<(TierHealth, &TierStats)> {
-        let mut tiers = vec![(
-            self.shared.durable.breaker.health(),
-            &self.shared.durable.breaker.stats,
-        )];
-        if self.shared.settings.tiers.cache_serves() {
-            tiers.push((
-                self.shared.cache.breaker.health(),
-                &self.shared.cache.breaker.stats,
-            ));
-        }
-        tiers
+        self.shared
+            .breakers()
+            .map(|breaker| (breaker.health(), &breaker.stats))
+            .collect()
     }
 }

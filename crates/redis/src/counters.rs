@@ -2,10 +2,16 @@
 
 use super::*;
 
-/// When Redis lets `bucket` go, in ms since the epoch.
-fn expiry_arg(bucket: &Bucket, idle: Duration) -> String {
-    let at = bucket.cache_expiry(idle, OffsetDateTime::now_utc());
-    (at.unix_timestamp_nanos() / 1_000_000).to_string()
+/// When Redis lets `bucket` go, in ms since the epoch: after `idle`
+/// without use, or (`None`: Redis holds the truth) at the end of its
+/// retention; `''` for never.
+fn expiry_arg(bucket: &Bucket, idle: Option<Duration>) -> String {
+    let at = match idle {
+        Some(idle) => Some(bucket.cache_expiry(idle, OffsetDateTime::now_utc())),
+        None => bucket.expires_at,
+    };
+    at.map(|at| (at.unix_timestamp_nanos() / 1_000_000).to_string())
+        .unwrap_or_default()
 }
 
 /// A bucket hash (`HGETALL`) as its values and whether they are complete.
@@ -53,12 +59,24 @@ fn amount_from_parts(units: &str, nanos: &str) -> StoreResult<Amount> {
     Amount::from_parts(units, nanos).ok_or_else(|| corrupt("counter out of range".into()))
 }
 
+impl RedisStore {
+    /// How long a bucket may go unused before Redis lets it go.
+    fn bucket_idle(&self) -> Option<Duration> {
+        (!self.counters_held).then_some(self.counter_idle)
+    }
+}
+
 #[async_trait]
 impl CacheCounters for RedisStore {
     #[tracing::instrument(level = "debug", skip_all, fields(scope = %increment.scope))]
     async fn increment(&self, increment: &CounterIncrement) -> StoreResult<CacheIncrementOutcome> {
-        let payload = serde_json::to_string(increment)
-            .map_err(|err| StoreError::internal(Tier::Cache, err))?;
+        // Held here as the truth, an increment is journaled for no one.
+        let payload = if self.counters_held {
+            String::new()
+        } else {
+            serde_json::to_string(increment)
+                .map_err(|err| StoreError::internal(Tier::Cache, err))?
+        };
         let mut invocation = self.scripts.counter_increment.prepare_invoke();
         for bucket in &increment.buckets {
             invocation.key(self.keys.counter_bucket(&increment.scope, bucket));
@@ -77,7 +95,7 @@ impl CacheCounters for RedisStore {
                 .arg(nanos);
         }
         for bucket in &increment.buckets {
-            invocation.arg(expiry_arg(bucket, self.counter_idle));
+            invocation.arg(expiry_arg(bucket, self.bucket_idle()));
         }
         invocation.arg(ttl_millis(hybridstore_core::OP_ID_RETENTION));
         let reply: Vec<redis::Value> = invocation
@@ -153,7 +171,7 @@ impl CacheCounters for RedisStore {
             invocation
                 .key(&drops)
                 .arg(if complete { "1" } else { "0" })
-                .arg(expiry_arg(bucket, self.counter_idle))
+                .arg(expiry_arg(bucket, self.bucket_idle()))
                 .arg(ticket.0.to_string());
             let held = values.iter().find(|v| {
                 v.bucket.granularity == bucket.granularity && v.bucket.start == bucket.start

@@ -45,6 +45,10 @@ pub struct RedisOptions {
     /// How long a counter bucket stays without use (see
     /// `Bucket::cache_expiry`).
     pub counter_idle: Duration,
+    /// Redis holds the counters' truth (a cache-only deployment): a bucket
+    /// lives as long as its retention, not `counter_idle`, and increments
+    /// are not journaled, since no durable tier will take them.
+    pub counters_held: bool,
 }
 
 #[derive(Clone)]
@@ -60,6 +64,7 @@ pub struct RedisStore {
     keys: KeySpace,
     scripts: Scripts,
     counter_idle: Duration,
+    counters_held: bool,
 }
 
 #[derive(Clone)]
@@ -264,6 +269,7 @@ impl RedisStore {
             probe_conn,
             keys: KeySpace::new(options.key_prefix.clone()),
             counter_idle: options.counter_idle,
+            counters_held: options.counters_held,
             scripts: Scripts {
                 store_if_newer: Script::new(include_str!("lua/store_if_newer.lua")),
                 accept_write: Script::new(include_str!("lua/accept_write.lua")),

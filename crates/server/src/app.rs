@@ -10,7 +10,7 @@ use axum::Router;
 use hybridstore_core::{CacheStore, DurableStore, StoreError};
 use hybridstore_engine::{
     Catalog, CounterSettings, Engine, EngineSettings, HealthSettings, JournalSettings,
-    SyncSettings, Tiers as EngineTiers, in_background,
+    NoDurableTier, SyncSettings, Tiers as EngineTiers, in_background,
 };
 use hybridstore_memory::MemoryCache;
 use hybridstore_postgres::{PgConnectOptions, PostgresOptions, PostgresStore};
@@ -91,6 +91,7 @@ fn redis_options(config: &Config) -> RedisOptions {
         connect_timeout: config.redis.connect_timeout,
         response_timeout: config.redis.response_timeout,
         counter_idle: config.cache.usage_stats_ttl,
+        counters_held: config.cache_only(),
     }
 }
 
@@ -98,6 +99,16 @@ type Tiers = (Arc<dyn DurableStore>, Arc<dyn CacheStore>);
 
 /// PostgreSQL and Redis, both connected lazily: either may be down at start.
 async fn production_tiers(config: &Config) -> Result<Tiers, StartError> {
+    if config.cache_only() {
+        let redis = RedisStore::new_lazy(&redis_options(config)).map_err(StartError::Redis)?;
+        tracing::info!(
+            mode = "production",
+            durable = "off",
+            cache = "redis",
+            "hybridstore mode: Redis alone (POSTGRES_ENABLED=false); every collection is redis_only and Redis holds the data"
+        );
+        return Ok((Arc::new(NoDurableTier), Arc::new(redis)));
+    }
     let postgres = PostgresStore::new_lazy(postgres_options(config)?);
     match postgres.migrate().await {
         Ok(()) => {}
@@ -266,7 +277,9 @@ impl ServerBuilder {
                 on_startup: config.sync.on_startup,
                 interval: config.sync.interval,
             },
-            tiers: if config.redis.enabled {
+            tiers: if config.cache_only() {
+                EngineTiers::CacheOnly
+            } else if config.redis.enabled {
                 EngineTiers::Both
             } else {
                 EngineTiers::DurableOnly

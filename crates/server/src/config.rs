@@ -602,8 +602,16 @@ impl Config {
         }
     }
 
+    /// Redis alone (`POSTGRES_ENABLED=false`): it holds the truth.
+    pub fn cache_only(&self) -> bool {
+        !self.postgres.enabled
+    }
+
     /// The strategy of counters, filled in for the mode.
     pub fn counters_strategy(&self) -> Strategy {
+        if self.cache_only() {
+            return Strategy::RedisOnly;
+        }
         self.counters.strategy.unwrap_or(match self.mode() {
             Mode::Production => Strategy::CacheFirst,
             Mode::Embedded => Strategy::DualWrite,
@@ -663,11 +671,35 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if !self.postgres.enabled {
-            return Err(invalid(
-                "postgres.enabled (POSTGRES_ENABLED)",
-                "cache-only deployments are not available yet (REDIS_ENABLED=false gives a durable-only one)",
-            ));
+        if self.cache_only() {
+            if !self.redis.enabled || !self.redis.is_configured() {
+                return Err(invalid(
+                    "postgres.enabled (POSTGRES_ENABLED)",
+                    "false needs Redis, which then holds the data: set REDIS_URL or REDIS_HOST \
+                     (and leave REDIS_ENABLED on)",
+                ));
+            }
+            // Only the durable tier can enforce uniqueness (SPEC section 3:
+            // strategies that write through the cache are held back on such
+            // collections); refused at start rather than served unchecked.
+            let unique: Vec<String> = self
+                .collection_specs()?
+                .into_iter()
+                .filter(|spec| !spec.unique_indexes.is_empty())
+                .map(|spec| spec.name.to_string())
+                .collect();
+            if !unique.is_empty() {
+                return Err(invalid(
+                    "postgres.enabled (POSTGRES_ENABLED)",
+                    format!(
+                        "false makes every collection redis_only, and Redis alone cannot enforce \
+                         unique indexes, which {} declare: set their unique_indexes to [] (in a \
+                         config file, or HYBRIDSTORE_COLLECTIONS__<NAME>__UNIQUE_INDEXES='[]'), \
+                         or keep PostgreSQL",
+                        unique.join(", ")
+                    ),
+                ));
+            }
         }
         if self.mode() == Mode::Embedded {
             if self.embedded.cache_max_records < 100 {
@@ -683,7 +715,7 @@ impl Config {
         if !self.backup.interval.is_zero() && self.backup.keep == 0 {
             return Err(invalid("backup.keep (BACKUP_KEEP)", "must be at least 1"));
         }
-        if self.mode() == Mode::Production && !self.postgres.is_configured() {
+        if self.mode() == Mode::Production && !self.cache_only() && !self.postgres.is_configured() {
             return Err(invalid(
                 "postgres.url (DATABASE_URL)",
                 "required: set DATABASE_URL or POSTGRES_HOST",
@@ -999,20 +1031,42 @@ mod tests {
     }
 
     #[test]
-    fn redis_can_be_turned_off_and_postgres_not_yet() {
+    fn either_tier_can_be_turned_off() {
         Jail::expect_with(|jail| {
             jail.set_env("ADMIN_TOKEN", "0123456789abcdef0123");
             jail.set_env("DATABASE_URL", "postgres://localhost/db");
             jail.set_env("REDIS_ENABLED", "false");
             let config = load_in(jail).expect("PostgreSQL alone");
             assert_eq!(config.mode(), Mode::Production);
-            assert!(!config.redis.enabled);
+            assert!(!config.redis.enabled && !config.cache_only());
             jail.set_env("REDIS_ENABLED", "true");
             let message = load_in(jail).expect_err("no Redis named").to_string();
             assert!(message.contains("REDIS_URL"), "{message}");
+            // Redis alone: needs Redis, and refuses the shipped collections
+            // that declare unique indexes, naming each.
             jail.set_env("POSTGRES_ENABLED", "false");
+            let message = load_in(jail).expect_err("no Redis named").to_string();
+            assert!(
+                message.contains("POSTGRES_ENABLED") && message.contains("REDIS_URL"),
+                "{message}"
+            );
             jail.set_env("REDIS_URL", "redis://localhost:6379");
-            let message = load_in(jail).expect_err("not yet").to_string();
+            let message = load_in(jail).expect_err("unique indexes").to_string();
+            for name in ["api_keys", "users", "mcp_servers"] {
+                assert!(message.contains(name), "{message}");
+            }
+            for name in ["API_KEYS", "USERS", "MCP_SERVERS"] {
+                jail.set_env(
+                    format!("HYBRIDSTORE_COLLECTIONS__{name}__UNIQUE_INDEXES"),
+                    "[]",
+                );
+            }
+            let config = load_in(jail).expect("Redis alone");
+            assert_eq!(config.mode(), Mode::Production);
+            assert!(config.cache_only());
+            assert_eq!(config.counters_strategy(), Strategy::RedisOnly);
+            jail.set_env("REDIS_ENABLED", "false");
+            let message = load_in(jail).expect_err("no tier at all").to_string();
             assert!(message.contains("POSTGRES_ENABLED"), "{message}");
             Ok(())
         });

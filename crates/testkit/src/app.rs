@@ -396,6 +396,9 @@ impl TestApp {
     /// What the durable tier holds for a record, whatever it is (live or
     /// deleted; `None`: nothing, or expired).
     pub async fn durable_row(&self, collection: &str, id: &str) -> Option<(StoredCopy, bool)> {
+        if !self.engine.settings().tiers.durable_serves() {
+            return None; // A cache-only deployment: there is no durable tier.
+        }
         let key = record_key(collection, id);
         let states = self
             .durable()

@@ -17,7 +17,8 @@
 --
 -- KEYS[1..B] bucket hashes   KEYS[B+1] the scope's counter journal stream
 -- KEYS[B+2] the increment id's marker (same shard)
--- ARGV[1] B   ARGV[2] journal payload (JSON)   ARGV[3] F (number of fields)
+-- ARGV[1] B   ARGV[2] journal payload (JSON), or '' when Redis holds the
+--         counters' truth (nothing is journaled)   ARGV[3] F (number of fields)
 -- ARGV[4 .. 3+3F] per field: name, units, nanos
 -- ARGV[4+3F .. 3+3F+B] per bucket: expiry (ms since the epoch) or ''
 -- ARGV[4+3F+B] lifetime of the id marker (ms)
@@ -85,5 +86,7 @@ for i = 1, buckets do
     redis.call('PEXPIREAT', KEYS[i], expiry)
   end
 end
-redis.call('XADD', KEYS[buckets + 1], '*', 'p', ARGV[2])
+if ARGV[2] ~= '' then
+  redis.call('XADD', KEYS[buckets + 1], '*', 'p', ARGV[2])
+end
 return out
