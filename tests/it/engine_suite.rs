@@ -177,6 +177,7 @@ on_both_tier_pairs!(
     a_scheduled_turn_goes_to_one_instance_at_a_time,
     idle_counter_buckets_leave_the_cache_and_come_back_exact,
     a_counter_seed_read_before_a_bucket_drop_is_not_installed,
+    cache_buckets_restore_where_empty_and_scan_back_whole,
 );
 
 async fn read_data(app: &TestApp, id: &str) -> Value {
@@ -810,6 +811,35 @@ async fn redis_only_keeps_records_in_the_cache_alone(pair: Pair) {
     assert_eq!(ids, ["d"], "deleted records are not listed");
     assert_eq!(next, Value::Null);
 
+    // An export (and so a backup) carries what the cache alone holds.
+    let export = app
+        .admin(Method::GET, "/admin/database/export")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let exported: Vec<(String, Value)> = export
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .filter(|line| line["type"] == "record" && line["collection"] == "items")
+        .map(|line| {
+            (
+                line["id"].as_str().unwrap().to_owned(),
+                line["data"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        exported,
+        [
+            ("a".to_owned(), json!({"n": 2})),
+            ("b".to_owned(), json!({"id": "b"})),
+            ("d".to_owned(), json!({"id": "d"})),
+        ]
+    );
+
     // Record TTL: the key expires with the record.
     let temp = app
         .admin(Method::PUT, "/v1/collections/items/records/temp?ttl=1")
@@ -1303,4 +1333,97 @@ async fn cache_only_keeps_records_and_counters_through_a_cache_restart(pair: Pai
     assert_eq!(response.status(), StatusCode::OK);
     let totals = app.read_counters("usage:kept", "granularity=total").await;
     assert_eq!(totals["buckets"][0]["values"]["requests"], json!(6));
+}
+
+/// The cache tier's side of a cache-only deployment's export and import:
+/// values restored only where a field holds none (unless forced), the
+/// bucket then complete; a walk in small steps brings every bucket back
+/// with its values.
+async fn cache_buckets_restore_where_empty_and_scan_back_whole(pair: Pair) {
+    use hybridstore_core::{Amount, CounterScope, CounterValue, FieldName, Granularity};
+    let app = pair.builder().spawn().await;
+    let cache = app.engine().raw_tiers().1;
+    let value = |scope: &str, granularity: Granularity, field: &str, units: i128| {
+        let start = granularity.bucket_start(time::OffsetDateTime::now_utc());
+        CounterValue {
+            scope: CounterScope::parse(scope).unwrap(),
+            granularity,
+            bucket_start: start,
+            field: FieldName::parse(field).unwrap(),
+            value: Amount::from_nanos(units * 1_000_000_000 + 5),
+            expires_at: granularity
+                .bucket_end(start)
+                .map(|end| end + time::Duration::DAY),
+        }
+    };
+    let mut values = Vec::new();
+    for n in 0..7 {
+        let scope = format!("usage:restore:{n}");
+        values.push(value(&scope, Granularity::Total, "requests", n));
+        values.push(value(&scope, Granularity::Total, "cost", -n));
+        values.push(value(&scope, Granularity::Hour, "requests", n + 100));
+    }
+    assert!(
+        cache
+            .restore_buckets(&values, false)
+            .await
+            .unwrap()
+            .iter()
+            .all(|w| *w)
+    );
+    let again = cache.restore_buckets(&values[..2], false).await.unwrap();
+    assert_eq!(again, [false, false], "a field that holds a value is kept");
+    let mut changed = values[0].clone();
+    changed.value = Amount::from_nanos(42);
+    assert_eq!(
+        cache
+            .restore_buckets(std::slice::from_ref(&changed), true)
+            .await
+            .unwrap(),
+        [true],
+        "forced"
+    );
+    values[0] = changed;
+
+    let mut seen = std::collections::BTreeSet::new();
+    let mut cursor = 0;
+    loop {
+        let (next, buckets) = cache.scan_buckets(cursor, 2).await.unwrap();
+        for (scope, held) in buckets {
+            for (field, amount) in held.values {
+                seen.insert((
+                    scope.to_string(),
+                    held.bucket.granularity,
+                    held.bucket.start,
+                    field.to_string(),
+                    amount,
+                ));
+            }
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let expected: std::collections::BTreeSet<_> = values
+        .iter()
+        .map(|v| {
+            (
+                v.scope.to_string(),
+                v.granularity,
+                v.bucket_start,
+                v.field.to_string(),
+                v.value,
+            )
+        })
+        .collect();
+    assert_eq!(seen, expected);
+    let scope = CounterScope::parse("usage:restore:3").unwrap();
+    let bucket = hybridstore_core::Bucket {
+        granularity: Granularity::Total,
+        start: time::OffsetDateTime::UNIX_EPOCH,
+        expires_at: None,
+    };
+    let held = cache.counter_buckets(&scope, &[bucket]).await.unwrap();
+    assert_eq!(held[0].as_ref().map(|(_, complete)| *complete), Some(true));
 }

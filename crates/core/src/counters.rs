@@ -252,6 +252,31 @@ impl Granularity {
             Granularity::Month => format!("{}-{:02}", start.year(), u8::from(start.month())),
         }
     }
+
+    /// The granularity and bucket start a [`Granularity::label`] names.
+    pub fn parse_label(label: &str) -> Option<(Granularity, OffsetDateTime)> {
+        let date = |text: &str| {
+            let format = time::macros::format_description!("[year]-[month]-[day]");
+            Date::parse(text, &format).ok()
+        };
+        let parsed = match label.len() {
+            5 if label == "total" => (Granularity::Total, OffsetDateTime::UNIX_EPOCH),
+            7 => (
+                Granularity::Month,
+                date(&format!("{label}-01"))?.midnight().assume_utc(),
+            ),
+            10 => (Granularity::Day, date(label)?.midnight().assume_utc()),
+            13 => {
+                let (day, hour) = label.split_once('T')?;
+                let hour: u8 = hour.parse().ok()?;
+                let at = date(day)?.with_time(Time::from_hms(hour, 0, 0).ok()?);
+                (Granularity::Hour, at.assume_utc())
+            }
+            _ => return None,
+        };
+        // Only the one spelling `label` gives.
+        (parsed.0.label(parsed.1) == label).then_some(parsed)
+    }
 }
 
 /// One bucket of one scope.
@@ -354,6 +379,31 @@ mod tests {
 
     fn amount(text: &str) -> Amount {
         Amount::parse_decimal(text).unwrap()
+    }
+
+    #[test]
+    fn labels_name_their_bucket_and_parse_back() {
+        let at = datetime!(2026-11-22 05:42:10 UTC);
+        for granularity in Granularity::ALL {
+            let start = granularity.bucket_start(at);
+            let label = granularity.label(start);
+            assert_eq!(
+                Granularity::parse_label(&label),
+                Some((granularity, start)),
+                "{label}"
+            );
+        }
+        for bad in [
+            "",
+            "tota",
+            "2026-13",
+            "2026-11-31",
+            "2026-11-22T24",
+            "2026-11-22T5",
+            "2026-1-02",
+        ] {
+            assert_eq!(Granularity::parse_label(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

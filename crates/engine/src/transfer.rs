@@ -1,9 +1,12 @@
 //! Export and import: every record and counter, in the lines of
 //! `hybridstore-transfer`.
 //!
-//! Export walks the durable tier (the truth) collection by collection in id
-//! pages, then the counters, in bounded memory; it is not one snapshot, so a
-//! write during the export may or may not be in it (each record is whole).
+//! Export walks the tier that holds the truth collection by collection in
+//! id pages (the durable tier; the cache for a `redis_only` collection),
+//! then the counters (the cache's buckets in a cache-only deployment, where
+//! a bucket may come twice: the import keeps the first), in bounded memory;
+//! it is not one snapshot, so a write during the export may or may not be
+//! in it (each record is whole).
 //! Import applies records with the same version rule as journal replay and
 //! sync (an older version never replaces a newer one unless forced), so it
 //! is idempotent; it rebuilds unique index entries, drops cache copies that
@@ -18,7 +21,7 @@ use futures_util::Stream;
 use hybridstore_api::ImportReport;
 use hybridstore_core::{
     ApplyMode, Bucket, Change, CollectionName, CopyOutcome, CounterScope, CounterValue, Error,
-    RecordId, RecordKey, StoreError, Strategy,
+    ListQuery, RecordId, RecordKey, StoreError, Strategy,
 };
 use hybridstore_transfer::{Counts, Deletion, Header, Line, Source};
 use time::OffsetDateTime;
@@ -38,6 +41,10 @@ enum Stage {
     },
     Counters {
         after: Option<CounterValue>,
+    },
+    /// The counters of a cache-only deployment, walked in the cache.
+    CacheCounters {
+        cursor: u64,
     },
     End,
     Done,
@@ -81,8 +88,13 @@ impl Transfer {
                 let (lines, next) = match stage {
                     Stage::Done => return Ok(None),
                     Stage::Header => {
+                        let backend = if transfer.shared.settings.tiers.durable_serves() {
+                            transfer.shared.durable.backend()
+                        } else {
+                            transfer.shared.cache.backend()
+                        };
                         let source = Source {
-                            backend: transfer.shared.durable.backend().to_owned(),
+                            backend: backend.to_owned(),
                             instance: transfer.shared.instance_id.clone(),
                             service_version: env!("CARGO_PKG_VERSION").to_owned(),
                         };
@@ -94,19 +106,16 @@ impl Transfer {
                     }
                     Stage::Records { collection, after } => {
                         let Some(name) = collections.get(collection) else {
-                            return Ok(Some((
-                                Vec::new(),
-                                (transfer, Stage::Counters { after: None }, counts),
-                            )));
+                            let counters = if transfer.shared.settings.tiers.durable_serves() {
+                                Stage::Counters { after: None }
+                            } else {
+                                Stage::CacheCounters { cursor: 0 }
+                            };
+                            return Ok(Some((Vec::new(), (transfer, counters, counts))));
                         };
-                        let page = transfer
-                            .shared
-                            .durable
-                            .call(|t| t.scan(name, after.as_ref(), PAGE, now))
-                            .await
-                            .map_err(|err| transfer.maintenance.work_stopped("export", err))?;
+                        let (page, more) = transfer.records_page(name, after, now).await?;
                         let next = match page.last() {
-                            Some(last) if page.len() == PAGE => Stage::Records {
+                            Some(last) if more => Stage::Records {
                                 collection,
                                 after: Some(last.key().id),
                             },
@@ -133,6 +142,14 @@ impl Transfer {
                         };
                         (page.into_iter().map(Line::Counter).collect(), next)
                     }
+                    Stage::CacheCounters { cursor } => {
+                        let (next, lines) = transfer.cached_counters(cursor, now).await?;
+                        let next = match next {
+                            0 => Stage::End,
+                            cursor => Stage::CacheCounters { cursor },
+                        };
+                        (lines, next)
+                    }
                     Stage::End => (vec![Line::End(counts.clone())], Stage::Done),
                 };
                 for line in &lines {
@@ -141,6 +158,83 @@ impl Transfer {
                 Ok(Some((lines, (transfer, next, counts))))
             }
         })
+    }
+
+    /// One page of a collection's records from the tier that holds them:
+    /// the durable tier's states (deletion markers too), or, for a
+    /// collection the cache holds as the truth (`redis_only`), its live
+    /// records; and whether more follow.
+    async fn records_page(
+        &self,
+        name: &CollectionName,
+        after: Option<RecordId>,
+        now: OffsetDateTime,
+    ) -> Result<(Vec<Change>, bool), Error> {
+        let collection = self.shared.catalog.get(name)?;
+        let stopped = |err| self.maintenance.work_stopped("export", err);
+        if self.shared.strategy_of(collection) == Strategy::RedisOnly {
+            let query = ListQuery {
+                collection: name.clone(),
+                after,
+                prefix: None,
+                limit: PAGE as u32,
+                max_bytes: self.shared.settings.page_bytes,
+                now,
+            };
+            let page = self
+                .shared
+                .cache
+                .call(|t| t.list(&query))
+                .await
+                .map_err(stopped)?;
+            return Ok((
+                page.records.into_iter().map(Change::Put).collect(),
+                page.more,
+            ));
+        }
+        let page = self
+            .shared
+            .durable
+            .call(|t| t.scan(name, after.as_ref(), PAGE, now))
+            .await
+            .map_err(stopped)?;
+        let more = page.len() == PAGE;
+        Ok((page, more))
+    }
+
+    /// One step of the walk over the counter buckets a cache-only
+    /// deployment holds: the next cursor (0: done) and the values as lines,
+    /// each bucket with the end of its retention.
+    async fn cached_counters(
+        &self,
+        cursor: u64,
+        now: OffsetDateTime,
+    ) -> Result<(u64, Vec<Line>), Error> {
+        let (next, buckets) = self
+            .shared
+            .cache
+            .call(|t| t.scan_buckets(cursor, PAGE))
+            .await
+            .map_err(|err| self.maintenance.work_stopped("export", err))?;
+        let settings = &self.shared.settings.counters;
+        let mut lines = Vec::new();
+        for (scope, held) in buckets {
+            let bucket = settings.bucket(held.bucket.granularity, held.bucket.start);
+            if bucket.expires_at.is_some_and(|end| end <= now) {
+                continue;
+            }
+            for (field, value) in held.values {
+                lines.push(Line::Counter(CounterValue {
+                    scope: scope.clone(),
+                    granularity: bucket.granularity,
+                    bucket_start: bucket.start,
+                    field,
+                    value,
+                    expires_at: bucket.expires_at,
+                }));
+            }
+        }
+        Ok((next, lines))
     }
 
     /// Why `line` cannot be imported here, if it cannot.
@@ -292,6 +386,24 @@ impl Transfer {
         force: bool,
         report: &mut ImportReport,
     ) -> Result<(), Error> {
+        if !self.shared.settings.tiers.durable_serves() {
+            // The cache holds the counters' truth: set there, as the
+            // durable tier would.
+            let written = self
+                .shared
+                .cache
+                .call(|t| t.restore_buckets(&values, force))
+                .await
+                .map_err(|err| self.maintenance.work_stopped("import", err))?;
+            for written in written {
+                if written {
+                    report.counters_applied += 1;
+                } else {
+                    report.counters_skipped += 1;
+                }
+            }
+            return Ok(());
+        }
         let written = self
             .shared
             .durable

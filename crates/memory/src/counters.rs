@@ -198,6 +198,76 @@ impl CacheCounters for MemoryCache {
         Ok(())
     }
 
+    /// The cursor is a position in the buckets sorted by key: a bucket
+    /// added or dropped meanwhile may shift the rest by one (one seen twice
+    /// or missed), which a walk of a changing cache allows.
+    async fn scan_buckets(
+        &self,
+        cursor: u64,
+        count: usize,
+    ) -> StoreResult<(u64, Vec<(CounterScope, BucketValues)>)> {
+        let mut state = self.lock();
+        let mut keys: Vec<BucketKey> = state.buckets.keys().cloned().collect();
+        keys.sort();
+        let from = usize::try_from(cursor)
+            .unwrap_or(usize::MAX)
+            .min(keys.len());
+        let until = from.saturating_add(count.max(1)).min(keys.len());
+        let mut buckets = Vec::with_capacity(until - from);
+        for key in &keys[from..until] {
+            if let Some(held) = state.bucket(key) {
+                let (scope, granularity, start) = key.clone();
+                let values = BucketValues {
+                    bucket: Bucket {
+                        granularity,
+                        start,
+                        expires_at: None,
+                    },
+                    values: held.values.iter().map(|(f, a)| (f.clone(), *a)).collect(),
+                };
+                buckets.push((scope, values));
+            }
+        }
+        let next = if until < keys.len() { until as u64 } else { 0 };
+        Ok((next, buckets))
+    }
+
+    async fn restore_buckets(
+        &self,
+        values: &[CounterValue],
+        force: bool,
+    ) -> StoreResult<Vec<bool>> {
+        let mut state = self.lock();
+        let mut written = Vec::with_capacity(values.len());
+        let now = OffsetDateTime::now_utc();
+        for value in values {
+            if value.expires_at.is_some_and(|at| at <= now) {
+                written.push(false); // Past its retention: nothing to keep.
+                continue;
+            }
+            let key = (value.scope.clone(), value.granularity, value.bucket_start);
+            if state.bucket(&key).is_none() {
+                state.buckets.insert(
+                    key.clone(),
+                    HeldBucket {
+                        values: Default::default(),
+                        complete: true,
+                        expires_at: value.expires_at,
+                    },
+                );
+            }
+            let held = state.bucket(&key).expect("just made");
+            if !force && held.values.contains_key(&value.field) {
+                written.push(false);
+                continue;
+            }
+            held.values.insert(value.field.clone(), value.value);
+            held.complete = true;
+            written.push(true);
+        }
+        Ok(written)
+    }
+
     async fn forget_counters(&self) -> StoreResult<u64> {
         let mut state = self.lock();
         state.bucket_drops += 1;

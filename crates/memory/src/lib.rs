@@ -30,10 +30,10 @@ use hybridstore_core::{
     Amount, Backend, Bucket, BucketValues, CacheCounters, CacheEntry, CacheIncrementOutcome,
     CacheJournal, CacheRecords, CacheRecovery, CacheStates, CacheWrite, CacheWriteOutcome,
     CachedState, Change, CollectionName, ControlChannel, ControlState, CopyOutcome,
-    CounterIncrement, CounterJournalEntry, CounterScope, FieldName, Granularity, IdempotencyClaim,
-    IdempotencyLedger, IndexName, JournalAck, JournalEntry, JournalKind, JournalPosition, ListPage,
-    ListQuery, PageBuilder, Record, RecordId, RecordKey, ReplayBounds, SeedTicket, StoreError,
-    StoreResult, Tier, Version, WriteChange, json_size, prefix_upper_bound,
+    CounterIncrement, CounterJournalEntry, CounterScope, CounterValue, FieldName, Granularity,
+    IdempotencyClaim, IdempotencyLedger, IndexName, JournalAck, JournalEntry, JournalKind,
+    JournalPosition, ListPage, ListQuery, PageBuilder, Record, RecordId, RecordKey, ReplayBounds,
+    SeedTicket, StoreError, StoreResult, Tier, Version, WriteChange, json_size, prefix_upper_bound,
 };
 use time::OffsetDateTime;
 use tokio::sync::broadcast;

@@ -348,6 +348,76 @@ impl CacheCounters for RedisStore {
             .map_err(classify)
     }
 
+    async fn scan_buckets(
+        &self,
+        cursor: u64,
+        count: usize,
+    ) -> StoreResult<(u64, Vec<(CounterScope, BucketValues)>)> {
+        let mut conn = self.conn.clone();
+        let (next, keys) =
+            scan_step(&mut conn, cursor, &self.keys.counter_pattern(), count).await?;
+        let named: Vec<(String, (CounterScope, Bucket))> = keys
+            .into_iter()
+            .filter_map(|key| {
+                let (scope, granularity, start) = self.keys.parse_counter_bucket(&key)?;
+                let bucket = Bucket {
+                    granularity,
+                    start,
+                    expires_at: None,
+                };
+                Some((key, (scope, bucket)))
+            })
+            .collect();
+        if named.is_empty() {
+            return Ok((next, Vec::new()));
+        }
+        let mut pipe = redis::pipe();
+        for (key, _) in &named {
+            pipe.cmd("HGETALL").arg(key);
+        }
+        let held: Vec<Vec<(String, String)>> =
+            pipe.query_async(&mut conn).await.map_err(classify)?;
+        let mut buckets = Vec::with_capacity(named.len());
+        for ((_, (scope, bucket)), fields) in named.into_iter().zip(held) {
+            // Gone between the scan and the read (it expired): left out.
+            if let Some((values, _)) = decode_bucket(&bucket, fields)? {
+                buckets.push((scope, values));
+            }
+        }
+        Ok((next, buckets))
+    }
+
+    async fn restore_buckets(
+        &self,
+        values: &[CounterValue],
+        force: bool,
+    ) -> StoreResult<Vec<bool>> {
+        let mut conn = self.conn.clone();
+        let mut written = Vec::with_capacity(values.len());
+        for value in values {
+            let bucket = Bucket {
+                granularity: value.granularity,
+                start: value.bucket_start,
+                expires_at: value.expires_at,
+            };
+            let (units, nanos) = value.value.split();
+            let done: i64 = self
+                .scripts
+                .counter_restore
+                .key(self.keys.counter_bucket(&value.scope, &bucket))
+                .arg(value.field.as_str())
+                .arg(units.to_string())
+                .arg(nanos)
+                .arg(if force { "1" } else { "0" })
+                .arg(expiry_arg(&bucket, self.bucket_idle()))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(classify)?;
+            written.push(done == 1);
+        }
+        Ok(written)
+    }
+
     async fn forget_counters(&self) -> StoreResult<u64> {
         let mut conn = self.conn.clone();
         // Counted before the scan: a seed read before lands either before

@@ -20,7 +20,10 @@
 //! {prefix}:control:changes                       pub/sub channel of its changes
 //! ```
 
-use hybridstore_core::{Bucket, CollectionName, CounterScope, IndexName, JournalKind, RecordKey};
+use hybridstore_core::{
+    Bucket, CollectionName, CounterScope, Granularity, IndexName, JournalKind, RecordKey,
+};
+use time::OffsetDateTime;
 
 /// Number of hash-tag shards. Changing it moves every key (a cold cache).
 pub const SHARDS: u64 = 16;
@@ -200,6 +203,20 @@ impl KeySpace {
         )
     }
 
+    /// The scope and bucket a counter bucket key names (see
+    /// [`KeySpace::counter_bucket`]); `None` for any other key.
+    pub fn parse_counter_bucket(
+        &self,
+        key: &str,
+    ) -> Option<(CounterScope, Granularity, OffsetDateTime)> {
+        let rest = key.strip_prefix(self.prefix.as_str())?.strip_prefix(":{")?;
+        let (_shard, rest) = rest.split_once("}:c:")?;
+        let (scope, label) = rest.rsplit_once(':')?;
+        let scope = CounterScope::parse(scope).ok()?;
+        let (granularity, start) = Granularity::parse_label(label)?;
+        Some((scope, granularity, start))
+    }
+
     /// A `SCAN MATCH` pattern for every counter bucket.
     pub fn counter_pattern(&self) -> String {
         format!("{}:{{*}}:c:*", glob_escape(&self.prefix))
@@ -284,6 +301,33 @@ mod tests {
         let shard: u64 = tag.trim_matches(|c| c == '{' || c == '}').parse().unwrap();
         assert!(shard < SHARDS);
         assert!(redis_key.starts_with("hs:{") && redis_key.ends_with(":r:api_keys:k1"));
+    }
+
+    #[test]
+    fn counter_bucket_keys_parse_back_to_their_scope_and_bucket() {
+        let keys = KeySpace::new("hs:a");
+        let scope = CounterScope::parse("usage:key:1").unwrap();
+        let at = time::macros::datetime!(2026-11-22 05:42 UTC);
+        for granularity in Granularity::ALL {
+            let bucket = Bucket {
+                granularity,
+                start: granularity.bucket_start(at),
+                expires_at: None,
+            };
+            let key = keys.counter_bucket(&scope, &bucket);
+            assert_eq!(
+                keys.parse_counter_bucket(&key),
+                Some((scope.clone(), granularity, bucket.start)),
+                "{key}"
+            );
+            assert_eq!(
+                KeySpace::new("hs").parse_counter_bucket(&key),
+                None,
+                "another prefix"
+            );
+        }
+        assert_eq!(keys.parse_counter_bucket("hs:a:{3}:cdrops"), None);
+        assert_eq!(keys.parse_counter_bucket("hs:a:{3}:r:users:u1"), None);
     }
 
     #[test]

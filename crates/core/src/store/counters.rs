@@ -115,4 +115,23 @@ pub trait CacheCounters: Send + Sync + 'static {
     /// Drops every counter bucket of this service; returns how many. Seeds
     /// whose ticket was taken before are not installed.
     async fn forget_counters(&self) -> StoreResult<u64>;
+
+    /// One step of a walk over every bucket held, from `cursor` (0 to
+    /// start): the next cursor (0 when done) and about `count` buckets with
+    /// their values (each bucket's `expires_at` is left to the caller, who
+    /// knows the retention). Like Redis `SCAN`, a bucket may come more than
+    /// once. Export walks the counters of a cache-only deployment with it.
+    async fn scan_buckets(
+        &self,
+        cursor: u64,
+        count: usize,
+    ) -> StoreResult<(u64, Vec<(CounterScope, BucketValues)>)>;
+
+    /// Sets counter values carried in by an import where the cache holds
+    /// the counters' truth (a cache-only deployment), as
+    /// [`DurableCounters::restore_counters`] does: each only where its
+    /// bucket holds no value for that field, unless `force`. A bucket
+    /// written is complete. Returns, per value, whether it was written.
+    async fn restore_buckets(&self, values: &[CounterValue], force: bool)
+    -> StoreResult<Vec<bool>>;
 }
