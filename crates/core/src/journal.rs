@@ -105,12 +105,17 @@ pub struct JournalEntry {
     pub change: Change,
 }
 
-/// Where an entry sits in the journal (and which copy it pinned).
+/// Where an entry sits, in the cache tier's own terms: the engine only
+/// hands it back to acknowledge the entry, so what each part means stays
+/// inside the tier (Redis: the stream, the entry id, the record key).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JournalPosition {
-    pub stream: String,
-    pub id: String,
-    pub pinned_key: String,
+    /// Which journal holds the entry.
+    pub journal: String,
+    /// The entry within that journal.
+    pub entry: String,
+    /// The copy the entry pinned (empty when it pins none).
+    pub copy: String,
 }
 
 /// How many entries the durable tier refused a cache tier keeps for an

@@ -97,8 +97,8 @@ impl CacheJournal for MemoryCache {
         for ack in acks {
             let kind = JournalKind::ALL
                 .into_iter()
-                .find(|kind| stream_name(*kind) == ack.position.stream)
-                .ok_or_else(|| internal(format!("unknown journal {:?}", ack.position.stream)))?;
+                .find(|kind| stream_name(*kind) == ack.position.journal)
+                .ok_or_else(|| internal(format!("unknown journal {:?}", ack.position.journal)))?;
             let Some(change) = state.journal(kind).ack(sequence(&ack.position)?) else {
                 continue;
             };

@@ -214,17 +214,17 @@ impl<T: Clone> Journal<T> {
 
 fn position(stream: &str, seq: u64) -> JournalPosition {
     JournalPosition {
-        stream: stream.to_owned(),
-        id: seq.to_string(),
-        pinned_key: String::new(),
+        journal: stream.to_owned(),
+        entry: seq.to_string(),
+        copy: String::new(),
     }
 }
 
 fn sequence(position: &JournalPosition) -> StoreResult<u64> {
     position
-        .id
+        .entry
         .parse()
-        .map_err(|_| internal(format!("not a journal position: {:?}", position.id)))
+        .map_err(|_| internal(format!("not a journal position: {:?}", position.entry)))
 }
 
 type BucketKey = (CounterScope, Granularity, OffsetDateTime);

@@ -242,9 +242,9 @@ impl CacheCounters for RedisStore {
             match decoded {
                 Ok(increment) => entries.push(CounterJournalEntry {
                     position: JournalPosition {
-                        stream: streams[index].clone(),
-                        id: id.id.clone(),
-                        pinned_key: String::new(),
+                        journal: streams[index].clone(),
+                        entry: id.id.clone(),
+                        copy: String::new(),
                     },
                     increment,
                 }),
@@ -263,13 +263,13 @@ impl CacheCounters for RedisStore {
         let mut pipe = redis::pipe();
         for position in positions {
             pipe.cmd("XACK")
-                .arg(&position.stream)
+                .arg(&position.journal)
                 .arg(REPLAY_GROUP)
-                .arg(&position.id)
+                .arg(&position.entry)
                 .ignore()
                 .cmd("XDEL")
-                .arg(&position.stream)
-                .arg(&position.id)
+                .arg(&position.journal)
+                .arg(&position.entry)
                 .ignore();
         }
         pipe.query_async::<()>(&mut self.conn.clone())

@@ -58,9 +58,9 @@ fn decode_journal_entry(
     Ok(JournalEntry {
         kind,
         position: JournalPosition {
-            stream: stream.to_owned(),
-            id: entry.id.clone(),
-            pinned_key: text("key")?,
+            journal: stream.to_owned(),
+            entry: entry.id.clone(),
+            copy: text("key")?,
         },
         change,
     })
@@ -163,16 +163,16 @@ impl CacheJournal for RedisStore {
         for chunk in acks.chunks(1000) {
             let calls = chunk.iter().map(|ack| {
                 let mut conn = self.conn.clone();
-                let mut invocation = self.scripts.ack.key(&ack.position.pinned_key);
+                let mut invocation = self.scripts.ack.key(&ack.position.copy);
                 invocation
                     .key(self.keys.pinned_of(&ack.key))
-                    .key(&ack.position.stream)
+                    .key(&ack.position.journal)
                     .arg(ack.version.to_padded())
                     .arg(ttl_millis(ack.ttl))
                     .arg(if ack.superseded { "1" } else { "0" })
                     .arg(ack.key.id.as_str())
                     .arg(REPLAY_GROUP)
-                    .arg(&ack.position.id);
+                    .arg(&ack.position.entry);
                 async move { invocation.invoke_async::<i64>(&mut conn).await }
             });
             for acked in futures_util::future::join_all(calls).await {
@@ -209,7 +209,7 @@ impl CacheJournal for RedisStore {
                     ("v", &entry.change.version().to_padded()),
                     ("d", &data),
                     ("reason", reason),
-                    ("journal", &entry.position.stream),
+                    ("journal", &entry.position.journal),
                 ])
                 .query_async::<()>(&mut conn)
                 .await
