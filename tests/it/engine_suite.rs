@@ -25,9 +25,8 @@ pub enum Pair {
     /// PostgreSQL alone (`REDIS_ENABLED=false`; the Redis URL it is given
     /// leads nowhere, so nothing can use it).
     DurableOnly,
-    /// Redis alone (`POSTGRES_ENABLED=false`), with the shipped collections'
-    /// unique indexes left out, as such a deployment requires (the database
-    /// it is given is never connected to).
+    /// Redis alone (`POSTGRES_ENABLED=false`; the database it is given is
+    /// never connected to).
     CacheOnly,
 }
 
@@ -39,12 +38,7 @@ impl Pair {
             Pair::DurableOnly => TestApp::builder()
                 .config("redis.enabled", false)
                 .config("redis.url", "redis://127.0.0.1:1"),
-            Pair::CacheOnly => ["api_keys", "users", "mcp_servers"].into_iter().fold(
-                TestApp::builder().config("postgres.enabled", false),
-                |builder, name| {
-                    builder.config(&format!("collections.{name}.unique_indexes"), json!([]))
-                },
-            ),
+            Pair::CacheOnly => TestApp::builder().config("postgres.enabled", false),
         }
     }
 
@@ -147,11 +141,13 @@ on_the_cache_tier_alone!(
     conditional_writes_and_reads,
     keyset_listing_with_prefix_and_cursor,
     batch_get_returns_found_records_in_order_and_the_missing_ids,
+    unique_indexes_hold_across_writers_and_free_on_delete,
     record_ttl_expires_records,
     idempotency_keys_answer_retries_once,
     idempotency_keys_keep_outcomes_not_refusals,
     cache_only_serves_every_collection_from_the_cache_and_takes_no_switch,
     cache_only_keeps_records_and_counters_through_a_cache_restart,
+    cache_only_enforces_unique_indexes_in_the_cache,
 );
 
 on_both_tier_pairs!(
@@ -178,6 +174,7 @@ on_both_tier_pairs!(
     idle_counter_buckets_leave_the_cache_and_come_back_exact,
     a_counter_seed_read_before_a_bucket_drop_is_not_installed,
     cache_buckets_restore_where_empty_and_scan_back_whole,
+    unique_claims_hold_in_a_cache_that_is_the_only_tier,
 );
 
 async fn read_data(app: &TestApp, id: &str) -> Value {
@@ -318,11 +315,19 @@ async fn unique_indexes_hold_across_writers_and_free_on_delete(pair: Pair) {
     assert_eq!(taken.status(), StatusCode::CONFLICT);
     let problem: Value = taken.json().await.unwrap();
     assert_eq!(problem["code"], "unique_violation");
-    assert_eq!(
-        app.durable_row("users", "u2").await,
-        None,
-        "nothing written"
-    );
+    if pair.durable() {
+        assert_eq!(
+            app.durable_row("users", "u2").await,
+            None,
+            "nothing written"
+        );
+    } else {
+        assert_eq!(
+            app.cached_entry("users", "u2").await,
+            None,
+            "nothing written"
+        );
+    }
 
     let found: Value = app
         .lookup("users", "username", "ada")
@@ -1426,4 +1431,241 @@ async fn cache_buckets_restore_where_empty_and_scan_back_whole(pair: Pair) {
     };
     let held = cache.counter_buckets(&scope, &[bucket]).await.unwrap();
     assert_eq!(held[0].as_ref().map(|(_, complete)| *complete), Some(true));
+}
+
+/// Where Redis is the only tier, it enforces unique indexes itself: of many
+/// writers racing for one value exactly one gets it, a lookup finds its
+/// holder, a value is free again once its holder moved on, was deleted or
+/// expired, and a patch that would take a held value changes nothing.
+async fn cache_only_enforces_unique_indexes_in_the_cache(pair: Pair) {
+    let app = pair.builder().spawn().await;
+    let ids: Vec<String> = (0..16).map(|n| format!("k{n}")).collect();
+    let racing = ids
+        .iter()
+        .map(|id| app.put("api_keys", id, json!({"key_hash": "h1"})));
+    let answers = futures_util::future::join_all(racing).await;
+    let created: Vec<usize> = answers
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.status() == StatusCode::CREATED)
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(created.len(), 1, "one writer takes the value");
+    assert!(
+        answers
+            .iter()
+            .all(|r| [StatusCode::CREATED, StatusCode::CONFLICT].contains(&r.status())),
+        "the others are refused"
+    );
+    let holder = format!("k{}", created[0]);
+    let found: Value = app
+        .lookup("api_keys", "key_hash", "h1")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["id"], holder.as_str());
+
+    // A patch onto a held value changes nothing; onto a free one, moves.
+    app.put("api_keys", "other", json!({"key_hash": "h2"}))
+        .await;
+    let patch = app
+        .admin(Method::PATCH, "/v1/collections/api_keys/records/other")
+        .header("content-type", "application/merge-patch+json")
+        .json(&json!({"key_hash": "h1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patch.status(), StatusCode::CONFLICT);
+    assert_eq!(
+        read_data_of(&app, "api_keys", "other").await,
+        json!({"key_hash": "h2"})
+    );
+    let moved = app
+        .put("api_keys", &holder, json!({"key_hash": "h3"}))
+        .await;
+    assert_eq!(moved.status(), StatusCode::OK);
+    assert_eq!(
+        app.lookup("api_keys", "key_hash", "h1").await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        app.put("api_keys", "other", json!({"key_hash": "h1"}))
+            .await
+            .status(),
+        StatusCode::OK,
+        "the value the holder left is free"
+    );
+    assert_eq!(
+        app.lookup("api_keys", "key_hash", "h2").await.status(),
+        StatusCode::NOT_FOUND,
+        "and other's old value went"
+    );
+
+    // Deleted or expired, a holder frees its values.
+    app.delete("api_keys", "other").await;
+    assert_eq!(
+        app.put("api_keys", "k-new", json!({"key_hash": "h1"}))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    let short = app
+        .admin(Method::PUT, "/v1/collections/api_keys/records/short?ttl=1")
+        .json(&json!({"key_hash": "h9"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(short.status(), StatusCode::CREATED);
+    assert_eq!(
+        app.put("api_keys", "later", json!({"key_hash": "h9"}))
+            .await
+            .status(),
+        StatusCode::CONFLICT
+    );
+    assert!(
+        until(Duration::from_secs(5), || async {
+            app.put("api_keys", "later", json!({"key_hash": "h9"}))
+                .await
+                .status()
+                == StatusCode::CREATED
+        })
+        .await,
+        "free once its holder expired"
+    );
+    let found: Value = app
+        .lookup("api_keys", "key_hash", "h9")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["id"], "later");
+}
+
+async fn read_data_of(app: &TestApp, collection: &str, id: &str) -> Value {
+    let body: Value = app.get(collection, id).await.json().await.unwrap();
+    body["data"].clone()
+}
+
+/// Either cache tier's side of unique indexes where it is the only tier:
+/// a put naming a value another live record claims is refused, changing
+/// nothing; a lookup finds the holder; a delete, a put without the value or
+/// the holder's expiry frees it; an imported record claims its values.
+async fn unique_claims_hold_in_a_cache_that_is_the_only_tier(pair: Pair) {
+    use hybridstore_core::{
+        CacheWrite, CacheWriteOutcome, IndexEntry, IndexName, Precondition, RecordId, RecordKey,
+        StoreError, WriteChange,
+    };
+    let app = pair.builder().spawn().await;
+    let cache = app.engine().raw_tiers().1;
+    let users = hybridstore_core::CollectionName::parse("users").unwrap();
+    let username = IndexName::parse("username").unwrap();
+    let key = |id: &str| RecordKey::new(users.clone(), RecordId::parse(id).unwrap());
+    let claim = |value: &str| IndexEntry {
+        index: username.clone(),
+        value: value.to_owned(),
+    };
+    let write = |id: &str, value: Option<&str>, ttl: Option<Duration>| {
+        let now = time::OffsetDateTime::now_utc();
+        CacheWrite {
+            journal: None,
+            key: key(id),
+            change: match value {
+                Some(value) => WriteChange::Put {
+                    data: json!({"username": value}).as_object().unwrap().clone(),
+                    expires_at: ttl.map(|ttl| now + ttl),
+                },
+                None => WriteChange::Delete,
+            },
+            precondition: Precondition::None,
+            now,
+            deleted_marker_ttl: Duration::from_secs(60),
+            unknown_state_ok: false,
+            claims: value.into_iter().map(claim).collect(),
+        }
+    };
+    let taken = |result: Result<CacheWriteOutcome, StoreError>| matches!(result, Err(StoreError::UniqueViolation { ref value, .. }) if value == "ada");
+    let holder = || async { cache.lookup_hint(&users, &username, "ada").await.unwrap() };
+    let id = |id: &str| Some(RecordId::parse(id).unwrap());
+
+    assert!(matches!(
+        cache.accept_write(&write("u1", Some("ada"), None)).await,
+        Ok(CacheWriteOutcome::Written { .. })
+    ));
+    assert!(taken(
+        cache.accept_write(&write("u2", Some("ada"), None)).await
+    ));
+    assert!(
+        matches!(
+            cache.get(&key("u2")).await.unwrap(),
+            hybridstore_core::CacheEntry::Miss
+        ),
+        "nothing written"
+    );
+    assert_eq!(holder().await, id("u1"));
+    // u1 moves on: the value is free.
+    cache
+        .accept_write(&write("u1", Some("grace"), None))
+        .await
+        .unwrap();
+    cache
+        .accept_write(&write("u2", Some("ada"), None))
+        .await
+        .unwrap();
+    assert_eq!(holder().await, id("u2"));
+    // Deleted, u2 frees it.
+    cache.accept_write(&write("u2", None, None)).await.unwrap();
+    assert_eq!(holder().await, None);
+    // A holder that expires frees it.
+    cache
+        .accept_write(&write("u3", Some("ada"), Some(Duration::from_millis(300))))
+        .await
+        .unwrap();
+    assert!(taken(
+        cache.accept_write(&write("u4", Some("ada"), None)).await
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    cache
+        .accept_write(&write("u4", Some("ada"), None))
+        .await
+        .unwrap();
+    assert_eq!(holder().await, id("u4"));
+    // An imported record (copied in without claims) claims its values.
+    let now = time::OffsetDateTime::now_utc();
+    let imported = hybridstore_core::Record {
+        collection: users.clone(),
+        id: RecordId::parse("u5").unwrap(),
+        version: hybridstore_core::Version::new(7),
+        data: json!({"username": "linus"}).as_object().unwrap().clone(),
+        created_at: now,
+        updated_at: now,
+        expires_at: None,
+    };
+    cache
+        .copy_in(
+            &hybridstore_core::Change::Put(imported),
+            Duration::from_secs(60),
+            true,
+            false,
+        )
+        .await
+        .unwrap();
+    cache
+        .claim(&key("u5"), &[claim("linus")], now)
+        .await
+        .unwrap();
+    assert_eq!(
+        cache.lookup_hint(&users, &username, "linus").await.unwrap(),
+        id("u5")
+    );
+    let stolen = cache.claim(&key("u5"), &[claim("ada")], now).await;
+    assert!(
+        matches!(stolen, Err(StoreError::UniqueViolation { ref value, .. }) if value == "ada"),
+        "{stolen:?}"
+    );
+    assert_eq!(holder().await, id("u4"), "a refused claim changes nothing");
+    assert_eq!(
+        cache.lookup_hint(&users, &username, "linus").await.unwrap(),
+        id("u5")
+    );
 }

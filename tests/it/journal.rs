@@ -47,6 +47,7 @@ async fn entries_a_dead_consumer_took_are_taken_over_and_replayed_once() {
             now: OffsetDateTime::now_utc(),
             deleted_marker_ttl: Duration::from_secs(60),
             unknown_state_ok: true,
+            claims: Vec::new(),
         };
         match cache.accept_write(&write).await.unwrap() {
             CacheWriteOutcome::Written { version, .. } => versions.push(version),
@@ -158,6 +159,7 @@ async fn an_entry_the_durable_tier_refuses_is_set_aside_and_replay_goes_on() {
         now: OffsetDateTime::now_utc(),
         deleted_marker_ttl: Duration::from_secs(60),
         unknown_state_ok: false,
+        claims: Vec::new(),
     };
     assert!(matches!(
         cache.accept_write(&unstorable).await.unwrap(),

@@ -50,6 +50,12 @@ pub struct CacheWrite {
     /// record (no copy, no deletion marker). Only safe without a precondition,
     /// and only when the durable tier cannot be asked.
     pub unknown_state_ok: bool,
+    /// The unique index values a put takes where the cache is the only
+    /// tier of the deployment (cache-only), which then enforces them: a
+    /// value another live record holds fails the write with
+    /// `UniqueViolation`, changing nothing; values the record held and no
+    /// longer does are freed, and a delete frees them all. Empty otherwise.
+    pub claims: Vec<crate::IndexEntry>,
 }
 
 /// What the cache tier did with a journaled write.

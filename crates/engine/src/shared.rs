@@ -131,6 +131,8 @@ impl Shared {
     /// A cache failure on the journaled path: the write cannot be taken.
     pub(crate) fn journal_failed(&self, err: StoreError) -> Error {
         match err {
+            // A cache-only deployment's cache enforces unique indexes.
+            StoreError::UniqueViolation { index, value } => Error::UniqueViolation { index, value },
             StoreError::Internal { .. } => {
                 Error::Internal(format!("{err} ({})", self.cache.backend()))
             }

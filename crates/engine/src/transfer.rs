@@ -317,6 +317,24 @@ impl Transfer {
                     .await
                     .map_err(|err| self.maintenance.work_stopped("import", err))?;
                 let written = outcome == Some(CopyOutcome::Written);
+                // Where the cache is the only tier, it holds the unique
+                // index values too, as the durable tier's entries would.
+                if let (true, false, Change::Put(record)) =
+                    (written, self.shared.settings.tiers.durable_serves(), change)
+                    && let Some(entries) = collection.index_entries(&record.data)?
+                {
+                    let (key, now) = (record.key(), OffsetDateTime::now_utc());
+                    self.shared
+                        .cache
+                        .call(|t| t.claim(&key, &entries, now))
+                        .await
+                        .map_err(|err| match err {
+                            StoreError::UniqueViolation { index, value } => {
+                                Error::UniqueViolation { index, value }
+                            }
+                            other => self.maintenance.work_stopped("import", other),
+                        })?;
+                }
                 count(
                     if written {
                         &mut report.applied

@@ -31,6 +31,14 @@ impl CacheJournal for MemoryCache {
         if matches!(write.change, WriteChange::Delete) && live.is_none() {
             return Ok(CacheWriteOutcome::NotFound);
         }
+        for claim in &write.claims {
+            if state.claim_held_elsewhere(&write.key.collection, claim, &write.key.id, write.now) {
+                return Err(StoreError::UniqueViolation {
+                    index: claim.index.to_string(),
+                    value: claim.value.clone(),
+                });
+            }
+        }
         let version = Version::next(current_version, write.now);
         let created_at = live.map_or(write.now, |record| record.created_at);
         let created = (current.is_some() || write.journal.is_none()) && live.is_none();
@@ -64,7 +72,16 @@ impl CacheJournal for MemoryCache {
                 WriteChange::Delete => copy.expires = deadline(write.deleted_marker_ttl),
             },
         }
+        let expires = copy.expires;
         state.put_copy(&write.key, copy, self.bounds);
+        if write.journal.is_none() {
+            let held = current.map(|copy| copy.claims).unwrap_or_default();
+            let claims: &[IndexEntry] = match write.change {
+                WriteChange::Put { .. } => &write.claims,
+                WriteChange::Delete => &[],
+            };
+            state.retake_claims(&write.key, &held, claims, expires);
+        }
         Ok(CacheWriteOutcome::Written {
             version,
             created,

@@ -31,9 +31,10 @@ use hybridstore_core::{
     CacheJournal, CacheRecords, CacheRecovery, CacheStates, CacheWrite, CacheWriteOutcome,
     CachedState, Change, CollectionName, ControlChannel, ControlState, CopyOutcome,
     CounterIncrement, CounterJournalEntry, CounterScope, CounterValue, FieldName, Granularity,
-    IdempotencyClaim, IdempotencyLedger, IndexName, JournalAck, JournalEntry, JournalKind,
-    JournalPosition, ListPage, ListQuery, PageBuilder, Record, RecordId, RecordKey, ReplayBounds,
-    SeedTicket, StoreError, StoreResult, Tier, Version, WriteChange, json_size, prefix_upper_bound,
+    IdempotencyClaim, IdempotencyLedger, IndexEntry, IndexName, JournalAck, JournalEntry,
+    JournalKind, JournalPosition, ListPage, ListQuery, PageBuilder, Record, RecordId, RecordKey,
+    ReplayBounds, SeedTicket, StoreError, StoreResult, Tier, Version, WriteChange, json_size,
+    prefix_upper_bound,
 };
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
@@ -75,6 +76,9 @@ struct Copy {
     pinned: Option<Version>,
     /// The truth of a cache-only collection.
     authoritative: bool,
+    /// The unique index values it claims, where the cache is the only tier
+    /// (see [`State::claim_held_elsewhere`]).
+    claims: Vec<IndexEntry>,
     /// What the copy counts against the byte bound (see [`copy_bytes`]).
     bytes: usize,
 }
@@ -101,6 +105,7 @@ impl Copy {
                 expires: None,
                 pinned: None,
                 authoritative: false,
+                claims: Vec::new(),
                 bytes: copy_bytes(Some(record)),
             },
             Change::Delete { version, at, .. } => Self {
@@ -110,6 +115,7 @@ impl Copy {
                 expires: None,
                 pinned: None,
                 authoritative: false,
+                claims: Vec::new(),
                 bytes: copy_bytes(None),
             },
         }
@@ -308,6 +314,63 @@ impl State {
             return None;
         }
         self.records.get_mut(&key.collection)?.get_mut(&key.id)
+    }
+
+    /// Whether a live record other than `id` holds this unique index value
+    /// of `collection`. A claim is the value's lookup entry naming its
+    /// owner; it counts only while the owner is live and still claims it.
+    fn claim_held_elsewhere(
+        &mut self,
+        collection: &CollectionName,
+        claim: &IndexEntry,
+        id: &RecordId,
+        now: OffsetDateTime,
+    ) -> bool {
+        let hint = (collection.clone(), claim.index.clone(), claim.value.clone());
+        let Some((owner, _)) = self.hints.get(&hint).cloned() else {
+            return false;
+        };
+        if &owner == id {
+            return false;
+        }
+        let owner = RecordKey::new(collection.clone(), owner);
+        self.copy(&owner).is_some_and(|copy| {
+            copy.record.as_ref().is_some_and(|r| !r.is_expired(now)) && copy.claims.contains(claim)
+        })
+    }
+
+    /// Frees the claims `key` held that are not among `claims`, and takes
+    /// `claims` (recorded on its copy, which must be in place) until
+    /// `expires`.
+    fn retake_claims(
+        &mut self,
+        key: &RecordKey,
+        held: &[IndexEntry],
+        claims: &[IndexEntry],
+        expires: Option<Instant>,
+    ) {
+        let hint = |claim: &IndexEntry| {
+            (
+                key.collection.clone(),
+                claim.index.clone(),
+                claim.value.clone(),
+            )
+        };
+        for claim in held.iter().filter(|claim| !claims.contains(claim)) {
+            if self
+                .hints
+                .get(&hint(claim))
+                .is_some_and(|(owner, _)| owner == &key.id)
+            {
+                self.hints.remove(&hint(claim));
+            }
+        }
+        for claim in claims {
+            self.hints.insert(hint(claim), (key.id.clone(), expires));
+        }
+        if let Some(copy) = self.copy(key) {
+            copy.claims = claims.to_vec();
+        }
     }
 
     fn put_copy(&mut self, key: &RecordKey, copy: Copy, bounds: Bounds) {

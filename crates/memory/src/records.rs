@@ -91,6 +91,36 @@ impl CacheRecords for MemoryCache {
         Ok(())
     }
 
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        claims: &[IndexEntry],
+        now: OffsetDateTime,
+    ) -> StoreResult<()> {
+        let mut state = self.lock();
+        let Some(copy) = state.copy(key) else {
+            return Ok(());
+        };
+        if copy
+            .record
+            .as_ref()
+            .is_none_or(|record| record.is_expired(now))
+        {
+            return Ok(());
+        }
+        let (held, expires) = (copy.claims.clone(), copy.expires);
+        for claim in claims {
+            if state.claim_held_elsewhere(&key.collection, claim, &key.id, now) {
+                return Err(StoreError::UniqueViolation {
+                    index: claim.index.to_string(),
+                    value: claim.value.clone(),
+                });
+            }
+        }
+        state.retake_claims(key, &held, claims, expires);
+        Ok(())
+    }
+
     async fn list(&self, query: &ListQuery) -> StoreResult<ListPage> {
         let mut state = self.lock();
         let prefix = query.prefix.as_deref().unwrap_or("");

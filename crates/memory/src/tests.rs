@@ -39,6 +39,7 @@ fn journaled_put(id: &str) -> CacheWrite {
         now: OffsetDateTime::now_utc(),
         deleted_marker_ttl: Duration::from_secs(60),
         unknown_state_ok: true,
+        claims: Vec::new(),
     }
 }
 

@@ -92,12 +92,16 @@ impl CacheJournal for RedisStore {
             Some(kind) => ("journal", self.keys.journal_of(&write.key, kind)),
             None => ("only", self.keys.ids_of(&write.key)),
         };
-        let reply: Vec<String> = self
-            .scripts
-            .accept_write
-            .key(self.keys.record(&write.key))
-            .key(second)
-            .key(self.keys.pinned_of(&write.key))
+        let mut invocation = self.scripts.accept_write.key(self.keys.record(&write.key));
+        invocation.key(second).key(self.keys.pinned_of(&write.key));
+        for claim in &write.claims {
+            invocation.key(self.keys.lookup_hint(
+                &write.key.collection,
+                &claim.index,
+                &claim.value,
+            ));
+        }
+        invocation
             .arg(op)
             .arg(Version::next(None, write.now).to_padded())
             .arg(precondition)
@@ -109,7 +113,11 @@ impl CacheJournal for RedisStore {
             .arg(write.key.collection.as_str())
             .arg(write.key.id.as_str())
             .arg(mode)
-            .arg(ttl_millis(write.deleted_marker_ttl))
+            .arg(ttl_millis(write.deleted_marker_ttl));
+        for claim in &write.claims {
+            invocation.arg(claim.index.as_str()).arg(&claim.value);
+        }
+        let reply: Vec<String> = invocation
             .invoke_async(&mut self.conn.clone())
             .await
             .map_err(classify)?;
@@ -133,6 +141,10 @@ impl CacheJournal for RedisStore {
                 },
             }),
             "notfound" => Ok(CacheWriteOutcome::NotFound),
+            "taken" => Err(StoreError::UniqueViolation {
+                index: field(1).to_owned(),
+                value: field(2).to_owned(),
+            }),
             other => Err(corrupt(format!(
                 "unexpected reply from the write script: {other:?}"
             ))),

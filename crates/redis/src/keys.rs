@@ -21,7 +21,7 @@
 //! ```
 
 use hybridstore_core::{
-    Bucket, CollectionName, CounterScope, Granularity, IndexName, JournalKind, RecordKey,
+    Bucket, CollectionName, CounterScope, Granularity, IndexName, JournalKind, RecordId, RecordKey,
 };
 use time::OffsetDateTime;
 
@@ -203,6 +203,15 @@ impl KeySpace {
         )
     }
 
+    /// The id of the record of `collection` whose key is `key` (a claim
+    /// holds its owner's record key); `None` for any other text.
+    pub fn record_id_in(&self, collection: &CollectionName, key: &str) -> Option<RecordId> {
+        let rest = key.strip_prefix(self.prefix.as_str())?.strip_prefix(":{")?;
+        let (_shard, rest) = rest.split_once("}:r:")?;
+        let id = rest.strip_prefix(collection.as_str())?.strip_prefix(':')?;
+        RecordId::parse(id).ok()
+    }
+
     /// The scope and bucket a counter bucket key names (see
     /// [`KeySpace::counter_bucket`]); `None` for any other key.
     pub fn parse_counter_bucket(
@@ -286,7 +295,6 @@ fn glob_escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hybridstore_core::RecordId;
 
     #[test]
     fn record_keys_carry_one_stable_hash_tag() {
@@ -301,6 +309,22 @@ mod tests {
         let shard: u64 = tag.trim_matches(|c| c == '{' || c == '}').parse().unwrap();
         assert!(shard < SHARDS);
         assert!(redis_key.starts_with("hs:{") && redis_key.ends_with(":r:api_keys:k1"));
+    }
+
+    #[test]
+    fn record_keys_give_back_their_id() {
+        let keys = KeySpace::new("hs:a");
+        let users = CollectionName::parse("users").unwrap();
+        let key = RecordKey::new(users.clone(), RecordId::parse("u:1").unwrap());
+        let id = keys.record_id_in(&users, &keys.record(&key));
+        assert_eq!(id.as_ref().map(RecordId::as_str), Some("u:1"));
+        let groups = CollectionName::parse("groups").unwrap();
+        assert_eq!(keys.record_id_in(&groups, &keys.record(&key)), None);
+        assert_eq!(
+            KeySpace::new("hs").record_id_in(&users, &keys.record(&key)),
+            None
+        );
+        assert_eq!(keys.record_id_in(&users, "u:1"), None, "a bare id");
     }
 
     #[test]

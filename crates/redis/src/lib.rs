@@ -20,10 +20,10 @@ use hybridstore_core::{
     CacheJournal, CacheRecords, CacheRecovery, CacheStates, CacheWrite, CacheWriteOutcome,
     CachedState, Change, CollectionName, ControlChannel, ControlState, CopyOutcome,
     CounterIncrement, CounterJournalEntry, CounterScope, CounterValue, FieldName, IdempotencyClaim,
-    IdempotencyLedger, IndexName, JournalAck, JournalEntry, JournalKind, JournalPosition,
-    JsonObject, ListPage, ListQuery, MAX_DEAD_LETTERS, Micros, PageBuilder, Precondition, Record,
-    RecordId, RecordKey, ReplayBounds, SeedTicket, StoreError, StoreResult, Tier, Version,
-    WriteChange, json_size,
+    IdempotencyLedger, IndexEntry, IndexName, JournalAck, JournalEntry, JournalKind,
+    JournalPosition, JsonObject, ListPage, ListQuery, MAX_DEAD_LETTERS, Micros, PageBuilder,
+    Precondition, Record, RecordId, RecordKey, ReplayBounds, SeedTicket, StoreError, StoreResult,
+    Tier, Version, WriteChange, json_size,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
@@ -71,6 +71,7 @@ pub struct RedisStore {
 struct Scripts {
     store_if_newer: Script,
     accept_write: Script,
+    claim: Script,
     ack: Script,
     unlink_older: Script,
     /// Raises a number kept at a key, never lowers it.
@@ -273,7 +274,14 @@ impl RedisStore {
             counters_held: options.counters_held,
             scripts: Scripts {
                 store_if_newer: Script::new(include_str!("lua/store_if_newer.lua")),
-                accept_write: Script::new(include_str!("lua/accept_write.lua")),
+                accept_write: Script::new(concat!(
+                    include_str!("lua/claims.lua"),
+                    include_str!("lua/accept_write.lua")
+                )),
+                claim: Script::new(concat!(
+                    include_str!("lua/claims.lua"),
+                    include_str!("lua/claim.lua")
+                )),
                 ack: Script::new(include_str!("lua/ack.lua")),
                 unlink_older: Script::new(include_str!("lua/unlink_older.lua")),
                 raise: Script::new(

@@ -88,8 +88,13 @@ impl CacheRecords for RedisStore {
             .query_async(&mut self.conn.clone())
             .await
             .map_err(classify)?;
+        // A claim (cache-only) holds its owner's record key, a hint the id.
         // A hint that is not a valid id is ignored, as any stale hint would be.
-        Ok(id.and_then(|id| RecordId::parse(&id).ok()))
+        Ok(id.and_then(|id| {
+            self.keys
+                .record_id_in(collection, &id)
+                .or_else(|| RecordId::parse(&id).ok())
+        }))
     }
 
     async fn store_lookup_hint(
@@ -108,6 +113,37 @@ impl CacheRecords for RedisStore {
             .query_async::<()>(&mut self.conn.clone())
             .await
             .map_err(classify)
+    }
+
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        claims: &[IndexEntry],
+        now: OffsetDateTime,
+    ) -> StoreResult<()> {
+        let mut invocation = self.scripts.claim.key(self.keys.record(key));
+        for claim in claims {
+            invocation.key(
+                self.keys
+                    .lookup_hint(&key.collection, &claim.index, &claim.value),
+            );
+        }
+        invocation.arg(Micros::of(now).get());
+        for claim in claims {
+            invocation.arg(claim.index.as_str()).arg(&claim.value);
+        }
+        let reply: Vec<String> = invocation
+            .invoke_async(&mut self.conn.clone())
+            .await
+            .map_err(classify)?;
+        match reply.first().map(String::as_str) {
+            Some("ok" | "gone") => Ok(()),
+            Some("taken") => Err(StoreError::UniqueViolation {
+                index: reply.get(1).cloned().unwrap_or_default(),
+                value: reply.get(2).cloned().unwrap_or_default(),
+            }),
+            other => Err(corrupt(format!("claim answered {other:?}"))),
+        }
     }
 
     async fn list(&self, query: &ListQuery) -> StoreResult<ListPage> {

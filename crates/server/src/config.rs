@@ -671,35 +671,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if self.cache_only() {
-            if !self.redis.enabled || !self.redis.is_configured() {
-                return Err(invalid(
-                    "postgres.enabled (POSTGRES_ENABLED)",
-                    "false needs Redis, which then holds the data: set REDIS_URL or REDIS_HOST \
-                     (and leave REDIS_ENABLED on)",
-                ));
-            }
-            // Only the durable tier can enforce uniqueness (SPEC section 3:
-            // strategies that write through the cache are held back on such
-            // collections); refused at start rather than served unchecked.
-            let unique: Vec<String> = self
-                .collection_specs()?
-                .into_iter()
-                .filter(|spec| !spec.unique_indexes.is_empty())
-                .map(|spec| spec.name.to_string())
-                .collect();
-            if !unique.is_empty() {
-                return Err(invalid(
-                    "postgres.enabled (POSTGRES_ENABLED)",
-                    format!(
-                        "false makes every collection redis_only, and Redis alone cannot enforce \
-                         unique indexes, which {} declare: set their unique_indexes to [] (in a \
-                         config file, or HYBRIDSTORE_COLLECTIONS__<NAME>__UNIQUE_INDEXES='[]'), \
-                         or keep PostgreSQL",
-                        unique.join(", ")
-                    ),
-                ));
-            }
+        if self.cache_only() && (!self.redis.enabled || !self.redis.is_configured()) {
+            return Err(invalid(
+                "postgres.enabled (POSTGRES_ENABLED)",
+                "false needs Redis, which then holds the data: set REDIS_URL or REDIS_HOST \
+                 (and leave REDIS_ENABLED on)",
+            ));
         }
         if self.mode() == Mode::Embedded {
             if self.embedded.cache_max_records < 100 {
@@ -1042,8 +1019,8 @@ mod tests {
             jail.set_env("REDIS_ENABLED", "true");
             let message = load_in(jail).expect_err("no Redis named").to_string();
             assert!(message.contains("REDIS_URL"), "{message}");
-            // Redis alone: needs Redis, and refuses the shipped collections
-            // that declare unique indexes, naming each.
+            // Redis alone: needs Redis (and then takes the shipped
+            // collections, unique indexes and all).
             jail.set_env("POSTGRES_ENABLED", "false");
             let message = load_in(jail).expect_err("no Redis named").to_string();
             assert!(
@@ -1051,16 +1028,6 @@ mod tests {
                 "{message}"
             );
             jail.set_env("REDIS_URL", "redis://localhost:6379");
-            let message = load_in(jail).expect_err("unique indexes").to_string();
-            for name in ["api_keys", "users", "mcp_servers"] {
-                assert!(message.contains(name), "{message}");
-            }
-            for name in ["API_KEYS", "USERS", "MCP_SERVERS"] {
-                jail.set_env(
-                    format!("HYBRIDSTORE_COLLECTIONS__{name}__UNIQUE_INDEXES"),
-                    "[]",
-                );
-            }
             let config = load_in(jail).expect("Redis alone");
             assert_eq!(config.mode(), Mode::Production);
             assert!(config.cache_only());

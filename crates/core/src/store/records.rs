@@ -206,6 +206,19 @@ pub trait CacheRecords: Send + Sync + 'static {
     /// One page of a collection the cache holds as the only tier
     /// (`redis_only`), ordered by id.
     async fn list(&self, query: &ListQuery) -> StoreResult<ListPage>;
+
+    /// Points a record held as the truth of a cache-only deployment at its
+    /// unique index values, as a put with claims does (see
+    /// [`CacheWrite::claims`](crate::CacheWrite::claims)): an import, after
+    /// `copy_in`, which carries the record but not its claims. Fails with
+    /// `UniqueViolation`, changing nothing, when another live record holds
+    /// one; does nothing for a record that is not live at `now`.
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        claims: &[IndexEntry],
+        now: OffsetDateTime,
+    ) -> StoreResult<()>;
 }
 
 /// What a cache tier holds, pins included: what sync, the consistency

@@ -214,7 +214,8 @@ impl Journal {
 
     /// A put through the journal. A collection with unique indexes can only
     /// be written this way (during an outage) if the write keeps every indexed
-    /// value as it is: only the durable tier can check a new value. The check
+    /// value as it is: only the durable tier can check a new value. (Where
+    /// the cache is the only tier, it checks them itself: `claims`.) The check
     /// is made against the copy the write replaces, so the write is guarded
     /// by that copy's version; if a concurrent write got in between, a write
     /// without `If-Match` checks again rather than failing with 412, which is
@@ -235,6 +236,7 @@ impl Journal {
             precondition: write.precondition,
             now: write.now,
             unknown_state_ok: false,
+            claims: Vec::new(),
         };
         let mut outcome = None;
         let started = std::time::Instant::now();
@@ -245,7 +247,11 @@ impl Journal {
                 }
                 backoff(attempt).await;
             }
-            if let Some(entries) = &write.index_entries {
+            if let (Some(entries), None) = (&write.index_entries, journaled.journal) {
+                // The cache is the deployment's only tier (cache-only): it
+                // enforces the values itself.
+                journaled.claims = entries.clone();
+            } else if let Some(entries) = &write.index_entries {
                 journaled.precondition = self
                     .index_guard(
                         collection,
@@ -259,6 +265,7 @@ impl Journal {
             match self.journal(collection, &mut journaled).await {
                 Err(Error::VersionConflict { .. })
                     if write.index_entries.is_some()
+                        && journaled.claims.is_empty()
                         && !matches!(write.precondition, Precondition::IfMatch(_)) =>
                 {
                     continue;
@@ -342,6 +349,7 @@ impl Journal {
             precondition,
             now,
             unknown_state_ok: false,
+            claims: Vec::new(),
         };
         match self.journal(collection, &mut journaled).await? {
             CacheWriteOutcome::Written { version, .. } => Ok(version),
