@@ -91,23 +91,25 @@ macro_rules! on_both_tier_pairs {
     };
 }
 
-/// The tests that hold for a deployment with the durable tier alone: every
-/// collection is `postgres_only` there, so the tests of the cache's part do
-/// not apply (`durable_only_*` below covers what is its own).
-macro_rules! on_the_durable_tier_alone {
-    ($($name:ident),* $(,)?) => {
-        mod durable_only {
+/// The tests that hold for a deployment with one tier: every collection
+/// follows that tier's one strategy there, so the tests of the other
+/// tier's part do not apply (`durable_only_*` and `cache_only_*` below
+/// cover what is each one's own).
+macro_rules! on_one_tier {
+    ($module:ident, $pair:ident: $($name:ident),* $(,)?) => {
+        mod $module {
             $(
                 #[tokio::test]
                 async fn $name() {
-                    super::$name(super::Pair::DurableOnly).await
+                    super::$name(super::Pair::$pair).await
                 }
             )*
         }
     };
 }
 
-on_the_durable_tier_alone!(
+on_one_tier!(
+    durable_only, DurableOnly:
     postgres_only_never_touches_the_cache,
     conditional_writes_and_reads,
     keyset_listing_with_prefix_and_cursor,
@@ -120,23 +122,8 @@ on_the_durable_tier_alone!(
     durable_only_serves_every_collection_durably_and_takes_no_switch,
 );
 
-/// The tests that hold for a deployment with the cache tier alone: every
-/// collection is `redis_only` there, and nothing has a durable tier to
-/// reach (`cache_only_*` below covers what is its own).
-macro_rules! on_the_cache_tier_alone {
-    ($($name:ident),* $(,)?) => {
-        mod cache_only {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    super::$name(super::Pair::CacheOnly).await
-                }
-            )*
-        }
-    };
-}
-
-on_the_cache_tier_alone!(
+on_one_tier!(
+    cache_only, CacheOnly:
     redis_only_keeps_records_in_the_cache_alone,
     conditional_writes_and_reads,
     keyset_listing_with_prefix_and_cursor,
@@ -817,17 +804,10 @@ async fn redis_only_keeps_records_in_the_cache_alone(pair: Pair) {
     assert_eq!(next, Value::Null);
 
     // An export (and so a backup) carries what the cache alone holds.
-    let export = app
-        .admin(Method::GET, "/admin/database/export")
-        .send()
+    let exported: Vec<(String, Value)> = app
+        .export_lines()
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let exported: Vec<(String, Value)> = export
-        .lines()
-        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .into_iter()
         .filter(|line| line["type"] == "record" && line["collection"] == "items")
         .map(|line| {
             (

@@ -143,18 +143,7 @@ fn in_order(mode: Mode, mut lines: Vec<Value>) -> Vec<Value> {
 /// Everything the durable tier holds, as export lines without the header
 /// (which names the instance and time).
 async fn exported(app: &TestApp) -> Vec<Value> {
-    let body = app
-        .admin(Method::GET, "/admin/database/export")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    body.lines()
-        .skip(1)
-        .map(|line| serde_json::from_str(line).unwrap())
-        .collect()
+    app.export_lines().await.split_off(1)
 }
 
 fn backup_files(dir: &Path) -> (PathBuf, PathBuf) {

@@ -18,6 +18,7 @@
 //! Health probes run here, since they tie the cache's recovery to the
 //! journal's replay; status reports (`status.rs`) read every component.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -176,41 +177,13 @@ impl Engine {
     /// each on its own: a cache recovery that replays a journal must not
     /// keep the durable tier's failure from being noticed.
     pub async fn run_health_probes(self: Arc<Self>) {
-        let durable = async {
-            let mut ticks = self.probe_ticks();
-            loop {
-                // A failed live call asks for a probe at once: a refused
-                // connection then opens the breaker within milliseconds.
-                tokio::select! {
-                    _ = ticks.tick() => {}
-                    () = self.shared.durable.breaker.probe_wanted.notified() => {}
-                }
-                self.shared.durable.probe().await;
-            }
-        };
-        let cache = async {
-            let mut ticks = self.probe_ticks();
-            loop {
-                tokio::select! {
-                    _ = ticks.tick() => {}
-                    () = self.shared.cache.breaker.probe_wanted.notified() => {}
-                }
-                self.probe_cache().await;
-            }
-        };
+        let shared = &self.shared;
+        let durable = self.keep_probing(&shared.durable.breaker, || shared.durable.probe());
+        let cache = self.keep_probing(&shared.cache.breaker, || self.probe_cache());
         // A cache that holds the truth has nothing to reconcile after an
         // outage or a restart: its probe is the plain one.
-        let cache_alone = async {
-            let mut ticks = self.probe_ticks();
-            loop {
-                tokio::select! {
-                    _ = ticks.tick() => {}
-                    () = self.shared.cache.breaker.probe_wanted.notified() => {}
-                }
-                self.shared.cache.probe().await;
-            }
-        };
-        match self.shared.settings.tiers {
+        let cache_alone = self.keep_probing(&shared.cache.breaker, || shared.cache.probe());
+        match shared.settings.tiers {
             Tiers::Both => {
                 in_background(async {
                     tokio::join!(durable, cache);
@@ -219,6 +192,24 @@ impl Engine {
             }
             Tiers::DurableOnly => in_background(durable).await,
             Tiers::CacheOnly => in_background(cache_alone).await,
+        }
+    }
+
+    /// Probes one tier forever: every probe interval, and at once when a
+    /// failed live call asks (a refused connection then opens the breaker
+    /// within milliseconds).
+    async fn keep_probing<F, R>(&self, breaker: &Breaker, probe: F)
+    where
+        F: Fn() -> R,
+        R: Future<Output = ()>,
+    {
+        let mut ticks = self.probe_ticks();
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = breaker.probe_wanted.notified() => {}
+            }
+            probe().await;
         }
     }
 

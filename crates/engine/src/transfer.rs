@@ -328,12 +328,7 @@ impl Transfer {
                         .cache
                         .call(|t| t.claim(&key, &entries, now))
                         .await
-                        .map_err(|err| match err {
-                            StoreError::UniqueViolation { index, value } => {
-                                Error::UniqueViolation { index, value }
-                            }
-                            other => self.maintenance.work_stopped("import", other),
-                        })?;
+                        .map_err(|err| self.import_failed(err))?;
                 }
                 count(
                     if written {
@@ -381,12 +376,7 @@ impl Transfer {
                     .durable
                     .call(|t| t.set_index_entries(&key, &entries, now))
                     .await
-                    .map_err(|err| match err {
-                        StoreError::UniqueViolation { index, value } => {
-                            Error::UniqueViolation { index, value }
-                        }
-                        other => self.maintenance.work_stopped("import", other),
-                    })?;
+                    .map_err(|err| self.import_failed(err))?;
             }
         }
         if self.shared.configured_plan(collection).uses_cache()
@@ -396,6 +386,15 @@ impl Transfer {
             tracing::warn!(error = %err, "imported records: cache copies left to the recovery");
         }
         Ok(())
+    }
+
+    /// What an import answers when a tier refused it: a value a unique
+    /// index holds already is the import's conflict, anything else stops it.
+    fn import_failed(&self, err: StoreError) -> Error {
+        match err {
+            StoreError::UniqueViolation { index, value } => Error::UniqueViolation { index, value },
+            other => self.maintenance.work_stopped("import", other),
+        }
     }
 
     async fn import_counters(

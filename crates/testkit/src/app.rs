@@ -603,6 +603,22 @@ impl TestApp {
 
     /// One page of `GET /v1/collections/{collection}/records?{query}` as the
     /// admin: the ids and the `next` cursor.
+    /// Every line `GET /admin/database/export` answers, header and end
+    /// line included.
+    pub async fn export_lines(&self) -> Vec<Value> {
+        let body = self
+            .admin(Method::GET, "/admin/database/export")
+            .send()
+            .await
+            .expect("the export answers")
+            .text()
+            .await
+            .expect("the export's body");
+        body.lines()
+            .map(|line| serde_json::from_str(line).expect("an export line is JSON"))
+            .collect()
+    }
+
     pub async fn list_page(&self, collection: &str, query: &str) -> (Vec<String>, Value) {
         let path = format!("/v1/collections/{collection}/records?{query}");
         let (status, page) = self.admin_call(Method::GET, &path).await;
