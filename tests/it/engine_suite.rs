@@ -165,8 +165,7 @@ on_both_tier_pairs!(
 );
 
 async fn read_data(app: &TestApp, id: &str) -> Value {
-    let body: Value = app.get("items", id).await.json().await.unwrap();
-    body["data"].clone()
+    read_data_of(app, "items", id).await
 }
 
 async fn eventually_durable(app: &TestApp, id: &str, version: u64) -> bool {
