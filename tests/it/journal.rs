@@ -1,5 +1,6 @@
-//! The journal at the tier level, against a real Redis: entries a consumer
-//! took and never acknowledged (it died) are taken over by another.
+//! The Redis tier on its own, against a real Redis: journal entries a
+//! consumer took and never acknowledged (it died) are taken over by
+//! another; what in Redis's configuration can lose data is named.
 
 use std::time::Duration;
 
@@ -206,4 +207,38 @@ async fn an_entry_the_durable_tier_refuses_is_set_aside_and_replay_goes_on() {
     // The durable tier stays the truth: the refused copy is not served.
     let read: serde_json::Value = app.get("groups", "bad").await.json().await.unwrap();
     assert_eq!(read["data"], json!({"n": 0}));
+}
+
+/// Where Redis holds a deployment's data, what in its configuration can
+/// lose it is named: no append-only file, or a policy that evicts keys.
+#[tokio::test]
+async fn redis_says_what_in_its_configuration_can_lose_data() {
+    use hybridstore_testkit::{Redis, RedisPersistence};
+    let shared = blocking(|| shared().redis.clone()).await;
+    let risks = store("dr", shared.url()).durability_risks().await.unwrap();
+    assert!(
+        risks.iter().any(|risk| risk.contains("appendonly is no")),
+        "{risks:?}"
+    );
+    let own = blocking(|| Redis::start(RedisPersistence::AppendOnly)).await;
+    let durable = store("dr", own.url());
+    assert_eq!(
+        durable.durability_risks().await.unwrap(),
+        Vec::<String>::new()
+    );
+    let mut conn = redis::Client::open(own.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let risks = durable.durability_risks().await.unwrap();
+    assert_eq!(risks.len(), 1, "{risks:?}");
+    assert!(risks[0].contains("allkeys-lru"), "{risks:?}");
 }

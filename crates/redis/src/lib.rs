@@ -303,6 +303,37 @@ impl RedisStore {
         &self.keys
     }
 
+    /// Where Redis holds the truth (a cache-only deployment), what in its
+    /// configuration can lose acknowledged data: a policy that evicts keys,
+    /// or no append-only file. (A managed Redis may refuse `CONFIG`: an
+    /// error that is not unavailability.)
+    pub async fn durability_risks(&self) -> StoreResult<Vec<String>> {
+        let settings: std::collections::HashMap<String, String> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .arg("appendonly")
+            .query_async::<Vec<(String, String)>>(&mut self.probe_conn.clone())
+            .await
+            .map_err(classify)?
+            .into_iter()
+            .collect();
+        let mut risks = Vec::new();
+        if let Some(policy) = settings.get("maxmemory-policy")
+            && policy != "noeviction"
+        {
+            risks.push(format!(
+                "maxmemory-policy is {policy}: a key Redis evicts is a record lost (set noeviction)"
+            ));
+        }
+        if settings.get("appendonly").is_some_and(|on| on == "no") {
+            risks.push(
+                "appendonly is no: a restart loses what came after the last snapshot (set appendonly yes)"
+                    .to_owned(),
+            );
+        }
+        Ok(risks)
+    }
+
     /// The first `query.limit` ids of the per-shard sorted sets `set_of`
     /// names, in id order, after the query's cursor and within its prefix.
     async fn ids_in_range(

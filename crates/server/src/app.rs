@@ -107,6 +107,30 @@ async fn production_tiers(config: &Config) -> Result<Tiers, StartError> {
             cache = "redis",
             "hybridstore mode: Redis alone (POSTGRES_ENABLED=false); every collection is redis_only and Redis holds the data"
         );
+        // Redis may be down at start: asked once it answers, without
+        // holding the start back.
+        let asked = redis.clone();
+        tokio::spawn(async move {
+            loop {
+                match asked.durability_risks().await {
+                    Ok(risks) => {
+                        for risk in risks {
+                            tracing::warn!(
+                                risk,
+                                "Redis holds this deployment's data, and its configuration can lose it"
+                            );
+                        }
+                        return;
+                    }
+                    Err(err) if err.is_unavailable() => {
+                        tokio::time::sleep(Duration::from_secs(5)).await
+                    }
+                    Err(err) => {
+                        return tracing::debug!(error = %err, "Redis does not say how it keeps data");
+                    }
+                }
+            }
+        });
         return Ok((Arc::new(NoDurableTier), Arc::new(redis)));
     }
     let postgres = PostgresStore::new_lazy(postgres_options(config)?);
