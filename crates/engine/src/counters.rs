@@ -216,6 +216,7 @@ impl Counters {
                     self.state.backlog.mark();
                     let complete = applied.iter().all(|(_, complete)| *complete);
                     if !complete
+                        && self.shared.settings.tiers.durable_serves()
                         && self.shared.durable.breaker.is_closed()
                         && !self.state.backlog.pending()
                     {
