@@ -263,12 +263,6 @@ impl Switches {
         Ok(())
     }
 
-    /// Switches one collection's strategy on every instance sharing the
-    /// stores (`target: None`: back to what it declares or follows), under
-    /// the rules of a service-wide switch; a strategy the collection cannot
-    /// take (unique indexes under a strategy that writes through the cache)
-    /// is refused.
-    #[tracing::instrument(level = "info", skip(self))]
     /// A deployment with one tier has one strategy: no switch.
     fn two_tiers(&self) -> Result<(), Error> {
         match self.shared.settings.tiers.alone() {
@@ -277,6 +271,12 @@ impl Switches {
         }
     }
 
+    /// Switches one collection's strategy on every instance sharing the
+    /// stores (`target: None`: back to what it declares or follows), under
+    /// the rules of a service-wide switch; a strategy the collection cannot
+    /// take (unique indexes under a strategy that writes through the cache)
+    /// is refused.
+    #[tracing::instrument(level = "info", skip(self))]
     pub async fn switch_collection_strategy(
         &self,
         name: &CollectionName,
