@@ -712,6 +712,52 @@ async fn another_instances_journaled_write_is_never_served_older_once_redis_dies
     assert_eq!(etag_version(&served), etag_version(&over));
 }
 
+/// The same, with Redis dying right after B acknowledged, before B's
+/// publisher ran (its publishing also takes 60 ms here). A reads at once
+/// after its breaker opened: it must not serve PostgreSQL's older version.
+/// It waits until every instance's publisher has run once since it lost
+/// Redis, and then finds B's key in the held list. (A campaign, seed 197
+/// with two instances, read the older version 50 ms after Redis died.)
+#[tokio::test]
+async fn a_key_journaled_just_before_redis_died_is_not_served_older_by_another_instance() {
+    let (redis, [(a, hooked_a), (b, hooked_b)]) =
+        two_hooked_instances("grace", &[("collections.groups.strategy", "cache_first")]).await;
+    let first = a.put("groups", "g1", json!({"n": 1})).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert!(
+        until(Duration::from_secs(10), || async {
+            a.postgres_copy("groups", "g1").await.map(|c| c.version) == Some(etag_version(&first))
+        })
+        .await,
+        "the first version reached PostgreSQL"
+    );
+    for hooked in [&hooked_a, &hooked_b] {
+        hooked.hold_applies_of(key("groups", "g1"));
+    }
+    hooked_b.delay_holds(Duration::from_millis(60));
+
+    let second = b.put("groups", "g1", json!({"n": 2})).await;
+    assert_eq!(second.status(), StatusCode::OK);
+    let rd = redis.clone();
+    blocking(move || rd.kill()).await;
+    // A's first call to the dead Redis opens its breaker (a cache_first
+    // read that fails there answers 503); the reads after it go to
+    // PostgreSQL, and none may answer its older version.
+    for attempt in 0..5 {
+        let read = a.get("groups", "g1").await;
+        assert!(
+            read.status() == StatusCode::SERVICE_UNAVAILABLE
+                || etag_version(&read) >= etag_version(&second),
+            "attempt {attempt}: {} with PostgreSQL's older version {}",
+            read.status(),
+            etag_version(&first)
+        );
+    }
+    for hooked in [&hooked_a, &hooked_b] {
+        hooked.release_applies();
+    }
+}
+
 /// Two instances: PostgreSQL is back, but B has not seen it yet (its
 /// breaker is still open: here a simulated outage keeps it so, while
 /// PostgreSQL serves A). B journals a write in the outage journal, replay

@@ -51,6 +51,8 @@ struct BreakerInner {
     state: BreakerState,
     consecutive_failures: u32,
     since: OffsetDateTime,
+    /// When the tier last went out of service (the breaker left closed).
+    left_closed: Option<std::time::Instant>,
     last_error: Option<String>,
 }
 
@@ -96,6 +98,7 @@ impl Breaker {
                 state: BreakerState::Closed,
                 consecutive_failures: 0,
                 since: OffsetDateTime::now_utc(),
+                left_closed: None,
                 last_error: None,
             }),
             degradations: AtomicU64::new(0),
@@ -124,6 +127,13 @@ impl Breaker {
         self.state() == BreakerState::Closed
     }
 
+    /// How long the tier has been out of service: since the breaker last
+    /// left closed (half-open trials in between do not count as service);
+    /// `None` while closed.
+    pub fn out_of_service_for(&self) -> Option<Duration> {
+        self.lock().left_closed.map(|at| at.elapsed())
+    }
+
     /// Completes when the breaker next opens.
     pub(crate) async fn opened(&self) {
         self.opened.notified().await;
@@ -142,6 +152,11 @@ impl Breaker {
         }
         inner.state = to;
         inner.since = OffsetDateTime::now_utc();
+        if to == BreakerState::Closed {
+            inner.left_closed = None;
+        } else if from == BreakerState::Closed {
+            inner.left_closed = Some(std::time::Instant::now());
+        }
         match to {
             BreakerState::Open if from == BreakerState::Closed => {
                 if release_calls {

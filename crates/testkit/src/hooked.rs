@@ -30,6 +30,9 @@ pub struct HookedDurable {
     /// How long a `put` waits, after the real tier carried it out, before
     /// it answers (ms; 0: at once): a write taken but answered late.
     put_answer_delay_ms: AtomicU64,
+    /// How long a `hold` (publishing journaled keys) waits before it
+    /// reaches the real tier (ms; 0: at once): a slow publisher.
+    hold_delay_ms: AtomicU64,
 }
 
 impl HookedDurable {
@@ -43,6 +46,7 @@ impl HookedDurable {
             applies_held: AtomicU64::new(0),
             scans_left: AtomicU64::new(u64::MAX),
             put_answer_delay_ms: AtomicU64::new(0),
+            hold_delay_ms: AtomicU64::new(0),
         }
     }
 
@@ -98,6 +102,13 @@ impl HookedDurable {
         self.scans_left.store(n, Ordering::SeqCst);
     }
 
+    /// Every `hold` (an instance publishing the keys it journaled) waits
+    /// `delay` before it reaches the real tier (zero: at once again).
+    pub fn delay_holds(&self, delay: Duration) {
+        self.hold_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
     /// How many `apply_changes` calls have been held so far.
     pub fn applies_held(&self) -> u64 {
         self.applies_held.load(Ordering::SeqCst)
@@ -114,7 +125,7 @@ impl Backend for HookedDurable {
     }
 }
 
-// Hooked: `get` and `put`.
+// Hooked: `get` and `put` (and `hold`, further down).
 #[async_trait]
 impl DurableRecords for HookedDurable {
     async fn get(&self, key: &RecordKey, now: OffsetDateTime) -> StoreResult<Option<Record>> {
@@ -274,6 +285,10 @@ impl CacheLedger for HookedDurable {
         self.inner().bump_cache_generation().await
     }
     async fn hold(&self, held: &[(RecordKey, Version)]) -> StoreResult<()> {
+        let delay = self.hold_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         self.inner().hold(held).await
     }
     async fn held_above(

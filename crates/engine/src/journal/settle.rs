@@ -23,6 +23,13 @@ const RELEASE_INTERVAL: Duration = Duration::from_secs(5);
 /// A key held this long, with the journals seen empty, was set aside or lost.
 const HELD_STALE: Duration = Duration::from_secs(60);
 
+/// How long after this instance lost the cache the held list is complete:
+/// every other instance's publisher has run once since (every
+/// [`PUBLISH_INTERVAL`], from memory, to a durable tier that is up), with
+/// room for its round trip. Before that, a key another instance journaled
+/// just before the cache failed may be missing from it.
+const HELD_GRACE: Duration = Duration::from_millis(200);
+
 /// What a request that the durable tier will answer is about to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Access {
@@ -147,11 +154,12 @@ impl Journal {
                 _ => return Err(self.shared.unavailable()),
             }
         }
-        // What other instances journaled and published (an instance that
-        // has not published yet is the gap README, "Several instances",
-        // describes). Asked whatever this instance's backlog flags say: they
-        // are only as fresh as its last look at the journals.
+        // What other instances journaled and published, once they have all
+        // had the time to (`HELD_GRACE`). Asked whatever this instance's
+        // backlog flags say: they are only as fresh as its last look at the
+        // journals.
         if !not_mine.is_empty() {
+            self.await_publishers().await;
             let held = self
                 .shared
                 .durable
@@ -169,6 +177,19 @@ impl Journal {
             floor,
             applied: false,
         })
+    }
+
+    /// Waits, right after this instance lost the cache, until the other
+    /// instances' publishers have run once since ([`HELD_GRACE`]): a key
+    /// one of them journaled just before the cache failed is in the held
+    /// list then. (One that died within that moment never publishes: the
+    /// gap README, "Several instances", describes.)
+    pub(crate) async fn await_publishers(&self) {
+        if let Some(out) = self.shared.cache.breaker.out_of_service_for()
+            && out < HELD_GRACE
+        {
+            tokio::time::sleep(HELD_GRACE - out).await;
+        }
     }
 
     /// Publishes the keys this instance journaled to the durable tier, for
