@@ -535,7 +535,7 @@ impl Records {
                 return Err(self.shared.unavailable());
             }
             // Or one another instance journaled and published.
-            self.journal.await_publishers().await;
+            self.journal.await_publishers(spec).await;
             if self
                 .shared
                 .durable

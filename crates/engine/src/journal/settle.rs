@@ -159,7 +159,7 @@ impl Journal {
         // backlog flags say: they are only as fresh as its last look at the
         // journals.
         if !not_mine.is_empty() {
-            self.await_publishers().await;
+            self.await_publishers(collection).await;
             let held = self
                 .shared
                 .durable
@@ -183,8 +183,14 @@ impl Journal {
     /// instances' publishers have run once since ([`HELD_GRACE`]): a key
     /// one of them journaled just before the cache failed is in the held
     /// list then. (One that died within that moment never publishes: the
-    /// gap README, "Several instances", describes.)
-    pub(crate) async fn await_publishers(&self) {
+    /// gap README, "Several instances", describes.) Only for a collection
+    /// written behind: a write journaled because the durable tier was down
+    /// published its key before it was acknowledged. And not while the
+    /// durable tier is down: it answers at once, and nothing waits on it.
+    pub(crate) async fn await_publishers(&self, collection: &Collection) {
+        if !self.shared.durable.breaker.is_closed() || !self.wrote_behind(collection) {
+            return;
+        }
         if let Some(out) = self.shared.cache.breaker.out_of_service_for()
             && out < HELD_GRACE
         {
