@@ -648,15 +648,12 @@ async fn a_write_around_the_cache_right_after_another_reconciled_is_still_made_k
     );
 }
 
-/// Two instances of one deployment: B journals a cache_first write (replay
-/// is held back everywhere), then Redis dies. A never saw that write and
-/// cannot read B's journal now; it must not serve PostgreSQL's older copy,
-/// because B published the key to PostgreSQL. A write through A lands above
-/// B's journaled version, and then A serves it.
-#[tokio::test]
-async fn another_instances_journaled_write_is_never_served_older_once_redis_dies() {
-    let (redis, [(a, hooked_a), (b, hooked_b)]) =
-        two_hooked_instances("held", &[("collections.groups.strategy", "cache_first")]).await;
+/// groups/g1's first version, written through `a` and replayed into
+/// PostgreSQL; then every replay of g1 is held back on both instances.
+async fn first_version_in_postgres_then_replay_held(
+    a: &TestApp,
+    hooked: [&Arc<HookedDurable>; 2],
+) -> reqwest::Response {
     let first = a.put("groups", "g1", json!({"n": 1})).await;
     assert_eq!(first.status(), StatusCode::CREATED);
     assert!(
@@ -666,10 +663,22 @@ async fn another_instances_journaled_write_is_never_served_older_once_redis_dies
         .await,
         "the first version reached PostgreSQL"
     );
-
-    for hooked in [&hooked_a, &hooked_b] {
+    for hooked in hooked {
         hooked.hold_applies_of(key("groups", "g1"));
     }
+    first
+}
+
+/// Two instances of one deployment: B journals a cache_first write (replay
+/// is held back everywhere), then Redis dies. A never saw that write and
+/// cannot read B's journal now; it must not serve PostgreSQL's older copy,
+/// because B published the key to PostgreSQL. A write through A lands above
+/// B's journaled version, and then A serves it.
+#[tokio::test]
+async fn another_instances_journaled_write_is_never_served_older_once_redis_dies() {
+    let (redis, [(a, hooked_a), (b, hooked_b)]) =
+        two_hooked_instances("held", &[("collections.groups.strategy", "cache_first")]).await;
+    let first = first_version_in_postgres_then_replay_held(&a, [&hooked_a, &hooked_b]).await;
     let second = b.put("groups", "g1", json!({"n": 2})).await;
     assert_eq!(second.status(), StatusCode::OK);
     let journaled = etag_version(&second);
@@ -722,18 +731,7 @@ async fn another_instances_journaled_write_is_never_served_older_once_redis_dies
 async fn a_key_journaled_just_before_redis_died_is_not_served_older_by_another_instance() {
     let (redis, [(a, hooked_a), (b, hooked_b)]) =
         two_hooked_instances("grace", &[("collections.groups.strategy", "cache_first")]).await;
-    let first = a.put("groups", "g1", json!({"n": 1})).await;
-    assert_eq!(first.status(), StatusCode::CREATED);
-    assert!(
-        until(Duration::from_secs(10), || async {
-            a.postgres_copy("groups", "g1").await.map(|c| c.version) == Some(etag_version(&first))
-        })
-        .await,
-        "the first version reached PostgreSQL"
-    );
-    for hooked in [&hooked_a, &hooked_b] {
-        hooked.hold_applies_of(key("groups", "g1"));
-    }
+    let first = first_version_in_postgres_then_replay_held(&a, [&hooked_a, &hooked_b]).await;
     hooked_b.delay_holds(Duration::from_millis(60));
 
     let second = b.put("groups", "g1", json!({"n": 2})).await;
