@@ -315,13 +315,7 @@ async fn unique_indexes_hold_across_writers_and_free_on_delete(pair: Pair) {
         );
     }
 
-    let found: Value = app
-        .lookup("users", "username", "ada")
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(found["id"], "u1");
+    assert_eq!(lookup_id(&app, "users", "username", "ada").await, "u1");
     app.put("users", "u1", json!({"username": "grace"})).await;
     assert_eq!(
         app.lookup("users", "username", "ada").await.status(),
@@ -1512,13 +1506,18 @@ async fn cache_only_enforces_unique_indexes_in_the_cache(pair: Pair) {
         .await,
         "free once its holder expired"
     );
+    assert_eq!(lookup_id(&app, "api_keys", "key_hash", "h9").await, "later");
+}
+
+/// The id of the record a lookup finds.
+async fn lookup_id(app: &TestApp, collection: &str, index: &str, value: &str) -> Value {
     let found: Value = app
-        .lookup("api_keys", "key_hash", "h9")
+        .lookup(collection, index, value)
         .await
         .json()
         .await
         .unwrap();
-    assert_eq!(found["id"], "later");
+    found["id"].clone()
 }
 
 async fn read_data_of(app: &TestApp, collection: &str, id: &str) -> Value {
